@@ -1,0 +1,2883 @@
+#!/usr/bin/env python3
+"""claude_stream: watch Claude Code sessions live, from another terminal or machine.
+
+Claude Code writes every session as JSONL under ``~/.claude/projects``. This one
+file, Python 3.8+ standard library only, streams every new transcript line the
+moment its newline is written:
+
+    python claude_stream.py serve     # tail every transcript, serve WebSocket clients
+    python claude_stream.py client    # show the stream readably (or --json for NDJSON)
+
+Design: one ``selectors`` event loop, no threads, no asyncio. A polling stat loop
+(the tailer) turns file bytes into complete lines; a hand-rolled RFC 6455
+WebSocket server sends each line, wrapped once in a JSON envelope and framed
+once, to every connected client. The client is the same protocol code with
+masking on.
+
+Wire format (server to client, one JSON object per text frame, ``kind`` first):
+
+    {"kind": "entry", "path": "<project>/<file>.jsonl", "offset": <byte offset>,
+     "project": "<project folder>", "session": "<id>", "agent": "<id>|null",
+     "entry": {...the transcript line, byte for byte...}}
+
+``(path, offset)`` names a line for ever: it is the cursor. Other kinds:
+``hello``, ``malformed``, ``reset``, ``error``; README.md documents them all.
+
+Security model (this version): the server binds to 127.0.0.1 by default, so only
+processes on this machine can connect. Nothing from a transcript is ever written
+to the server's own log.
+
+Limits: every limit and default is a named constant just below.
+"""
+
+import argparse
+import base64
+import binascii
+import codecs
+import enum
+import errno
+import hashlib
+import heapq
+import html
+import json
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+
+# --- Defaults ----------------------------------------------------------------
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_URL = "ws://127.0.0.1:8765/"
+DEFAULT_POLL_INTERVAL = 0.25        # seconds between stats of a hot file
+PROTOCOL_VERSION = 1                # of the JSON messages; bumped on incompatible change
+
+# --- Tailer ------------------------------------------------------------------
+# Polling tiers: a file is "hot" while it grew recently and is stat()ed every
+# poll interval; idle files are stat()ed less often. Cost stays proportional to
+# the number of active files, not to the size of the tree.
+HOT_AGE = 300.0                     # seconds since the last growth to stay hot
+WARM_AGE = 3600.0                   # ... to stay warm; older files are cold
+WARM_FACTOR = 4                     # warm interval = poll interval x this
+COLD_FACTOR = 8                     # cold interval = poll interval x this
+DIR_CHECK_FACTOR = 4                # directory mtimes checked every poll x this
+FULL_RESCAN_INTERVAL = 30.0         # every folder re-listed, as a safety net
+RACY_DIR_SECONDS = 2.0              # a folder changed this recently is re-listed again
+READ_BLOCK = 1 << 20                # bytes per read() call
+TICK_READ_BUDGET = 8 << 20          # bytes read from all files per loop tick
+MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
+MAX_OPEN_FILES = 256                # hot files kept open; others reopened per read
+BOUNDARY_SCAN_BLOCK = 64 << 10      # backwards scan for a line start at startup
+TRANSCRIPT_SUFFIX = ".jsonl"
+
+# --- WebSocket and HTTP ------------------------------------------------------
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
+MAX_HEAD_BYTES = 16 << 10           # request or response head, all headers
+MAX_HEADERS = 100
+MAX_CLIENT_MESSAGE = 64 << 10       # messages a client may send to the server
+MAX_SERVER_MESSAGE = MAX_LINE_BYTES + (1 << 20)    # what our client accepts
+HANDSHAKE_TIMEOUT = 10.0            # seconds to complete the opening handshake
+PING_INTERVAL = 20.0                # an idle peer is pinged after this long
+PING_TIMEOUT = 20.0                 # ... and dropped if no pong comes back
+CLOSE_TIMEOUT = 5.0                 # seconds to finish a closing handshake
+OUTPUT_HIGH_WATER = 64 << 20        # a client with this much unsent is dropped
+MAX_CONNECTIONS = 256               # further connections are answered 503
+LISTEN_BACKLOG = 128
+RECV_SIZE = 256 << 10
+
+# --- Client ------------------------------------------------------------------
+RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
+RECONNECT_MAX = 30.0                # backoff cap
+CONNECT_TIMEOUT = 10.0
+EXCERPT_CHARS = 120                 # bytes of a malformed line shown to clients
+TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+PROG = "claude_stream"
+
+
+class UsageError(Exception):
+    """Bad command-line usage: one line on stderr, exit status 2."""
+
+
+class OperationalError(Exception):
+    """A failure the user must act on (port in use, cannot connect): exit 1."""
+
+
+class Log:
+    """One-line messages on stderr. Never given transcript content or tokens."""
+
+    def __init__(self, debug: bool = False, stream=None):
+        self.debug_enabled = debug
+        self.stream = stream if stream is not None else sys.stderr
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write("%s: %s\n" % (PROG, text))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass                    # a closed stderr must not stop the loop
+
+    def info(self, text: str) -> None:
+        self._write(text)
+
+    def warn(self, text: str) -> None:
+        self._write("warning: " + text)
+
+    def debug(self, text: str) -> None:
+        if self.debug_enabled:
+            self._write("debug: " + text)
+
+
+# =============================================================================
+# Log models: dataclasses built by a tolerant parser
+# =============================================================================
+#
+# Claude Code publishes no schema; every field is optional and every enum is
+# open (see the format notes). The parser therefore never raises on a JSON
+# object: unknown types become UnknownEntry, unknown fields are ignored by the
+# model and kept in ``raw``, and fields of the wrong type read as None.
+
+_TIMESTAMP_RE = re.compile(
+    r"^\s*(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
+    r"\s*(Z|z|[+-]\d{2}(?::?\d{2})?)?\s*$")
+
+
+def parse_timestamp(value: Any) -> Optional[datetime]:
+    """An aware UTC datetime from an ISO-8601 string or epoch number, else None.
+
+    Accepts ``Z`` and any number of fractional digits (Claude Code writes
+    milliseconds; a desktop build once wrote nanoseconds), on every Python
+    from 3.8, whose ``fromisoformat`` accepts neither. Epoch numbers above
+    1e11 are read as milliseconds (``history.jsonl``, ``fileMtime``).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = value / 1000.0 if abs(value) > 1e11 else float(value)
+        try:
+            return datetime.fromtimestamp(seconds, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if not isinstance(value, str):
+        return None
+    match = _TIMESTAMP_RE.match(value)
+    if not match:
+        return None
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    if zone is None or zone in "Zz":
+        tz = timezone.utc
+    else:
+        digits = zone[1:].replace(":", "")
+        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+        tz = timezone(offset if zone[0] == "+" else -offset)
+    try:
+        parsed = datetime(int(year), int(month), int(day), int(hour or 0),
+                          int(minute or 0), int(second or 0), micro, tz)
+    except ValueError:
+        return None
+    return parsed.astimezone(timezone.utc)
+
+
+def _str(obj: Dict[str, Any], key: str) -> Optional[str]:
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _bool(obj: Dict[str, Any], key: str) -> bool:
+    return obj.get(key) is True
+
+
+def _dict(obj: Dict[str, Any], key: str) -> Dict[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class ContentBlock:
+    """One block of a message's content; ``raw`` is the block as written."""
+    type: str
+    raw: Dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class TextBlock(ContentBlock):
+    text: str = ""
+
+
+@dataclass
+class ThinkingBlock(ContentBlock):
+    thinking: str = ""              # empty since early 2026: only a signature is kept
+
+
+@dataclass
+class RedactedThinkingBlock(ContentBlock):
+    pass
+
+
+@dataclass
+class ToolUseBlock(ContentBlock):
+    id: str = ""
+    name: str = ""
+    input: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ToolResultBlock(ContentBlock):
+    tool_use_id: str = ""
+    is_error: bool = False
+    text: str = ""                  # the text parts of the result, joined
+    size: int = 0                   # characters of text plus bytes of media
+
+
+@dataclass
+class ImageBlock(ContentBlock):
+    media_type: str = ""
+    size: int = 0                   # characters of base64 data
+
+
+@dataclass
+class DocumentBlock(ContentBlock):
+    media_type: str = ""
+    size: int = 0
+
+
+@dataclass
+class UnknownBlock(ContentBlock):
+    pass
+
+
+def _media(raw: Dict[str, Any]) -> Tuple[str, int]:
+    source = _dict(raw, "source")
+    data = source.get("data")
+    return (_str(source, "media_type") or "", len(data) if isinstance(data, str) else 0)
+
+
+def _tool_result_block(raw: Dict[str, Any]) -> ToolResultBlock:
+    content = raw.get("content")
+    texts: List[str] = []
+    size = 0
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                size += _media(part)[1]
+    text = "\n".join(texts)
+    return ToolResultBlock("tool_result", raw, tool_use_id=_str(raw, "tool_use_id") or "",
+                           is_error=_bool(raw, "is_error"), text=text, size=size + len(text))
+
+
+def parse_block(raw: Any) -> ContentBlock:
+    """A content block model for any value; never raises."""
+    if isinstance(raw, str):
+        return TextBlock("text", {"type": "text", "text": raw}, text=raw)
+    if not isinstance(raw, dict):
+        return UnknownBlock("", {"value": raw})
+    kind = _str(raw, "type") or ""
+    if kind == "text":
+        return TextBlock(kind, raw, text=_str(raw, "text") or "")
+    if kind == "thinking":
+        return ThinkingBlock(kind, raw, thinking=_str(raw, "thinking") or "")
+    if kind == "redacted_thinking":
+        return RedactedThinkingBlock(kind, raw)
+    if kind == "tool_use":
+        tool_input = raw.get("input")
+        return ToolUseBlock(kind, raw, id=_str(raw, "id") or "", name=_str(raw, "name") or "",
+                            input=tool_input if isinstance(tool_input, dict) else {})
+    if kind == "tool_result":
+        return _tool_result_block(raw)
+    if kind == "image":
+        media_type, size = _media(raw)
+        return ImageBlock(kind, raw, media_type=media_type, size=size)
+    if kind == "document":
+        media_type, size = _media(raw)
+        return DocumentBlock(kind, raw, media_type=media_type, size=size)
+    return UnknownBlock(kind, raw)
+
+
+@dataclass
+class Message:
+    """The ``message`` of a user or assistant entry (an Anthropic API message)."""
+    role: str = ""
+    content: List[ContentBlock] = field(default_factory=list)
+    content_is_text: bool = False   # content was a plain string (typed prompts)
+    id: Optional[str] = None
+    model: Optional[str] = None
+    stop_reason: Optional[str] = None
+    usage: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: Any) -> "Message":
+        if not isinstance(raw, dict):
+            return cls()
+        content = raw.get("content")
+        if isinstance(content, list):
+            blocks = [parse_block(block) for block in content]
+        elif isinstance(content, str):
+            blocks = [parse_block(content)]
+        else:
+            blocks = []
+        return cls(role=_str(raw, "role") or "", content=blocks,
+                   content_is_text=isinstance(content, str), id=_str(raw, "id"),
+                   model=_str(raw, "model"), stop_reason=_str(raw, "stop_reason"),
+                   usage=_dict(raw, "usage"))
+
+
+@dataclass
+class Entry:
+    """Fields common to transcript entries; ``raw`` is the line's whole object."""
+    type: str
+    raw: Dict[str, Any] = field(repr=False)
+    uuid: Optional[str] = None
+    parent_uuid: Optional[str] = None
+    session_id: Optional[str] = None
+    timestamp: Optional[datetime] = None
+    cwd: Optional[str] = None
+    version: Optional[str] = None
+    git_branch: Optional[str] = None
+    is_sidechain: bool = False
+    is_meta: bool = False
+    agent_id: Optional[str] = None
+
+
+@dataclass
+class UserEntry(Entry):
+    message: Message = field(default_factory=Message)
+    tool_use_result: Any = None     # Claude Code's structured copy of a tool outcome
+    is_compact_summary: bool = False
+
+
+@dataclass
+class AssistantEntry(Entry):
+    message: Message = field(default_factory=Message)
+    request_id: Optional[str] = None
+    is_api_error: bool = False
+
+
+@dataclass
+class SystemEntry(Entry):
+    subtype: Optional[str] = None   # None on 1.0.x/2.0.x hook status lines
+    content: str = ""
+    level: Optional[str] = None
+
+
+@dataclass
+class SummaryEntry(Entry):
+    summary: str = ""
+    leaf_uuid: Optional[str] = None
+
+
+@dataclass
+class FileHistorySnapshotEntry(Entry):
+    message_id: Optional[str] = None
+    is_snapshot_update: bool = False
+    tracked_files: int = 0
+
+
+@dataclass
+class QueueOperationEntry(Entry):
+    operation: str = ""
+    content: str = ""
+
+
+@dataclass
+class ProgressEntry(Entry):
+    data_type: str = ""
+    data: Dict[str, Any] = field(default_factory=dict)
+    tool_use_id: Optional[str] = None
+    parent_tool_use_id: Optional[str] = None
+
+
+@dataclass
+class AttachmentEntry(Entry):
+    attachment_type: str = ""
+    attachment: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MetadataEntry(Entry):
+    """The small uuid-less kinds: titles, modes, last prompt, PR links."""
+    value: str = ""
+
+
+@dataclass
+class UnknownEntry(Entry):
+    """A type this version does not know: kept whole, forwarded unchanged."""
+
+
+# The field that carries each small metadata kind's value, in order of preference.
+METADATA_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "permission-mode": ("permissionMode",),
+    "mode": ("mode",),
+    "last-prompt": ("lastPrompt", "leafUuid"),
+    "ai-title": ("aiTitle",),
+    "custom-title": ("customTitle",),
+    "agent-name": ("agentName",),
+    "agent-setting": ("agentSetting",),
+    "pr-link": ("prUrl", "prNumber"),
+    "bridge-session": ("bridgeSessionId",),
+}
+
+
+def _text_of(value: Any) -> str:
+    """Plain text of a string or a list of content blocks."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(block.text for block in map(parse_block, value)
+                         if isinstance(block, TextBlock))
+    return ""
+
+
+def _type_fields(kind: str, raw: Dict[str, Any]) -> Tuple[type, Dict[str, Any]]:
+    """The model class for ``kind`` and the fields particular to it."""
+    if kind == "user":
+        return UserEntry, dict(message=Message.parse(raw.get("message")),
+                               tool_use_result=raw.get("toolUseResult"),
+                               is_compact_summary=_bool(raw, "isCompactSummary"))
+    if kind == "assistant":
+        return AssistantEntry, dict(message=Message.parse(raw.get("message")),
+                                    request_id=_str(raw, "requestId"),
+                                    is_api_error=_bool(raw, "isApiErrorMessage"))
+    if kind == "system":
+        return SystemEntry, dict(subtype=_str(raw, "subtype"), content=_text_of(raw.get("content")),
+                                 level=_str(raw, "level"))
+    if kind == "summary":
+        return SummaryEntry, dict(summary=_str(raw, "summary") or "", leaf_uuid=_str(raw, "leafUuid"))
+    if kind == "file-history-snapshot":
+        snapshot = _dict(raw, "snapshot")
+        return FileHistorySnapshotEntry, dict(
+            message_id=_str(raw, "messageId"), is_snapshot_update=_bool(raw, "isSnapshotUpdate"),
+            tracked_files=len(_dict(snapshot, "trackedFileBackups")))
+    if kind == "queue-operation":
+        return QueueOperationEntry, dict(operation=_str(raw, "operation") or "",
+                                         content=_text_of(raw.get("content")))
+    if kind == "progress":
+        data = _dict(raw, "data")
+        return ProgressEntry, dict(data_type=_str(data, "type") or "", data=data,
+                                   tool_use_id=_str(raw, "toolUseID"),
+                                   parent_tool_use_id=_str(raw, "parentToolUseID"))
+    if kind == "attachment":
+        attachment = _dict(raw, "attachment")
+        return AttachmentEntry, dict(attachment_type=_str(attachment, "type") or "",
+                                     attachment=attachment)
+    if kind in METADATA_FIELDS:
+        values = (raw.get(key) for key in METADATA_FIELDS[kind])
+        value = next((v for v in values if isinstance(v, (str, int)) and not isinstance(v, bool)), "")
+        return MetadataEntry, dict(value=str(value))
+    return UnknownEntry, {}
+
+
+def parse_entry(raw: Dict[str, Any]) -> Entry:
+    """The model of one transcript object. Never raises on a dict."""
+    kind = _str(raw, "type") or ""
+    cls, fields = _type_fields(kind, raw)
+    return cls(kind, raw, uuid=_str(raw, "uuid"), parent_uuid=_str(raw, "parentUuid"),
+               session_id=_str(raw, "sessionId"), timestamp=parse_timestamp(raw.get("timestamp")),
+               cwd=_str(raw, "cwd"), version=_str(raw, "version"), git_branch=_str(raw, "gitBranch"),
+               is_sidechain=_bool(raw, "isSidechain"), is_meta=_bool(raw, "isMeta"),
+               agent_id=_str(raw, "agentId"), **fields)
+
+
+class MalformedLine(ValueError):
+    """A transcript line that is not one JSON object in valid UTF-8."""
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError("%s is not JSON" % name)
+
+
+def decode_line(data: bytes) -> Dict[str, Any]:
+    """The JSON object on one line, or MalformedLine saying briefly why not.
+
+    UTF-8 is checked strictly first: ``json.loads(bytes)`` would accept
+    encoded surrogates, and the line's bytes are forwarded as they are.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
+        if "Extra data" in reason:
+            reason += " (two records spliced onto one line?)"
+        raise MalformedLine(reason) from None
+    if not isinstance(obj, dict):
+        raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
+    return obj
+
+
+def excerpt(data: bytes, limit: int = EXCERPT_CHARS) -> str:
+    """A short, printable, always-decodable excerpt of a bad line."""
+    decoded = data[:limit * 4].decode("utf-8", "replace")
+    shown = "".join(ch if ch.isprintable() else "\ufffd" for ch in decoded[:limit])
+    cut = len(decoded) > limit or len(data) > limit * 4
+    return shown + ("\u2026" if cut else "")
+
+
+# =============================================================================
+# Tailer: transcript files -> complete lines
+# =============================================================================
+#
+# Semantics follow ``tail -F`` and Filebeat: a line is emitted only once its
+# newline is on disk and the cursor never passes an unterminated line; a file
+# that shrinks was truncated and is read again from 0; a new (device, inode)
+# under the same name is a new file, read from 0; a vanished file is forgotten.
+# Files present at start are followed from their end (clients ask for history
+# explicitly); files that appear later are read from their first byte.
+
+
+def classify_path(rel: str) -> Tuple[str, Optional[str], Optional[str]]:
+    """(project, session, agent) from a path relative to its root.
+
+    Layouts: ``<project>/<session>.jsonl`` (main session),
+    ``<project>/agent-<id>.jsonl`` (2.0.x sub-agent; session from its entries),
+    ``<project>/<session>/subagents/[workflows/<run>/]agent-<id>.jsonl`` and
+    ``journal.jsonl`` (2.1.x sub-agents and workflows).
+    """
+    parts = rel.split("/")
+    stem = parts[-1][:-len(TRANSCRIPT_SUFFIX)] if parts[-1].endswith(TRANSCRIPT_SUFFIX) else parts[-1]
+    project = parts[0] if len(parts) > 1 else ""
+    agent = stem[len("agent-"):] if stem.startswith("agent-") else None
+    if len(parts) >= 3:
+        return project, parts[1], agent or stem
+    return project, (None if agent else stem), agent
+
+
+@dataclass(eq=False)
+class FileRecord:
+    """What the tailer knows of one transcript file."""
+    root: str
+    rel: str                        # relative to root, "/"-separated: the cursor's path
+    abspath: str
+    project: str
+    session: Optional[str]
+    agent: Optional[str]
+    dev: int
+    ino: int
+    read_pos: int                   # next byte to read
+    line_start: int                 # offset of the first byte of ``pending``
+    last_growth: float              # monotonic time the file last grew
+    boundary_known: bool = True     # False until we know read_pos starts a line
+    pending: bytearray = field(default_factory=bytearray, repr=False)
+    skipping: bool = False          # inside an oversize line, dropping to its newline
+    fh: Any = field(default=None, repr=False)
+    due: float = 0.0                # when the next stat is scheduled
+    gone: bool = False
+
+
+@dataclass
+class LineEvent:
+    """A complete line (without its newline) at ``offset`` of ``file``."""
+    file: FileRecord
+    offset: int
+    data: bytes
+
+
+@dataclass
+class ResetEvent:
+    """The file was truncated or replaced; it is read again from offset 0."""
+    file: FileRecord
+    reason: str
+
+
+@dataclass
+class OversizeEvent:
+    """A line longer than MAX_LINE_BYTES starts at ``offset``; it is skipped."""
+    file: FileRecord
+    offset: int
+
+
+@dataclass
+class RemovedEvent:
+    file: FileRecord
+
+
+TailEvent = Union[LineEvent, ResetEvent, OversizeEvent, RemovedEvent]
+
+
+@dataclass
+class DirState:
+    root: "RootState"
+    mtime_ns: int
+    files: set = field(default_factory=set)
+    subdirs: set = field(default_factory=set)
+
+
+@dataclass
+class RootState:
+    path: str
+    present: bool = False
+
+
+class Tailer:
+    """Polls transcript roots and turns appended bytes into LineEvents.
+
+    Sans-I/O towards the network: ``poll(now)`` does the due stats and reads,
+    bounded by TICK_READ_BUDGET, and returns events; ``next_due()`` tells the
+    event loop when to call again.
+    """
+
+    def __init__(self, roots: Iterable[str], poll_interval: float = DEFAULT_POLL_INTERVAL,
+                 log: Optional[Log] = None, clock: Callable[[], float] = time.monotonic):
+        self.roots = [RootState(os.path.abspath(os.path.expanduser(r))) for r in roots]
+        self.poll_interval = poll_interval
+        self.log = log or Log()
+        self.clock = clock
+        self.files: Dict[str, FileRecord] = {}
+        self.dirs: Dict[str, DirState] = {}
+        self._heap: List[Tuple[float, int, FileRecord]] = []
+        self._seq = 0
+        self._open_files = 0
+        self._started = False
+        self._next_dir_check = 0.0
+        self._next_full_scan = 0.0
+        self._warned: set = set()
+
+    # --- scheduling ---------------------------------------------------------
+
+    def _schedule(self, rec: FileRecord, due: float) -> None:
+        rec.due = due
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, rec))
+
+    def _interval(self, rec: FileRecord, now: float) -> float:
+        age = now - rec.last_growth
+        if age < HOT_AGE:
+            return self.poll_interval
+        if age < WARM_AGE:
+            return self.poll_interval * WARM_FACTOR
+        return self.poll_interval * COLD_FACTOR
+
+    def next_due(self) -> float:
+        due = self._next_dir_check
+        while self._heap and (self._heap[0][2].gone or self._heap[0][2].due != self._heap[0][0]):
+            heapq.heappop(self._heap)          # stale entries of rescheduled or gone files
+        if self._heap:
+            due = min(due, self._heap[0][0])
+        return due
+
+    # --- the tick -------------------------------------------------------------
+
+    def start(self) -> List[TailEvent]:
+        """Find every transcript; existing files are followed from their end."""
+        events: List[TailEvent] = []
+        now = self.clock()
+        self._check_dirs(now, events, full=True)
+        self._started = True
+        return events
+
+    def poll(self, now: Optional[float] = None) -> List[TailEvent]:
+        now = self.clock() if now is None else now
+        events: List[TailEvent] = []
+        if now >= self._next_dir_check:
+            self._check_dirs(now, events, full=now >= self._next_full_scan)
+        budget = TICK_READ_BUDGET
+        while self._heap and self._heap[0][0] <= now and budget > 0:
+            due, _, rec = heapq.heappop(self._heap)
+            if rec.gone or rec.due != due:
+                continue
+            used, more = self._check_file(rec, now, events, budget)
+            budget -= used
+            if rec.gone:
+                continue
+            if more:
+                self._schedule(rec, now)       # budget spent mid-file: next tick
+            else:
+                self._schedule(rec, now + self._interval(rec, now))
+                if rec.fh is not None and now - rec.last_growth >= HOT_AGE:
+                    self._close(rec)
+        return events
+
+    # --- discovery ------------------------------------------------------------
+
+    def _check_dirs(self, now: float, events: List[TailEvent], full: bool) -> None:
+        self._next_dir_check = now + self.poll_interval * DIR_CHECK_FACTOR
+        if full:
+            self._next_full_scan = now + FULL_RESCAN_INTERVAL
+        for root in self.roots:
+            if os.path.isdir(root.path):
+                if not root.present:
+                    root.present = True
+                    if self._started:
+                        self.log.info("now watching %s" % root.path)
+                    self._scan(root, root.path, now, events)
+                    continue
+            elif root.present:
+                root.present = False
+                self.log.warn("%s is gone; waiting for it to come back" % root.path)
+                self._forget_dir(root.path, events)
+                continue
+            else:
+                continue
+            wall = time.time()
+            for path, state in list(self.dirs.items()):
+                if state.root is not root or path not in self.dirs:
+                    continue
+                try:
+                    mtime_ns = os.stat(path).st_mtime_ns
+                except OSError:
+                    self._forget_dir(path, events)
+                    continue
+                racy = wall - state.mtime_ns / 1e9 < RACY_DIR_SECONDS
+                if full or racy or mtime_ns != state.mtime_ns:
+                    self._scan(root, path, now, events)
+
+    def _scan(self, root: RootState, top: str, now: float, events: List[TailEvent]) -> None:
+        """List ``top`` and every folder below it not listed yet; add new files."""
+        stack = [top]
+        while stack:
+            path = stack.pop()
+            try:
+                mtime_ns = os.stat(path).st_mtime_ns      # before listing: a change during
+                with os.scandir(path) as it:             # the listing shows up next time
+                    entries = list(it)
+            except FileNotFoundError:
+                self._forget_dir(path, events)
+                continue
+            except OSError as exc:
+                self._warn_once(path, "cannot list %s: %s" % (path, exc.strerror or exc))
+                continue
+            state = self.dirs.get(path)
+            if state is None:
+                state = self.dirs[path] = DirState(root, mtime_ns)
+            state.mtime_ns = mtime_ns
+            files, subdirs = set(), set()
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.add(entry.path)
+                    elif entry.name.endswith(TRANSCRIPT_SUFFIX) and entry.is_file():
+                        files.add(entry.path)
+                except OSError:
+                    continue
+            for gone in state.files - files:
+                if gone in self.files:
+                    self._forget(self.files[gone], events)
+            for gone in state.subdirs - subdirs:
+                self._forget_dir(gone, events)
+            for path_ in files - state.files:
+                if path_ not in self.files:
+                    self._add_file(root, path_, now)
+            state.files, state.subdirs = files, subdirs
+            stack.extend(d for d in subdirs if d not in self.dirs)
+
+    def _add_file(self, root: RootState, path: str, now: float) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        rel = os.path.relpath(path, root.path).replace(os.sep, "/")
+        project, session, agent = classify_path(rel)
+        # Existing files at start: follow from the end; their idle age sets the tier.
+        # Files that appear later are new content: read them from the first byte.
+        existing = not self._started
+        start = st.st_size if existing else 0
+        idle = max(0.0, time.time() - st.st_mtime) if existing else 0.0
+        rec = FileRecord(root.path, rel, path, project, session, agent, st.st_dev, st.st_ino,
+                         read_pos=start, line_start=start, last_growth=now - idle,
+                         boundary_known=start == 0)
+        self.files[path] = rec
+        if existing:   # spread the first stats of a big tree over one interval
+            self._schedule(rec, now + random.random() * self._interval(rec, now))
+        else:
+            self._schedule(rec, now)
+
+    def _forget(self, rec: FileRecord, events: List[TailEvent]) -> None:
+        rec.gone = True
+        self._close(rec)
+        self.files.pop(rec.abspath, None)
+        parent = self.dirs.get(os.path.dirname(rec.abspath))
+        if parent is not None:
+            parent.files.discard(rec.abspath)
+        events.append(RemovedEvent(rec))
+
+    def _forget_dir(self, path: str, events: List[TailEvent]) -> None:
+        prefix = path + os.sep
+        for file_path in [p for p in self.files if p.startswith(prefix)]:
+            self._forget(self.files[file_path], events)
+        for dir_path in [p for p in self.dirs if p == path or p.startswith(prefix)]:
+            del self.dirs[dir_path]
+
+    def _warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warn(text)
+
+    # --- reading --------------------------------------------------------------
+
+    def _check_file(self, rec: FileRecord, now: float, events: List[TailEvent],
+                    budget: int) -> Tuple[int, bool]:
+        """Stat one file, notice truncation or replacement, read what is new."""
+        try:
+            st = os.stat(rec.abspath)
+        except (FileNotFoundError, NotADirectoryError):
+            self._forget(rec, events)
+            return 0, False
+        except OSError as exc:
+            self._warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
+            return 0, False
+        if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
+            self._reset(rec, st, "replaced", events)
+        elif st.st_size < rec.read_pos:
+            self._reset(rec, st, "truncated", events)
+        if st.st_size <= rec.read_pos:
+            return 0, False
+        try:
+            return self._read(rec, now, events, budget)
+        except OSError as exc:
+            self._close(rec)
+            self._warn_once(rec.abspath, "cannot read %s: %s" % (rec.rel, exc.strerror or exc))
+            return 0, False
+
+    def _reset(self, rec: FileRecord, st: os.stat_result, reason: str,
+               events: List[TailEvent]) -> None:
+        self._close(rec)
+        rec.dev, rec.ino = st.st_dev, st.st_ino
+        rec.read_pos = rec.line_start = 0
+        rec.pending = bytearray()
+        rec.skipping = False
+        rec.boundary_known = True
+        events.append(ResetEvent(rec, reason))
+
+    def _close(self, rec: FileRecord) -> None:
+        if rec.fh is not None:
+            rec.fh.close()
+            rec.fh = None
+            self._open_files -= 1
+
+    def _read(self, rec: FileRecord, now: float, events: List[TailEvent],
+              budget: int) -> Tuple[int, bool]:
+        fh = rec.fh
+        if fh is None:
+            fh = open(rec.abspath, "rb", buffering=0)
+            if self._open_files < MAX_OPEN_FILES:
+                rec.fh = fh
+                self._open_files += 1
+        try:
+            if not rec.boundary_known:
+                self._find_line_start(rec, fh)
+            fh.seek(rec.read_pos)
+            total = 0
+            while total < budget:
+                chunk = fh.read(min(READ_BLOCK, budget - total))
+                if not chunk:
+                    break
+                total += len(chunk)
+                self._split(rec, chunk, events)
+        finally:
+            if rec.fh is not fh:
+                fh.close()
+        rec.last_growth = now
+        return total, total >= budget
+
+    def _find_line_start(self, rec: FileRecord, fh: Any) -> None:
+        """Position a file found at startup on the start of its last, partial line.
+
+        Done lazily, when the file first grows: a line still being written when
+        the server started is delivered once completed, and never in part.
+        """
+        end = start = rec.read_pos
+        block = 4096
+        while start > 0:
+            if end - start > MAX_LINE_BYTES:
+                rec.skipping = True             # an oversize partial line: skip it
+                rec.line_start = end
+                rec.boundary_known = True
+                return
+            lo = max(0, start - block)
+            fh.seek(lo)
+            newline = fh.read(start - lo).rfind(b"\n")
+            if newline >= 0:
+                start = lo + newline + 1
+                break
+            start = lo
+            block = BOUNDARY_SCAN_BLOCK
+        rec.line_start = start
+        if start < end:
+            fh.seek(start)
+            rec.pending = bytearray(fh.read(end - start))
+        rec.boundary_known = True
+
+    def _split(self, rec: FileRecord, chunk: bytes, events: List[TailEvent]) -> None:
+        """Cut newly read bytes into lines; keep the unterminated rest pending."""
+        offset = rec.read_pos
+        rec.read_pos += len(chunk)
+        if rec.skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return
+            rec.skipping = False
+            chunk = chunk[newline + 1:]
+            offset += newline + 1
+            rec.line_start = offset
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        if lines:
+            first = lines[0]
+            if rec.pending:
+                rec.pending += first
+                first = bytes(rec.pending)
+                rec.pending = bytearray()
+            events.append(LineEvent(rec, rec.line_start, first))
+            offset += len(lines[0]) + 1
+            for line in lines[1:]:
+                events.append(LineEvent(rec, offset, line))
+                offset += len(line) + 1
+            rec.line_start = offset
+        if tail:
+            rec.pending += tail
+            if len(rec.pending) > MAX_LINE_BYTES:
+                events.append(OversizeEvent(rec, rec.line_start))
+                rec.pending = bytearray()
+                rec.skipping = True
+
+
+# =============================================================================
+# WebSocket protocol (RFC 6455), sans-I/O: bytes in, events and bytes out
+# =============================================================================
+
+
+class Opcode(enum.IntEnum):
+    CONT = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
+CONTROL_OPCODES = frozenset((Opcode.CLOSE, Opcode.PING, Opcode.PONG))
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005                # local only: the peer's Close had no code
+    ABNORMAL = 1006                 # local only: no Close at all
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+def close_code_allowed_on_wire(code: int) -> bool:
+    """RFC 6455 section 7.4: 1000-1003, 1007-1014 (IANA) and 3000-4999 only."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class ProtocolError(Exception):
+    """The peer broke RFC 6455: fail the connection with ``close_code``."""
+    close_code = CloseCode.PROTOCOL_ERROR
+
+
+class InvalidPayload(ProtocolError):
+    close_code = CloseCode.INVALID_DATA
+
+
+class PayloadTooBig(ProtocolError):
+    close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+_LANE_TABLES: Dict[int, bytes] = {}
+
+
+def apply_mask(data: bytes, key: bytes, phase: int = 0) -> bytes:
+    """XOR ``data`` with the 4-byte ``key`` started at key byte ``phase``."""
+    if phase:
+        key = key[phase:] + key[:phase]
+    n = len(data)
+    if n < 2048:   # a big-int XOR is quickest for small payloads
+        repeated = (key * (n // 4 + 1))[:n]
+        return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
+    out = bytearray(n)   # one translate() per byte lane: C speed for big payloads
+    for lane in range(4):
+        table = _LANE_TABLES.get(key[lane])
+        if table is None:
+            table = _LANE_TABLES[key[lane]] = bytes(b ^ key[lane] for b in range(256))
+        out[lane::4] = data[lane::4].translate(table)
+    return bytes(out)
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True,
+                 mask_key: Optional[bytes] = None) -> bytes:
+    """One frame, minimal length encoding (section 5.2); masked if a key is given."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if mask_key is not None else 0
+    if n < 126:
+        head = bytes((first, mask_bit | n))
+    elif n < 65536:
+        head = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    if mask_key is None:
+        return head + payload
+    return head + mask_key + apply_mask(payload, mask_key)
+
+
+def encode_close_payload(code: Optional[int], reason: str = "") -> bytes:
+    if code is None:
+        return b""
+    data = reason.encode("utf-8")
+    while len(data) > 123:          # section 5.5: control payloads are at most 125 bytes
+        reason = reason[:-1]
+        data = reason.encode("utf-8")
+    return code.to_bytes(2, "big") + data
+
+
+def parse_close_payload(payload: bytes) -> Tuple[int, str]:
+    """(code, reason) of a received Close frame; ProtocolError if it is invalid."""
+    if not payload:
+        return CloseCode.NO_STATUS, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not close_code_allowed_on_wire(code):
+        raise ProtocolError("invalid close code %d" % code)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidPayload("close reason is not valid UTF-8") from None
+    return code, reason
+
+
+class Side(enum.Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"             # we sent Close and wait for the peer's
+    CLOSED = "closed"               # both Close frames passed, or the connection failed
+
+
+@dataclass
+class TextMessage:
+    text: str
+
+
+@dataclass
+class BinaryMessage:
+    data: bytes
+
+
+@dataclass
+class PingReceived:
+    payload: bytes
+
+
+@dataclass
+class PongReceived:
+    payload: bytes
+
+
+@dataclass
+class CloseReceived:
+    code: int
+    reason: str
+
+
+WsEvent = Union[TextMessage, BinaryMessage, PingReceived, PongReceived, CloseReceived]
+
+
+class Connection:
+    """One WebSocket connection after the handshake, as a state machine.
+
+    ``receive_data(bytes)`` buffers input; ``next_event()`` parses one frame at
+    a time, so the application handles (and answers) each message before the
+    next frame is even looked at. Output accumulates until ``data_to_send()``.
+    Pings are answered and Close frames echoed automatically. Any violation
+    fails the connection: a Close with the code from the exception's class is
+    queued, input is discarded from then on, and ``wants_transport_close``
+    tells the I/O layer to drop TCP once the output is flushed.
+    """
+
+    def __init__(self, side: Side, max_message_size: int,
+                 mask_source: Callable[[int], bytes] = os.urandom):
+        self.side = side
+        self.max_message_size = max_message_size
+        self.mask_source = mask_source
+        self.state = State.OPEN
+        self.close_code: Optional[int] = None       # as received, or 1006
+        self.close_reason = ""
+        self.failure: Optional[ProtocolError] = None
+        self._buffer = bytearray()
+        self._out: List[bytes] = []
+        self._out_size = 0
+        # the message being assembled from fragments
+        self._message_opcode: Optional[int] = None
+        self._message_parts: List[bytes] = []
+        self._message_size = 0
+        self._decoder: Any = None
+        # a text frame whose payload is still arriving: validated as it comes
+        self._partial_fed = 0
+
+    # --- output -------------------------------------------------------------
+
+    @property
+    def output_size(self) -> int:
+        return self._out_size
+
+    def data_to_send(self) -> List[bytes]:
+        out, self._out, self._out_size = self._out, [], 0
+        return out
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+
+    def _send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        mask = self.mask_source(4) if self.side is Side.CLIENT else None
+        self._queue(encode_frame(opcode, payload, fin, mask))
+
+    def send_text(self, text: Union[str, bytes]) -> None:
+        self._check_open()
+        self._send_frame(Opcode.TEXT, text.encode("utf-8") if isinstance(text, str) else text)
+
+    def send_binary(self, data: bytes) -> None:
+        self._check_open()
+        self._send_frame(Opcode.BINARY, data)
+
+    def send_prebuilt_frame(self, frame: bytes) -> None:
+        """Queue a complete unmasked frame built once for many clients (server only)."""
+        assert self.side is Side.SERVER
+        self._check_open()
+        self._queue(frame)
+
+    def ping(self, payload: bytes = b"") -> None:
+        self._check_open()
+        self._send_frame(Opcode.PING, payload)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (section 7.1.2). No data may follow."""
+        if self.state is not State.OPEN:
+            return
+        self._send_frame(Opcode.CLOSE, encode_close_payload(code, reason))
+        self.state = State.CLOSING
+
+    def _check_open(self) -> None:
+        if self.state is not State.OPEN:
+            raise RuntimeError("connection is %s" % self.state.value)
+
+    @property
+    def wants_transport_close(self) -> bool:
+        """The server closes TCP first once closed (section 7.1.1); a client waits."""
+        return self.state is State.CLOSED and (self.side is Side.SERVER or self.failure is not None)
+
+    # --- input --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is not State.CLOSED:
+            self._buffer += data
+
+    def receive_eof(self) -> None:
+        """TCP closed by the peer: without a Close frame that is 1006."""
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            if self.close_code is None:
+                self.close_code = CloseCode.ABNORMAL
+        self._buffer = bytearray()
+
+    def next_event(self) -> Optional[WsEvent]:
+        """The next event, or None until more bytes arrive (or once closed)."""
+        while self.state is not State.CLOSED:
+            try:
+                frame = self._parse_frame()
+                if frame is None:
+                    return None
+                event = self._handle_frame(*frame)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return None
+            if event is not None:
+                return event
+        return None
+
+    def _fail(self, exc: ProtocolError) -> None:
+        """Section 7.1.7: send a Close if we may, then stop reading for good."""
+        self.failure = exc
+        if self.state is State.OPEN:
+            self._send_frame(Opcode.CLOSE, encode_close_payload(exc.close_code, str(exc)))
+        self.state = State.CLOSED
+        self.close_code, self.close_reason = exc.close_code, str(exc)
+        self._buffer = bytearray()
+
+    def _parse_frame(self) -> Optional[Tuple[bool, int, bytes]]:
+        """(fin, opcode, payload) of the next complete frame, checked, or None."""
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
+        # Section 5.2: RSV1-3 MUST be 0 unless an extension defines them; we negotiate none.
+        if b0 & 0x70:
+            raise ProtocolError("reserved bits set")
+        if opcode not in KNOWN_OPCODES:
+            raise ProtocolError("reserved opcode %d" % opcode)
+        # Section 5.1: clients MUST mask, servers MUST NOT.
+        masked = bool(b1 & 0x80)
+        if masked != (self.side is Side.SERVER):
+            raise ProtocolError("unmasked client frame" if masked is False else "masked server frame")
+        if opcode in CONTROL_OPCODES:
+            # Section 5.5: control frames are never fragmented and carry at most 125 bytes.
+            if not fin:
+                raise ProtocolError("fragmented control frame")
+            if length > 125:
+                raise ProtocolError("control frame payload over 125 bytes")
+        head = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            length = int.from_bytes(buf[2:4], "big")
+            head = 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            length = int.from_bytes(buf[2:10], "big")
+            if length >> 63:
+                raise ProtocolError("64-bit length with the most significant bit set")
+            head = 10
+        if opcode not in CONTROL_OPCODES:
+            self._check_data_frame(opcode, length)
+        key = bytes(buf[head:head + 4]) if masked else b""
+        head += len(key)
+        available = len(buf) - head
+        if available < length:
+            if length and available > self._partial_fed and self._is_text_frame(opcode):
+                self._validate_partial(buf, head, key, available)
+            return None
+        payload = bytes(buf[head:head + length])
+        del buf[:head + length]
+        if key:
+            payload = apply_mask(payload, key)
+        return fin, opcode, payload
+
+    def _check_data_frame(self, opcode: int, length: int) -> None:
+        # Section 5.4: a continuation needs an open message; a new one needs none.
+        if opcode == Opcode.CONT and self._message_opcode is None:
+            raise ProtocolError("continuation frame without a message to continue")
+        if opcode != Opcode.CONT and self._message_opcode is not None:
+            raise ProtocolError("new data frame inside a fragmented message")
+        # Section 10.4: refuse an oversize message from its header, before buffering it.
+        if self._message_size + length > self.max_message_size:
+            raise PayloadTooBig("message over %d bytes" % self.max_message_size)
+
+    def _is_text_frame(self, opcode: int) -> bool:
+        return opcode == Opcode.TEXT or (opcode == Opcode.CONT and self._message_opcode == Opcode.TEXT)
+
+    def _validate_partial(self, buf: bytearray, head: int, key: bytes, available: int) -> None:
+        """Fail fast on invalid UTF-8 inside a frame whose payload is still arriving."""
+        if self._decoder is None:
+            self._decoder = codecs.getincrementaldecoder("utf-8")()
+        piece = bytes(buf[head + self._partial_fed:head + available])
+        if key:
+            piece = apply_mask(piece, key, self._partial_fed % 4)
+        self._decode(piece, final=False)
+        self._partial_fed = available
+
+    def _decode(self, data: bytes, final: bool) -> None:
+        try:
+            self._message_parts.append(self._decoder.decode(data, final))
+        except UnicodeDecodeError as exc:
+            raise InvalidPayload("invalid UTF-8 in text message") from exc
+
+    def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
+        if opcode == Opcode.PING:
+            if self.state is State.OPEN:                 # section 5.5.2; nothing after our Close
+                self._send_frame(Opcode.PONG, payload)
+            return PingReceived(payload)
+        if opcode == Opcode.PONG:
+            return PongReceived(payload)
+        if opcode == Opcode.CLOSE:
+            return self._handle_close(payload)
+        if self.state is State.CLOSING:
+            return None           # section 5.5.1: data after our Close is not processed
+        if opcode != Opcode.CONT:
+            self._message_opcode = opcode
+            if opcode == Opcode.TEXT and self._decoder is None:   # else made by _validate_partial
+                self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._message_size += len(payload)
+        if self._message_opcode == Opcode.TEXT:
+            self._decode(payload[self._partial_fed:], final=fin)
+        else:
+            self._message_parts.append(payload)
+        self._partial_fed = 0
+        if not fin:
+            return None
+        parts, kind = self._message_parts, self._message_opcode
+        self._message_parts, self._message_opcode, self._message_size = [], None, 0
+        self._decoder = None
+        if kind == Opcode.TEXT:
+            return TextMessage("".join(parts))
+        return BinaryMessage(b"".join(parts))
+
+    def _handle_close(self, payload: bytes) -> CloseReceived:
+        code, reason = parse_close_payload(payload)
+        self.close_code, self.close_reason = code, reason
+        if self.state is State.OPEN:
+            # Section 5.5.1: answer with a Close, echoing the status code received.
+            echo = None if code == CloseCode.NO_STATUS else code
+            self._send_frame(Opcode.CLOSE, encode_close_payload(echo))
+        self.state = State.CLOSED
+        self._buffer = bytearray()
+        return CloseReceived(code, reason)
+
+
+# --- the opening handshake (section 4) ----------------------------------------
+
+
+class HandshakeError(Exception):
+    """A request we refuse, or a response we reject; one HTTP status each."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(message)
+        self.status = status
+        self.headers = list(headers)
+
+
+HTTP_REASONS = {
+    101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}
+
+
+@dataclass
+class HttpHead:
+    """A parsed request or response head: start line and headers in order."""
+    start: Tuple[str, str, str]     # (method, target, version) or (version, status, reason)
+    headers: List[Tuple[str, str]]
+
+    def get(self, name: str) -> Optional[str]:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def get_all(self, name: str) -> List[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    def tokens(self, name: str) -> List[str]:
+        """Comma-separated header tokens, lower-cased (``Connection: keep-alive, Upgrade``)."""
+        return [t.strip().lower() for v in self.get_all(name) for t in v.split(",") if t.strip()]
+
+
+class HeadReader:
+    """Collects bytes up to the blank line ending an HTTP head, within a limit.
+
+    Remembers how far it has searched (h11's trick), so a slow trickle of bytes
+    costs linear time. Bytes after the head belong to the frame layer.
+    """
+
+    def __init__(self, limit: int = MAX_HEAD_BYTES):
+        self.limit = limit
+        self.buffer = bytearray()
+        self._searched = 0
+
+    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
+        """(head, rest) once the head is complete, else None."""
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n", max(0, self._searched - 3))
+        if end < 0:
+            if len(self.buffer) > self.limit:
+                raise HandshakeError(431, "request head over %d bytes" % self.limit)
+            self._searched = len(self.buffer)
+            return None
+        if end > self.limit:
+            raise HandshakeError(431, "request head over %d bytes" % self.limit)
+        return bytes(self.buffer[:end]), bytes(self.buffer[end + 4:])
+
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def parse_head(head: bytes, request: bool) -> HttpHead:
+    """Parse a request or response head (without the final blank line)."""
+    try:
+        text = head.decode("latin-1")      # RFC 9110: field values are octets
+    except UnicodeDecodeError:             # pragma: no cover - latin-1 decodes anything
+        raise HandshakeError(400, "undecodable head") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) != 3:
+        raise HandshakeError(400, "malformed %s line" % ("request" if request else "status"))
+    if request:
+        method, target, version = parts
+        if not _TOKEN_RE.match(method) or not target or " " in target:
+            raise HandshakeError(400, "malformed request line")
+        if not re.match(r"^HTTP/\d\.\d$", version):
+            raise HandshakeError(400, "malformed HTTP version")
+    elif not re.match(r"^HTTP/\d\.\d$", parts[0]) or not parts[1].isdigit():
+        raise HandshakeError(400, "malformed status line")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HandshakeError(431, "more than %d headers" % MAX_HEADERS)
+    headers = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not _TOKEN_RE.match(name):
+            raise HandshakeError(400, "malformed header line")
+        headers.append((name, value.strip(" \t")))
+    return HttpHead((parts[0], parts[1], parts[2]), headers)
+
+
+def accept_value(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (section 4.2.2, step 5.4)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def is_upgrade_request(request: HttpHead) -> bool:
+    """Does the request try to open a WebSocket (however badly)?"""
+    return (request.get("Upgrade") is not None or request.get("Sec-WebSocket-Key") is not None
+            or "upgrade" in request.tokens("Connection"))
+
+
+def check_upgrade_request(request: HttpHead) -> str:
+    """Validate a WebSocket opening request (section 4.2.1); return its key.
+
+    Raises HandshakeError with the status to answer: 405 for a method other
+    than GET, 400 for HTTP/1.0 or a bad key, 426 for missing upgrade tokens or
+    a version other than 13 (with ``Sec-WebSocket-Version: 13``, section 4.4).
+    """
+    method, _, version = request.start
+    if method != "GET":
+        raise HandshakeError(405, "WebSocket requests must use GET", [("Allow", "GET")])
+    if version != "HTTP/1.1":
+        raise HandshakeError(400, "WebSocket requires HTTP/1.1, got %s" % version)
+    if len(request.get_all("Host")) != 1:
+        raise HandshakeError(400, "exactly one Host header is required")
+    upgrade_needed = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+    if [v.strip().lower() for v in request.get_all("Upgrade")] != ["websocket"]:
+        raise HandshakeError(426, "the Upgrade header must be 'websocket'", upgrade_needed)
+    if "upgrade" not in request.tokens("Connection"):
+        raise HandshakeError(426, "the Connection header must include 'Upgrade'", upgrade_needed)
+    versions = request.get_all("Sec-WebSocket-Version")
+    if versions != ["13"]:
+        raise HandshakeError(426, "only WebSocket version 13 is supported",
+                             [("Sec-WebSocket-Version", "13")])
+    keys = request.get_all("Sec-WebSocket-Key")
+    if len(keys) != 1:
+        raise HandshakeError(400, "exactly one Sec-WebSocket-Key header is required")
+    try:
+        raw_key = base64.b64decode(keys[0].encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw_key = b""
+    if len(raw_key) != 16:
+        raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    return keys[0]
+
+
+def build_response(status: int, headers: Iterable[Tuple[str, str]] = (),
+                   body: bytes = b"", content_type: str = "text/plain; charset=utf-8") -> bytes:
+    """An HTTP/1.1 response head (and body, with its length) as bytes."""
+    lines = ["HTTP/1.1 %d %s" % (status, HTTP_REASONS.get(status, "Unknown"))]
+    lines += ["%s: %s" % (k, v) for k, v in headers]
+    if status != 101:
+        lines += ["Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
+                  "Cache-Control: no-store", "X-Content-Type-Options: nosniff",
+                  "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def build_accept_response(key: str) -> bytes:
+    # No Sec-WebSocket-Extensions or -Protocol: we negotiate none (section 4.2.2).
+    return build_response(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                ("Sec-WebSocket-Accept", accept_value(key))])
+
+
+def build_error_response(error: HandshakeError) -> bytes:
+    body = ("%d %s: %s\n" % (error.status, HTTP_REASONS.get(error.status, ""), error)).encode("utf-8")
+    return build_response(error.status, error.headers, body)
+
+
+def build_client_request(host_header: str, target: str, key: str,
+                         extra_headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+    lines = ["GET %s HTTP/1.1" % target, "Host: %s" % host_header, "Upgrade: websocket",
+             "Connection: Upgrade", "Sec-WebSocket-Key: %s" % key, "Sec-WebSocket-Version: 13",
+             "User-Agent: claude_stream/%s" % __version__]
+    lines += ["%s: %s" % (k, v) for k, v in extra_headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def check_upgrade_response(response: HttpHead, key: str) -> None:
+    """Section 4.1, client side: anything but a correct 101 fails the handshake."""
+    version, status, reason = response.start
+    if status != "101":
+        raise HandshakeError(int(status), "HTTP %s %s" % (status, reason))
+    if [v.strip().lower() for v in response.get_all("Upgrade")] != ["websocket"]:
+        raise HandshakeError(101, "server answered 101 without 'Upgrade: websocket'")
+    if "upgrade" not in response.tokens("Connection"):
+        raise HandshakeError(101, "server answered 101 without 'Connection: Upgrade'")
+    if response.get_all("Sec-WebSocket-Accept") != [accept_value(key)]:
+        raise HandshakeError(101, "server sent a wrong Sec-WebSocket-Accept")
+    if response.get("Sec-WebSocket-Extensions") or response.get("Sec-WebSocket-Protocol"):
+        raise HandshakeError(101, "server selected an extension or subprotocol we did not offer")
+
+
+# =============================================================================
+# Event loop: one selectors loop, non-blocking streams, timers, signals
+# =============================================================================
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class EventLoop:
+    """A ``selectors`` loop with a timer heap and deferred, coalesced writes.
+
+    Handlers are called as ``handler(mask)``. Streams written to during a tick
+    are flushed once at its end, so every frame due to one client in one tick
+    leaves in a single send(). Signals arrive through a wake-up socket and run
+    their callbacks between ticks, never inside a handler.
+    """
+
+    def __init__(self, log: Optional[Log] = None):
+        self.log = log or Log()
+        self.selector = selectors.DefaultSelector()
+        self._timers: List[Tuple[float, int, Timer]] = []
+        self._seq = 0
+        self._dirty: Dict["Stream", None] = {}
+        self._signals: List[int] = []
+        self._signal_callback: Optional[Callable[[int], None]] = None
+        self.stopping = False
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.register(self._wake_reader, selectors.EVENT_READ, self._drain_wakeups)
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(when, callback)
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, timer))
+        return timer
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return self.call_at(self.time() + delay, callback)
+
+    def register(self, fileobj: Any, events: int, handler: Callable[[int], None]) -> None:
+        self.selector.register(fileobj, events, handler)
+
+    def modify(self, fileobj: Any, events: int, handler: Callable[[int], None]) -> None:
+        self.selector.modify(fileobj, events, handler)
+
+    def unregister(self, fileobj: Any) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def mark_dirty(self, stream: "Stream") -> None:
+        self._dirty[stream] = None
+
+    def handle_signals(self, signals: Iterable[int], callback: Callable[[int], None]) -> None:
+        self._signal_callback = callback
+        signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        for signum in signals:
+            signal.signal(signum, lambda signum, frame: self._signals.append(signum))
+
+    def _drain_wakeups(self, mask: int) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        while not self.stopping:
+            timeout = None
+            if self._dirty:
+                timeout = 0.0
+            elif self._timers:
+                timeout = max(0.0, self._timers[0][0] - self.time())
+            for key, mask in self.selector.select(timeout):
+                self._call(key.data, mask)
+            while self._signals:
+                signum = self._signals.pop(0)
+                if self._signal_callback is not None:
+                    self._call(self._signal_callback, signum)
+            self._run_timers()
+            self._flush()
+        self._flush()
+
+    def _run_timers(self) -> None:
+        now = self.time()
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if not timer.cancelled:
+                self._call(timer.callback)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, {}
+        for stream in dirty:
+            self._call(stream.flush)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run one callback; a bug in it is logged and never stops the loop."""
+        try:
+            callback(*args)
+        except Exception as exc:                 # noqa: BLE001 - isolation is the point
+            self.log.warn("internal error: %s: %s" % (type(exc).__name__, exc))
+            self.log.debug(traceback.format_exc().rstrip())
+            owner = getattr(callback, "__self__", None)
+            if isinstance(owner, Stream):
+                owner.abort(exc)
+
+    def close(self) -> None:
+        self.unregister(self._wake_reader)
+        self._wake_reader.close()
+        self._wake_writer.close()
+        self.selector.close()
+
+
+class Protocol:
+    """What a Stream reports to: the asyncio Protocol shape, without asyncio."""
+
+    def connection_made(self, stream: "Stream") -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        pass
+
+
+class Stream:
+    """A connected non-blocking socket: reads go to a protocol, writes are buffered.
+
+    Write interest is registered only while output is pending: a socket is
+    almost always writable, and permanent write interest would spin the loop.
+    """
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol):
+        self.loop = loop
+        self.sock = sock
+        self.protocol = protocol
+        self.closed = False
+        self._out = bytearray()
+        self._close_when_flushed = False
+        self._reading = True
+        self._interest = selectors.EVENT_READ
+        sock.setblocking(False)
+        loop.register(sock, self._interest, self._on_ready)
+        protocol.connection_made(self)
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._out)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and not self._close_when_flushed and data:
+            self._out += data
+            self.loop.mark_dirty(self)
+
+    def writelines(self, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def close(self) -> None:
+        """Close once everything written so far has been sent."""
+        if not self.closed:
+            self._close_when_flushed = True
+            self.loop.mark_dirty(self)
+
+    def abort(self, exc: Optional[BaseException] = None) -> None:
+        """Close now, dropping unsent output."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.unregister(self.sock)
+        try:
+            self.sock.close()
+        finally:
+            self.protocol.connection_lost(exc)
+
+    def _on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ and self._reading:
+            self._read()
+        if mask & selectors.EVENT_WRITE and not self.closed:
+            self.flush()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(exc)
+            return
+        if data:
+            self.protocol.data_received(data)
+            return
+        self._reading = False                  # EOF: stop asking for reads
+        self._set_interest()
+        self.protocol.eof_received()
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        if self._out:
+            try:
+                sent = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.abort(exc)
+                return
+            del self._out[:sent]               # amortised O(1) at the front of a bytearray
+        if not self._out and self._close_when_flushed:
+            self.abort()
+            return
+        self._set_interest()
+
+    def _set_interest(self) -> None:
+        interest = (selectors.EVENT_READ if self._reading else 0) | \
+                   (selectors.EVENT_WRITE if self._out else 0)
+        if interest != self._interest and not self.closed:
+            if not self._interest:
+                self.loop.register(self.sock, interest, self._on_ready)
+            elif not interest:
+                self.loop.unregister(self.sock)
+            else:
+                self.loop.modify(self.sock, interest, self._on_ready)
+            self._interest = interest
+
+
+def open_connection(loop: EventLoop, host: str, port: int, protocol: Protocol,
+                    on_error: Callable[[OSError], None]) -> None:
+    """Connect without blocking the loop, trying each address of ``host`` in turn.
+
+    Name resolution itself is a blocking getaddrinfo() (the stdlib has no other);
+    for the usual numeric or localhost addresses it returns at once.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        on_error(OSError(exc.errno, "cannot resolve %s: %s" % (host, exc.strerror)))
+        return
+    errors: List[OSError] = []
+
+    def attempt() -> None:
+        if not addresses:
+            on_error(errors[0] if errors else OSError("no address for %s" % host))
+            return
+        family, kind, proto, _, address = addresses.pop(0)
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        timer: List[Timer] = []
+
+        def give_up(exc: OSError) -> None:
+            loop.unregister(sock)
+            sock.close()
+            for t in timer:
+                t.cancel()
+            errors.append(exc)
+            attempt()
+
+        def on_writable(mask: int) -> None:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                give_up(OSError(code, os.strerror(code)))
+                return
+            loop.unregister(sock)
+            for t in timer:
+                t.cancel()
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            Stream(loop, sock, protocol)
+
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
+            give_up(OSError(code, os.strerror(code)))
+            return
+        loop.register(sock, selectors.EVENT_WRITE, on_writable)
+        timer.append(loop.call_later(CONNECT_TIMEOUT, lambda: give_up(
+            OSError(errno.ETIMEDOUT, "timed out after %gs" % CONNECT_TIMEOUT))))
+
+    attempt()
+
+
+class WebSocketEndpoint(Protocol):
+    """A Connection driven over a Stream: output, keepalive and close deadlines.
+
+    Subclasses do the opening handshake, then call ``start_websocket`` and get
+    ``on_message`` and ``on_closed``. Used by the server and by the client.
+    """
+
+    side = Side.SERVER
+    max_message_size = MAX_CLIENT_MESSAGE
+
+    def __init__(self, loop: EventLoop):
+        self.loop = loop
+        self.stream: Optional[Stream] = None
+        self.ws: Optional[Connection] = None
+        self._last_heard = 0.0
+        self._ping_sent_at: Optional[float] = None
+        self._keepalive: Optional[Timer] = None
+        self._close_deadline: Optional[Timer] = None
+        self.lost_reason: Optional[str] = None
+
+    # --- to override ----------------------------------------------------------
+
+    def handshake_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
+        pass
+
+    def on_closed(self, code: int, reason: str) -> None:
+        pass
+
+    # --- plumbing -------------------------------------------------------------
+
+    def connection_made(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def start_websocket(self, leftover: bytes) -> None:
+        self.ws = Connection(self.side, self.max_message_size)
+        self._last_heard = self.loop.time()
+        self._keepalive = self.loop.call_later(PING_INTERVAL, self._check_alive)
+        if leftover:
+            self.data_received(leftover)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is None:
+            self.handshake_data(data)
+            return
+        self._last_heard = self.loop.time()
+        self._ping_sent_at = None
+        self.ws.receive_data(data)
+        while self.ws is not None and self.stream is not None:
+            event = self.ws.next_event()
+            if event is None:
+                break
+            if isinstance(event, (TextMessage, BinaryMessage)):
+                self.on_message(event)
+        self.sync()
+
+    def eof_received(self) -> None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+        if self.stream is not None:
+            self.stream.close()
+
+    def sync(self) -> None:
+        """Hand the connection's output to the stream; close TCP when due."""
+        ws, stream = self.ws, self.stream
+        if ws is None or stream is None or stream.closed:
+            return
+        stream.writelines(ws.data_to_send())
+        if stream.pending_output > OUTPUT_HIGH_WATER:
+            self.lost_reason = "too slow: over %d MiB unsent" % (OUTPUT_HIGH_WATER >> 20)
+            stream.abort()
+        elif ws.wants_transport_close:
+            stream.close()
+        elif ws.state is not State.OPEN and self._close_deadline is None:
+            # Sections 7.1.1 and 7.1.2: do not wait for ever on the peer's part.
+            self._close_deadline = self.loop.call_later(CLOSE_TIMEOUT, stream.abort)
+
+    def send_text(self, text: Union[str, bytes]) -> None:
+        if self.ws is not None and self.ws.state is State.OPEN:
+            self.ws.send_text(text)
+            self.sync()
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        if self.ws is not None:
+            self.ws.close(code, reason)
+            self.sync()
+        elif self.stream is not None:
+            self.stream.abort()
+
+    def _check_alive(self) -> None:
+        """Ping a quiet peer; drop it when the pong does not come (keepalive)."""
+        ws = self.ws
+        if ws is None or self.stream is None or self.stream.closed or ws.state is not State.OPEN:
+            return
+        now = self.loop.time()
+        if self._ping_sent_at is not None and now - self._ping_sent_at >= PING_TIMEOUT:
+            self.lost_reason = "no answer to a ping within %gs" % PING_TIMEOUT
+            self.stream.abort()
+            return
+        if self._ping_sent_at is None and now - self._last_heard >= PING_INTERVAL:
+            ws.ping(os.urandom(4))
+            self._ping_sent_at = now
+            self.sync()
+        wake = (self._ping_sent_at + PING_TIMEOUT) if self._ping_sent_at is not None \
+            else self._last_heard + PING_INTERVAL
+        self._keepalive = self.loop.call_at(max(wake, now + 0.01), self._check_alive)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        for timer in (self._keepalive, self._close_deadline):
+            if timer is not None:
+                timer.cancel()
+        if exc is not None and self.lost_reason is None:
+            self.lost_reason = str(exc)
+        ws = self.ws
+        if ws is None:
+            self.on_closed(CloseCode.ABNORMAL, self.lost_reason or "closed before the handshake completed")
+            return
+        ws.receive_eof()
+        self.on_closed(ws.close_code or CloseCode.ABNORMAL, ws.close_reason or self.lost_reason or "")
+
+
+# =============================================================================
+# Server application: routes, envelopes, filters, broadcast
+# =============================================================================
+
+
+def default_roots() -> List[str]:
+    """``$CLAUDE_CONFIG_DIR/projects``, else ``~/.claude/projects`` and the XDG one."""
+    config_dir = os.environ.get("CLAUDE_CONFIG_DIR")
+    if config_dir:
+        return [os.path.join(os.path.expanduser(config_dir), "projects")]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join("~", ".config")
+    return [os.path.expanduser(os.path.join("~", ".claude", "projects")),
+            os.path.expanduser(os.path.join(xdg, "claude", "projects"))]
+
+
+@dataclass
+class MessageMeta:
+    """What filters look at, computed once per message, shared by all clients."""
+    project: str
+    ids: Tuple[str, ...]            # session ids (by path and by entry) and agent id
+    type: Optional[str]             # the entry's type; None for other kinds
+
+
+@dataclass
+class Filters:
+    """A client's subscription. Empty lists match everything.
+
+    ``projects``: case-insensitive substrings of the project folder name;
+    ``sessions``: prefixes of a session or sub-agent id (short ids work);
+    ``types``: entry types; they filter entries only, never notices.
+    """
+    projects: List[str] = field(default_factory=list)
+    sessions: List[str] = field(default_factory=list)
+    types: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_query(cls, query: str) -> "Filters":
+        params = parse_qs(query, keep_blank_values=False)
+
+        def values(name: str) -> List[str]:
+            return [v for raw in params.get(name, []) for v in raw.split(",") if v]
+        return cls([p.lower() for p in values("project")], values("session"), values("type"))
+
+    @classmethod
+    def from_message(cls, obj: Dict[str, Any]) -> "Filters":
+        lists = []
+        for name in ("project", "session", "type"):
+            value = obj.get(name, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("'%s' must be a string or a list of strings" % name)
+            lists.append([v for v in value if v])
+        return cls([p.lower() for p in lists[0]], lists[1], lists[2])
+
+    def as_json(self) -> Dict[str, List[str]]:
+        return {"project": self.projects, "session": self.sessions, "type": self.types}
+
+    def match(self, meta: MessageMeta) -> bool:
+        if self.projects and not any(p in meta.project.lower() for p in self.projects):
+            return False
+        if self.sessions and not any(i.startswith(s) for s in self.sessions for i in meta.ids):
+            return False
+        if self.types and meta.type is not None and meta.type not in self.types:
+            return False
+        return True
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def _file_fields(rec: FileRecord) -> Dict[str, Any]:
+    return {"path": rec.rel, "project": rec.project, "session": rec.session, "agent": rec.agent}
+
+
+def entry_message(rec: FileRecord, offset: int, line: bytes,
+                  obj: Dict[str, Any]) -> Tuple[bytes, MessageMeta]:
+    """The ``entry`` envelope around the line's own bytes (already checked)."""
+    session = obj.get("sessionId")
+    session = session if isinstance(session, str) else rec.session
+    agent = rec.agent
+    if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
+        agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
+    head = _json({"kind": "entry", "path": rec.rel, "offset": offset, "project": rec.project,
+                  "session": session, "agent": agent})
+    kind = obj.get("type")
+    ids = tuple(i for i in (rec.session, session, agent) if i)
+    return (head[:-1] + b',"entry":' + line + b"}",
+            MessageMeta(rec.project, ids, kind if isinstance(kind, str) else ""))
+
+
+def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
+    fields = {"kind": kind}
+    fields.update(_file_fields(rec))
+    fields.update(extra)
+    ids = tuple(i for i in (rec.session, rec.agent) if i)
+    return _json(fields), MessageMeta(rec.project, ids, None)
+
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>claude_stream</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:42em;margin:2em auto;padding:0 1em}}
+code{{background:rgba(127,127,127,.15);padding:.1em .3em;border-radius:3px}}</style></head>
+<body><h1>claude_stream {version}</h1>
+<p>Streaming {files} transcript files to {clients} connected clients.</p>
+<p>Watching: {roots}</p>
+<p>Watch it from a terminal: <code>python claude_stream.py client {url}</code></p>
+<p>Machine-readable status: <a href="/status">/status</a>.</p>
+</body></html>
+"""
+
+
+class ServerSession(WebSocketEndpoint):
+    """One accepted connection: an HTTP request, then maybe a WebSocket."""
+
+    side = Side.SERVER
+    max_message_size = MAX_CLIENT_MESSAGE
+
+    def __init__(self, server: "StreamServer"):
+        super().__init__(server.loop)
+        self.server = server
+        self.head = HeadReader()
+        self.filters = Filters()
+        self.replied = False
+        self._handshake_timer: Optional[Timer] = None
+
+    def connection_made(self, stream: Stream) -> None:
+        super().connection_made(stream)
+        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if self.ws is None and self.stream is not None:
+            self.lost_reason = "no complete request within %gs" % HANDSHAKE_TIMEOUT
+            self.stream.abort()
+
+    def handshake_data(self, data: bytes) -> None:
+        if self.replied:
+            return                  # an HTTP answer is on its way; nothing more is read
+        try:
+            done = self.head.feed(data)
+            if done is not None:
+                self.server.route(self, parse_head(done[0], request=True), done[1])
+        except HandshakeError as exc:
+            self.reply(build_error_response(exc))
+
+    def reply(self, response: bytes) -> None:
+        self.replied = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self.stream is not None:
+            self.stream.write(response)
+            self.stream.close()
+
+    def accept(self, key: str, filters: Filters, leftover: bytes) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.filters = filters
+        assert self.stream is not None
+        self.stream.write(build_accept_response(key))
+        self.start_websocket(leftover)
+
+    def queue_frame(self, frame: bytes) -> None:
+        if self.ws is not None and self.ws.state is State.OPEN:
+            self.ws.send_prebuilt_frame(frame)
+
+    def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
+        self.server.client_message(self, message)
+
+    def on_closed(self, code: int, reason: str) -> None:
+        self.server.session_closed(self, code, reason)
+
+
+class StreamServer:
+    """Accepts connections, polls the tailer, and broadcasts what it finds."""
+
+    def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log):
+        self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
+        self.listener: Optional[socket.socket] = None
+        self.sessions: Dict[ServerSession, None] = {}
+        self.subscribers: Dict[ServerSession, None] = {}
+        self.malformed_count = 0
+        self._poll_timer: Optional[Timer] = None
+        self.shutting_down = False
+
+    @property
+    def url(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "ws://%s:%d/" % (host, self.port)
+
+    def listen(self) -> None:
+        try:
+            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)[0][0]
+        except socket.gaierror as exc:
+            raise OperationalError("cannot use --host %s: %s" % (self.host, exc.strerror)) from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        if os.name == "posix":      # rebind at once after a restart; never share a live port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise OperationalError(
+                    "port %d on %s is already in use (another claude_stream serve?); "
+                    "pick another with --port" % (self.port, self.host)) from None
+            if exc.errno == errno.EACCES:
+                raise OperationalError("no permission to listen on port %d of %s"
+                                       % (self.port, self.host)) from None
+            raise OperationalError("cannot listen on %s port %d: %s"
+                                   % (self.host, self.port, exc.strerror or exc)) from None
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self.listener = sock
+        self.loop.register(sock, selectors.EVENT_READ, self._accept)
+
+    def start(self) -> None:
+        self.tailer.start()
+        self._schedule_poll()
+
+    # --- connections ------------------------------------------------------------
+
+    def _accept(self, mask: int) -> None:
+        for _ in range(64):         # bounded: the loop has other work too
+            try:
+                sock, _ = self.listener.accept()       # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving who we have
+                self.log.warn("cannot accept a connection: %s" % (exc.strerror or exc))
+                return
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = ServerSession(self)
+            Stream(self.loop, sock, session)
+            if len(self.sessions) >= MAX_CONNECTIONS or self.shutting_down:
+                session.reply(build_error_response(HandshakeError(
+                    503, "too many connections" if not self.shutting_down else "shutting down",
+                    [("Retry-After", "5")])))
+                continue
+            self.sessions[session] = None
+
+    def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
+        method, target, _ = request.start
+        url = urlsplit(target)
+        if is_upgrade_request(request):
+            key = check_upgrade_request(request)
+            if url.path != "/":
+                raise HandshakeError(404, "the WebSocket endpoint is /")
+            session.accept(key, Filters.from_query(url.query), leftover)
+            self.subscribers[session] = None
+            session.send_text(self._hello(session.filters))
+            self.log.debug("client connected (%d now)" % len(self.subscribers))
+            return
+        if method not in ("GET", "HEAD"):
+            raise HandshakeError(405, "only GET is served here", [("Allow", "GET, HEAD")])
+        if url.path == "/":
+            body, ctype = self._status_page(request), "text/html; charset=utf-8"
+        elif url.path == "/status":
+            body, ctype = _json(self._status()) + b"\n", "application/json"
+        else:
+            raise HandshakeError(404, "nothing here; the WebSocket endpoint and status page are at /")
+        response = build_response(200, [], body, ctype)
+        if method == "HEAD":
+            response = response[:len(response) - len(body)]
+        session.reply(response)
+
+    def _status(self) -> Dict[str, Any]:
+        return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION,
+                "watching": [r.path for r in self.tailer.roots if r.present],
+                "waiting": [r.path for r in self.tailer.roots if not r.present],
+                "files": len(self.tailer.files), "clients": len(self.subscribers),
+                "malformed": self.malformed_count}
+
+    def _hello(self, filters: Filters) -> bytes:
+        hello = {"kind": "hello"}
+        hello.update(self._status())
+        hello["filters"] = filters.as_json()
+        return _json(hello)
+
+    def _status_page(self, request: HttpHead) -> bytes:
+        status = self._status()
+        roots = ", ".join(html.escape(r) for r in status["watching"] + status["waiting"])
+        host = request.get("Host") or "%s:%d" % (self.host, self.port)
+        return STATUS_PAGE.format(version=__version__, files=status["files"],
+                                  clients=status["clients"], roots=roots,
+                                  url=html.escape("ws://%s/" % host)).encode("utf-8")
+
+    def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
+        if isinstance(message, BinaryMessage):
+            session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
+            return
+        try:
+            obj = json.loads(message.text)
+            if not isinstance(obj, dict):
+                raise ValueError("a message must be a JSON object")
+            kind = obj.get("kind")
+            if kind != "subscribe":
+                raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
+            session.filters = Filters.from_message(obj)
+        except ValueError as exc:
+            session.send_text(_json({"kind": "error", "error": str(exc)}))
+            return
+        session.send_text(_json({"kind": "subscribed", "filters": session.filters.as_json()}))
+
+    def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
+        self.sessions.pop(session, None)
+        if session in self.subscribers:
+            del self.subscribers[session]
+            self.log.debug("client gone: %d %s (%d left)" % (code, session.lost_reason or reason,
+                                                             len(self.subscribers)))
+        if self.shutting_down and not self.sessions:
+            self.loop.stop()
+
+    # --- the stream -------------------------------------------------------------
+
+    def _schedule_poll(self) -> None:
+        self._poll_timer = self.loop.call_at(self.tailer.next_due(), self._poll)
+
+    def _poll(self) -> None:
+        try:
+            self.publish(self.tailer.poll(self.loop.time()))
+        finally:
+            self._schedule_poll()
+
+    def publish(self, events: List[TailEvent]) -> None:
+        """Envelope and frame each event once; queue the same bytes to every match."""
+        touched: Dict[ServerSession, None] = {}
+        for event in events:
+            message = self._message_for(event)
+            if message is None or not self.subscribers:
+                continue
+            payload, meta = message
+            frame = encode_frame(Opcode.TEXT, payload)
+            for session in self.subscribers:
+                if session.filters.match(meta):
+                    session.queue_frame(frame)
+                    touched[session] = None
+        for session in touched:
+            session.sync()
+
+    def _message_for(self, event: TailEvent) -> Optional[Tuple[bytes, MessageMeta]]:
+        rec = event.file
+        if isinstance(event, LineEvent):
+            if not event.data.strip():
+                return None             # a blank line carries nothing
+            try:
+                return entry_message(rec, event.offset, event.data, decode_line(event.data))
+            except MalformedLine as exc:
+                return self._malformed(rec, event.offset, str(exc), excerpt(event.data))
+        if isinstance(event, OversizeEvent):
+            return self._malformed(rec, event.offset, "line longer than %d MiB; skipped"
+                                   % (MAX_LINE_BYTES >> 20), "")
+        if isinstance(event, ResetEvent):
+            self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason))
+            return notice_message("reset", rec, reason=event.reason, offset=0)
+        self.log.debug("%s is gone" % rec.rel)
+        return None
+
+    def _malformed(self, rec: FileRecord, offset: int, reason: str,
+                   text: str) -> Tuple[bytes, MessageMeta]:
+        self.malformed_count += 1
+        self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
+                      % (rec.rel, offset, reason, self.malformed_count))
+        return notice_message("malformed", rec, offset=offset, reason=reason, excerpt=text)
+
+    def shutdown(self) -> None:
+        """Close 1001 to every client, then stop (at the latest after CLOSE_TIMEOUT)."""
+        if self.shutting_down:
+            self.loop.stop()        # a second Ctrl-C: stop now
+            return
+        self.shutting_down = True
+        if self.listener is not None:
+            self.loop.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+        for session in list(self.sessions):
+            if session.ws is not None:
+                session.close(CloseCode.GOING_AWAY, "server shutting down")
+            elif session.stream is not None:
+                session.stream.abort()
+        if not self.sessions:
+            self.loop.stop()
+        self.loop.call_later(1.0, self.loop.stop)
+
+
+# =============================================================================
+# Client: the same protocol with masking, a terminal renderer, reconnection
+# =============================================================================
+
+# The argument that best names what a tool call does, by tool.
+TOOL_KEY_ARGUMENTS = {
+    "Bash": "command", "BashOutput": "bash_id", "KillBash": "shell_id", "KillShell": "shell_id",
+    "Read": "file_path", "Write": "file_path", "Edit": "file_path", "MultiEdit": "file_path",
+    "NotebookEdit": "notebook_path", "NotebookRead": "notebook_path", "LS": "path",
+    "Glob": "pattern", "Grep": "pattern", "WebFetch": "url", "WebSearch": "query",
+    "Task": "description", "Agent": "description", "Skill": "skill", "SlashCommand": "command",
+    "ExitPlanMode": "plan", "TaskOutput": "task_id", "ToolSearch": "query",
+}
+
+ANSI = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "blue": "34",
+        "magenta": "35", "cyan": "36"}
+_COMMAND_RE = re.compile(r"<command-name>\s*(.*?)\s*</command-name>.*?"
+                         r"(?:<command-args>(.*?)</command-args>)?", re.S)
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return "%d B" % size
+    if size < 1024 * 1024:
+        return "%.1f KB" % (size / 1024)
+    return "%.1f MB" % (size / (1024 * 1024))
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Renderer:
+    """Turns server messages into one readable line each, for a terminal."""
+
+    def __init__(self, color: bool = False, width: Optional[int] = None):
+        self.color = color
+        self.width = width
+        self.tool_names: Dict[str, str] = {}     # tool_use id -> tool name, bounded
+
+    def paint(self, style: str, text: str) -> str:
+        return "\x1b[%sm%s\x1b[0m" % (ANSI[style], text) if self.color and text else text
+
+    def render(self, msg: Dict[str, Any]) -> Optional[str]:
+        kind = msg.get("kind")
+        if kind == "entry" and isinstance(msg.get("entry"), dict):
+            entry = parse_entry(msg["entry"])
+            label, style, text = self.describe(entry)
+            return self._line(msg, entry.timestamp, label, style, text)
+        if kind == "malformed":
+            return self._line(msg, None, "malformed", "red", "%s at byte %s: %s  %s" % (
+                msg.get("path"), msg.get("offset"), msg.get("reason"), msg.get("excerpt") or ""))
+        if kind == "reset":
+            return self._line(msg, None, "reset", "red", "%s was %s; reading it again from the start"
+                              % (msg.get("path"), msg.get("reason")))
+        return None
+
+    def _line(self, msg: Dict[str, Any], when: Optional[datetime], label: str, style: str,
+              text: str) -> str:
+        local = (when or datetime.now(timezone.utc)).astimezone()
+        session = str(msg.get("session") or "-")[:8]
+        if msg.get("agent"):
+            session += "/" + str(msg["agent"])[:10]
+        project = str(msg.get("project") or "-")
+        project = project.rstrip("-").rsplit("-", 1)[-1] if "-" in project.strip("-") else project
+        prefix_plain = "%s %-14.14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
+        text = one_line(text)
+        if self.width:
+            room = max(10, self.width - len(prefix_plain))
+            if len(text) > room:
+                text = text[:room - 1] + "\u2026"
+        return "%s %s %s %s %s" % (
+            self.paint("dim", local.strftime("%H:%M:%S")),
+            self.paint("cyan", "%-14.14s" % project), self.paint("dim", "%-19s" % session),
+            self.paint(style, "%-9s" % label), text)
+
+    def describe(self, entry: Entry) -> Tuple[str, str, str]:
+        """(label, colour, text) for one entry."""
+        if isinstance(entry, AssistantEntry):
+            return self._assistant(entry)
+        if isinstance(entry, UserEntry):
+            return self._user(entry)
+        if isinstance(entry, SystemEntry):
+            return self._system(entry)
+        if isinstance(entry, SummaryEntry):
+            return "summary", "magenta", entry.summary
+        if isinstance(entry, FileHistorySnapshotEntry):
+            return "snapshot", "dim", "%d tracked file%s" % (
+                entry.tracked_files, "" if entry.tracked_files == 1 else "s")
+        if isinstance(entry, QueueOperationEntry):
+            return "queue", "dim", ("%s: %s" % (entry.operation, entry.content)).rstrip(": ")
+        if isinstance(entry, ProgressEntry):
+            data = entry.data
+            detail = data.get("hookName") or data.get("agentId") or data.get("command") or ""
+            return "progress", "dim", "%s %s" % (entry.data_type, detail if isinstance(detail, str) else "")
+        if isinstance(entry, AttachmentEntry):
+            att = entry.attachment
+            detail = att.get("hookName") or att.get("prompt") or att.get("filename") or ""
+            return "attach", "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
+        if isinstance(entry, MetadataEntry):
+            return entry.type[:9], "dim", entry.value
+        keys = ", ".join(sorted(k for k in entry.raw if k != "type"))[:200]
+        return (entry.type or "?")[:9], "dim", "(unknown entry type) %s" % keys
+
+    def _assistant(self, entry: AssistantEntry) -> Tuple[str, str, str]:
+        if entry.is_api_error:
+            return "api-error", "red", " ".join(b.text for b in entry.message.content
+                                                 if isinstance(b, TextBlock))
+        parts: List[Tuple[str, str, str]] = []
+        for block in entry.message.content:
+            if isinstance(block, TextBlock):
+                parts.append(("claude", "blue", block.text))
+            elif isinstance(block, ThinkingBlock):
+                parts.append(("thinking", "dim", "\u2026 %s" % block.thinking if block.thinking
+                              else "\u2026 (thinking)"))
+            elif isinstance(block, RedactedThinkingBlock):
+                parts.append(("thinking", "dim", "\u2026 (redacted)"))
+            elif isinstance(block, ToolUseBlock):
+                self._remember_tool(block)
+                parts.append(("tool", "yellow", "%s %s" % (block.name, self.key_argument(block))))
+            else:
+                parts.append(("claude", "blue", "[%s]" % (block.type or "block")))
+        if not parts:
+            return "claude", "blue", ""
+        return parts[0][0], parts[0][1], "  \u00b7  ".join(p[2] for p in parts)
+
+    def _remember_tool(self, block: ToolUseBlock) -> None:
+        if len(self.tool_names) >= TOOL_NAME_MEMORY:
+            del self.tool_names[next(iter(self.tool_names))]
+        self.tool_names[block.id] = block.name
+
+    @staticmethod
+    def key_argument(block: ToolUseBlock) -> str:
+        tool_input = block.input
+        if block.name == "TodoWrite" and isinstance(tool_input.get("todos"), list):
+            return "%d todos" % len(tool_input["todos"])
+        value = tool_input.get(TOOL_KEY_ARGUMENTS.get(block.name, ""))
+        if not isinstance(value, str):
+            value = next((v for v in tool_input.values() if isinstance(v, str)), "")
+        return value
+
+    def _user(self, entry: UserEntry) -> Tuple[str, str, str]:
+        parts: List[str] = []
+        for block in entry.message.content:
+            if isinstance(block, ToolResultBlock):
+                name = self.tool_names.get(block.tool_use_id, "tool")
+                state = self.paint("red", "error") if block.is_error else "ok"
+                first = block.text.strip().split("\n", 1)[0] if block.text else ""
+                return "result", "green", "%s %s %s  %s" % (name, state, human_size(block.size), first)
+            if isinstance(block, TextBlock):
+                parts.append(self._prompt_text(block.text))
+            elif isinstance(block, (ImageBlock, DocumentBlock)):
+                parts.append("[%s %s %s]" % (block.type, block.media_type, human_size(block.size * 3 // 4)))
+        text = "  ".join(p for p in parts if p)
+        if entry.is_compact_summary:
+            return "compacted", "magenta", text
+        if entry.is_meta:
+            return "meta", "dim", text
+        return "user", "green", text
+
+    @staticmethod
+    def _prompt_text(text: str) -> str:
+        command = _COMMAND_RE.search(text)
+        if command:
+            return ("%s %s" % (command.group(1), command.group(2) or "")).strip()
+        return text
+
+    @staticmethod
+    def _system(entry: SystemEntry) -> Tuple[str, str, str]:
+        raw = entry.raw
+        style = "red" if entry.level == "error" else "yellow" if entry.level == "warning" else "dim"
+        subtype = entry.subtype or ""
+        if subtype == "turn_duration" and isinstance(raw.get("durationMs"), (int, float)):
+            return "system", style, "turn took %.1fs" % (raw["durationMs"] / 1000)
+        if subtype == "compact_boundary":
+            meta = raw.get("compactMetadata") if isinstance(raw.get("compactMetadata"), dict) else {}
+            return "system", "magenta", "conversation compacted (%s, %s tokens before)" % (
+                meta.get("trigger", "?"), meta.get("preTokens", "?"))
+        if subtype == "stop_hook_summary":
+            return "system", style, "stop hooks ran: %s" % raw.get("hookCount", "?")
+        text = entry.content or ""
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)   # hook lines carry ANSI colours
+        return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
+
+
+def parse_ws_url(text: str) -> Tuple[str, int, str]:
+    """(host, port, resource) of a ws:// URL; ``HOST[:PORT]`` alone means ws://HOST:8765/."""
+    if "://" not in text:
+        text = "ws://" + text + ("" if re.search(r":\d+$", text) else ":%d" % DEFAULT_PORT)
+    parts = urlsplit(text)
+    if parts.scheme == "wss":
+        raise UsageError("wss:// (TLS) is not supported by this version; use ws://")
+    if parts.scheme != "ws":
+        raise UsageError("not a WebSocket URL: %s (expected ws://HOST:PORT/)" % text)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise UsageError("bad port in %s" % text) from None
+    if not parts.hostname:
+        raise UsageError("no host in %s" % text)
+    resource = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return parts.hostname, port, resource
+
+
+class ClientLink(WebSocketEndpoint):
+    """One server the client follows: connect, handshake, receive, reconnect."""
+
+    side = Side.CLIENT
+    max_message_size = MAX_SERVER_MESSAGE
+
+    def __init__(self, app: "ClientApp", url: str):
+        super().__init__(app.loop)
+        self.app = app
+        self.url = url
+        self.host, self.port, self.resource = parse_ws_url(url)
+        self.failures = 0           # consecutive failed attempts, for the backoff
+        self.rejected: Optional[HandshakeError] = None
+        self._key = ""
+        self._head = HeadReader(MAX_HEAD_BYTES)
+        self._handshake_timer: Optional[Timer] = None
+
+    def connect(self) -> None:
+        self.ws, self.stream, self.rejected, self.lost_reason = None, None, None, None
+        self._head = HeadReader(MAX_HEAD_BYTES)
+        open_connection(self.loop, self.host, self.port, self, self._connect_failed)
+
+    def _connect_failed(self, exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ECONNREFUSED:
+            reason = "connection refused (is 'claude_stream.py serve' running there?)"
+        self.app.link_down(self, "cannot connect to %s: %s" % (self.url, reason), retryable=True)
+
+    def connection_made(self, stream: Stream) -> None:
+        super().connection_made(stream)
+        self._key = base64.b64encode(os.urandom(16)).decode("ascii")
+        host_header = self.host if ":" not in self.host else "[%s]" % self.host
+        if self.port != 80:
+            host_header += ":%d" % self.port
+        target = self.resource
+        query = self.app.filter_query()
+        if query:
+            target += ("&" if "?" in target else "?") + query
+        stream.write(build_client_request(host_header, target, self._key))
+        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if self.ws is None and self.stream is not None:
+            self.lost_reason = "no handshake answer within %gs" % HANDSHAKE_TIMEOUT
+            self.stream.abort()
+
+    def handshake_data(self, data: bytes) -> None:
+        try:
+            done = self._head.feed(data)
+            if done is None:
+                return
+            check_upgrade_response(parse_head(done[0], request=False), self._key)
+        except HandshakeError as exc:
+            self.rejected = exc
+            if self.stream is not None:
+                self.stream.abort()
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.start_websocket(done[1])
+
+    def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
+        self.app.on_message(self, message)
+
+    def on_closed(self, code: int, reason: str) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self.rejected is not None:
+            status = self.rejected.status
+            detail = ("the server refused the WebSocket handshake: %s" % self.rejected
+                      if status != 101 else "bad handshake answer: %s" % self.rejected)
+            self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
+        elif self.ws is None:
+            self.app.link_down(self, "%s: connection closed during the handshake (%s)"
+                               % (self.url, self.lost_reason or "no answer"), retryable=True)
+        elif code == CloseCode.GOING_AWAY:
+            self.app.link_down(self, "%s: the server is going away (%s)" % (self.url, reason or code),
+                               retryable=True)
+        elif code == CloseCode.ABNORMAL:
+            self.app.link_down(self, "%s: connection dropped (%s)"
+                               % (self.url, reason or "closed without a close frame"), retryable=True)
+        else:
+            self.app.link_down(self, "%s: connection closed by the server: %d %s"
+                               % (self.url, code, reason), retryable=True)
+
+
+class ClientApp:
+    """The ``client`` command: one or more links, output to stdout."""
+
+    def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
+                 reconnect: bool, log: Log, out: Any = None):
+        self.loop = loop
+        self.json_mode = json_mode
+        self.filters = filters
+        self.reconnect = reconnect
+        self.log = log
+        self.out = out if out is not None else sys.stdout
+        width = shutil.get_terminal_size((120, 24)).columns if self.out.isatty() else None
+        color = self.out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        self.renderer = Renderer(color=color, width=width)
+        self.links = [ClientLink(self, url) for url in urls]
+        self.finished: Dict[ClientLink, None] = {}
+        self.exit_code = EXIT_OK
+        self.stopping = False
+
+    def filter_query(self) -> str:
+        pairs = [(name, value) for name, values in (("project", self.filters.projects),
+                                                    ("session", self.filters.sessions),
+                                                    ("type", self.filters.types))
+                 for value in values]
+        return urlencode(pairs, quote_via=quote)
+
+    def start(self) -> None:
+        for link in self.links:
+            link.connect()
+
+    def stop(self) -> None:
+        """Ctrl-C or SIGTERM: close politely, exit 0."""
+        if self.stopping:
+            self.loop.stop()
+            return
+        self.stopping = True
+        for link in self.links:
+            if link.ws is not None and link.stream is not None and not link.stream.closed:
+                link.close(CloseCode.NORMAL, "client quit")
+            elif link.stream is not None:
+                link.stream.abort()
+        self.loop.call_later(1.0, self.loop.stop)
+        self._maybe_stop()
+
+    def _maybe_stop(self) -> None:
+        if all(link.stream is None or link.stream.closed for link in self.links):
+            self.loop.stop()
+
+    def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
+        if isinstance(message, BinaryMessage):
+            self.log.warn("%s sent a binary message; ignored" % link.url)
+            return
+        try:
+            if self.json_mode:
+                self._write(message.text.encode("utf-8") + b"\n")
+            msg = json.loads(message.text)
+        except ValueError:
+            self.log.warn("%s sent a message that is not JSON; ignored" % link.url)
+            return
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("kind")
+        if kind == "hello":
+            link.failures = 0
+            self.log.info("connected to %s (%s %s, %s files)" % (
+                link.url, msg.get("server"), msg.get("version"), msg.get("files")))
+        elif kind == "error":
+            self.log.warn("%s: %s" % (link.url, msg.get("error")))
+        if not self.json_mode:
+            line = self.renderer.render(msg)
+            if line is not None:
+                self._write((line + "\n").encode("utf-8", "replace"))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            buffer = getattr(self.out, "buffer", None)
+            if buffer is not None:
+                buffer.write(data)
+                buffer.flush()
+            else:
+                self.out.write(data.decode("utf-8", "replace"))
+                self.out.flush()
+        except BrokenPipeError:     # `client | head`: the reader is gone, so are we
+            self.stopping = True
+            self.loop.stop()
+
+    def link_down(self, link: ClientLink, description: str, retryable: bool) -> None:
+        if self.stopping:
+            self._maybe_stop()
+            return
+        if not (retryable and self.reconnect):
+            self.log.info(description)
+            self.exit_code = EXIT_ERROR
+            self.finished[link] = None
+            if len(self.finished) == len(self.links):
+                self.loop.stop()
+            return
+        # Exponential backoff with full jitter, so restarted servers are not stampeded.
+        delay = min(RECONNECT_MAX, RECONNECT_MIN * 2 ** link.failures)
+        delay = delay / 2 + random.random() * delay / 2
+        link.failures += 1
+        self.log.info("%s; reconnecting in %.1fs" % (description, delay))
+        self.loop.call_later(delay, link.connect)
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as one line (exit 2), not a usage block."""
+
+    def error(self, message: str) -> None:   # type: ignore[override]
+        raise UsageError("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+    if not 0.01 <= value <= 60:
+        raise argparse.ArgumentTypeError("must be between 0.01 and 60 seconds")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError("not a port number: %r" % text)
+    return int(text)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Watch Claude Code sessions live.")
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
+
+    serve = commands.add_parser("serve", help="tail the transcripts and serve WebSocket clients",
+                                description="Tail every Claude Code transcript and stream new "
+                                            "entries to WebSocket clients.")
+    serve.add_argument("--root", action="append", metavar="DIR",
+                       help="a projects folder to watch (repeatable; default: "
+                            "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and "
+                            "~/.config/claude/projects)")
+    serve.add_argument("--host", default=DEFAULT_HOST,
+                       help="address to listen on (default %(default)s: this machine only)")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                       help="port to listen on; 0 picks a free one (default %(default)s)")
+    serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
+                       metavar="SECONDS", help="how often an active file is checked "
+                                               "(default %(default)s)")
+    serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
+
+    client = commands.add_parser("client", help="show the stream of a server",
+                                 description="Connect to claude_stream servers and show their "
+                                             "entries as they are written.")
+    client.add_argument("urls", nargs="*", metavar="URL",
+                        help="server to follow (repeatable; default %s)" % DEFAULT_URL)
+    client.add_argument("--json", action="store_true",
+                        help="write every server message as one JSON line (NDJSON)")
+    client.add_argument("--project", action="append", default=[], metavar="NAME",
+                        help="only projects whose folder name contains NAME (repeatable)")
+    client.add_argument("--session", action="append", default=[], metavar="ID",
+                        help="only sessions or sub-agents whose id starts with ID (repeatable)")
+    client.add_argument("--type", action="append", default=[], metavar="TYPE",
+                        help="only entries of this type, e.g. user, assistant (repeatable)")
+    client.add_argument("--no-reconnect", action="store_true",
+                        help="exit with status 1 when the connection fails or drops")
+    client.add_argument("--debug", action="store_true", help="tracebacks on errors")
+    return parser
+
+
+def run_serve(args: argparse.Namespace, log: Log) -> int:
+    roots = args.root or default_roots()
+    loop = EventLoop(log)
+    tailer = Tailer(roots, args.poll_interval, log)
+    server = StreamServer(loop, tailer, args.host, args.port, log)
+    server.listen()
+    server.start()
+    watching = ["%s" % r.path for r in tailer.roots if r.present]
+    waiting = [r.path for r in tailer.roots if not r.present]
+    line = "%s %s serving %s (page: http%s), watching %s (%d transcripts)" % (
+        PROG, __version__, server.url, server.url[2:], ", ".join(watching) or "nothing yet",
+        len(tailer.files))
+    if waiting:
+        line += "; waiting for %s to appear" % ", ".join(waiting)
+    print(line, flush=True)
+    loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: server.shutdown())
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return EXIT_OK
+
+
+def run_client(args: argparse.Namespace, log: Log) -> int:
+    urls = args.urls or [DEFAULT_URL]
+    for url in urls:
+        parse_ws_url(url)           # a bad URL is a usage error before anything starts
+    loop = EventLoop(log)
+    filters = Filters([p.lower() for p in args.project], args.session, args.type)
+    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log)
+    loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: app.stop())
+    app.start()
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return app.exit_code
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
+        log = Log(debug)
+        if args.command == "serve":
+            return run_serve(args, log)
+        if args.command == "client":
+            return run_client(args, log)
+        raise UsageError("%s: choose a command: serve or client (see '%s --help')" % (PROG, PROG))
+    except UsageError as exc:
+        sys.stderr.write("%s\n" % exc if str(exc).startswith(PROG) else "%s: %s\n" % (PROG, exc))
+        return EXIT_USAGE
+    except OperationalError as exc:
+        sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:        # noqa: BLE001 - one line, not a traceback, unless --debug
+        if debug:
+            raise
+        sys.stderr.write("%s: internal error: %s: %s (run with --debug for details)\n"
+                         % (PROG, type(exc).__name__, exc))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
