@@ -1,0 +1,1234 @@
+"""Tests for claude_stream.py: plain unittest, standard library only.
+
+    python3 test_claude_stream.py            # the whole suite, with a summary line
+    python3 -m unittest test_claude_stream   # the same, unittest's way
+
+Environment:
+  CLAUDE_STREAM_TRANSCRIPTS  folder of real Claude Code transcripts (*.jsonl) to
+                             parse and stream; without it those tests skip.
+  CLAUDE_STREAM_REQUIRE      comma-separated features whose absence is a failure,
+                             not a skip (CI sets it): transcripts.
+"""
+
+import ast
+import base64
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from datetime import datetime, timezone
+
+import claude_stream as cs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.join(HERE, "claude_stream.py")
+TRANSCRIPTS = os.environ.get("CLAUDE_STREAM_TRANSCRIPTS", "")
+REQUIRED = {f.strip() for f in os.environ.get("CLAUDE_STREAM_REQUIRE", "").split(",") if f.strip()}
+DEADLINE = 15.0                    # seconds any single condition may take on a slow CI box
+
+
+def require(test: unittest.TestCase, feature: str, available: bool, reason: str) -> None:
+    """Skip when ``feature`` is missing, unless CI made it mandatory."""
+    if available:
+        return
+    if feature in REQUIRED:
+        test.fail("%s is required here (CLAUDE_STREAM_REQUIRE) but %s" % (feature, reason))
+    test.skipTest(reason)
+
+
+def transcript_files(test: unittest.TestCase):
+    ok = bool(TRANSCRIPTS) and os.path.isdir(TRANSCRIPTS)
+    require(test, "transcripts", ok, "set CLAUDE_STREAM_TRANSCRIPTS to a folder of real transcripts")
+    files = sorted(os.path.join(TRANSCRIPTS, n) for n in os.listdir(TRANSCRIPTS) if n.endswith(".jsonl"))
+    require(test, "transcripts", bool(files), "no *.jsonl in %s" % TRANSCRIPTS)
+    return files
+
+
+def wait_for(predicate, timeout=DEADLINE, interval=0.01, message="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %gs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def entry_line(n, session="11111111-2222-3333-4444-555555555555", kind="user", **extra):
+    obj = {"type": kind, "uuid": "u-%d" % n, "sessionId": session, "cwd": "/home/u/proj",
+           "timestamp": "2026-01-02T03:04:05.678Z",
+           "message": {"role": kind, "content": "line %d" % n}}
+    obj.update(extra)
+    return json.dumps(obj) + "\n"
+
+
+def append(path, data):
+    with open(path, "ab") as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+# =============================================================================
+# Log models
+# =============================================================================
+
+
+class TimestampTests(unittest.TestCase):
+    def test_z_suffix_parses_on_every_python(self):
+        # Seed failure: "timestamps that failed to parse" (fromisoformat rejects Z before 3.11).
+        parsed = cs.parse_timestamp("2026-04-18T13:10:51.686Z")
+        self.assertEqual(parsed, datetime(2026, 4, 18, 13, 10, 51, 686000, timezone.utc))
+
+    def test_variants(self):
+        utc = timezone.utc
+        cases = {
+            "2026-04-18T13:10:51Z": datetime(2026, 4, 18, 13, 10, 51, tzinfo=utc),
+            "2026-04-18T13:10:51.123456789Z": datetime(2026, 4, 18, 13, 10, 51, 123456, utc),
+            "2026-04-18T15:10:51.5+02:00": datetime(2026, 4, 18, 13, 10, 51, 500000, utc),
+            "2026-04-18 13:10": datetime(2026, 4, 18, 13, 10, tzinfo=utc),
+            "2026-04-18": datetime(2026, 4, 18, tzinfo=utc),
+            1776517851686: datetime(2026, 4, 18, 13, 10, 51, 686000, utc),
+        }
+        for text, expected in cases.items():
+            self.assertEqual(cs.parse_timestamp(text), expected, text)
+
+    def test_garbage_is_none_not_an_exception(self):
+        for value in (None, "", "yesterday", "2026-13-40T99:99:99Z", True, [], {}, "2026-04-18T"):
+            self.assertIsNone(cs.parse_timestamp(value), value)
+
+
+class ModelTests(unittest.TestCase):
+    def test_assistant_tool_use(self):
+        entry = cs.parse_entry({
+            "type": "assistant", "uuid": "a", "parentUuid": "p", "sessionId": "s", "requestId": "r",
+            "timestamp": "2026-01-01T00:00:00.000Z", "isSidechain": True, "agentId": "a22",
+            "message": {"id": "msg_1", "role": "assistant", "model": "claude-x",
+                        "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                     "input": {"command": "ls -la"}}],
+                        "usage": {"input_tokens": 3}}})
+        self.assertIsInstance(entry, cs.AssistantEntry)
+        self.assertEqual((entry.uuid, entry.parent_uuid, entry.session_id, entry.request_id),
+                         ("a", "p", "s", "r"))
+        self.assertTrue(entry.is_sidechain)
+        self.assertEqual(entry.agent_id, "a22")
+        block = entry.message.content[0]
+        self.assertIsInstance(block, cs.ToolUseBlock)
+        self.assertEqual((block.name, block.input), ("Bash", {"command": "ls -la"}))
+        self.assertEqual(entry.message.usage, {"input_tokens": 3})
+
+    def test_user_prompt_and_tool_result(self):
+        prompt = cs.parse_entry({"type": "user", "message": {"role": "user", "content": "hi"}})
+        self.assertIsInstance(prompt, cs.UserEntry)
+        self.assertTrue(prompt.message.content_is_text)
+        self.assertEqual(prompt.message.content[0].text, "hi")
+        result = cs.parse_entry({"type": "user", "toolUseResult": {"stdout": "x"}, "message": {
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                         "content": [{"type": "text", "text": "boom"},
+                                     {"type": "image", "source": {"data": "AAAA"}}]}]}})
+        block = result.message.content[0]
+        self.assertIsInstance(block, cs.ToolResultBlock)
+        self.assertTrue(block.is_error)
+        self.assertEqual((block.text, block.size), ("boom", 8))
+        self.assertEqual(result.tool_use_result, {"stdout": "x"})
+
+    def test_every_documented_type_has_a_model(self):
+        expected = {
+            "user": cs.UserEntry, "assistant": cs.AssistantEntry, "system": cs.SystemEntry,
+            "summary": cs.SummaryEntry, "file-history-snapshot": cs.FileHistorySnapshotEntry,
+            "queue-operation": cs.QueueOperationEntry, "progress": cs.ProgressEntry,
+            "attachment": cs.AttachmentEntry, "permission-mode": cs.MetadataEntry,
+            "mode": cs.MetadataEntry, "last-prompt": cs.MetadataEntry, "ai-title": cs.MetadataEntry,
+            "custom-title": cs.MetadataEntry, "agent-name": cs.MetadataEntry,
+            "agent-setting": cs.MetadataEntry, "pr-link": cs.MetadataEntry,
+            "bridge-session": cs.MetadataEntry,
+        }
+        for kind, cls in expected.items():
+            self.assertIsInstance(cs.parse_entry({"type": kind}), cls, kind)
+
+    def test_system_subtypes_and_metadata_values(self):
+        system = cs.parse_entry({"type": "system", "subtype": "turn_duration", "durationMs": 1500,
+                                 "level": "info", "content": "x"})
+        self.assertEqual((system.subtype, system.level, system.content), ("turn_duration", "info", "x"))
+        title = cs.parse_entry({"type": "ai-title", "aiTitle": "Fix the bug", "sessionId": "s"})
+        self.assertEqual(title.value, "Fix the bug")
+        last = cs.parse_entry({"type": "last-prompt", "leafUuid": "abc"})
+        self.assertEqual(last.value, "abc")
+        snap = cs.parse_entry({"type": "file-history-snapshot", "messageId": "m",
+                               "snapshot": {"trackedFileBackups": {"a": {}, "b": {}}}})
+        self.assertEqual((snap.message_id, snap.tracked_files), ("m", 2))
+
+    def test_unknown_types_and_fields_never_raise_and_are_kept(self):
+        # Seed failure: "a rigid model that rejected real entries".
+        raw = {"type": "atis-latch", "atis": "", "brandNewField": {"x": [1, 2]}}
+        entry = cs.parse_entry(raw)
+        self.assertIsInstance(entry, cs.UnknownEntry)
+        self.assertIs(entry.raw, raw)
+        weird = {"type": "assistant", "uuid": 7, "timestamp": ["no"], "isSidechain": "yes",
+                 "message": {"content": [None, 3, "text", {"type": "server_tool_use"}, {}]}}
+        entry = cs.parse_entry(weird)
+        self.assertIsNone(entry.uuid)
+        self.assertIsNone(entry.timestamp)
+        self.assertFalse(entry.is_sidechain)
+        kinds = [type(b).__name__ for b in entry.message.content]
+        self.assertEqual(kinds, ["UnknownBlock", "UnknownBlock", "TextBlock", "UnknownBlock",
+                                 "UnknownBlock"])
+        for odd in ({}, {"type": None}, {"type": "user", "message": "not a dict"},
+                    {"type": "assistant", "message": {"content": {"numeric": "keys"}}},
+                    {"type": "progress", "data": []}, {"type": "attachment", "attachment": 1}):
+            cs.parse_entry(odd)
+
+
+class DecodeLineTests(unittest.TestCase):
+    def test_valid_object(self):
+        self.assertEqual(cs.decode_line(b'{"type":"user","x":"\\ud83d"}'),
+                         {"type": "user", "x": "\ud83d"})
+
+    def test_reasons(self):
+        cases = [
+            (b"not json", "invalid JSON"),
+            (b'{"type":"user"}{"type":"assistant"}', "spliced"),
+            (b'{"a":"\xed\xa0\x80"}', "invalid UTF-8 at byte 6"),   # an encoded surrogate
+            (b'{"a":"\xff"}', "invalid UTF-8"),
+            (b"[1,2]", "not an object"),
+            (b'{"a":NaN}', "invalid JSON"),
+            (b"\x00\x00{}", "invalid JSON"),
+        ]
+        for data, reason in cases:
+            with self.assertRaises(cs.MalformedLine, msg=data) as caught:
+                cs.decode_line(data)
+            self.assertIn(reason, str(caught.exception))
+
+    def test_excerpt_is_short_and_printable(self):
+        self.assertEqual(cs.excerpt(b"abc"), "abc")
+        text = cs.excerpt(b"\xff\x00" + b"x" * 500, limit=10)
+        self.assertEqual(len(text), 11)
+        self.assertTrue(text.endswith("\u2026"))
+        self.assertTrue(all(c.isprintable() for c in text))
+
+
+class RealTranscriptTests(unittest.TestCase):
+    def test_every_line_of_every_real_transcript_parses(self):
+        count = 0
+        for path in transcript_files(self):
+            with open(path, "rb") as fh:
+                for number, line in enumerate(fh, 1):
+                    obj = cs.decode_line(line.rstrip(b"\n"))
+                    entry = cs.parse_entry(obj)
+                    self.assertIs(entry.raw, obj)
+                    if "timestamp" in obj:
+                        self.assertIsNotNone(entry.timestamp, "%s:%d" % (path, number))
+                    self.assertIsNotNone(cs.Renderer().render(
+                        {"kind": "entry", "entry": obj, "project": "p", "session": "s"}))
+                    count += 1
+        self.assertGreater(count, 1000)
+
+
+# =============================================================================
+# Tailer
+# =============================================================================
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+class TailerTestCase(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        self.project = os.path.join(self.root, "-home-u-proj")
+        os.makedirs(self.project)
+        self.clock = FakeClock()
+        self.log_lines = []
+
+    def make_tailer(self, roots=None):
+        log = cs.Log(stream=_ListStream(self.log_lines))
+        tailer = cs.Tailer(roots or [self.root], poll_interval=0.25, log=log, clock=self.clock)
+        tailer.start()
+        return tailer
+
+    def poll(self, tailer):
+        """Advance time past every schedule and collect events until quiet."""
+        events = []
+        for _ in range(100):
+            self.clock.now += 120.0
+            new = tailer.poll()
+            events.extend(new)
+            if not new:
+                return events
+        raise AssertionError("tailer never went quiet")
+
+    def lines(self, events):
+        return [(e.file.rel, e.offset, e.data) for e in events if isinstance(e, cs.LineEvent)]
+
+
+class _ListStream:
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+
+class TailerTests(TailerTestCase):
+    def test_existing_content_is_skipped_and_appends_arrive_with_offsets(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "old 1\nold 2\n")
+        tailer = self.make_tailer()
+        self.assertEqual(self.lines(self.poll(tailer)), [])
+        append(path, "new 1\nnew 2\n")
+        self.assertEqual(self.lines(self.poll(tailer)),
+                         [("-home-u-proj/s.jsonl", 12, b"new 1"), ("-home-u-proj/s.jsonl", 18, b"new 2")])
+
+    def test_half_written_line_is_held_then_delivered_once(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "")
+        tailer = self.make_tailer()
+        append(path, '{"type":"us')
+        self.assertEqual(self.lines(self.poll(tailer)), [])
+        append(path, 'er"}')
+        self.assertEqual(self.lines(self.poll(tailer)), [])
+        append(path, '\n{"b"')
+        self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 0, b'{"type":"user"}')])
+        append(path, ':1}\n')
+        self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 16, b'{"b":1}')])
+        self.assertEqual(self.lines(self.poll(tailer)), [])
+
+    def test_line_being_written_at_startup_is_delivered_whole(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "done\npart")
+        tailer = self.make_tailer()
+        self.assertEqual(self.lines(self.poll(tailer)), [])
+        append(path, "ial\nnext\n")
+        self.assertEqual(self.lines(self.poll(tailer)),
+                         [("-home-u-proj/s.jsonl", 5, b"partial"), ("-home-u-proj/s.jsonl", 13, b"next")])
+
+    def test_truncation_restarts_from_zero(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "one\ntwo\n")
+        tailer = self.make_tailer()
+        with open(path, "wb") as fh:
+            fh.write(b"3\n")
+        events = self.poll(tailer)
+        self.assertEqual([(type(e).__name__, getattr(e, "reason", None)) for e in events][:1],
+                         [("ResetEvent", "truncated")])
+        self.assertEqual(self.lines(events), [("-home-u-proj/s.jsonl", 0, b"3")])
+
+    def test_replacement_with_new_inode_restarts_from_zero(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "one\ntwo\nthree\n")
+        tailer = self.make_tailer()
+        other = os.path.join(self.project, "tmp")
+        append(other, "first\nsecond\nthird\nfourth\n")   # larger, so size alone cannot tell
+        os.replace(other, path)
+        events = self.poll(tailer)
+        resets = [e.reason for e in events if isinstance(e, cs.ResetEvent)]
+        self.assertEqual(resets, ["replaced"])
+        self.assertEqual([d for _, _, d in self.lines(events)], [b"first", b"second", b"third", b"fourth"])
+
+    def test_deleted_file_and_folder_are_forgotten_without_error(self):
+        sub = os.path.join(self.project, "sess", "subagents")
+        os.makedirs(sub)
+        a = os.path.join(self.project, "a.jsonl")
+        b = os.path.join(sub, "agent-x.jsonl")
+        append(a, "1\n")
+        append(b, "1\n")
+        tailer = self.make_tailer()
+        self.assertEqual(len(tailer.files), 2)
+        os.remove(a)
+        import shutil
+        shutil.rmtree(os.path.join(self.project, "sess"))
+        events = self.poll(tailer)
+        self.assertEqual(sorted(e.file.rel for e in events if isinstance(e, cs.RemovedEvent)),
+                         ["-home-u-proj/a.jsonl", "-home-u-proj/sess/subagents/agent-x.jsonl"])
+        self.assertEqual(tailer.files, {})
+        self.assertEqual([p for p in tailer.dirs if "sess" in p], [])
+
+    def test_files_and_folders_created_later_are_read_from_their_first_byte(self):
+        # Seed failure: "only content written after start". Content written before
+        # the server saw a file is delivered, not skipped.
+        tailer = self.make_tailer()
+        nested = os.path.join(self.root, "-new-proj", "sess-1", "subagents", "workflows", "r1")
+        os.makedirs(nested)
+        append(os.path.join(self.root, "-new-proj", "sess-1.jsonl"), "main 1\nmain 2\n")
+        append(os.path.join(self.root, "-new-proj", "agent-abc.jsonl"), "sibling\n")
+        append(os.path.join(nested, "agent-def.jsonl"), "workflow agent\n")
+        append(os.path.join(nested, "journal.jsonl"), "journal\n")
+        got = sorted(self.lines(self.poll(tailer)))
+        self.assertEqual(got, [
+            ("-new-proj/agent-abc.jsonl", 0, b"sibling"),
+            ("-new-proj/sess-1.jsonl", 0, b"main 1"),
+            ("-new-proj/sess-1.jsonl", 7, b"main 2"),
+            ("-new-proj/sess-1/subagents/workflows/r1/agent-def.jsonl", 0, b"workflow agent"),
+            ("-new-proj/sess-1/subagents/workflows/r1/journal.jsonl", 0, b"journal"),
+        ])
+
+    def test_missing_root_is_picked_up_when_it_appears(self):
+        later = os.path.join(self.tmp.name, "later", "projects")
+        tailer = self.make_tailer([later])
+        self.assertFalse(tailer.roots[0].present)
+        self.assertEqual(self.poll(tailer), [])
+        os.makedirs(os.path.join(later, "p"))
+        append(os.path.join(later, "p", "s.jsonl"), "hello\n")
+        self.assertEqual(self.lines(self.poll(tailer)), [("p/s.jsonl", 0, b"hello")])
+        self.assertTrue(any("now watching" in line for line in self.log_lines))
+
+    def test_fifteen_megabyte_line_is_delivered_intact(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "")
+        tailer = self.make_tailer()
+        big = json.dumps({"type": "user", "image": base64.b64encode(os.urandom(12 << 20)).decode()})
+        self.assertGreater(len(big), 15 << 20)
+        with open(path, "ab") as fh:      # written in pieces, like a real writer
+            for i in range(0, len(big), 3 << 20):
+                fh.write(big[i:i + (3 << 20)].encode())
+                fh.flush()
+                self.assertEqual(self.lines(self.poll(tailer)), [])
+            fh.write(b"\n{}\n")
+        got = self.lines(self.poll(tailer))
+        self.assertEqual(len(got), 2)
+        self.assertEqual(got[0][2], big.encode())
+        self.assertEqual(got[1][1:], (len(big) + 1, b"{}"))
+
+    def test_oversize_line_is_reported_and_the_next_line_arrives(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "")
+        tailer = self.make_tailer()
+        original = cs.MAX_LINE_BYTES
+        cs.MAX_LINE_BYTES = 1000
+        self.addCleanup(setattr, cs, "MAX_LINE_BYTES", original)
+        append(path, "x" * 5000)
+        events = self.poll(tailer)
+        self.assertEqual([(type(e).__name__, e.offset) for e in events], [("OversizeEvent", 0)])
+        append(path, "y" * 100 + "\nok\n")
+        self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 5101, b"ok")])
+
+    def test_reads_are_bounded_per_tick_and_stay_in_order(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "")
+        tailer = self.make_tailer()
+        original = cs.TICK_READ_BUDGET
+        cs.TICK_READ_BUDGET = 4096
+        self.addCleanup(setattr, cs, "TICK_READ_BUDGET", original)
+        append(path, "".join("line %05d\n" % i for i in range(2000)))
+        self.clock.now += 120
+        first = tailer.poll()
+        self.assertLess(len(first), 2000)             # one tick did not read everything
+        self.assertEqual(tailer.next_due(), self.clock.now)   # and asks to be called again
+        rest = self.poll(tailer)
+        data = [d for _, _, d in self.lines(first + rest)]
+        self.assertEqual(data, [b"line %05d" % i for i in range(2000)])
+
+    def test_paths_are_classified(self):
+        cases = {
+            "p/0d3a8e6f.jsonl": ("p", "0d3a8e6f", None),
+            "p/agent-c8d9b115.jsonl": ("p", None, "c8d9b115"),
+            "p/sess/subagents/agent-a2271d1.jsonl": ("p", "sess", "a2271d1"),
+            "p/sess/subagents/agent-acompact-e1f845.jsonl": ("p", "sess", "acompact-e1f845"),
+            "p/sess/subagents/workflows/r/journal.jsonl": ("p", "sess", "journal"),
+            "loose.jsonl": ("", "loose", None),
+        }
+        for rel, expected in cases.items():
+            self.assertEqual(cs.classify_path(rel), expected, rel)
+
+
+# =============================================================================
+# WebSocket protocol, bytes in and bytes out
+# =============================================================================
+
+
+def masked(opcode, payload, fin=True, key=b"\x37\xfa\x21\x3d"):
+    return cs.encode_frame(opcode, payload, fin, key)
+
+
+def server_conn(max_size=1 << 20):
+    return cs.Connection(cs.Side.SERVER, max_size)
+
+
+def events_of(conn):
+    out = []
+    while True:
+        event = conn.next_event()
+        if event is None:
+            return out
+        out.append(event)
+
+
+def sent_frames(conn):
+    """Parse what ``conn`` queued, as the peer would: list of (opcode, payload)."""
+    peer = cs.Connection(cs.Side.CLIENT if conn.side is cs.Side.SERVER else cs.Side.SERVER, 1 << 30)
+    data = b"".join(conn.data_to_send())
+    frames = []
+    peer._buffer += data
+    while True:
+        frame = peer._parse_frame()
+        if frame is None:
+            return frames
+        frames.append((frame[1], frame[2]))
+
+
+class FrameTests(unittest.TestCase):
+    def test_rfc_section_5_7_examples(self):
+        self.assertEqual(cs.encode_frame(cs.Opcode.TEXT, b"Hello"), bytes.fromhex("810548656c6c6f"))
+        self.assertEqual(masked(cs.Opcode.TEXT, b"Hello"), bytes.fromhex("818537fa213d7f9f4d5158"))
+        self.assertEqual(cs.encode_frame(cs.Opcode.TEXT, b"Hel", fin=False), bytes.fromhex("010348656c"))
+        self.assertEqual(cs.encode_frame(cs.Opcode.CONT, b"lo"), bytes.fromhex("80026c6f"))
+        self.assertEqual(cs.encode_frame(cs.Opcode.PING, b"Hello")[:2], bytes.fromhex("8905"))
+        self.assertEqual(masked(cs.Opcode.PONG, b"Hello"), bytes.fromhex("8a8537fa213d7f9f4d5158"))
+        self.assertEqual(cs.encode_frame(cs.Opcode.BINARY, b"x" * 256)[:4], bytes.fromhex("827e0100"))
+        self.assertEqual(cs.encode_frame(cs.Opcode.BINARY, b"x" * 65536)[:10],
+                         bytes.fromhex("827f0000000000010000"))
+
+    def test_accept_key_example(self):
+        self.assertEqual(cs.accept_value("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_length_encodings_are_minimal(self):
+        for n, head in ((125, 2), (126, 4), (65535, 4), (65536, 10)):
+            self.assertEqual(len(cs.encode_frame(cs.Opcode.BINARY, b"a" * n)) - n, head, n)
+
+    def test_mask_paths_agree(self):
+        key = os.urandom(4)
+        data = os.urandom(10000)
+        slow = bytes(b ^ key[i % 4] for i, b in enumerate(data))
+        self.assertEqual(cs.apply_mask(data, key), slow)          # translate path
+        self.assertEqual(cs.apply_mask(data[:100], key), slow[:100])    # int path
+        self.assertEqual(cs.apply_mask(data[3:103], key, 3), slow[3:103])
+
+
+class ConnectionTests(unittest.TestCase):
+    def test_masked_hello_at_every_split(self):
+        frame = masked(cs.Opcode.TEXT, b"Hello") + masked(cs.Opcode.TEXT, "h\u00e9llo \u2603".encode())
+        for cut in range(len(frame) + 1):
+            conn = server_conn()
+            conn.receive_data(frame[:cut])
+            got = events_of(conn)
+            conn.receive_data(frame[cut:])
+            got += events_of(conn)
+            self.assertEqual(got, [cs.TextMessage("Hello"), cs.TextMessage("h\u00e9llo \u2603")], cut)
+        conn = server_conn()
+        got = []
+        for i in range(len(frame)):          # and one byte at a time
+            conn.receive_data(frame[i:i + 1])
+            got += events_of(conn)
+        self.assertEqual(len(got), 2)
+
+    def test_fragments_with_a_ping_between_are_answered_before_the_end(self):
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.TEXT, b"Hel", fin=False) + masked(cs.Opcode.PING, b"p!"))
+        self.assertEqual(events_of(conn), [cs.PingReceived(b"p!")])
+        self.assertEqual(sent_frames(conn), [(cs.Opcode.PONG, b"p!")])
+        conn.receive_data(masked(cs.Opcode.CONT, b"lo"))
+        self.assertEqual(events_of(conn), [cs.TextMessage("Hello")])
+
+    def test_binary_and_empty_fragments(self):
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.BINARY, b"", fin=False) + masked(cs.Opcode.CONT, b"\x00\xff", fin=False)
+                          + masked(cs.Opcode.CONT, b""))
+        self.assertEqual(events_of(conn), [cs.BinaryMessage(b"\x00\xff")])
+
+    def assertFails(self, data, code, conn=None, expect_close_frame=True):
+        conn = conn or server_conn()
+        conn.receive_data(data)
+        events_of(conn)
+        self.assertIsNotNone(conn.failure, "no failure for %r" % data[:20])
+        self.assertEqual(conn.state, cs.State.CLOSED)
+        self.assertTrue(conn.wants_transport_close)
+        frames = sent_frames(conn)
+        if expect_close_frame:
+            self.assertEqual(frames[-1][0], cs.Opcode.CLOSE)
+            self.assertEqual(int.from_bytes(frames[-1][1][:2], "big"), code)
+        conn.receive_data(masked(cs.Opcode.PING, b"late"))
+        self.assertEqual(events_of(conn), [])          # nothing is read after a failure
+        self.assertEqual(conn.data_to_send(), [])
+        return conn
+
+    def test_protocol_violations_fail_with_1002(self):
+        text = masked(cs.Opcode.TEXT, b"x")
+        cases = {
+            "unmasked": cs.encode_frame(cs.Opcode.TEXT, b"x"),
+            "rsv1": bytes([text[0] | 0x40]) + text[1:],
+            "rsv3": bytes([text[0] | 0x10]) + text[1:],
+            "opcode 3": bytes([0x83]) + text[1:],
+            "opcode 11": bytes([0x8B]) + text[1:],
+            "ping 126": masked(cs.Opcode.PING, b"p" * 126),
+            "fragmented ping": masked(cs.Opcode.PING, b"p", fin=False),
+            "orphan continuation": masked(cs.Opcode.CONT, b"x"),
+            "text inside text": masked(cs.Opcode.TEXT, b"a", fin=False) + text,
+            "64-bit msb": bytes([0x82, 0xFF]) + b"\x80" + b"\x00" * 7 + b"mask",
+            "close 1 byte": masked(cs.Opcode.CLOSE, b"\x03"),
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                self.assertFails(data, 1002)
+
+    def test_invalid_close_codes_on_the_wire(self):
+        for code in (0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535):
+            with self.subTest(code):
+                self.assertFails(masked(cs.Opcode.CLOSE, code.to_bytes(2, "big")), 1002)
+
+    def test_valid_close_codes_are_echoed_and_the_server_closes_tcp(self):
+        for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999):
+            conn = server_conn()
+            conn.receive_data(masked(cs.Opcode.CLOSE, code.to_bytes(2, "big") + b"bye"))
+            self.assertEqual(events_of(conn), [cs.CloseReceived(code, "bye")])
+            self.assertEqual(sent_frames(conn), [(cs.Opcode.CLOSE, code.to_bytes(2, "big"))])
+            self.assertTrue(conn.wants_transport_close)
+
+    def test_empty_close_gets_an_empty_close(self):
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.CLOSE, b""))
+        self.assertEqual(events_of(conn), [cs.CloseReceived(1005, "")])
+        self.assertEqual(sent_frames(conn), [(cs.Opcode.CLOSE, b"")])
+
+    def test_close_reason_limits(self):
+        self.assertFails(masked(cs.Opcode.CLOSE, b"\x03\xe8" + b"r" * 124), 1002)   # 126-byte payload
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.CLOSE, b"\x03\xe8" + b"r" * 123))
+        self.assertEqual(events_of(conn), [cs.CloseReceived(1000, "r" * 123)])
+        self.assertFails(masked(cs.Opcode.CLOSE, b"\x03\xe8\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"), 1007)
+        self.assertEqual(len(cs.encode_close_payload(1000, "\u00e9" * 100)), 2 + 122)
+
+    def test_close_during_a_fragmented_message_is_a_clean_close(self):
+        # Autobahn 7.1.5: python-websockets answers 1002 here; the RFC lets a Close interleave.
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.TEXT, b"frag", fin=False) + masked(cs.Opcode.CLOSE, b"\x03\xe8"))
+        self.assertEqual(events_of(conn), [cs.CloseReceived(1000, "")])
+        self.assertEqual(sent_frames(conn), [(cs.Opcode.CLOSE, b"\x03\xe8")])
+
+    def test_nothing_is_processed_after_close(self):
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.CLOSE, b"\x03\xe8") + masked(cs.Opcode.PING, b"x")
+                          + masked(cs.Opcode.TEXT, b"y"))
+        self.assertEqual(events_of(conn), [cs.CloseReceived(1000, "")])
+        self.assertEqual(len(sent_frames(conn)), 1)
+        with self.assertRaises(RuntimeError):
+            conn.send_text("late")
+
+    def test_invalid_utf8_fails_with_1007_and_fails_fast(self):
+        self.assertFails(masked(cs.Opcode.TEXT, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"), 1007)
+        self.assertFails(masked(cs.Opcode.TEXT, b"ok", fin=False) + masked(cs.Opcode.CONT, b"\xf4\x90\x80\x80"), 1007)
+        # Autobahn 6.4.x: the invalid sequence is caught while the frame is still arriving.
+        frame = masked(cs.Opcode.TEXT, b"\xce\xba\xf4\x90\x80\x80" + b"a" * 1000)
+        conn = server_conn()
+        conn.receive_data(frame[:12])
+        events_of(conn)
+        self.assertIsInstance(conn.failure, cs.InvalidPayload)
+
+    def test_utf8_split_inside_a_code_point_is_valid(self):
+        snowman = "\u2603".encode()
+        conn = server_conn()
+        conn.receive_data(masked(cs.Opcode.TEXT, b"a" + snowman[:1], fin=False)
+                          + masked(cs.Opcode.CONT, snowman[1:2], fin=False)
+                          + masked(cs.Opcode.CONT, snowman[2:]))
+        self.assertEqual(events_of(conn), [cs.TextMessage("a\u2603")])
+        frame = masked(cs.Opcode.TEXT, b"x" * 5000 + snowman)
+        conn = server_conn()
+        for i in range(0, len(frame), 7):    # partial validation across a split code point
+            conn.receive_data(frame[i:i + 7])
+            got = events_of(conn)
+        self.assertIsNone(conn.failure)
+        self.assertEqual(got, [cs.TextMessage("x" * 5000 + "\u2603")])
+
+    def test_oversize_message_is_refused_from_its_header(self):
+        conn = server_conn(max_size=1000)
+        header = bytes([0x82, 0xFF]) + (100 << 20).to_bytes(8, "big") + b"mask"
+        self.assertFails(header, 1009, conn)
+        conn = server_conn(max_size=1000)   # the limit counts the whole fragmented message
+        self.assertFails(masked(cs.Opcode.TEXT, b"a" * 600, fin=False) + masked(cs.Opcode.CONT, b"b" * 600)[:8],
+                         1009, conn)
+
+    def test_non_minimal_length_encoding_is_accepted(self):
+        # RFC 6455 5.2 makes minimal lengths a sender's duty; like websockets we accept others.
+        conn = server_conn()
+        key = b"\x01\x02\x03\x04"
+        conn.receive_data(bytes([0x81, 0xFE, 0x00, 0x02]) + key + cs.apply_mask(b"hi", key))
+        self.assertEqual(events_of(conn), [cs.TextMessage("hi")])
+
+    def test_client_side_masks_and_refuses_masked_frames(self):
+        conn = cs.Connection(cs.Side.CLIENT, 1 << 20, mask_source=lambda n: b"\x37\xfa\x21\x3d")
+        conn.send_text("Hello")
+        self.assertEqual(b"".join(conn.data_to_send()), bytes.fromhex("818537fa213d7f9f4d5158"))
+        conn.receive_data(cs.encode_frame(cs.Opcode.TEXT, b"plain"))
+        self.assertEqual(events_of(conn), [cs.TextMessage("plain")])
+        conn = cs.Connection(cs.Side.CLIENT, 1 << 20)
+        self.assertFails(masked(cs.Opcode.TEXT, b"x"), 1002, conn)
+
+    def test_client_waits_for_the_server_to_close_tcp(self):
+        conn = cs.Connection(cs.Side.CLIENT, 1 << 20)
+        conn.close(1000)
+        self.assertEqual(conn.state, cs.State.CLOSING)
+        conn.receive_data(cs.encode_frame(cs.Opcode.CLOSE, b"\x03\xe8"))
+        self.assertEqual(events_of(conn), [cs.CloseReceived(1000, "")])
+        self.assertEqual(conn.state, cs.State.CLOSED)
+        self.assertFalse(conn.wants_transport_close)
+
+    def test_eof_without_close_is_1006(self):
+        conn = server_conn()
+        conn.receive_eof()
+        self.assertEqual((conn.state, conn.close_code), (cs.State.CLOSED, 1006))
+
+
+def request(lines, version="HTTP/1.1", method="GET"):
+    head = "%s / %s\r\n" % (method, version) + "".join(l + "\r\n" for l in lines)
+    return head.encode()
+
+
+GOOD = ["Host: 127.0.0.1:8765", "Upgrade: websocket", "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+
+
+class HandshakeTests(unittest.TestCase):
+    def check(self, lines, version="HTTP/1.1", method="GET"):
+        return cs.check_upgrade_request(cs.parse_head(request(lines, version, method)[:-2], request=True))
+
+    def test_valid_request(self):
+        self.assertEqual(self.check(GOOD), "dGhlIHNhbXBsZSBub25jZQ==")
+        firefox = [l if not l.startswith("Connection") else "Connection: keep-alive, Upgrade" for l in GOOD]
+        self.check(firefox)
+        response = cs.build_accept_response("dGhlIHNhbXBsZSBub25jZQ==")
+        self.assertIn(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n", response)
+        self.assertTrue(response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"))
+        self.assertNotIn(b"Extensions", response)
+
+    def test_rejection_matrix(self):
+        def without(name):
+            return [l for l in GOOD if not l.startswith(name)]
+
+        def replace(name, value):
+            return [l if not l.startswith(name) else "%s: %s" % (name, value) for l in GOOD]
+        cases = [
+            ("no Upgrade", without("Upgrade"), {}, 426, ("Upgrade", "websocket")),
+            ("wrong Upgrade", replace("Upgrade", "h2c"), {}, 426, None),
+            ("no Connection", without("Connection"), {}, 426, None),
+            ("Connection without upgrade", replace("Connection", "keep-alive"), {}, 426, None),
+            ("no key", without("Sec-WebSocket-Key"), {}, 400, None),
+            ("short key", replace("Sec-WebSocket-Key", base64.b64encode(b"x" * 15).decode()), {}, 400, None),
+            ("bad base64 key", replace("Sec-WebSocket-Key", "!!!notbase64!!!!!!!!!!=="), {}, 400, None),
+            ("two keys", GOOD + ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="], {}, 400, None),
+            ("version 8", replace("Sec-WebSocket-Version", "8"), {}, 426, ("Sec-WebSocket-Version", "13")),
+            ("no version", without("Sec-WebSocket-Version"), {}, 426, ("Sec-WebSocket-Version", "13")),
+            ("POST", GOOD, {"method": "POST"}, 405, ("Allow", "GET")),
+            ("HTTP/1.0", GOOD, {"version": "HTTP/1.0"}, 400, None),
+            ("no Host", without("Host"), {}, 400, None),
+        ]
+        for name, lines, kwargs, status, header in cases:
+            with self.subTest(name):
+                with self.assertRaises(cs.HandshakeError) as caught:
+                    self.check(lines, **kwargs)
+                self.assertEqual(caught.exception.status, status)
+                if header:
+                    self.assertIn(header, caught.exception.headers)
+                response = cs.build_error_response(caught.exception)
+                self.assertTrue(response.startswith(b"HTTP/1.1 %d " % status))
+
+    def test_malformed_heads(self):
+        for head in (b"GET /\r\nHost: x", b"GET / HTTP/1.1\r\nno colon here", b"GET / HTTP/x\r\nHost: x",
+                     b"G(T / HTTP/1.1\r\nHost: x", b"GET / HTTP/1.1\r\nBad Name: x"):
+            with self.assertRaises(cs.HandshakeError, msg=head) as caught:
+                cs.parse_head(head, request=True)
+            self.assertEqual(caught.exception.status, 400)
+        many = b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(cs.MAX_HEADERS + 1))
+        with self.assertRaises(cs.HandshakeError) as caught:
+            cs.parse_head(many[:-2], request=True)
+        self.assertEqual(caught.exception.status, 431)
+
+    def test_head_reader_limits_and_keeps_the_rest(self):
+        reader = cs.HeadReader()
+        data = request(GOOD) + b"\r\n" + b"\x81\x85frame"
+        got = None
+        for i in range(len(data)):           # one byte at a time
+            got = reader.feed(data[i:i + 1]) or got
+            if got:
+                break
+        self.assertIsNotNone(got)
+        head, rest = reader.feed(b"") or got
+        self.assertTrue(head.startswith(b"GET / HTTP/1.1\r\nHost"))
+        self.assertEqual(rest, b"")    # fed byte by byte, the rest came after completion
+        reader = cs.HeadReader()
+        head, rest = reader.feed(request(GOOD) + b"\r\n" + b"\x81\x85frame")
+        self.assertEqual(rest, b"\x81\x85frame")
+        with self.assertRaises(cs.HandshakeError) as caught:
+            cs.HeadReader(limit=100).feed(b"GET / HTTP/1.1\r\nX: " + b"y" * 200)
+        self.assertEqual(caught.exception.status, 431)
+
+    def test_client_checks_the_response(self):
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        good = cs.build_accept_response(key)[:-4]
+        cs.check_upgrade_response(cs.parse_head(good, request=False), key)
+        bad_accept = good.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        forbidden = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0"
+        extension = good + b"\r\nSec-WebSocket-Extensions: permessage-deflate"
+        for response, status in ((bad_accept, 101), (forbidden, 403), (extension, 101)):
+            with self.assertRaises(cs.HandshakeError) as caught:
+                cs.check_upgrade_response(cs.parse_head(response, request=False), key)
+            self.assertEqual(caught.exception.status, status)
+
+
+# =============================================================================
+# End to end: real processes over loopback
+# =============================================================================
+
+
+class Output:
+    """Non-blocking line reader for a subprocess pipe, waiting on conditions."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        os.set_blocking(pipe.fileno(), False)
+        self.buffer = b""
+        self.lines = []
+
+    def pump(self, timeout=0.05):
+        sel = selectors.DefaultSelector()
+        sel.register(self.pipe, selectors.EVENT_READ)
+        if sel.select(timeout):
+            try:
+                chunk = os.read(self.pipe.fileno(), 1 << 20)
+            except BlockingIOError:
+                chunk = b""
+            self.buffer += chunk
+            *complete, self.buffer = self.buffer.split(b"\n")
+            self.lines.extend(l.decode("utf-8", "replace") for l in complete)
+        sel.close()
+
+    def wait_line(self, predicate, timeout=DEADLINE, what="a line"):
+        def found():
+            self.pump()
+            return next((l for l in self.lines if predicate(l)), None)
+        return wait_for(found, timeout, interval=0, message=what)
+
+    def wait_count(self, count, timeout=DEADLINE):
+        def enough():
+            self.pump()
+            return len(self.lines) >= count
+        return wait_for(enough, timeout, interval=0, message="%d lines (have %d)" % (count, len(self.lines)))
+
+
+class ServerProcess:
+    def __init__(self, test, roots, *extra, port=0):
+        args = [sys.executable, MODULE, "serve", "--port", str(port), "--poll-interval", "0.05"]
+        for root in roots:
+            args += ["--root", root]
+        self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        test.addCleanup(self.stop)
+        self.stdout = Output(self.proc.stdout)
+        self.stderr = Output(self.proc.stderr)
+        self.banner = self.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+        self.port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/", self.banner).group(1))
+        self.url = "ws://127.0.0.1:%d/" % self.port
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+
+
+class ClientProcess:
+    def __init__(self, test, *args):
+        self.proc = subprocess.Popen([sys.executable, MODULE, "client"] + list(args),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        test.addCleanup(self.stop)
+        self.stdout = Output(self.proc.stdout)
+        self.stderr = Output(self.proc.stderr)
+
+    def wait_connected(self):
+        return self.stderr.wait_line(lambda l: "connected to" in l, what="the client to connect")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+
+
+class RawClient:
+    """A test-side WebSocket client on a blocking socket, built from cs.Connection."""
+
+    def __init__(self, port, path="/", extra_headers=(), handshake=True):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+        self.conn = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        self.events = []
+        if handshake:
+            key = base64.b64encode(os.urandom(16)).decode()
+            self.sock.sendall(cs.build_client_request("127.0.0.1:%d" % port, path, key, extra_headers))
+            reader = cs.HeadReader()
+            done = None
+            while done is None:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during handshake")
+                done = reader.feed(data)
+            cs.check_upgrade_response(cs.parse_head(done[0], request=False), key)
+            self.conn.receive_data(done[1])
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def flush(self):
+        for chunk in self.conn.data_to_send():
+            self.sock.sendall(chunk)
+
+    def next_event(self, timeout=DEADLINE):
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.conn.next_event()
+            self.flush()
+            if event is not None:
+                return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("no WebSocket event within %gs" % timeout)
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(1 << 20)
+            if not data:
+                self.conn.receive_eof()
+                return None
+            self.conn.receive_data(data)
+
+    def message(self, timeout=DEADLINE):
+        while True:
+            event = self.next_event(timeout)
+            if isinstance(event, cs.TextMessage):
+                return json.loads(event.text)
+            if event is None or isinstance(event, cs.CloseReceived):
+                raise AssertionError("connection closed: %r" % (event,))
+
+    def close(self):
+        self.sock.close()
+
+
+def http(port, raw):
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(raw)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+class EndToEndTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        self.project = os.path.join(self.root, "-home-u-proj")
+        os.makedirs(self.project)
+
+    def test_real_transcripts_arrive_once_byte_identical_in_file_order(self):
+        sources = transcript_files(self)
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json", "--no-reconnect")
+        client.wait_connected()
+        expected = []
+        for i, source in enumerate(sources):
+            rel = "-home-u-proj/session-%02d.jsonl" % i
+            target = os.path.join(self.root, rel)
+            append(target, "")
+            offset = 0
+            with open(source, "rb") as fh:
+                for line in fh:
+                    expected.append((rel, offset, json.loads(line)))
+                    offset += len(line)
+            sources[i] = (source, target)
+        wait_for(lambda: json.loads(urlopen_status(server.port))["files"] == len(sources),
+                 message="the server to see every file")
+        for source, target in sources:
+            with open(source, "rb") as fh:
+                for line in fh:
+                    append(target, line)
+        client.stdout.wait_count(1 + len(expected), timeout=60)
+        messages = [json.loads(l) for l in client.stdout.lines]
+        self.assertEqual(messages[0]["kind"], "hello")
+        entries = [m for m in messages[1:] if m["kind"] == "entry"]
+        self.assertEqual(len(entries), len(messages) - 1)
+        got = {}
+        for m in entries:
+            got.setdefault(m["path"], []).append((m["path"], m["offset"], m["entry"]))
+            self.assertEqual(m["project"], "-home-u-proj")
+        want = {}
+        for item in expected:
+            want.setdefault(item[0], []).append(item)
+        self.assertEqual(got, want)     # every entry, once, unchanged, in file order per file
+
+    def test_readable_client_shows_entries(self):
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--no-reconnect")
+        client.wait_connected()
+        path = os.path.join(self.project, "abcdef12-0000.jsonl")
+        lines = [
+            {"type": "user", "sessionId": "abcdef12-0000", "cwd": "/home/u/proj",
+             "timestamp": "2026-01-02T03:04:05.000Z", "message": {"role": "user", "content": "fix the bug"}},
+            {"type": "assistant", "sessionId": "abcdef12-0000", "timestamp": "2026-01-02T03:04:06.000Z",
+             "message": {"content": [{"type": "tool_use", "id": "t1", "name": "Bash",
+                                      "input": {"command": "pytest -q"}}]}},
+            {"type": "user", "sessionId": "abcdef12-0000", "timestamp": "2026-01-02T03:04:07.000Z",
+             "message": {"content": [{"type": "tool_result", "tool_use_id": "t1", "content": "3 passed"}]}},
+            {"type": "assistant", "sessionId": "abcdef12-0000", "message": {"content": [
+                {"type": "thinking", "thinking": "", "signature": "x"}]}},
+            {"type": "system", "subtype": "turn_duration", "durationMs": 4200},
+        ]
+        for obj in lines:
+            append(path, json.dumps(obj) + "\n")
+        client.stdout.wait_count(5)
+        text = "\n".join(client.stdout.lines)
+        for needle in ("user      fix the bug", "tool      Bash pytest -q", "result    Bash ok 8 B 3 passed",
+                       "thinking  \u2026 (thinking)", "system    turn took 4.2s", "abcdef12"):
+            self.assertIn(needle, text)
+        self.assertNotIn("\x1b[", text)          # no colours when stdout is not a terminal
+
+    def test_malformed_line_is_reported_and_the_next_line_arrives(self):
+        # Seed failure: "JSON errors swallowed".
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port)
+        self.assertEqual(raw.message()["kind"], "hello")
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, b'{"type":"user"\n\xff\xfe\n{"type":"user","n":2}\n')
+        bad1, bad2, good = raw.message(), raw.message(), raw.message()
+        self.assertEqual((bad1["kind"], bad1["offset"], bad1["path"]), ("malformed", 0, "-home-u-proj/s.jsonl"))
+        self.assertIn("invalid JSON", bad1["reason"])
+        self.assertEqual(bad1["excerpt"], '{"type":"user"')
+        self.assertEqual((bad2["kind"], bad2["offset"]), ("malformed", 15))
+        self.assertIn("invalid UTF-8", bad2["reason"])
+        self.assertEqual((good["kind"], good["entry"]), ("entry", {"type": "user", "n": 2}))
+        server.stderr.wait_line(lambda l: "malformed line in -home-u-proj/s.jsonl at byte 15" in l
+                                and "(2 so far)" in l)
+
+    def test_filters_by_project_session_and_type(self):
+        os.makedirs(os.path.join(self.root, "-home-u-other"))
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port, "/?project=PROJ&type=assistant&session=aaaa")
+        hello = raw.message()
+        self.assertEqual(hello["filters"], {"project": ["proj"], "session": ["aaaa"], "type": ["assistant"]})
+        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(1, "aaaa1", "assistant"))
+        append(os.path.join(self.project, "bbbb1.jsonl"), entry_line(2, "bbbb1", "assistant"))
+        append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(3, "aaaa2", "user"))
+        append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(4, "aaaa2", "assistant"))
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-4")
+        raw.conn.send_text(json.dumps({"kind": "subscribe", "type": ["user"]}))
+        raw.flush()
+        self.assertEqual(raw.message()["kind"], "subscribed")
+        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(5, "aaaa1", "user"))
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-5")
+        raw.conn.send_text("{nope")
+        raw.flush()
+        self.assertEqual(raw.message()["kind"], "error")
+
+    def test_http_answers(self):
+        server = ServerProcess(self, [self.root])
+        page = http(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertTrue(page.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"claude_stream", page)
+        cases = [
+            (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"Allow: GET"),
+            (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", b"404", b""),
+            (b"nonsense\r\n\r\n", b"400", b""),
+            (request(GOOD[:-1] + ["Sec-WebSocket-Version: 7"]) + b"\r\n", b"426", b"Sec-WebSocket-Version: 13"),
+            (request(GOOD[:3] + ["Sec-WebSocket-Key: abc", GOOD[4]]) + b"\r\n", b"400", b""),
+            (request(GOOD, method="PUT") + b"\r\n", b"405", b"Allow: GET"),
+            (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n", b"431", b""),
+        ]
+        for raw, status, header in cases:
+            answer = http(server.port, raw)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer[:80])
+            self.assertIn(header, answer)
+        status = json.loads(urlopen_status(server.port))
+        self.assertEqual((status["server"], status["version"]), ("claude_stream", cs.__version__))
+
+    def test_ping_is_answered_and_close_is_clean(self):
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port)
+        raw.message()
+        raw.conn.ping(b"are you there")
+        raw.flush()
+        self.assertEqual(raw.next_event(), cs.PongReceived(b"are you there"))
+        raw.conn.close(1000, "bye")
+        raw.flush()
+        self.assertEqual(raw.next_event(), cs.CloseReceived(1000, ""))
+        self.assertIsNone(raw.next_event())        # and the server closed TCP first
+
+    def test_bad_frame_closes_only_that_connection(self):
+        server = ServerProcess(self, [self.root])
+        bad, good = RawClient(server.port), RawClient(server.port)
+        bad.message(), good.message()
+        bad.send(cs.encode_frame(cs.Opcode.TEXT, b"unmasked"))
+        event = bad.next_event()
+        self.assertEqual((type(event), event.code), (cs.CloseReceived, 1002))
+        self.assertIsNone(bad.next_event())            # and TCP is closed; the server lives on
+        append(os.path.join(self.project, "s.jsonl"), entry_line(1))
+        self.assertEqual(good.message()["entry"]["uuid"], "u-1")
+        third = RawClient(server.port)
+        third.message()
+        third.send(masked(cs.Opcode.BINARY, b"binary"))
+        event = third.next_event()
+        self.assertEqual((type(event), event.code), (cs.CloseReceived, 1003))
+
+    def test_sigterm_sends_1001_and_exits_0(self):
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port)
+        raw.message()
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        event = raw.next_event()
+        self.assertEqual((type(event), event.code), (cs.CloseReceived, 1001))
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+        self.assertLess(time.monotonic() - started, DEADLINE)
+
+    def test_no_threads_and_no_asyncio(self):
+        # Seed failure: "a watcher thread poking an asyncio loop".
+        tree = ast.parse(open(MODULE).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        self.assertFalse(imported & {"threading", "asyncio", "_thread", "concurrent", "multiprocessing"})
+        require(self, "procfs", os.path.exists("/proc/self/status"), "no /proc on this system")
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url)
+        client.wait_connected()
+        for proc in (server.proc, client.proc):
+            with open("/proc/%d/status" % proc.pid) as fh:
+                threads = next(l for l in fh if l.startswith("Threads:"))
+            self.assertEqual(threads.split(), ["Threads:", "1"])
+
+    def test_stdlib_only(self):
+        tree = ast.parse(open(MODULE).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:   # Python < 3.10: every import must come from the interpreter's own lib
+            import importlib.util
+            import sysconfig
+            lib = sysconfig.get_paths()["stdlib"]
+            for name in names:
+                if name in sys.builtin_module_names:
+                    continue
+                origin = importlib.util.find_spec(name).origin or ""
+                self.assertTrue(origin.startswith(lib) and "site-packages" not in origin, name)
+        else:
+            self.assertEqual(names - set(stdlib), set())
+
+
+def urlopen_status(port):
+    answer = http(port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return answer.split(b"\r\n\r\n", 1)[1]
+
+
+class CommandLineTests(unittest.TestCase):
+    def run_cli(self, *args, timeout=DEADLINE):
+        return subprocess.run([sys.executable, MODULE] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def assertOneLine(self, stderr):
+        text = stderr.decode()
+        self.assertEqual(len(text.strip().splitlines()), 1, text)
+        self.assertNotIn("Traceback", text)
+        return text
+
+    def test_busy_port_is_one_clear_line_and_exit_1(self):
+        # Seed failure: "a busy port with an unclear error".
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            with tempfile.TemporaryDirectory() as root:
+                result = self.run_cli("serve", "--root", root, "--port", str(port))
+        self.assertEqual(result.returncode, 1)
+        text = self.assertOneLine(result.stderr)
+        self.assertIn("port %d on 127.0.0.1 is already in use" % port, text)
+
+    def test_bad_usage_is_one_line_and_exit_2(self):
+        for args in (["serve", "--bogus"], [], ["serve", "--port", "99999"], ["serve", "--poll-interval", "0"],
+                     ["client", "http://example"], ["frobnicate"]):
+            result = self.run_cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertOneLine(result.stderr)
+
+    def test_client_without_server_fails_clearly_with_no_reconnect(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]     # bound, never listening: refused
+            result = self.run_cli("client", "ws://127.0.0.1:%d/" % port, "--no-reconnect")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("connection refused", self.assertOneLine(result.stderr))
+
+    def test_client_reports_a_rejected_handshake(self):
+        with tempfile.TemporaryDirectory() as root:
+            server = ServerProcess(self, [root])
+            result = self.run_cli("client", "ws://127.0.0.1:%d/elsewhere" % server.port, "--no-reconnect")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("refused the WebSocket handshake: HTTP 404", self.assertOneLine(result.stderr))
+
+    def test_missing_root_is_announced_once_and_picked_up(self):
+        # Seed failure: "no directory to watch and only a warning".
+        with tempfile.TemporaryDirectory() as tmp:
+            root = os.path.join(tmp, "not-yet", "projects")
+            server = ServerProcess(self, [root])
+            self.assertIn("waiting for %s to appear" % root, server.banner)
+            raw = RawClient(server.port)
+            self.assertEqual(raw.message()["waiting"], [root])
+            os.makedirs(os.path.join(root, "p"))
+            append(os.path.join(root, "p", "s.jsonl"), entry_line(1))
+            self.assertEqual(raw.message()["entry"]["uuid"], "u-1")
+            server.stderr.wait_line(lambda l: "now watching %s" % root in l)
+            server.stderr.pump()
+            self.assertEqual(sum("now watching" in l for l in server.stderr.lines), 1)
+
+    def test_default_roots(self):
+        env = dict(os.environ)
+        try:
+            os.environ["CLAUDE_CONFIG_DIR"] = "/cfg"
+            self.assertEqual(cs.default_roots(), ["/cfg/projects"])
+            del os.environ["CLAUDE_CONFIG_DIR"]
+            os.environ["HOME"] = "/home/x"
+            os.environ.pop("XDG_CONFIG_HOME", None)
+            self.assertEqual(cs.default_roots(), ["/home/x/.claude/projects", "/home/x/.config/claude/projects"])
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+
+    def test_client_sigint_exits_0_quietly(self):
+        with tempfile.TemporaryDirectory() as root:
+            server = ServerProcess(self, [root])
+            client = ClientProcess(self, server.url)
+            client.wait_connected()
+            client.proc.send_signal(signal.SIGINT)
+            self.assertEqual(client.proc.wait(DEADLINE), 0)
+            client.stderr.pump()
+            self.assertFalse(any("Traceback" in l for l in client.stderr.lines))
+
+
+class _SummaryResult(unittest.TextTestResult):
+    pass
+
+
+def main():
+    runner = unittest.TextTestRunner(verbosity=2, resultclass=_SummaryResult)
+    program = unittest.main(module=__name__, testRunner=runner, exit=False)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    passed = result.testsRun - failed - len(result.skipped) - len(result.expectedFailures)
+    print("%d passed, %d failed, %d skipped" % (passed, failed, len(result.skipped)))
+    sys.exit(0 if failed == 0 and result.testsRun > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
