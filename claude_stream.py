@@ -437,6 +437,13 @@ METADATA_FIELDS: Dict[str, Tuple[str, ...]] = {
     "bridge-session": ("bridgeSessionId",),
 }
 
+# How the terminal client labels the small metadata kinds (labels are 9 columns).
+METADATA_LABELS = {
+    "permission-mode": "mode", "last-prompt": "prompt", "ai-title": "title",
+    "custom-title": "title", "agent-name": "agent", "agent-setting": "agent",
+    "bridge-session": "bridge",
+}
+
 
 def _text_of(value: Any) -> str:
     """Plain text of a string or a list of content blocks."""
@@ -2389,6 +2396,7 @@ class Renderer:
         self.color = color
         self.width = width
         self.tool_names: Dict[str, str] = {}     # tool_use id -> tool name, bounded
+        self.project_names: Dict[str, str] = {}  # project folder -> basename of its cwd
 
     def paint(self, style: str, text: str) -> str:
         return "\x1b[%sm%s\x1b[0m" % (ANSI[style], text) if self.color and text else text
@@ -2397,6 +2405,9 @@ class Renderer:
         kind = msg.get("kind")
         if kind == "entry" and isinstance(msg.get("entry"), dict):
             entry = parse_entry(msg["entry"])
+            if entry.cwd and msg.get("project") not in self.project_names:
+                # The folder name cannot be decoded (it is lossy); the cwd names the project.
+                self.project_names[str(msg.get("project"))] = re.split(r"[\\/]", entry.cwd.rstrip("\\/"))[-1]
             label, style, text = self.describe(entry)
             return self._line(msg, entry.timestamp, label, style, text)
         if kind == "malformed":
@@ -2414,7 +2425,7 @@ class Renderer:
         if msg.get("agent"):
             session += "/" + str(msg["agent"])[:10]
         project = str(msg.get("project") or "-")
-        project = project.rstrip("-").rsplit("-", 1)[-1] if "-" in project.strip("-") else project
+        project = self.project_names.get(project) or project.strip("-").rsplit("-", 1)[-1] or project
         prefix_plain = "%s %-14.14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
         text = one_line(text)
         if self.width:
@@ -2450,7 +2461,7 @@ class Renderer:
             detail = att.get("hookName") or att.get("prompt") or att.get("filename") or ""
             return "attach", "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
         if isinstance(entry, MetadataEntry):
-            return entry.type[:9], "dim", entry.value
+            return METADATA_LABELS.get(entry.type, entry.type), "dim", entry.value
         keys = ", ".join(sorted(k for k in entry.raw if k != "type"))[:200]
         return (entry.type or "?")[:9], "dim", "(unknown entry type) %s" % keys
 
