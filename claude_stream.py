@@ -1011,24 +1011,29 @@ class PayloadTooBig(ProtocolError):
     close_code = CloseCode.MESSAGE_TOO_BIG
 
 
-_LANE_TABLES: Dict[int, bytes] = {}
+MASK_CHUNK = 1 << 16                # bytes XORed as one integer; a multiple of 4
 
 
 def apply_mask(data: bytes, key: bytes, phase: int = 0) -> bytes:
-    """XOR ``data`` with the 4-byte ``key`` started at key byte ``phase``."""
+    """XOR ``data`` with the 4-byte ``key`` started at key byte ``phase`` (section 5.3).
+
+    Pure Python's fastest way: XOR 64 KiB at a time as one big integer, about
+    twice as fast as per-lane translate() and 20 times a per-byte loop.
+    """
     if phase:
         key = key[phase:] + key[:phase]
     n = len(data)
-    if n < 2048:   # a big-int XOR is quickest for small payloads
+    if n <= MASK_CHUNK:
         repeated = (key * (n // 4 + 1))[:n]
-        return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
-    out = bytearray(n)   # one translate() per byte lane: C speed for big payloads
-    for lane in range(4):
-        table = _LANE_TABLES.get(key[lane])
-        if table is None:
-            table = _LANE_TABLES[key[lane]] = bytes(b ^ key[lane] for b in range(256))
-        out[lane::4] = data[lane::4].translate(table)
-    return bytes(out)
+        return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+    wide = int.from_bytes(key * (MASK_CHUNK // 4), "little")
+    view = memoryview(data)
+    whole = n - n % MASK_CHUNK
+    parts = [(int.from_bytes(view[i:i + MASK_CHUNK], "little") ^ wide).to_bytes(MASK_CHUNK, "little")
+             for i in range(0, whole, MASK_CHUNK)]
+    if whole < n:
+        parts.append(apply_mask(view[whole:], key))
+    return b"".join(parts)
 
 
 def encode_frame(opcode: int, payload: bytes, fin: bool = True,
@@ -1236,8 +1241,11 @@ class Connection:
         self.close_code, self.close_reason = exc.close_code, str(exc)
         self._buffer = bytearray()
 
-    def _parse_frame(self) -> Optional[Tuple[bool, int, bytes]]:
-        """(fin, opcode, payload) of the next complete frame, checked, or None."""
+    def _parse_frame(self) -> Optional[Tuple[bool, int, bytes, int]]:
+        """(fin, opcode, payload, length) of the next complete frame, checked, or None.
+
+        ``payload`` lacks the bytes already validated by ``_validate_partial``.
+        """
         buf = self._buffer
         if len(buf) < 2:
             return None
@@ -1280,11 +1288,13 @@ class Connection:
             if length and available > self._partial_fed and self._is_text_frame(opcode):
                 self._validate_partial(buf, head, key, available)
             return None
-        payload = bytes(buf[head:head + length])
+        # A text frame validated while it arrived: only its unseen rest is unmasked again.
+        fed, self._partial_fed = self._partial_fed, 0
+        payload = bytes(buf[head + fed:head + length])
         del buf[:head + length]
         if key:
-            payload = apply_mask(payload, key)
-        return fin, opcode, payload
+            payload = apply_mask(payload, key, fed % 4)
+        return fin, opcode, payload, length
 
     def _check_data_frame(self, opcode: int, length: int) -> None:
         # Section 5.4: a continuation needs an open message; a new one needs none.
@@ -1315,7 +1325,7 @@ class Connection:
         except UnicodeDecodeError as exc:
             raise InvalidPayload("invalid UTF-8 in text message") from exc
 
-    def _handle_frame(self, fin: bool, opcode: int, payload: bytes) -> Optional[WsEvent]:
+    def _handle_frame(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
         if opcode == Opcode.PING:
             if self.state is State.OPEN:                 # section 5.5.2; nothing after our Close
                 self._send_frame(Opcode.PONG, payload)
@@ -1330,12 +1340,11 @@ class Connection:
             self._message_opcode = opcode
             if opcode == Opcode.TEXT and self._decoder is None:   # else made by _validate_partial
                 self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._message_size += len(payload)
+        self._message_size += length
         if self._message_opcode == Opcode.TEXT:
-            self._decode(payload[self._partial_fed:], final=fin)
+            self._decode(payload, final=fin)
         else:
             self._message_parts.append(payload)
-        self._partial_fed = 0
         if not fin:
             return None
         parts, kind = self._message_parts, self._message_opcode
@@ -2642,13 +2651,14 @@ class ClientLink(WebSocketEndpoint):
                                % (self.url, self.lost_reason or "no answer"), retryable=True)
         elif code == CloseCode.GOING_AWAY:
             self.app.link_down(self, "%s: the server is going away (%s)" % (self.url, reason or code),
-                               retryable=True)
+                               retryable=True, clean=True)
         elif code == CloseCode.ABNORMAL:
             self.app.link_down(self, "%s: connection dropped (%s)"
                                % (self.url, reason or "closed without a close frame"), retryable=True)
         else:
             self.app.link_down(self, "%s: connection closed by the server: %d %s"
-                               % (self.url, code, reason), retryable=True)
+                               % (self.url, code, reason), retryable=True,
+                               clean=code == CloseCode.NORMAL)
 
 
 class ClientApp:
@@ -2737,13 +2747,20 @@ class ClientApp:
             self.stopping = True
             self.loop.stop()
 
-    def link_down(self, link: ClientLink, description: str, retryable: bool) -> None:
+    def link_down(self, link: ClientLink, description: str, retryable: bool,
+                  clean: bool = False) -> None:
+        """A link failed or closed: retry it with backoff, or finish it.
+
+        With --no-reconnect a server's clean close (1000, 1001) ends with status
+        0 and anything else with 1.
+        """
         if self.stopping:
             self._maybe_stop()
             return
         if not (retryable and self.reconnect):
             self.log.info(description)
-            self.exit_code = EXIT_ERROR
+            if not clean:
+                self.exit_code = EXIT_ERROR
             self.finished[link] = None
             if len(self.finished) == len(self.links):
                 self.loop.stop()

@@ -7,7 +7,11 @@ Environment:
   CLAUDE_STREAM_TRANSCRIPTS  folder of real Claude Code transcripts (*.jsonl) to
                              parse and stream; without it those tests skip.
   CLAUDE_STREAM_REQUIRE      comma-separated features whose absence is a failure,
-                             not a skip (CI sets it): transcripts.
+                             not a skip (CI sets it): transcripts, autobahn, peers,
+                             node.
+  CLAUDE_STREAM_WSTEST       the Autobahn|Testsuite's wstest command.
+  CLAUDE_STREAM_PEER_PYTHON  a Python with websockets, websocket-client, aiohttp.
+  CLAUDE_STREAM_NODE_MODULES a node_modules folder holding ws.
 """
 
 import ast
@@ -505,8 +509,8 @@ class FrameTests(unittest.TestCase):
         key = os.urandom(4)
         data = os.urandom(10000)
         slow = bytes(b ^ key[i % 4] for i, b in enumerate(data))
-        self.assertEqual(cs.apply_mask(data, key), slow)          # translate path
-        self.assertEqual(cs.apply_mask(data[:100], key), slow[:100])    # int path
+        self.assertEqual(cs.apply_mask(data * 20, key), slow * 20)   # chunked path, over 64 KiB
+        self.assertEqual(cs.apply_mask(data[:100], key), slow[:100])     # one-integer path
         self.assertEqual(cs.apply_mask(data[3:103], key, 3), slow[3:103])
 
 
@@ -1216,6 +1220,440 @@ class CommandLineTests(unittest.TestCase):
             self.assertFalse(any("Traceback" in l for l in client.stderr.lines))
 
 
+# =============================================================================
+# Conformance: the Autobahn|Testsuite against echo peers built from the module
+# =============================================================================
+#
+# The product never echoes; these peers exist only so that wstest can drive the
+# module's own Connection, WebSocketEndpoint, Stream and EventLoop. They run in
+# child processes: `python test_claude_stream.py echo-server PORT` and
+# `python test_claude_stream.py echo-client URL AGENT`.
+
+ECHO_MAX_MESSAGE = 32 << 20         # above Autobahn 9.x's largest message (16 MiB)
+AUTOBAHN_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]
+# Cases whose outcome the suite itself calls informational (close codes >= 5000, 7.1.6 timing).
+AUTOBAHN_INFORMATIONAL = {"7.1.6", "7.13.1", "7.13.2"}
+
+
+class EchoSession(cs.WebSocketEndpoint):
+    side = cs.Side.SERVER
+    max_message_size = ECHO_MAX_MESSAGE
+
+    def __init__(self, loop):
+        super().__init__(loop)
+        self.head = cs.HeadReader()
+
+    def handshake_data(self, data):
+        try:
+            done = self.head.feed(data)
+            if done is None:
+                return
+            key = cs.check_upgrade_request(cs.parse_head(done[0], request=True))
+        except cs.HandshakeError as exc:
+            self.stream.write(cs.build_error_response(exc))
+            self.stream.close()
+            return
+        self.stream.write(cs.build_accept_response(key))
+        self.start_websocket(done[1])
+
+    def on_message(self, message):
+        if self.ws.state is cs.State.OPEN:
+            if isinstance(message, cs.TextMessage):
+                self.ws.send_text(message.text)
+            else:
+                self.ws.send_binary(message.data)
+
+
+def run_echo_server(port):
+    loop = cs.EventLoop()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(64)
+    listener.setblocking(False)
+
+    def accept(mask):
+        sock, _ = listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cs.Stream(loop, sock, EchoSession(loop))
+    loop.register(listener, selectors.EVENT_READ, accept)
+    loop.handle_signals((signal.SIGTERM, signal.SIGINT), lambda signum: loop.stop())
+    print("listening %d" % listener.getsockname()[1], flush=True)
+    loop.run()
+
+
+class EchoClient(cs.WebSocketEndpoint):
+    side = cs.Side.CLIENT
+    max_message_size = ECHO_MAX_MESSAGE
+
+    def __init__(self, loop, host_header, resource, on_done):
+        super().__init__(loop)
+        self.host_header, self.resource, self.on_done = host_header, resource, on_done
+        self.head = cs.HeadReader()
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        self.messages = []
+
+    def connection_made(self, stream):
+        super().connection_made(stream)
+        stream.write(cs.build_client_request(self.host_header, self.resource, self.key))
+
+    def handshake_data(self, data):
+        try:
+            done = self.head.feed(data)
+            if done is None:
+                return
+            cs.check_upgrade_response(cs.parse_head(done[0], request=False), self.key)
+        except cs.HandshakeError:
+            self.stream.abort()
+            return
+        self.start_websocket(done[1])
+
+    def on_message(self, message):
+        self.messages.append(message)
+        if self.ws.state is cs.State.OPEN:
+            if isinstance(message, cs.TextMessage):
+                self.ws.send_text(message.text)
+            else:
+                self.ws.send_binary(message.data)
+
+    def on_closed(self, code, reason):
+        self.on_done(self)
+
+
+def run_echo_client(base_url, agent):
+    """The client side of Autobahn: getCaseCount, runCase 1..N, updateReports."""
+    loop = cs.EventLoop()
+    host, port, _ = cs.parse_ws_url(base_url)
+    host_header = "%s:%d" % (host, port)
+    queue = ["/getCaseCount"]
+    state = {"count": None}
+
+    def next_connection(finished=None):
+        if finished is not None and finished.resource == "/getCaseCount":
+            state["count"] = int(finished.messages[0].text)
+            queue.extend("/runCase?case=%d&agent=%s" % (n, agent) for n in range(1, state["count"] + 1))
+            queue.append("/updateReports?agent=%s" % agent)
+        if not queue:
+            loop.stop()
+            return
+        client = EchoClient(loop, host_header, queue.pop(0), lambda c: loop.call_later(0, lambda: next_connection(c)))
+        cs.open_connection(loop, host, port, client, lambda exc: next_connection(client))
+    next_connection()
+    loop.run()
+    print("ran %s cases" % state["count"], flush=True)
+
+
+class AutobahnTests(unittest.TestCase):
+    """Autobahn|Testsuite in both roles. Needs CLAUDE_STREAM_WSTEST=path/to/wstest."""
+
+    def setUp(self):
+        self.wstest = os.environ.get("CLAUDE_STREAM_WSTEST", "")
+        require(self, "autobahn", bool(self.wstest) and os.access(self.wstest, os.X_OK),
+                "set CLAUDE_STREAM_WSTEST to a wstest command (.ci/run installs one)")
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def spawn(self, *args):
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+        def stop():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        self.addCleanup(stop)
+        return proc
+
+    def verdicts(self, index_path, agent):
+        with open(index_path) as fh:
+            results = json.load(fh)[agent]
+        summary = {}
+        bad = []
+        for case, result in results.items():
+            summary[result["behavior"]] = summary.get(result["behavior"], 0) + 1
+            allowed = {"OK", "INFORMATIONAL"} if case in AUTOBAHN_INFORMATIONAL else {"OK"}
+            if result["behavior"] not in allowed or result["behaviorClose"] not in ("OK", "INFORMATIONAL"):
+                bad.append("%s: %s/%s" % (case, result["behavior"], result["behaviorClose"]))
+        self.assertGreaterEqual(len(results), 247 + 54, "too few cases ran: %s" % summary)
+        self.assertEqual(bad, [], "cases outside the target: %s" % summary)
+
+    def test_server_role(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = self.spawn("echo-server", str(port))
+        Output(server.stdout).wait_line(lambda l: l.startswith("listening"), what="the echo server")
+        spec = os.path.join(self.tmp.name, "spec.json")
+        with open(spec, "w") as fh:
+            json.dump({"outdir": os.path.join(self.tmp.name, "reports"), "cases": AUTOBAHN_CASES,
+                       "servers": [{"agent": "claude_stream", "url": "ws://127.0.0.1:%d" % port}],
+                       "exclude-cases": [], "exclude-agent-cases": {}}, fh)
+        subprocess.run([self.wstest, "-m", "fuzzingclient", "-s", spec], cwd=self.tmp.name, timeout=900,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        self.assertIsNone(server.poll(), "the echo server died")
+        self.verdicts(os.path.join(self.tmp.name, "reports", "index.json"), "claude_stream")
+
+    def test_client_role(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        spec = os.path.join(self.tmp.name, "spec.json")
+        with open(spec, "w") as fh:
+            json.dump({"url": "ws://127.0.0.1:%d" % port, "outdir": os.path.join(self.tmp.name, "reports"),
+                       "cases": AUTOBAHN_CASES, "exclude-cases": [], "exclude-agent-cases": {}}, fh)
+        fuzzer = subprocess.Popen([self.wstest, "-m", "fuzzingserver", "-s", spec, "-u", "0"], cwd=self.tmp.name,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: (fuzzer.poll() is None and fuzzer.kill(), fuzzer.wait()))
+        wait_for(lambda: _port_open(port), message="wstest's fuzzing server to listen")
+        client = self.spawn("echo-client", "ws://127.0.0.1:%d" % port, "claude_stream")
+        self.assertEqual(client.wait(900), 0, client.stderr.read().decode()[-2000:])
+        index = os.path.join(self.tmp.name, "reports", "index.json")
+        wait_for(lambda: os.path.exists(index), message="the client report")
+        self.verdicts(index, "claude_stream")
+
+
+# =============================================================================
+# Interoperability: WebSocket implementations nobody here wrote
+# =============================================================================
+#
+# Each peer connects to a real server, reads `hello`, receives an entry the test
+# appends, gets its ping answered and closes with 1000, printing what it saw.
+# .ci/run installs them (never a run-time dependency); locally they skip.
+
+PEER_SCRIPTS = {
+    "websockets": """
+import json, sys
+from websockets.sync.client import connect
+with connect(sys.argv[1], max_size=None) as ws:
+    print("hello", json.loads(ws.recv(timeout=30))["kind"], flush=True)
+    print("entry", json.loads(ws.recv(timeout=30))["entry"]["uuid"], flush=True)
+    print("pong", ws.ping(b"peer").wait(10), flush=True)
+    ws.close(1000)
+print("closed", ws.close_code, flush=True)
+""",
+    "websocket-client": """
+import json, sys, websocket
+ws = websocket.create_connection(sys.argv[1], timeout=30)
+print("hello", json.loads(ws.recv())["kind"], flush=True)
+print("entry", json.loads(ws.recv())["entry"]["uuid"], flush=True)
+ws.ping(b"peer")
+opcode, frame = ws.recv_data_frame(True)
+print("pong", opcode == websocket.ABNF.OPCODE_PONG and frame.data == b"peer", flush=True)
+ws.send_close(1000)
+opcode, frame = ws.recv_data_frame(True)
+print("closed", int.from_bytes(frame.data[:2], "big"), flush=True)
+ws.shutdown()
+""",
+    "aiohttp": """
+import asyncio, json, sys, aiohttp
+async def main():
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(sys.argv[1], autoping=False, max_msg_size=0) as ws:
+            print("hello", json.loads((await ws.receive(30)).data)["kind"], flush=True)
+            print("entry", json.loads((await ws.receive(30)).data)["entry"]["uuid"], flush=True)
+            await ws.ping(b"peer")
+            msg = await ws.receive(10)
+            print("pong", msg.type == aiohttp.WSMsgType.PONG and msg.data == b"peer", flush=True)
+            await ws.close(code=1000)
+            print("closed", ws.close_code, flush=True)
+asyncio.run(main())
+""",
+}
+
+NODE_PEER = """
+const WebSocket = require('ws');
+const ws = new WebSocket(process.argv[process.argv.length - 1]);
+let count = 0;
+ws.on('message', (data) => {
+  const msg = JSON.parse(data);
+  if (count++ === 0) { console.log('hello', msg.kind); return; }
+  console.log('entry', msg.entry.uuid);
+  ws.ping('peer');
+});
+ws.on('pong', (data) => { console.log('pong', data.toString() === 'peer' ? 'True' : 'False'); ws.close(1000); });
+ws.on('close', (code) => { console.log('closed', code); });
+ws.on('error', (err) => { console.log('error', err.message); process.exit(1); });
+"""
+
+# A python-websockets server that fragments its messages, pings between the
+# fragments and closes with the code asked for in the URL (?code=N).
+FRAGMENTING_SERVER = """
+import asyncio, json, sys
+from urllib.parse import parse_qs, urlsplit
+from websockets.asyncio.server import serve
+
+async def handler(ws):
+    code = int(parse_qs(urlsplit(ws.request.path).query)["code"][0])
+    await ws.send(['{"kind":"hel', 'lo","server":"websockets"}'])
+    async def fragments():
+        yield '{"kind":"entry","path":"p/s.jsonl",'
+        pong = await ws.ping(b"between")
+        yield '"offset":0,"project":"p","session":"s","agent":null,'
+        await asyncio.wait_for(pong, 10)
+        print("pong", flush=True)
+        yield '"entry":{"type":"user","text":"caf\\u00e9 \\u2603"}}'
+    await ws.send(fragments())
+    await ws.close(code, "closing with %d" % code)
+
+async def main():
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        print("listening", server.sockets[0].getsockname()[1], flush=True)
+        await server.serve_forever()
+asyncio.run(main())
+"""
+
+VALID_CLOSE_CODES = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999)
+
+
+class InteropTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        os.makedirs(os.path.join(self.root, "p"))
+
+    def peer_python(self):
+        python = os.environ.get("CLAUDE_STREAM_PEER_PYTHON", "")
+        require(self, "peers", bool(python) and os.access(python, os.X_OK),
+                "set CLAUDE_STREAM_PEER_PYTHON to a Python with websockets, websocket-client and "
+                "aiohttp (.ci/setup makes one)")
+        return python
+
+    def run_peer(self, command, env=None):
+        server = ServerProcess(self, [self.root])
+        peer = subprocess.Popen(command + [server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=env)
+        self.addCleanup(lambda: (peer.poll() is None and peer.kill(), peer.wait(), peer.stdout.close(),
+                                 peer.stderr.close()))
+        out = Output(peer.stdout)
+        out.wait_line(lambda l: l.startswith("hello"), what="the peer's hello")
+        append(os.path.join(self.root, "p", "s.jsonl"), entry_line(7))
+        self.assertEqual(peer.wait(DEADLINE), 0, peer.stderr.read().decode()[-2000:])
+        out.pump()
+        self.assertEqual(out.lines, ["hello hello", "entry u-7", "pong True", "closed 1000"])
+
+    def test_python_websockets(self):
+        self.run_peer([self.peer_python(), "-c", PEER_SCRIPTS["websockets"]])
+
+    def test_websocket_client(self):
+        self.run_peer([self.peer_python(), "-c", PEER_SCRIPTS["websocket-client"]])
+
+    def test_aiohttp(self):
+        self.run_peer([self.peer_python(), "-c", PEER_SCRIPTS["aiohttp"]])
+
+    def test_node_ws(self):
+        modules = os.environ.get("CLAUDE_STREAM_NODE_MODULES", "")
+        node = shutil_which("node")
+        require(self, "node", bool(node) and os.path.isdir(os.path.join(modules, "ws")),
+                "set CLAUDE_STREAM_NODE_MODULES to a node_modules holding ws (.ci/setup installs it)")
+        env = dict(os.environ, NODE_PATH=modules)
+        self.run_peer([node, "-e", NODE_PEER], env=env)
+
+    def test_our_client_against_a_fragmenting_websockets_server(self):
+        python = self.peer_python()
+        server = subprocess.Popen([python, "-c", FRAGMENTING_SERVER], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: (server.poll() is None and server.kill(), server.wait(), server.stdout.close(),
+                                 server.stderr.close()))
+        server_out = Output(server.stdout)
+        port = int(server_out.wait_line(lambda l: l.startswith("listening")).split()[1])
+        for code in VALID_CLOSE_CODES:
+            with self.subTest(code=code):
+                result = subprocess.run([sys.executable, MODULE, "client", "--json", "--no-reconnect",
+                                         "ws://127.0.0.1:%d/?code=%d" % (port, code)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+                lines = result.stdout.decode().splitlines()
+                self.assertEqual([json.loads(l)["kind"] for l in lines], ["hello", "entry"])
+                self.assertEqual(json.loads(lines[1])["entry"], {"type": "user", "text": "caf\u00e9 \u2603"})
+                stderr = result.stderr.decode()
+                self.assertNotIn("Traceback", stderr)
+                if code == 1001:
+                    self.assertIn("the server is going away (closing with 1001)", stderr)
+                else:
+                    self.assertIn("connection closed by the server: %d closing with %d" % (code, code), stderr)
+                self.assertEqual(result.returncode, 0 if code in (1000, 1001) else 1)
+        server_out.pump()
+        self.assertEqual(server_out.lines.count("pong"), len(VALID_CLOSE_CODES))
+
+
+def shutil_which(name):
+    import shutil
+    return shutil.which(name)
+
+
+# =============================================================================
+# Keepalive, in process: the real loop, shortened timers, a silent peer
+# =============================================================================
+
+
+class KeepaliveTests(unittest.TestCase):
+    def setUp(self):
+        for name, value in (("PING_INTERVAL", 0.05), ("PING_TIMEOUT", 0.1)):
+            self.addCleanup(setattr, cs, name, getattr(cs, name))
+            setattr(cs, name, value)
+
+    def silent_peer(self, side):
+        """An endpoint of ``side`` over a socketpair whose other end never answers."""
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        closed = []
+
+        class Endpoint(cs.WebSocketEndpoint):
+            def on_closed(self, code, reason):
+                closed.append((code, self.lost_reason))
+                loop.stop()
+        Endpoint.side = side
+        endpoint = Endpoint(loop)
+        cs.Stream(loop, ours, endpoint)
+        endpoint.start_websocket(b"")
+        loop.call_later(DEADLINE, loop.stop)
+        return loop, theirs, endpoint, closed
+
+    def test_server_and_client_ping_a_silent_peer_and_drop_it(self):
+        for side in (cs.Side.SERVER, cs.Side.CLIENT):
+            with self.subTest(side=side.value):
+                loop, theirs, endpoint, closed = self.silent_peer(side)
+                started = time.monotonic()
+                loop.run()
+                self.assertEqual(closed, [(1006, "no answer to a ping within 0.1s")])
+                peer = cs.Connection(cs.Side.CLIENT if side is cs.Side.SERVER else cs.Side.SERVER, 1 << 20)
+                theirs.setblocking(False)
+                peer.receive_data(theirs.recv(65536))
+                self.assertIsInstance(peer.next_event(), cs.PingReceived)   # it did ask first
+                self.assertLess(time.monotonic() - started, DEADLINE)
+
+    def test_a_peer_that_answers_stays(self):
+        loop, theirs, endpoint, closed = self.silent_peer(cs.Side.SERVER)
+        peer = cs.Connection(cs.Side.CLIENT, 1 << 20)
+        theirs.setblocking(False)
+        pongs = []
+
+        def answer(mask):
+            peer.receive_data(theirs.recv(65536))
+            while peer.next_event() is not None:
+                pongs.append(1)
+            for chunk in peer.data_to_send():
+                theirs.sendall(chunk)
+            if len(pongs) >= 5:
+                loop.stop()
+        loop.register(theirs, selectors.EVENT_READ, answer)
+        loop.run()
+        self.assertEqual(closed, [])
+        self.assertGreaterEqual(len(pongs), 5)
+
+
+def _port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 class _SummaryResult(unittest.TextTestResult):
     pass
 
@@ -1231,4 +1669,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["echo-server"]:
+        run_echo_server(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["echo-client"]:
+        run_echo_client(sys.argv[2], sys.argv[3])
+    else:
+        main()
