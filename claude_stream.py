@@ -34,6 +34,7 @@ import argparse
 import base64
 import binascii
 import codecs
+import collections
 import enum
 import errno
 import hashlib
@@ -52,7 +53,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 __version__ = "0.1.0"
@@ -93,7 +94,16 @@ HANDSHAKE_TIMEOUT = 10.0            # seconds to complete the opening handshake
 PING_INTERVAL = 20.0                # an idle peer is pinged after this long
 PING_TIMEOUT = 20.0                 # ... and dropped if no pong comes back
 CLOSE_TIMEOUT = 5.0                 # seconds to finish a closing handshake
-OUTPUT_HIGH_WATER = 64 << 20        # a client with this much unsent is dropped
+LIVE_OUTPUT_CAP = 4 << 20           # unsent bytes past which a client gets no live entries
+                                    # and is caught up from disk instead, from its cursors
+CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than this is unsent
+CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step
+CATCHUP_TICK_BUDGET = 4 << 20       # bytes read for all catching-up clients per loop tick
+CATCHUP_INTERVAL = 0.005            # seconds between catch-up steps while any client is behind
+MAX_HELD_LINES = 1000               # untimed lines kept while looking for the start of --since
+SLOW_CLIENT_TIMEOUT = 30.0          # a client that reads nothing this long is closed ...
+CLOSE_TOO_SLOW = 4000               # ... with this code; it reconnects and resumes
+OUTPUT_HIGH_WATER = 3 * MAX_LINE_BYTES   # absolute bound on one client's unsent bytes
 MAX_CONNECTIONS = 256               # further connections are answered 503
 LISTEN_BACKLOG = 128
 RECV_SIZE = 256 << 10
@@ -586,6 +596,7 @@ class FileRecord:
     read_pos: int                   # next byte to read
     line_start: int                 # offset of the first byte of ``pending``
     last_growth: float              # monotonic time the file last grew
+    mtime: float = 0.0              # st_mtime at the last stat (wall clock)
     boundary_known: bool = True     # False until we know read_pos starts a line
     pending: bytearray = field(default_factory=bytearray, repr=False)
     skipping: bool = False          # inside an oversize line, dropping to its newline
@@ -804,7 +815,7 @@ class Tailer:
         idle = max(0.0, time.time() - st.st_mtime) if existing else 0.0
         rec = FileRecord(root.path, rel, path, project, session, agent, st.st_dev, st.st_ino,
                          read_pos=start, line_start=start, last_growth=now - idle,
-                         boundary_known=start == 0)
+                         mtime=st.st_mtime, boundary_known=start == 0)
         self.files[path] = rec
         if existing:   # spread the first stats of a big tree over one interval
             self._schedule(rec, now + random.random() * self._interval(rec, now))
@@ -845,6 +856,7 @@ class Tailer:
         except OSError as exc:
             self._warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
             return 0, False
+        rec.mtime = st.st_mtime
         if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
             self._reset(rec, st, "replaced", events)
         elif st.st_size < rec.read_pos:
@@ -885,6 +897,11 @@ class Tailer:
         try:
             if not rec.boundary_known:
                 self._find_line_start(rec, fh)
+            elif rec.read_pos and not self._same_last_byte(rec, fh):
+                # Truncated and rewritten past our offset between two stats: the
+                # byte before our offset changed, so these are not the same lines.
+                self._reset(rec, os.fstat(fh.fileno()), "rewritten", events)
+                return 0, True          # read again from 0 on the next tick
             fh.seek(rec.read_pos)
             total = 0
             while total < budget:
@@ -898,6 +915,12 @@ class Tailer:
                 fh.close()
         rec.last_growth = now
         return total, total >= budget
+
+    @staticmethod
+    def _same_last_byte(rec: FileRecord, fh: Any) -> bool:
+        fh.seek(rec.read_pos - 1)
+        expected = rec.pending[-1:] if rec.pending else b"\n"
+        return fh.read(1) == expected or rec.skipping
 
     def _find_line_start(self, rec: FileRecord, fh: Any) -> None:
         """Position a file found at startup on the start of its last, partial line.
@@ -959,6 +982,47 @@ class Tailer:
                 events.append(OversizeEvent(rec, rec.line_start))
                 rec.pending = bytearray()
                 rec.skipping = True
+
+
+class LineReader:
+    """Complete lines of one file from ``offset`` up to a limit, for one client.
+
+    History and catch-up read files on their own, a bounded block at a time, so
+    a client that is behind never holds up the tailer or other clients. The file
+    is opened per block: thousands of readers cost no descriptors.
+    """
+
+    def __init__(self, abspath: str, offset: int):
+        self.abspath = abspath
+        self.offset = offset            # of the next line to hand out
+        self._read_pos = offset
+        self._partial = b""
+        self.lines: Deque[Tuple[int, bytes]] = collections.deque()   # read ahead, in order
+
+    def fill(self, limit: int, block: int = READ_BLOCK) -> int:
+        """Read up to ``block`` bytes below ``limit``; return how many were read."""
+        if self._read_pos >= limit:
+            return 0
+        with open(self.abspath, "rb", buffering=0) as fh:
+            fh.seek(self._read_pos)
+            chunk = fh.read(min(block, limit - self._read_pos))
+        if not chunk:
+            return 0
+        start = self._read_pos - len(self._partial)
+        self._read_pos += len(chunk)
+        parts = (self._partial + chunk).split(b"\n") if self._partial else chunk.split(b"\n")
+        self._partial = parts.pop()
+        if len(self._partial) > MAX_LINE_BYTES:
+            self._partial = b""         # reported by the tailer when it was written
+        for line in parts:
+            self.lines.append((start, line))
+            start += len(line) + 1
+        return len(chunk)
+
+    def take(self) -> Tuple[int, bytes]:
+        offset, line = self.lines.popleft()
+        self.offset = offset + len(line) + 1
+        return offset, line
 
 
 # =============================================================================
@@ -1713,6 +1777,7 @@ class Stream:
         self.sock = sock
         self.protocol = protocol
         self.closed = False
+        self.bytes_sent = 0
         self._out = bytearray()
         self._close_when_flushed = False
         self._reading = True
@@ -1784,6 +1849,7 @@ class Stream:
                 self.abort(exc)
                 return
             del self._out[:sent]               # amortised O(1) at the front of a bytearray
+            self.bytes_sent += sent
         if not self._out and self._close_when_flushed:
             self.abort()
             return
@@ -1993,10 +2059,35 @@ def default_roots() -> List[str]:
             os.path.expanduser(os.path.join(xdg, "claude", "projects"))]
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(value: Any, now: float) -> Optional[float]:
+    """``since`` as epoch seconds: a duration (90s, 10m, 2h, 7d), an ISO time, or "all".
+
+    None means "no history". Raises ValueError with a usable message.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("'since' must be a string such as '10m', '2026-01-02T03:04:05Z' or 'all'")
+    if value.strip().lower() == "all":
+        return float("-inf")
+    match = _DURATION_RE.match(value.lower())
+    if match:
+        return now - float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    when = parse_timestamp(value)
+    if when is None:
+        raise ValueError("cannot read %r as a duration (90s, 10m, 2h, 7d), an ISO time or 'all'"
+                         % value)
+    return when.timestamp()
+
+
 @dataclass
 class MessageMeta:
     """What filters look at, computed once per message, shared by all clients."""
-    project: str
+    project: str                    # the project folder, and the entry's cwd if any
     ids: Tuple[str, ...]            # session ids (by path and by entry) and agent id
     type: Optional[str]             # the entry's type; None for other kinds
 
@@ -2005,32 +2096,18 @@ class MessageMeta:
 class Filters:
     """A client's subscription. Empty lists match everything.
 
-    ``projects``: case-insensitive substrings of the project folder name;
-    ``sessions``: prefixes of a session or sub-agent id (short ids work);
-    ``types``: entry types; they filter entries only, never notices.
+    ``projects``: case-insensitive substrings of the project folder name or of
+    the entry's working directory; ``sessions``: prefixes of a session or
+    sub-agent id (short ids work); ``types``: entry types, which filter entries
+    only, never notices.
     """
     projects: List[str] = field(default_factory=list)
     sessions: List[str] = field(default_factory=list)
     types: List[str] = field(default_factory=list)
 
     @classmethod
-    def from_query(cls, query: str) -> "Filters":
-        params = parse_qs(query, keep_blank_values=False)
-
-        def values(name: str) -> List[str]:
-            return [v for raw in params.get(name, []) for v in raw.split(",") if v]
-        return cls([p.lower() for p in values("project")], values("session"), values("type"))
-
-    @classmethod
-    def from_message(cls, obj: Dict[str, Any]) -> "Filters":
-        lists = []
-        for name in ("project", "session", "type"):
-            value = obj.get(name, [])
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError("'%s' must be a string or a list of strings" % name)
-            lists.append([v for v in value if v])
-        return cls([p.lower() for p in lists[0]], lists[1], lists[2])
+    def from_lists(cls, projects: List[str], sessions: List[str], types: List[str]) -> "Filters":
+        return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t])
 
     def as_json(self) -> Dict[str, List[str]]:
         return {"project": self.projects, "session": self.sessions, "type": self.types}
@@ -2045,6 +2122,44 @@ class Filters:
         return True
 
 
+@dataclass
+class Subscription:
+    """What a client asks for: filters, history since a time, cursors to resume from."""
+    filters: Filters
+    since: Optional[float] = None               # epoch seconds; -inf for "all"
+    cursors: Dict[str, int] = field(default_factory=dict)   # path -> next offset
+    hold: bool = False                          # send nothing but hello until `subscribe`
+
+    @classmethod
+    def from_query(cls, query: str, now: float) -> "Subscription":
+        params = parse_qs(query, keep_blank_values=False)
+        unknown = set(params) - {"project", "session", "type", "since", "hold"}
+        if unknown:
+            raise ValueError("unknown query parameter(s): %s" % ", ".join(sorted(unknown)))
+
+        def values(name: str) -> List[str]:
+            return [v for raw in params.get(name, []) for v in raw.split(",")]
+        since = params.get("since", [None])[-1]
+        return cls(Filters.from_lists(values("project"), values("session"), values("type")),
+                   parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""))
+
+    @classmethod
+    def from_message(cls, obj: Dict[str, Any], now: float) -> "Subscription":
+        lists = []
+        for name in ("project", "session", "type"):
+            value = obj.get(name, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("'%s' must be a string or a list of strings" % name)
+            lists.append(value)
+        cursors = obj.get("cursors", {})
+        if not isinstance(cursors, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in cursors.items()):
+            raise ValueError("'cursors' must map paths to byte offsets")
+        return cls(Filters.from_lists(*lists), parse_since(obj.get("since"), now), dict(cursors))
+
+
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
@@ -2053,20 +2168,44 @@ def _file_fields(rec: FileRecord) -> Dict[str, Any]:
     return {"path": rec.rel, "project": rec.project, "session": rec.session, "agent": rec.agent}
 
 
-def entry_message(rec: FileRecord, offset: int, line: bytes,
-                  obj: Dict[str, Any]) -> Tuple[bytes, MessageMeta]:
-    """The ``entry`` envelope around the line's own bytes (already checked)."""
+@dataclass
+class LineMessage:
+    """One transcript line as a message, built once and shared by every client."""
+    offset: int
+    next: int                       # offset of the following line: the client's cursor
+    payload: bytes
+    meta: MessageMeta
+    obj: Optional[Dict[str, Any]]   # the parsed entry; None for a malformed line
+
+    @property
+    def time(self) -> Optional[float]:
+        when = parse_timestamp(self.obj.get("timestamp")) if self.obj is not None else None
+        return when.timestamp() if when is not None else None
+
+
+def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMessage]:
+    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice."""
+    if not line.strip():
+        return None                 # a blank line carries nothing
+    after = offset + len(line) + 1
+    try:
+        obj = decode_line(line)
+    except MalformedLine as exc:
+        payload, meta = notice_message("malformed", rec, offset=offset, next=after,
+                                       reason=str(exc), excerpt=excerpt(line))
+        return LineMessage(offset, after, payload, meta, None)
     session = obj.get("sessionId")
     session = session if isinstance(session, str) else rec.session
     agent = rec.agent
     if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
         agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-    head = _json({"kind": "entry", "path": rec.rel, "offset": offset, "project": rec.project,
-                  "session": session, "agent": agent})
-    kind = obj.get("type")
-    ids = tuple(i for i in (rec.session, session, agent) if i)
-    return (head[:-1] + b',"entry":' + line + b"}",
-            MessageMeta(rec.project, ids, kind if isinstance(kind, str) else ""))
+    head = _json({"kind": "entry", "path": rec.rel, "offset": offset, "next": after,
+                  "project": rec.project, "session": session, "agent": agent})
+    kind, cwd = obj.get("type"), obj.get("cwd")
+    meta = MessageMeta(rec.project + ("\n" + cwd if isinstance(cwd, str) else ""),
+                       tuple(i for i in (rec.session, session, agent) if i),
+                       kind if isinstance(kind, str) else "")
+    return LineMessage(offset, after, head[:-1] + b',"entry":' + line + b"}", meta, obj)
 
 
 def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
@@ -2084,15 +2223,39 @@ STATUS_PAGE = """<!doctype html>
 code{{background:rgba(127,127,127,.15);padding:.1em .3em;border-radius:3px}}</style></head>
 <body><h1>claude_stream {version}</h1>
 <p>Streaming {files} transcript files to {clients} connected clients.</p>
-<p>Watching: {roots}</p>
-<p>Watch it from a terminal: <code>python claude_stream.py client {url}</code></p>
+<p>Watching: {watching}</p>
+<p>Waiting for: {waiting}</p>
+<p>Watch it from a terminal: <code>python3 claude_stream.py client {url}</code></p>
 <p>Machine-readable status: <a href="/status">/status</a>.</p>
 </body></html>
 """
 
 
+@dataclass
+class Backlog:
+    """A file one client is behind in, read from disk until it reaches the live edge.
+
+    History, resume and the catch-up of a slow client are all this: a reader
+    from the client's cursor up to what the tailer has delivered. With
+    ``since`` set, lines before the first entry of that time or later are
+    skipped (with the untimed lines right before it, e.g. a snapshot, kept).
+    """
+    rec: FileRecord
+    reader: LineReader
+    since: Optional[float] = None
+    held: List[LineMessage] = field(default_factory=list)   # untimed lines, fate pending
+    ready: Deque[LineMessage] = field(default_factory=collections.deque)
+    last_time: float = float("-inf")    # for merging files in time order
+
+
 class ServerSession(WebSocketEndpoint):
-    """One accepted connection: an HTTP request, then maybe a WebSocket."""
+    """One accepted connection: an HTTP request, then maybe a WebSocket client.
+
+    Exactly-once rule: ``position`` holds, per file, the offset after the last
+    line this client was sent; a line below it is never sent again. A file in
+    ``backlog`` is served from disk, never live, until its reader reaches the
+    live edge; then live delivery takes over at exactly that offset.
+    """
 
     side = Side.SERVER
     max_message_size = MAX_CLIENT_MESSAGE
@@ -2103,6 +2266,11 @@ class ServerSession(WebSocketEndpoint):
         self.head = HeadReader()
         self.filters = Filters()
         self.replied = False
+        self.position: Dict[str, int] = {}
+        self.backlog: Dict[str, Backlog] = {}
+        self.catching_up = False        # live entries go to the backlog instead
+        self.held = False               # waiting for the client's subscribe message
+        self.progress = (0, 0.0)        # (bytes sent, when) for the slow-client deadline
         self._handshake_timer: Optional[Timer] = None
 
     def connection_made(self, stream: Stream) -> None:
@@ -2132,17 +2300,45 @@ class ServerSession(WebSocketEndpoint):
             self.stream.write(response)
             self.stream.close()
 
-    def accept(self, key: str, filters: Filters, leftover: bytes) -> None:
+    def accept(self, key: str, leftover: bytes) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self.filters = filters
         assert self.stream is not None
         self.stream.write(build_accept_response(key))
         self.start_websocket(leftover)
 
-    def queue_frame(self, frame: bytes) -> None:
-        if self.ws is not None and self.ws.state is State.OPEN:
-            self.ws.send_prebuilt_frame(frame)
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN and self.stream is not None \
+            and not self.stream.closed
+
+    @property
+    def unsent(self) -> int:
+        stream_bytes = self.stream.pending_output if self.stream is not None else 0
+        return stream_bytes + (self.ws.output_size if self.ws is not None else 0)
+
+    def queue(self, payload_or_frame: bytes, framed: bool = False) -> None:
+        if self.open:
+            assert self.ws is not None
+            if framed:
+                self.ws.send_prebuilt_frame(payload_or_frame)
+            else:
+                self.ws.send_text(payload_or_frame)
+
+    def offer(self, rec: FileRecord, message: LineMessage, frame: bytes) -> bool:
+        """A live line: send it, leave it to the backlog, or skip it as already sent."""
+        rel = rec.rel
+        if rel in self.backlog or message.offset < self.position.get(rel, 0):
+            return False
+        if self.catching_up or self.unsent > LIVE_OUTPUT_CAP:
+            # Too much unsent (or history still replaying): stop queueing live
+            # entries; this file is caught up from disk later, from this line on.
+            self.catching_up = True
+            self.backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
+            return False
+        self.queue(frame, framed=True)
+        self.position[rel] = message.next
+        return True
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.server.client_message(self, message)
@@ -2152,7 +2348,7 @@ class ServerSession(WebSocketEndpoint):
 
 
 class StreamServer:
-    """Accepts connections, polls the tailer, and broadcasts what it finds."""
+    """Accepts connections, polls the tailer, broadcasts, and catches clients up."""
 
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
@@ -2199,6 +2395,7 @@ class StreamServer:
     def start(self) -> None:
         self.tailer.start()
         self._schedule_poll()
+        self.loop.call_later(1.0, self._check_slow_clients)
 
     # --- connections ------------------------------------------------------------
 
@@ -2229,9 +2426,14 @@ class StreamServer:
             key = check_upgrade_request(request)
             if url.path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
-            session.accept(key, Filters.from_query(url.query), leftover)
+            try:
+                subscription = Subscription.from_query(url.query, time.time())
+            except ValueError as exc:
+                raise HandshakeError(400, str(exc)) from None
+            session.accept(key, leftover)
             self.subscribers[session] = None
-            session.send_text(self._hello(session.filters))
+            session.queue(self._hello(subscription.filters))
+            self.subscribe(session, subscription, acknowledge=False)
             self.log.debug("client connected (%d now)" % len(self.subscribers))
             return
         if method not in ("GET", "HEAD"):
@@ -2257,16 +2459,18 @@ class StreamServer:
     def _hello(self, filters: Filters) -> bytes:
         hello = {"kind": "hello"}
         hello.update(self._status())
+        hello["time"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         hello["filters"] = filters.as_json()
         return _json(hello)
 
     def _status_page(self, request: HttpHead) -> bytes:
         status = self._status()
-        roots = ", ".join(html.escape(r) for r in status["watching"] + status["waiting"])
         host = request.get("Host") or "%s:%d" % (self.host, self.port)
-        return STATUS_PAGE.format(version=__version__, files=status["files"],
-                                  clients=status["clients"], roots=roots,
-                                  url=html.escape("ws://%s/" % host)).encode("utf-8")
+        return STATUS_PAGE.format(
+            version=__version__, files=status["files"], clients=status["clients"],
+            watching=", ".join(html.escape(r) for r in status["watching"]) or "nothing yet",
+            waiting=", ".join(html.escape(r) for r in status["waiting"]) or "nothing",
+            url=html.escape("ws://%s/" % host)).encode("utf-8")
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
@@ -2279,11 +2483,59 @@ class StreamServer:
             kind = obj.get("kind")
             if kind != "subscribe":
                 raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
-            session.filters = Filters.from_message(obj)
+            subscription = Subscription.from_message(obj, time.time())
         except ValueError as exc:
-            session.send_text(_json({"kind": "error", "error": str(exc)}))
+            session.queue(_json({"kind": "error", "error": str(exc)}))
+            session.sync()
             return
-        session.send_text(_json({"kind": "subscribed", "filters": session.filters.as_json()}))
+        self.subscribe(session, subscription)
+
+    def subscribe(self, session: ServerSession, sub: Subscription, acknowledge: bool = True) -> None:
+        """Apply filters, cursors and history; files behind go to the backlog."""
+        session.filters = sub.filters
+        if sub.hold:
+            session.held = session.catching_up = True
+            session.sync()
+            return
+        for rec in list(self.tailer.files.values()):
+            if sub.filters.projects and not any(p in rec.project.lower() for p in sub.filters.projects):
+                continue
+            rel = rec.rel
+            if rel in sub.cursors:
+                start = sub.cursors[rel]
+                if not self._cursor_valid(rec, start):
+                    session.queue(notice_message("reset", rec, reason="cursor", offset=0)[0])
+                    start = 0
+                session.backlog.pop(rel, None)
+                session.position[rel] = start
+                if start < rec.line_start:
+                    session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start))
+            elif sub.since is not None and rel not in session.backlog and rec.mtime >= sub.since:
+                start = session.position.get(rel, 0)
+                if start < rec.line_start:
+                    session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start), since=sub.since)
+        session.held = False
+        session.catching_up = session.catching_up or bool(session.backlog)
+        if acknowledge:
+            session.queue(_json({"kind": "subscribed", "filters": sub.filters.as_json(),
+                                 "backlog": len(session.backlog)}))
+        session.sync()
+        if session.catching_up:
+            self.catch_up()
+
+    @staticmethod
+    def _cursor_valid(rec: FileRecord, offset: int) -> bool:
+        """A cursor must point at a line start within what was read (not past a truncation)."""
+        if offset == 0:
+            return True
+        if offset > rec.line_start:
+            return False
+        try:
+            with open(rec.abspath, "rb") as fh:
+                fh.seek(offset - 1)
+                return fh.read(1) == b"\n"
+        except OSError:
+            return False
 
     def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
         self.sessions.pop(session, None)
@@ -2294,60 +2546,167 @@ class StreamServer:
         if self.shutting_down and not self.sessions:
             self.loop.stop()
 
+    def _check_slow_clients(self) -> None:
+        """Close a client whose unsent output has not moved for SLOW_CLIENT_TIMEOUT."""
+        now = self.loop.time()
+        for session in list(self.subscribers):
+            stream = session.stream
+            if stream is None or not session.open:
+                continue
+            if session.unsent == 0 or stream.bytes_sent != session.progress[0]:
+                session.progress = (stream.bytes_sent, now)
+            elif now - session.progress[1] >= SLOW_CLIENT_TIMEOUT:
+                self.log.info("closing a client that read nothing for %gs" % SLOW_CLIENT_TIMEOUT)
+                session.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume from your cursors")
+        self.loop.call_later(1.0, self._check_slow_clients)
+
     # --- the stream -------------------------------------------------------------
 
     def _schedule_poll(self) -> None:
-        self._poll_timer = self.loop.call_at(self.tailer.next_due(), self._poll)
+        due = self.tailer.next_due()
+        if any(s.backlog and not s.held for s in self.subscribers):
+            due = min(due, self.loop.time() + CATCHUP_INTERVAL)
+        self._poll_timer = self.loop.call_at(due, self._poll)
 
     def _poll(self) -> None:
         try:
             self.publish(self.tailer.poll(self.loop.time()))
+            self.catch_up()
         finally:
             self._schedule_poll()
 
     def publish(self, events: List[TailEvent]) -> None:
-        """Envelope and frame each event once; queue the same bytes to every match."""
+        """Envelope and frame each event once; offer the same bytes to every match."""
         touched: Dict[ServerSession, None] = {}
         for event in events:
-            message = self._message_for(event)
-            if message is None or not self.subscribers:
+            rec = event.file
+            if isinstance(event, LineEvent):
+                message = line_message(rec, event.offset, event.data)
+                if message is None:
+                    continue
+                if message.obj is None:
+                    self._count_malformed(rec, event.offset, message.payload)
+                frame = encode_frame(Opcode.TEXT, message.payload)
+                for session in self.subscribers:
+                    if session.filters.match(message.meta) and session.offer(rec, message, frame):
+                        touched[session] = None
                 continue
-            payload, meta = message
-            frame = encode_frame(Opcode.TEXT, payload)
+            if isinstance(event, OversizeEvent):
+                payload, meta = notice_message("gap", rec, offset=event.offset, next=None,
+                                               reason="line longer than %d MiB; skipped"
+                                               % (MAX_LINE_BYTES >> 20))
+                self.log.warn("skipped a line over %d MiB in %s at byte %d"
+                              % (MAX_LINE_BYTES >> 20, rec.rel, event.offset))
+            elif isinstance(event, ResetEvent):
+                self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason))
+                payload, meta = notice_message("reset", rec, reason=event.reason, offset=0)
+            else:
+                payload, meta = b"", MessageMeta(rec.project, (), None)
+                self.log.debug("%s is gone" % rec.rel)
             for session in self.subscribers:
-                if session.filters.match(meta):
-                    session.queue_frame(frame)
+                self._file_changed(session, event)
+                if payload and session.filters.match(meta):
+                    session.queue(payload)
                     touched[session] = None
         for session in touched:
             session.sync()
 
-    def _message_for(self, event: TailEvent) -> Optional[Tuple[bytes, MessageMeta]]:
-        rec = event.file
-        if isinstance(event, LineEvent):
-            if not event.data.strip():
-                return None             # a blank line carries nothing
-            try:
-                return entry_message(rec, event.offset, event.data, decode_line(event.data))
-            except MalformedLine as exc:
-                return self._malformed(rec, event.offset, str(exc), excerpt(event.data))
-        if isinstance(event, OversizeEvent):
-            return self._malformed(rec, event.offset, "line longer than %d MiB; skipped"
-                                   % (MAX_LINE_BYTES >> 20), "")
+    @staticmethod
+    def _file_changed(session: ServerSession, event: TailEvent) -> None:
+        """Keep a client's cursors true when a file restarts or disappears."""
+        rel = event.file.rel
         if isinstance(event, ResetEvent):
-            self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason))
-            return notice_message("reset", rec, reason=event.reason, offset=0)
-        self.log.debug("%s is gone" % rec.rel)
-        return None
+            session.position.pop(rel, None)
+            if rel in session.backlog:
+                session.backlog[rel] = Backlog(event.file, LineReader(event.file.abspath, 0))
+        elif isinstance(event, RemovedEvent):
+            session.position.pop(rel, None)
+            session.backlog.pop(rel, None)
 
-    def _malformed(self, rec: FileRecord, offset: int, reason: str,
-                   text: str) -> Tuple[bytes, MessageMeta]:
+    def _count_malformed(self, rec: FileRecord, offset: int, payload: bytes) -> None:
         self.malformed_count += 1
+        reason = json.loads(payload)["reason"]
         self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
                       % (rec.rel, offset, reason, self.malformed_count))
-        return notice_message("malformed", rec, offset=offset, reason=reason, excerpt=text)
+
+    def catch_up(self) -> None:
+        """Serve backlogs from disk, a bounded amount per tick, in time order per client."""
+        budget = CATCHUP_TICK_BUDGET
+        for session in list(self.subscribers):
+            if session.held or not session.catching_up or not session.open:
+                continue
+            budget -= self._catch_up_session(session, budget)
+            if budget <= 0:
+                break
+
+    def _catch_up_session(self, session: ServerSession, budget: int) -> int:
+        used = 0
+        while used < budget and session.unsent < CATCHUP_LOW_WATER:
+            best: Optional[Backlog] = None
+            for rel, backlog in list(session.backlog.items()):
+                used += self._prepare(backlog)
+                if not backlog.ready:
+                    if backlog.reader.offset >= backlog.rec.line_start or backlog.rec.gone:
+                        del session.backlog[rel]    # caught up: live delivery takes over
+                    continue
+                if best is None or self._time_of(backlog) < self._time_of(best):
+                    best = backlog
+            if best is None:
+                break
+            message = best.ready.popleft()
+            session.position[best.rec.rel] = message.next
+            if session.filters.match(message.meta):
+                session.queue(message.payload)
+                used += len(message.payload)
+        if not session.backlog and session.unsent < CATCHUP_LOW_WATER:
+            session.catching_up = False
+            session.queue(_json({"kind": "live"}))
+        session.sync()
+        return used
+
+    @staticmethod
+    def _time_of(backlog: Backlog) -> float:
+        message_time = backlog.ready[0].time
+        if message_time is not None:
+            backlog.last_time = message_time
+        return backlog.last_time
+
+    @staticmethod
+    def _prepare(backlog: Backlog) -> int:
+        """Make ``backlog.ready`` hold the next line(s) to send, applying ``since``."""
+        used = 0
+        reader = backlog.reader
+        while not backlog.ready:
+            if not reader.lines:
+                got = reader.fill(backlog.rec.line_start, CATCHUP_BLOCK)
+                used += got
+                if not got:
+                    if backlog.held and backlog.rec.mtime >= (backlog.since or 0):
+                        backlog.ready.extend(backlog.held)   # recent untimed lines at the end
+                    backlog.held = []
+                    return used
+            offset, line = reader.take()
+            message = line_message(backlog.rec, offset, line)
+            if message is None:
+                continue
+            if backlog.since is None:
+                backlog.ready.append(message)
+                continue
+            when = message.time
+            if when is None:
+                backlog.held.append(message)
+                del backlog.held[:-MAX_HELD_LINES]
+            elif when < backlog.since:
+                backlog.held = []
+            else:
+                backlog.since = None        # the window starts here; all that follows is sent
+                backlog.ready.extend(backlog.held)
+                backlog.ready.append(message)
+                backlog.held = []
+        return used
 
     def shutdown(self) -> None:
-        """Close 1001 to every client, then stop (at the latest after CLOSE_TIMEOUT)."""
+        """Close 1001 to every client, then stop (at the latest after a second)."""
         if self.shutting_down:
             self.loop.stop()        # a second Ctrl-C: stop now
             return
@@ -2869,7 +3228,7 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     for url in urls:
         parse_ws_url(url)           # a bad URL is a usage error before anything starts
     loop = EventLoop(log)
-    filters = Filters([p.lower() for p in args.project], args.session, args.type)
+    filters = Filters.from_lists(args.project, args.session, args.type)
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log)
     loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: app.stop())
     app.start()

@@ -1024,7 +1024,8 @@ class EndToEndTests(unittest.TestCase):
         raw = RawClient(server.port, "/?project=PROJ&type=assistant&session=aaaa")
         hello = raw.message()
         self.assertEqual(hello["filters"], {"project": ["proj"], "session": ["aaaa"], "type": ["assistant"]})
-        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(1, "aaaa1", "assistant"))
+        other = {"cwd": "/home/u/other"}
+        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(1, "aaaa1", "assistant", **other))
         append(os.path.join(self.project, "bbbb1.jsonl"), entry_line(2, "bbbb1", "assistant"))
         append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(3, "aaaa2", "user"))
         append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(4, "aaaa2", "assistant"))
@@ -1032,7 +1033,7 @@ class EndToEndTests(unittest.TestCase):
         raw.conn.send_text(json.dumps({"kind": "subscribe", "type": ["user"]}))
         raw.flush()
         self.assertEqual(raw.message()["kind"], "subscribed")
-        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(5, "aaaa1", "user"))
+        append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(5, "aaaa1", "user", **other))
         self.assertEqual(raw.message()["entry"]["uuid"], "u-5")
         raw.conn.send_text("{nope")
         raw.flush()
