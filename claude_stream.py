@@ -44,6 +44,7 @@ import json
 import os
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -54,7 +55,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -94,6 +95,7 @@ HANDSHAKE_TIMEOUT = 10.0            # seconds to complete the opening handshake
 PING_INTERVAL = 20.0                # an idle peer is pinged after this long
 PING_TIMEOUT = 20.0                 # ... and dropped if no pong comes back
 CLOSE_TIMEOUT = 5.0                 # seconds to finish a closing handshake
+LINGER_TIMEOUT = 2.0                # after our FIN, seconds to wait for the peer's
 LIVE_OUTPUT_CAP = 4 << 20           # unsent bytes past which a client gets no live entries
                                     # and is caught up from disk instead, from its cursors
 CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than this is unsent
@@ -1780,6 +1782,7 @@ class Stream:
         self.bytes_sent = 0
         self._out = bytearray()
         self._close_when_flushed = False
+        self._lingering: Optional[Timer] = None
         self._reading = True
         self._interest = selectors.EVENT_READ
         sock.setblocking(False)
@@ -1810,6 +1813,8 @@ class Stream:
         if self.closed:
             return
         self.closed = True
+        if self._lingering is not None:
+            self._lingering.cancel()
         self.loop.unregister(self.sock)
         try:
             self.sock.close()
@@ -1831,7 +1836,11 @@ class Stream:
             self.abort(exc)
             return
         if data:
-            self.protocol.data_received(data)
+            if self._lingering is None:        # after our half-close, input is dropped
+                self.protocol.data_received(data)
+            return
+        if self._lingering is not None:
+            self.abort()
             return
         self._reading = False                  # EOF: stop asking for reads
         self._set_interest()
@@ -1851,8 +1860,27 @@ class Stream:
             del self._out[:sent]               # amortised O(1) at the front of a bytearray
             self.bytes_sent += sent
         if not self._out and self._close_when_flushed:
+            self._half_close()
+            return
+        self._set_interest()
+
+    def _half_close(self) -> None:
+        """Send FIN, then read until the peer's FIN before closing ("lingering close").
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        destroy our last bytes (a Close frame, an HTTP error) before the peer
+        reads them. So we half-close and wait, at most LINGER_TIMEOUT.
+        """
+        if not self._reading or self._lingering is not None:
+            if self._lingering is None:
+                self.abort()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
             self.abort()
             return
+        self._lingering = self.loop.call_later(LINGER_TIMEOUT, self.abort)
         self._set_interest()
 
     def _set_interest(self) -> None:
@@ -2784,6 +2812,9 @@ class Renderer:
         if kind == "reset":
             return self._line(msg, None, "reset", "red", "%s was %s; reading it again from the start"
                               % (msg.get("path"), msg.get("reason")))
+        if kind == "gap":
+            return self._line(msg, None, "gap", "red", "%s: skipped from byte %s: %s"
+                              % (msg.get("path"), msg.get("offset"), msg.get("reason")))
         return None
 
     def _line(self, msg: Dict[str, Any], when: Optional[datetime], label: str, style: str,
@@ -2945,6 +2976,9 @@ class ClientLink(WebSocketEndpoint):
         self.url = url
         self.host, self.port, self.resource = parse_ws_url(url)
         self.failures = 0           # consecutive failed attempts, for the backoff
+        self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
+        self.epoch: Optional[str] = None    # server time when we first went live
+        self.duplicates = 0
         self.rejected: Optional[HandshakeError] = None
         self._key = ""
         self._head = HeadReader(MAX_HEAD_BYTES)
@@ -2967,10 +3001,9 @@ class ClientLink(WebSocketEndpoint):
         host_header = self.host if ":" not in self.host else "[%s]" % self.host
         if self.port != 80:
             host_header += ":%d" % self.port
-        target = self.resource
-        query = self.app.filter_query()
-        if query:
-            target += ("&" if "?" in target else "?") + query
+        # hold=1: the server sends only hello until our subscribe (filters, cursors,
+        # history) arrives, so nothing slips between connecting and resuming.
+        target = self.resource + ("&" if "?" in self.resource else "?") + "hold=1"
         stream.write(build_client_request(host_header, target, self._key))
         self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
@@ -3024,10 +3057,11 @@ class ClientApp:
     """The ``client`` command: one or more links, output to stdout."""
 
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
-                 reconnect: bool, log: Log, out: Any = None):
+                 reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None):
         self.loop = loop
         self.json_mode = json_mode
         self.filters = filters
+        self.since = since
         self.reconnect = reconnect
         self.log = log
         self.out = out if out is not None else sys.stdout
@@ -3039,12 +3073,17 @@ class ClientApp:
         self.exit_code = EXIT_OK
         self.stopping = False
 
-    def filter_query(self) -> str:
-        pairs = [(name, value) for name, values in (("project", self.filters.projects),
-                                                    ("session", self.filters.sessions),
-                                                    ("type", self.filters.types))
-                 for value in values]
-        return urlencode(pairs, quote_via=quote)
+    def subscribe_message(self, link: ClientLink) -> bytes:
+        """Filters, plus where to start: --since first, then the cursors we hold.
+
+        Files we hold no cursor for are asked for since the server's time when
+        we first went live: whatever they gained while we were away is ours.
+        """
+        request: Dict[str, Any] = self.filters.as_json()
+        request["kind"] = "subscribe"
+        request["since"] = self.since or link.epoch
+        request["cursors"] = link.cursors
+        return _json(request)
 
     def start(self) -> None:
         for link in self.links:
@@ -3084,24 +3123,63 @@ class ClientApp:
         kind = msg.get("kind")
         if kind == "hello":
             link.failures = 0
-            self.log.info("connected to %s (%s %s, %s files)" % (
-                link.url, msg.get("server"), msg.get("version"), msg.get("files")))
+            resuming = link.epoch is not None
+            link.epoch = link.epoch or msg.get("time")
+            self.log.info("%s %s (%s %s, %s files)" % (
+                "reconnected to" if resuming else "connected to", link.url, msg.get("server"),
+                msg.get("version"), msg.get("files")))
+            link.send_text(self.subscribe_message(link))
         elif kind == "error":
             self.log.warn("%s: %s" % (link.url, msg.get("error")))
+        elif kind == "live":
+            self.log.info("%s: caught up, following live" % link.url)
+        elif not self._track(link, msg):
+            return
         if not self.json_mode:
             line = self.renderer.render(msg)
             if line is not None:
                 self._write((line + "\n").encode("utf-8", "replace"))
 
+    @staticmethod
+    def _track(link: ClientLink, msg: Dict[str, Any]) -> bool:
+        """Move the link's cursor; False for a line we already have (never shown twice)."""
+        path, kind = msg.get("path"), msg.get("kind")
+        if not isinstance(path, str):
+            return True
+        if kind == "reset":
+            link.cursors[path] = 0
+            return True
+        after, offset = msg.get("next"), msg.get("offset")
+        if not isinstance(after, int) or not isinstance(offset, int):
+            return True
+        if offset < link.cursors.get(path, 0):
+            link.duplicates += 1
+            return False
+        link.cursors[path] = after
+        return True
+
     def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to stdout, now.
+
+        os.write() in a loop, not sys.stdout.buffer: CPython's buffered writer
+        was seen here to drop the rest of a message when a write blocked on a
+        full pipe is interrupted (SIGSTOP/SIGCONT), and a message is never cut.
+        """
         try:
-            buffer = getattr(self.out, "buffer", None)
-            if buffer is not None:
-                buffer.write(data)
-                buffer.flush()
-            else:
-                self.out.write(data.decode("utf-8", "replace"))
-                self.out.flush()
+            fd = self.out.fileno()
+        except (AttributeError, ValueError, OSError):
+            self.out.write(data.decode("utf-8", "replace"))
+            self.out.flush()
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except InterruptedError:
+                    continue
+                except BlockingIOError:     # someone made our stdout non-blocking
+                    select.select([], [fd], [])
         except BrokenPipeError:     # `client | head`: the reader is gone, so are we
             self.stopping = True
             self.loop.stop()
@@ -3188,6 +3266,9 @@ def build_parser() -> ArgumentParser:
                         help="server to follow (repeatable; default %s)" % DEFAULT_URL)
     client.add_argument("--json", action="store_true",
                         help="write every server message as one JSON line (NDJSON)")
+    client.add_argument("--since", metavar="WHEN",
+                        help="first replay entries since WHEN: a duration (90s, 10m, 2h, 7d), an "
+                             "ISO time, or 'all'; then continue live")
     client.add_argument("--project", action="append", default=[], metavar="NAME",
                         help="only projects whose folder name contains NAME (repeatable)")
     client.add_argument("--session", action="append", default=[], metavar="ID",
@@ -3229,7 +3310,12 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         parse_ws_url(url)           # a bad URL is a usage error before anything starts
     loop = EventLoop(log)
     filters = Filters.from_lists(args.project, args.session, args.type)
-    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log)
+    if args.since is not None:
+        try:
+            parse_since(args.since, time.time())
+        except ValueError as exc:
+            raise UsageError("client: --since: %s" % exc) from None
+    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since)
     loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: app.stop())
     app.start()
     try:
