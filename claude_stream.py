@@ -1705,6 +1705,8 @@ class EventLoop:
         self.stopping = True
 
     def run(self) -> None:
+        """Run until stop() is called (by a handler, timer or signal callback)."""
+        self.stopping = False
         while not self.stopping:
             timeout = None
             if self._dirty:

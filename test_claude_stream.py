@@ -1294,6 +1294,89 @@ class NoLossTests(unittest.TestCase):
         self.assertLess(max(peak_rss), PEAK_RSS_BOUND_MB)
 
 
+class SlowClientTests(unittest.TestCase):
+    """In process, with shortened limits: a client that stops reading."""
+
+    def setUp(self):
+        for name, value in (("LIVE_OUTPUT_CAP", 16 << 10), ("CATCHUP_LOW_WATER", 4 << 10),
+                            ("SLOW_CLIENT_TIMEOUT", 0.5)):
+            self.addCleanup(setattr, cs, name, getattr(cs, name))
+            setattr(cs, name, value)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        os.makedirs(os.path.join(self.tmp.name, "p"))
+        self.file = os.path.join(self.tmp.name, "p", "s.jsonl")
+        append(self.file, "")
+
+    def test_a_client_that_stops_reading_is_closed_with_4000_and_the_server_goes_on(self):
+        self.log_lines = []
+        log = cs.Log(stream=_ListStream(self.log_lines))
+        loop = cs.EventLoop(log)
+        self.addCleanup(loop.close)
+        server = cs.StreamServer(loop, cs.Tailer([self.tmp.name], 0.02, log), "127.0.0.1", 0, log)
+        server.listen()
+        server.start()
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # so the server's queue grows
+        stuck.connect(("127.0.0.1", server.port))
+        self.addCleanup(stuck.close)
+        key = base64.b64encode(os.urandom(16)).decode()
+        stuck.sendall(cs.build_client_request("127.0.0.1:%d" % server.port, "/", key))
+        line = entry_line(0, pad="y" * 10000)
+        state = {"appended": 0, "closing": None}
+
+        def tick():
+            if state["closing"] is None:
+                for session in server.sessions:
+                    if session.ws is not None and session.ws.state is cs.State.CLOSING:
+                        state["closing"] = session
+                if state["appended"] < 400:
+                    append(self.file, line)
+                    state["appended"] += 1
+                loop.call_later(0.005, tick)
+            else:
+                loop.stop()
+        loop.call_later(0, tick)
+        loop.call_later(DEADLINE, loop.stop)
+        loop.run()
+        session = state["closing"]
+        self.assertIsNotNone(session, "the stuck client was never closed")
+        self.assertTrue(session.catching_up)      # it had been moved off the live path first
+        self.assertLess(server.sessions and max(s.unsent for s in server.sessions),
+                        3 * (16 << 10) + 2 * len(line))   # bounded by the cap, not by what was written
+        # Now the client reads again: it gets what was queued, then Close 4000.
+        peer = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        head = cs.HeadReader()
+        events = []
+        handshake = []
+
+        def readable(mask):
+            data = stuck.recv(1 << 20)
+            if not data:
+                loop.stop()
+                return
+            if not handshake:
+                done = head.feed(data)
+                if done is None:
+                    return
+                handshake.append(done[0])
+                data = done[1]
+            peer.receive_data(data)
+            while True:
+                event = peer.next_event()
+                if event is None:
+                    break
+                events.append(event)
+                if isinstance(event, cs.CloseReceived):
+                    loop.stop()
+        loop.register(stuck, selectors.EVENT_READ, readable)
+        loop.call_later(DEADLINE, loop.stop)
+        loop.run()
+        closes = [e for e in events if isinstance(e, cs.CloseReceived)]
+        self.assertEqual([(c.code, c.reason) for c in closes],
+                         [(4000, "too slow: reconnect and resume from your cursors")])
+
+
 PEAK_RSS_BOUND_MB = 80
 
 
