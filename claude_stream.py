@@ -108,6 +108,8 @@ CLOSE_TOO_SLOW = 4000               # ... with this code; it reconnects and resu
 OUTPUT_HIGH_WATER = 3 * MAX_LINE_BYTES   # absolute bound on one client's unsent bytes
 MAX_CONNECTIONS = 256               # further connections are answered 503
 LISTEN_BACKLOG = 128
+LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]", "localhost."))
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d+))?$")     # name[:port]
 RECV_SIZE = 256 << 10
 
 # --- Client ------------------------------------------------------------------
@@ -118,6 +120,9 @@ EXCERPT_CHARS = 120                 # bytes of a malformed line shown to clients
 TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+# Ctrl-C, kill, and closing the terminal all stop cleanly (clients get close 1001).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 PROG = "claude_stream"
 
 
@@ -2449,10 +2454,34 @@ class StreamServer:
                 continue
             self.sessions[session] = None
 
+    def _check_browser_rules(self, request: HttpHead, upgrade: bool) -> None:
+        """DNS rebinding and cross-site WebSocket hijacking, refused with 403.
+
+        Bound to loopback, the Host must name loopback (an attacker's domain that
+        resolves to 127.0.0.1 cannot). A WebSocket request from a browser must
+        come from our own page: its Origin must be http://<that Host>; any
+        other page, and "null", is refused. Programs send no Origin.
+        """
+        host = request.get("Host") or ""
+        if not host:
+            raise HandshakeError(400, "a Host header is required")
+        if self.host in LOOPBACK_HOSTS:
+            match = _HOST_RE.match(host)
+            name, port = (match.group(1).lower(), match.group(2)) if match else ("", None)
+            if name not in LOOPBACK_HOSTS or port not in (None, str(self.port)):
+                raise HandshakeError(403, "Host %r is not this machine (DNS rebinding protection)"
+                                     % host[:100])
+        origin = request.get("Origin")
+        if upgrade and origin is not None and origin != "http://" + host:
+            raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
+                                 % origin[:100])
+
     def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
         method, target, _ = request.start
         url = urlsplit(target)
-        if is_upgrade_request(request):
+        upgrade = is_upgrade_request(request)
+        self._check_browser_rules(request, upgrade)
+        if upgrade:
             key = check_upgrade_request(request)
             if url.path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
@@ -2795,6 +2824,7 @@ class Renderer:
         self.width = width
         self.tool_names: Dict[str, str] = {}     # tool_use id -> tool name, bounded
         self.project_names: Dict[str, str] = {}  # project folder -> basename of its cwd
+        self.last_time: Dict[str, datetime] = {}  # path -> time of its last timed entry
 
     def paint(self, style: str, text: str) -> str:
         return "\x1b[%sm%s\x1b[0m" % (ANSI[style], text) if self.color and text else text
@@ -2807,27 +2837,40 @@ class Renderer:
                 # The folder name cannot be decoded (it is lossy); the cwd names the project.
                 self.project_names[str(msg.get("project"))] = re.split(r"[\\/]", entry.cwd.rstrip("\\/"))[-1]
             label, style, text = self.describe(entry)
-            return self._line(msg, entry.timestamp, label, style, text)
+            return self._line(msg, self._time_of(entry, str(msg.get("path"))), label, style, text)
+        name = str(msg.get("path", "")).rsplit("/", 1)[-1]
         if kind == "malformed":
-            return self._line(msg, None, "malformed", "red", "%s at byte %s: %s  %s" % (
-                msg.get("path"), msg.get("offset"), msg.get("reason"), msg.get("excerpt") or ""))
+            return self._line(msg, None, "malformed", "red", "%s byte %s: %s  %s" % (
+                name, msg.get("offset"), msg.get("reason"), msg.get("excerpt") or ""))
         if kind == "reset":
             return self._line(msg, None, "reset", "red", "%s was %s; reading it again from the start"
-                              % (msg.get("path"), msg.get("reason")))
+                              % (name, msg.get("reason")))
         if kind == "gap":
             return self._line(msg, None, "gap", "red", "%s: skipped from byte %s: %s"
-                              % (msg.get("path"), msg.get("offset"), msg.get("reason")))
+                              % (name, msg.get("offset"), msg.get("reason")))
         return None
+
+    def _time_of(self, entry: Entry, path: str) -> Optional[datetime]:
+        """The entry's time; for untimed kinds, a snapshot's own or the file's last one."""
+        when = entry.timestamp
+        if when is None and isinstance(entry, FileHistorySnapshotEntry):
+            when = parse_timestamp(_dict(entry.raw, "snapshot").get("timestamp"))
+        if when is not None:
+            self.last_time[path] = when
+            return when
+        return self.last_time.get(path)
 
     def _line(self, msg: Dict[str, Any], when: Optional[datetime], label: str, style: str,
               text: str) -> str:
         local = (when or datetime.now(timezone.utc)).astimezone()
         session = str(msg.get("session") or "-")[:8]
         if msg.get("agent"):
-            session += "/" + str(msg["agent"])[:10]
+            session += "/" + str(msg["agent"])
         project = str(msg.get("project") or "-")
         project = self.project_names.get(project) or project.strip("-").rsplit("-", 1)[-1] or project
-        prefix_plain = "%s %-14.14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
+        if len(project) > 14:
+            project = project[:13] + "\u2026"
+        prefix_plain = "%s %-14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
         text = one_line(text)
         if self.width:
             room = max(10, self.width - len(prefix_plain))
@@ -2835,7 +2878,7 @@ class Renderer:
                 text = text[:room - 1] + "\u2026"
         return "%s %s %s %s %s" % (
             self.paint("dim", local.strftime("%H:%M:%S")),
-            self.paint("cyan", "%-14.14s" % project), self.paint("dim", "%-19s" % session),
+            self.paint("cyan", "%-14s" % project), self.paint("dim", "%-19s" % session),
             self.paint(style, "%-9s" % label), text)
 
     def describe(self, entry: Entry) -> Tuple[str, str, str]:
@@ -2949,17 +2992,18 @@ class Renderer:
 
 def parse_ws_url(text: str) -> Tuple[str, int, str]:
     """(host, port, resource) of a ws:// URL; ``HOST[:PORT]`` alone means ws://HOST:8765/."""
+    given = text
     if "://" not in text:
-        text = "ws://" + text + ("" if re.search(r":\d+$", text) else ":%d" % DEFAULT_PORT)
-    parts = urlsplit(text)
+        text = "ws://" + text + ("" if re.search(r":[^:\]]*$", text) else ":%d" % DEFAULT_PORT)
+    try:
+        parts = urlsplit(text)
+        port = parts.port or 80
+    except ValueError as exc:
+        raise UsageError("not a usable URL: %s (%s)" % (given, exc)) from None
     if parts.scheme == "wss":
         raise UsageError("wss:// (TLS) is not supported by this version; use ws://")
     if parts.scheme != "ws":
         raise UsageError("not a WebSocket URL: %s (expected ws://HOST:PORT/)" % text)
-    try:
-        port = parts.port or 80
-    except ValueError:
-        raise UsageError("bad port in %s" % text) from None
     if not parts.hostname:
         raise UsageError("no host in %s" % text)
     resource = (parts.path or "/") + ("?" + parts.query if parts.query else "")
@@ -3041,8 +3085,9 @@ class ClientLink(WebSocketEndpoint):
                       if status != 101 else "bad handshake answer: %s" % self.rejected)
             self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
         elif self.ws is None:
-            self.app.link_down(self, "%s: connection closed during the handshake (%s)"
-                               % (self.url, self.lost_reason or "no answer"), retryable=True)
+            self.app.link_down(self, "%s: no WebSocket handshake (%s)"
+                               % (self.url, self.lost_reason or "the connection closed"),
+                               retryable=True)
         elif code == CloseCode.GOING_AWAY:
             self.app.link_down(self, "%s: the server is going away (%s)" % (self.url, reason or code),
                                retryable=True, clean=True)
@@ -3221,7 +3266,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad usage as one line (exit 2), not a usage block."""
 
     def error(self, message: str) -> None:   # type: ignore[override]
-        raise UsageError("%s: %s (see '%s --help')" % (self.prog, message, self.prog))
+        command = self.prog.replace(PROG, "python3 claude_stream.py", 1)
+        raise UsageError("%s: %s (see '%s --help')" % (self.prog, message, command))
 
 
 def _positive_float(text: str) -> float:
@@ -3298,7 +3344,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)
     print(line, flush=True)
-    loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: server.shutdown())
+    loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())
     try:
         loop.run()
     finally:
@@ -3318,7 +3364,7 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since)
-    loop.handle_signals((signal.SIGINT, signal.SIGTERM), lambda signum: app.stop())
+    loop.handle_signals(STOP_SIGNALS, lambda signum: app.stop())
     app.start()
     try:
         loop.run()
@@ -3337,7 +3383,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_serve(args, log)
         if args.command == "client":
             return run_client(args, log)
-        raise UsageError("%s: choose a command: serve or client (see '%s --help')" % (PROG, PROG))
+        raise UsageError("%s: choose a command: serve or client (see 'python3 claude_stream.py "
+                         "--help')" % PROG)
     except UsageError as exc:
         sys.stderr.write("%s\n" % exc if str(exc).startswith(PROG) else "%s: %s\n" % (PROG, exc))
         return EXIT_USAGE

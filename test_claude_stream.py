@@ -1049,13 +1049,15 @@ class EndToEndTests(unittest.TestCase):
         page = http(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertTrue(page.startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertIn(b"claude_stream", page)
+        host = "Host: 127.0.0.1:%d" % server.port
+        good = [host] + GOOD[1:]
         cases = [
-            (b"POST / HTTP/1.1\r\nHost: x\r\n\r\n", b"405", b"Allow: GET"),
-            (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", b"404", b""),
+            (b"POST / HTTP/1.1\r\n%s\r\n\r\n" % host.encode(), b"405", b"Allow: GET"),
+            (b"GET /nope HTTP/1.1\r\n%s\r\n\r\n" % host.encode(), b"404", b""),
             (b"nonsense\r\n\r\n", b"400", b""),
-            (request(GOOD[:-1] + ["Sec-WebSocket-Version: 7"]) + b"\r\n", b"426", b"Sec-WebSocket-Version: 13"),
-            (request(GOOD[:3] + ["Sec-WebSocket-Key: abc", GOOD[4]]) + b"\r\n", b"400", b""),
-            (request(GOOD, method="PUT") + b"\r\n", b"405", b"Allow: GET"),
+            (request(good[:-1] + ["Sec-WebSocket-Version: 7"]) + b"\r\n", b"426", b"Sec-WebSocket-Version: 13"),
+            (request(good[:3] + ["Sec-WebSocket-Key: abc", good[4]]) + b"\r\n", b"400", b""),
+            (request(good, method="PUT") + b"\r\n", b"405", b"Allow: GET"),
             (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 2000 + b"\r\n", b"431", b""),
         ]
         for raw, status, header in cases:
@@ -1064,6 +1066,22 @@ class EndToEndTests(unittest.TestCase):
             self.assertIn(header, answer)
         status = json.loads(urlopen_status(server.port))
         self.assertEqual((status["server"], status["version"]), ("claude_stream", cs.__version__))
+
+    def test_dns_rebinding_and_foreign_origins_are_refused(self):
+        server = ServerProcess(self, [self.root])
+        port = server.port
+        for host, status in (("127.0.0.1:%d" % port, b"200"), ("localhost:%d" % port, b"200"),
+                             ("[::1]:%d" % port, b"200"), ("localhost", b"200"),
+                             ("evil.example:%d" % port, b"403"), ("127.0.0.1:1", b"403"), ("", b"400"),
+                             ("127.0.0.1:%d:%d" % (port, port), b"403")):
+            answer = http(port, b"GET /status HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), (host, answer[:60]))
+        own = "Origin: http://127.0.0.1:%d" % port
+        for origin, status in ((own, b"101"), ("Origin: http://evil.example", b"403"), ("Origin: null", b"403"),
+                               ("Origin: http://localhost:%d" % port, b"403")):
+            lines = ["Host: 127.0.0.1:%d" % port] + GOOD[1:] + [origin]
+            answer = http_head(port, request(lines) + b"\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), (origin, answer[:60]))
 
     def test_ping_is_answered_and_close_is_clean(self):
         server = ServerProcess(self, [self.root])
@@ -1135,6 +1153,18 @@ class EndToEndTests(unittest.TestCase):
                 self.assertTrue(origin.startswith(lib) and "site-packages" not in origin, name)
         else:
             self.assertEqual(names - set(stdlib), set())
+
+
+def http_head(port, raw):
+    """The response head only (a 101 keeps the connection open)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(raw)
+        reader = cs.HeadReader()
+        while True:
+            chunk = sock.recv(65536)
+            done = reader.feed(chunk) if chunk else (bytes(reader.buffer), b"")
+            if done is not None:
+                return done[0]
 
 
 def urlopen_status(port):
