@@ -39,6 +39,7 @@ import enum
 import errno
 import hashlib
 import heapq
+import itertools
 import html
 import json
 import os
@@ -111,6 +112,7 @@ LISTEN_BACKLOG = 128
 LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]", "localhost."))
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d+))?$")     # name[:port]
 RECV_SIZE = 256 << 10
+SEND_GATHER_MAX = 512               # buffers handed to one sendmsg() (IOV_MAX is 1024)
 
 # --- Client ------------------------------------------------------------------
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
@@ -1107,9 +1109,9 @@ def apply_mask(data: bytes, key: bytes, phase: int = 0) -> bytes:
     return b"".join(parts)
 
 
-def encode_frame(opcode: int, payload: bytes, fin: bool = True,
-                 mask_key: Optional[bytes] = None) -> bytes:
-    """One frame, minimal length encoding (section 5.2); masked if a key is given."""
+def frame_parts(opcode: int, payload: bytes, fin: bool = True,
+                mask_key: Optional[bytes] = None) -> Tuple[bytes, bytes]:
+    """(header, payload as sent) of one frame, minimal length encoding (section 5.2)."""
     n = len(payload)
     first = (0x80 if fin else 0) | opcode
     mask_bit = 0x80 if mask_key is not None else 0
@@ -1120,8 +1122,15 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True,
     else:
         head = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
     if mask_key is None:
-        return head + payload
-    return head + mask_key + apply_mask(payload, mask_key)
+        return head, payload
+    return head + mask_key, apply_mask(payload, mask_key)
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True,
+                 mask_key: Optional[bytes] = None) -> bytes:
+    """One frame as one bytes object; masked if a key is given."""
+    head, body = frame_parts(opcode, payload, fin, mask_key)
+    return head + body
 
 
 def encode_close_payload(code: Optional[int], reason: str = "") -> bytes:
@@ -1238,7 +1247,12 @@ class Connection:
 
     def _send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
         mask = self.mask_source(4) if self.side is Side.CLIENT else None
-        self._queue(encode_frame(opcode, payload, fin, mask))
+        head, body = frame_parts(opcode, payload, fin, mask)
+        if len(body) > 4096:        # big payloads are not copied just to prepend a header
+            self._queue(head)
+            self._queue(body)
+        else:
+            self._queue(head + body)
 
     def send_text(self, text: Union[str, bytes]) -> None:
         self._check_open()
@@ -1361,11 +1375,15 @@ class Connection:
             return None
         # A text frame validated while it arrived: only its unseen rest is unmasked again.
         fed, self._partial_fed = self._partial_fed, 0
-        payload = bytes(buf[head + fed:head + length])
+        payload = self._unmasked(buf, head + fed, head + length, key, fed)
         del buf[:head + length]
-        if key:
-            payload = apply_mask(payload, key, fed % 4)
         return fin, opcode, payload, length
+
+    @staticmethod
+    def _unmasked(buf: bytearray, start: int, end: int, key: bytes, phase: int) -> bytes:
+        """Payload bytes ``buf[start:end]``, unmasked, copied once."""
+        with memoryview(buf) as view, view[start:end] as body:
+            return apply_mask(body, key, phase % 4) if key else bytes(body)
 
     def _check_data_frame(self, opcode: int, length: int) -> None:
         # Section 5.4: a continuation needs an open message; a new one needs none.
@@ -1384,9 +1402,7 @@ class Connection:
         """Fail fast on invalid UTF-8 inside a frame whose payload is still arriving."""
         if self._decoder is None:
             self._decoder = codecs.getincrementaldecoder("utf-8")()
-        piece = bytes(buf[head + self._partial_fed:head + available])
-        if key:
-            piece = apply_mask(piece, key, self._partial_fed % 4)
+        piece = self._unmasked(buf, head + self._partial_fed, head + available, key, self._partial_fed)
         self._decode(piece, final=False)
         self._partial_fed = available
 
@@ -1787,22 +1803,25 @@ class Stream:
         self.protocol = protocol
         self.closed = False
         self.bytes_sent = 0
-        self._out = bytearray()
+        self._out: Deque[Any] = collections.deque()    # bytes or memoryviews, in order
+        self._out_size = 0
         self._close_when_flushed = False
         self._lingering: Optional[Timer] = None
         self._reading = True
         self._interest = selectors.EVENT_READ
+        self._gather = hasattr(sock, "sendmsg")
         sock.setblocking(False)
         loop.register(sock, self._interest, self._on_ready)
         protocol.connection_made(self)
 
     @property
     def pending_output(self) -> int:
-        return len(self._out)
+        return self._out_size
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self._close_when_flushed and data:
-            self._out += data
+            self._out.append(data)
+            self._out_size += len(data)
             self.loop.mark_dirty(self)
 
     def writelines(self, chunks: Iterable[bytes]) -> None:
@@ -1856,17 +1875,32 @@ class Stream:
     def flush(self) -> None:
         if self.closed:
             return
-        if self._out:
+        out = self._out
+        while out:
             try:
-                sent = self.sock.send(self._out)
+                if len(out) == 1 or not self._gather:
+                    sent = self.sock.send(out[0])
+                else:   # every pending frame in one system call
+                    sent = self.sock.sendmsg(list(itertools.islice(out, 0, SEND_GATHER_MAX)))
             except (BlockingIOError, InterruptedError):
-                sent = 0
+                break
             except OSError as exc:
                 self.abort(exc)
                 return
-            del self._out[:sent]               # amortised O(1) at the front of a bytearray
+            self._out_size -= sent
             self.bytes_sent += sent
-        if not self._out and self._close_when_flushed:
+            while sent:
+                first = out[0]
+                if sent >= len(first):
+                    out.popleft()
+                    sent -= len(first)
+                else:
+                    out[0] = memoryview(first)[sent:]
+                    sent = 0
+                    break
+            if out and not self._gather:
+                break                           # a short send: the socket is full
+        if not out and self._close_when_flushed:
             self._half_close()
             return
         self._set_interest()
