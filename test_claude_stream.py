@@ -345,6 +345,18 @@ class TailerTests(TailerTestCase):
         self.assertEqual(resets, ["replaced"])
         self.assertEqual([d for _, _, d in self.lines(events)], [b"first", b"second", b"third", b"fourth"])
 
+    def test_truncated_and_rewritten_past_our_offset_restarts_from_zero(self):
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, "")
+        tailer = self.make_tailer()
+        append(path, '{"n":1}\n')
+        self.assertEqual(len(self.lines(self.poll(tailer))), 1)
+        with open(path, "wb") as fh:           # same inode, larger: size alone cannot tell
+            fh.write(b'{"m":"first line now"}\n{"m":2}\n')
+        events = self.poll(tailer)
+        self.assertEqual([e.reason for e in events if isinstance(e, cs.ResetEvent)], ["rewritten"])
+        self.assertEqual([d for _, _, d in self.lines(events)], [b'{"m":"first line now"}', b'{"m":2}'])
+
     def test_deleted_file_and_folder_are_forgotten_without_error(self):
         sub = os.path.join(self.project, "sess", "subagents")
         os.makedirs(sub)
