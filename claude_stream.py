@@ -80,7 +80,8 @@ DIR_CHECK_FACTOR = 4                # directory mtimes checked every poll x this
 FULL_RESCAN_INTERVAL = 30.0         # every folder re-listed, as a safety net
 RACY_DIR_SECONDS = 2.0              # a folder changed this recently is re-listed again
 READ_BLOCK = 1 << 20                # bytes per read() call
-TICK_READ_BUDGET = 8 << 20          # bytes read from all files per loop tick
+TICK_READ_BUDGET = 1 << 20          # bytes read from all files per loop tick; well below
+                                    # LIVE_OUTPUT_CAP, so one tick never trips a fast client
 MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
 MAX_OPEN_FILES = 256                # hot files kept open; others reopened per read
 BOUNDARY_SCAN_BLOCK = 64 << 10      # backwards scan for a line start at startup
@@ -97,12 +98,13 @@ PING_INTERVAL = 20.0                # an idle peer is pinged after this long
 PING_TIMEOUT = 20.0                 # ... and dropped if no pong comes back
 CLOSE_TIMEOUT = 5.0                 # seconds to finish a closing handshake
 LINGER_TIMEOUT = 2.0                # after our FIN, seconds to wait for the peer's
-LIVE_OUTPUT_CAP = 4 << 20           # unsent bytes past which a client gets no live entries
+LIVE_OUTPUT_CAP = 8 << 20           # unsent bytes past which a client gets no live entries
                                     # and is caught up from disk instead, from its cursors
 CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than this is unsent
 CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step
 CATCHUP_TICK_BUDGET = 4 << 20       # bytes read for all catching-up clients per loop tick
 CATCHUP_INTERVAL = 0.005            # seconds between catch-up steps while any client is behind
+CONGESTION_GRACE = 1.0              # seconds the tailer waits for a live client to drain
 MAX_HELD_LINES = 1000               # untimed lines kept while looking for the start of --since
 SLOW_CLIENT_TIMEOUT = 30.0          # a client that reads nothing this long is closed ...
 CLOSE_TOO_SLOW = 4000               # ... with this code; it reconnects and resumes
@@ -2245,6 +2247,7 @@ class LineMessage:
     payload: bytes
     meta: MessageMeta
     obj: Optional[Dict[str, Any]]   # the parsed entry; None for a malformed line
+    sort_key: str = ""              # the raw timestamp: ISO-8601 UTC sorts as text
 
     @property
     def time(self) -> Optional[float]:
@@ -2274,7 +2277,9 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
     meta = MessageMeta(rec.project + ("\n" + cwd if isinstance(cwd, str) else ""),
                        tuple(i for i in (rec.session, session, agent) if i),
                        kind if isinstance(kind, str) else "")
-    return LineMessage(offset, after, head[:-1] + b',"entry":' + line + b"}", meta, obj)
+    stamp = obj.get("timestamp")
+    return LineMessage(offset, after, head[:-1] + b',"entry":' + line + b"}", meta, obj,
+                       stamp if isinstance(stamp, str) else "")
 
 
 def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
@@ -2314,7 +2319,7 @@ class Backlog:
     since: Optional[float] = None
     held: List[LineMessage] = field(default_factory=list)   # untimed lines, fate pending
     ready: Deque[LineMessage] = field(default_factory=collections.deque)
-    last_time: float = float("-inf")    # for merging files in time order
+    last_key: str = ""                  # for merging files in time order
 
 
 class ServerSession(WebSocketEndpoint):
@@ -2402,6 +2407,9 @@ class ServerSession(WebSocketEndpoint):
         if self.catching_up or self.unsent > LIVE_OUTPUT_CAP:
             # Too much unsent (or history still replaying): stop queueing live
             # entries; this file is caught up from disk later, from this line on.
+            if not self.catching_up:
+                self.server.log.debug("a client has %d KiB unsent; catching it up from disk"
+                                      % (self.unsent >> 10))
             self.catching_up = True
             self.backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
             return False
@@ -2426,6 +2434,9 @@ class StreamServer:
         self.subscribers: Dict[ServerSession, None] = {}
         self.malformed_count = 0
         self._poll_timer: Optional[Timer] = None
+        self._congested_since: Optional[float] = None
+        self._congestion_marks: Dict[ServerSession, int] = {}
+        self._merge_seq = 0
         self.shutting_down = False
 
     @property
@@ -2656,17 +2667,52 @@ class StreamServer:
     # --- the stream -------------------------------------------------------------
 
     def _schedule_poll(self) -> None:
+        now = self.loop.time()
         due = self.tailer.next_due()
-        if any(s.backlog and not s.held for s in self.subscribers):
-            due = min(due, self.loop.time() + CATCHUP_INTERVAL)
+        if self._congested_since is not None:
+            due = now + CATCHUP_INTERVAL    # waiting for clients to drain, not for files
+        elif any(s.backlog and not s.held for s in self.subscribers):
+            due = min(due, now + CATCHUP_INTERVAL)
         self._poll_timer = self.loop.call_at(due, self._poll)
 
     def _poll(self) -> None:
         try:
-            self.publish(self.tailer.poll(self.loop.time()))
+            now = self.loop.time()
+            if self._may_read(now):
+                self.publish(self.tailer.poll(now))
             self.catch_up()
         finally:
             self._schedule_poll()
+
+    def _may_read(self, now: float) -> bool:
+        """Backpressure: read on only when it will not push a live client over its cap.
+
+        The lines stay on disk, so waiting loses nothing, while moving a client
+        to catch-up costs it a second, per-client pass over the same bytes. So
+        while live clients are more than half full the tailer waits. After
+        CONGESTION_GRACE it reads on (tripping the laggards into catch-up) if
+        the congestion is theirs alone: some live client kept up, or one of
+        them barely moved. If every client is behind and all are moving, the
+        bottleneck is shared and the wait goes on.
+        """
+        live = [s for s in self.subscribers if not s.catching_up and s.stream is not None]
+        congested = [s for s in live if s.unsent > LIVE_OUTPUT_CAP // 2]
+        if not congested:
+            self._congested_since = None
+            return True
+        if self._congested_since is None:
+            self._congested_since = now
+            self._congestion_marks = {s: s.stream.bytes_sent for s in congested}  # type: ignore
+            return False
+        if now - self._congested_since < CONGESTION_GRACE:
+            return False
+        moved = [s.stream.bytes_sent - self._congestion_marks.get(s, 0) for s in congested]  # type: ignore
+        if len(congested) < len(live) or min(moved) < CATCHUP_LOW_WATER:
+            self._congested_since = None
+            return True
+        self._congested_since = now         # everyone behind, everyone moving: keep waiting
+        self._congestion_marks = {s: s.stream.bytes_sent for s in congested}  # type: ignore
+        return False
 
     def publish(self, events: List[TailEvent]) -> None:
         """Envelope and frame each event once; offer the same bytes to every match."""
@@ -2733,36 +2779,38 @@ class StreamServer:
                 break
 
     def _catch_up_session(self, session: ServerSession, budget: int) -> int:
+        """Send one client's backlog, oldest line first across its files."""
         used = 0
-        while used < budget and session.unsent < CATCHUP_LOW_WATER:
-            best: Optional[Backlog] = None
-            for rel, backlog in list(session.backlog.items()):
-                used += self._prepare(backlog)
-                if not backlog.ready:
-                    if backlog.reader.offset >= backlog.rec.line_start or backlog.rec.gone:
-                        del session.backlog[rel]    # caught up: live delivery takes over
-                    continue
-                if best is None or self._time_of(backlog) < self._time_of(best):
-                    best = backlog
-            if best is None:
-                break
-            message = best.ready.popleft()
-            session.position[best.rec.rel] = message.next
+        heads: List[Tuple[str, int, str]] = []      # (time key, tie-break, path)
+        for rel, backlog in list(session.backlog.items()):
+            used += self._refill(session, rel, backlog, heads)
+        while heads and used < budget and session.unsent < CATCHUP_LOW_WATER:
+            rel = heapq.heappop(heads)[2]
+            backlog = session.backlog[rel]
+            message = backlog.ready.popleft()
+            session.position[rel] = message.next
             if session.filters.match(message.meta):
                 session.queue(message.payload)
                 used += len(message.payload)
+            used += self._refill(session, rel, backlog, heads)
         if not session.backlog and session.unsent < CATCHUP_LOW_WATER:
             session.catching_up = False
             session.queue(_json({"kind": "live"}))
         session.sync()
         return used
 
-    @staticmethod
-    def _time_of(backlog: Backlog) -> float:
-        message_time = backlog.ready[0].time
-        if message_time is not None:
-            backlog.last_time = message_time
-        return backlog.last_time
+    def _refill(self, session: ServerSession, rel: str, backlog: Backlog,
+                heads: List[Tuple[str, int, str]]) -> int:
+        """Ready the backlog's next line and push it on the merge heap; drop it when done."""
+        used = self._prepare(backlog)
+        if backlog.ready:
+            key = backlog.ready[0].sort_key or backlog.last_key   # untimed: its predecessor's
+            backlog.last_key = key
+            self._merge_seq += 1
+            heapq.heappush(heads, (key, self._merge_seq, rel))
+        elif backlog.reader.offset >= backlog.rec.line_start or backlog.rec.gone:
+            del session.backlog[rel]        # caught up: live delivery takes over
+        return used
 
     @staticmethod
     def _prepare(backlog: Backlog) -> int:
