@@ -39,12 +39,14 @@ import enum
 import errno
 import hashlib
 import heapq
+import hmac
 import itertools
 import html
 import json
 import os
 import random
 import re
+import secrets
 import select
 import selectors
 import shutil
@@ -56,7 +58,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -115,6 +117,10 @@ LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]", "localhost
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d+))?$")     # name[:port]
 RECV_SIZE = 256 << 10
 SEND_GATHER_MAX = 512               # buffers handed to one sendmsg() (IOV_MAX is 1024)
+
+# --- Authentication ----------------------------------------------------------
+TOKEN_ENV = "CLAUDE_STREAM_TOKEN"   # a token for serve and client, instead of --token
+TOKEN_BYTES = 32                    # of randomness in a generated token
 
 # --- Client ------------------------------------------------------------------
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
@@ -2155,6 +2161,44 @@ def parse_since(value: Any, now: float) -> Optional[float]:
     return when.timestamp()
 
 
+def token_path(port: int) -> str:
+    """Where serve keeps its token for clients of the same user: a 0600 file per port."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "claude_stream", "token-%d" % port)
+
+
+def write_token_file(port: int, token: str) -> str:
+    """Create the token file readable by this user only (mode 0600, folder 0700)."""
+    path = token_path(port)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    temporary = "%s.%d" % (path, os.getpid())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def read_token_file(port: int) -> Optional[str]:
+    try:
+        with open(token_path(port)) as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def request_token(request: HttpHead, query: str) -> Optional[str]:
+    """The token a request carries: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
+    header = request.get("Authorization") or ""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    values = parse_qs(query).get("token")
+    return values[-1] if values else None
+
+
 @dataclass
 class MessageMeta:
     """What filters look at, computed once per message, shared by all clients."""
@@ -2204,7 +2248,7 @@ class Subscription:
     @classmethod
     def from_query(cls, query: str, now: float) -> "Subscription":
         params = parse_qs(query, keep_blank_values=False)
-        unknown = set(params) - {"project", "session", "type", "since", "hold"}
+        unknown = set(params) - {"project", "session", "type", "since", "hold", "token"}
         if unknown:
             raise ValueError("unknown query parameter(s): %s" % ", ".join(sorted(unknown)))
 
@@ -2427,8 +2471,10 @@ class ServerSession(WebSocketEndpoint):
 class StreamServer:
     """Accepts connections, polls the tailer, broadcasts, and catches clients up."""
 
-    def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log):
+    def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
+                 token: Optional[str] = None):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
+        self.token = token              # None: --no-auth
         self.listener: Optional[socket.socket] = None
         self.sessions: Dict[ServerSession, None] = {}
         self.subscribers: Dict[ServerSession, None] = {}
@@ -2521,11 +2567,27 @@ class StreamServer:
             raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
                                  % origin[:100])
 
+    def _check_token(self, request: HttpHead, query: str) -> None:
+        """401 before any upgrade unless the request carries our token.
+
+        Compared with hmac.compare_digest: constant time, so the answer's timing
+        says nothing about how much of a guess was right.
+        """
+        if self.token is None:
+            return
+        given = request_token(request, query)
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                    self.token.encode("utf-8")):
+            raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
+                                      "or ?token=TOKEN in a browser)",
+                                 [("WWW-Authenticate", 'Bearer realm="claude_stream"')])
+
     def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
         method, target, _ = request.start
         url = urlsplit(target)
         upgrade = is_upgrade_request(request)
         self._check_browser_rules(request, upgrade)
+        self._check_token(request, url.query)
         if upgrade:
             key = check_upgrade_request(request)
             if url.path != "/":
@@ -3132,7 +3194,11 @@ class ClientLink(WebSocketEndpoint):
         # hold=1: the server sends only hello until our subscribe (filters, cursors,
         # history) arrives, so nothing slips between connecting and resuming.
         target = self.resource + ("&" if "?" in self.resource else "?") + "hold=1"
-        stream.write(build_client_request(host_header, target, self._key))
+        token = self.app.token
+        if token is None and self.host in LOOPBACK_HOSTS:
+            token = read_token_file(self.port)      # a server of ours on this machine
+        headers = [("Authorization", "Bearer " + token)] if token else []
+        stream.write(build_client_request(host_header, target, self._key, headers))
         self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
@@ -3165,6 +3231,9 @@ class ClientLink(WebSocketEndpoint):
             status = self.rejected.status
             detail = ("the server refused the WebSocket handshake: %s" % self.rejected
                       if status != 101 else "bad handshake answer: %s" % self.rejected)
+            if status == 401:
+                detail = ("the server wants its token: pass --token or set %s (a local server "
+                          "stores it in %s)" % (TOKEN_ENV, token_path(self.port)))
             self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
         elif self.ws is None:
             self.app.link_down(self, "%s: no WebSocket handshake (%s)"
@@ -3186,8 +3255,10 @@ class ClientApp:
     """The ``client`` command: one or more links, output to stdout."""
 
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
-                 reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None):
+                 reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
+                 token: Optional[str] = None):
         self.loop = loop
+        self.token = token
         self.json_mode = json_mode
         self.filters = filters
         self.since = since
@@ -3387,6 +3458,12 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
                        metavar="SECONDS", help="how often an active file is checked "
                                                "(default %(default)s)")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument("--token", metavar="TOKEN",
+                      help="the token clients must present (default: $%s, else a random one, "
+                           "stored for local clients in a file only you can read)" % TOKEN_ENV)
+    auth.add_argument("--no-auth", action="store_true",
+                      help="accept clients without a token (anyone who can connect reads everything)")
     serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
 
     client = commands.add_parser("client", help="show the stream of a server",
@@ -3405,6 +3482,9 @@ def build_parser() -> ArgumentParser:
                         help="only sessions or sub-agents whose id starts with ID (repeatable)")
     client.add_argument("--type", action="append", default=[], metavar="TYPE",
                         help="only entries of this type, e.g. user, assistant (repeatable)")
+    client.add_argument("--token", metavar="TOKEN",
+                        help="the server's token (default: $%s, else the token file a local "
+                             "server wrote for this port)" % TOKEN_ENV)
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection fails or drops")
     client.add_argument("--debug", action="store_true", help="tracebacks on errors")
@@ -3413,16 +3493,31 @@ def build_parser() -> ArgumentParser:
 
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
+    token = None if args.no_auth else (args.token or os.environ.get(TOKEN_ENV)
+                                       or secrets.token_urlsafe(TOKEN_BYTES))
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log)
-    server = StreamServer(loop, tailer, args.host, args.port, log)
+    server = StreamServer(loop, tailer, args.host, args.port, log, token)
     server.listen()
+    token_file = None
+    if token is not None:
+        try:
+            token_file = write_token_file(server.port, token)
+        except OSError as exc:
+            log.warn("cannot store the token for local clients (%s); give it to them with --token"
+                     % (exc.strerror or exc))
+    if args.host not in LOOPBACK_HOSTS:
+        log.warn("listening on %s: %s" % (args.host, "anyone who can reach this port reads every "
+                 "transcript (--no-auth)" if token is None else "the token and every transcript "
+                 "cross the network unencrypted; prefer an SSH tunnel to 127.0.0.1"))
+    elif token is None:
+        log.warn("--no-auth: every process and user on this machine can read every transcript")
     server.start()
     watching = ["%s" % r.path for r in tailer.roots if r.present]
     waiting = [r.path for r in tailer.roots if not r.present]
-    line = "%s %s serving %s (page: http%s), watching %s (%d transcripts)" % (
-        PROG, __version__, server.url, server.url[2:], ", ".join(watching) or "nothing yet",
-        len(tailer.files))
+    page = "http" + server.url[2:] + ("?token=" + quote(token, safe="") if token else "")
+    line = "%s %s serving %s (page: %s), watching %s (%d transcripts)" % (
+        PROG, __version__, server.url, page, ", ".join(watching) or "nothing yet", len(tailer.files))
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)
     print(line, flush=True)
@@ -3431,6 +3526,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         loop.run()
     finally:
         loop.close()
+        if token_file is not None and read_token_file(server.port) == token:
+            os.remove(token_file)   # the next server on this port writes its own
     return EXIT_OK
 
 
@@ -3445,7 +3542,8 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
             parse_since(args.since, time.time())
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
-    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since)
+    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since,
+                    token=args.token or os.environ.get(TOKEN_ENV))
     loop.handle_signals(STOP_SIGNALS, lambda signum: app.stop())
     app.start()
     try:

@@ -32,6 +32,9 @@ from datetime import datetime, timezone
 import claude_stream as cs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Servers started by the tests keep their token files here, not in the user's
+# runtime folder; clients started by the tests find them here the same way.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="claude_stream-test-")
 MODULE = os.path.join(HERE, "claude_stream.py")
 TRANSCRIPTS = os.environ.get("CLAUDE_STREAM_TRANSCRIPTS", "")
 REQUIRED = {f.strip() for f in os.environ.get("CLAUDE_STREAM_REQUIRE", "").split(",") if f.strip()}
@@ -836,12 +839,12 @@ class Output:
 
 
 class ServerProcess:
-    def __init__(self, test, roots, *extra, port=0):
+    def __init__(self, test, roots, *extra, port=0, env=None):
         args = [sys.executable, MODULE, "serve", "--port", str(port), "--poll-interval", "0.05"]
         for root in roots:
             args += ["--root", root]
         self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, env=env)
         test.addCleanup(self.stop)
         self.stdout = Output(self.proc.stdout)
         self.stderr = Output(self.proc.stderr)
@@ -885,7 +888,9 @@ class RawClient:
         self.events = []
         if handshake:
             key = base64.b64encode(os.urandom(16)).decode()
-            self.sock.sendall(cs.build_client_request("127.0.0.1:%d" % port, path, key, extra_headers))
+            token = cs.read_token_file(port)
+            headers = list(extra_headers) + ([("Authorization", "Bearer " + token)] if token else [])
+            self.sock.sendall(cs.build_client_request("127.0.0.1:%d" % port, path, key, headers))
             reader = cs.HeadReader()
             done = None
             while done is None:
@@ -932,7 +937,16 @@ class RawClient:
         self.sock.close()
 
 
-def http(port, raw):
+def authorized(port, raw):
+    """The raw request with the server's token added (its head must end in CRLF CRLF)."""
+    token = cs.read_token_file(port)
+    if not token or not raw.endswith(b"\r\n\r\n") or b"\r\n" not in raw[:-4]:
+        return raw
+    return raw[:-2] + b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
+
+
+def http(port, raw, auth=True):
+    raw = authorized(port, raw) if auth else raw
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
         sock.sendall(raw)
         data = b""
@@ -1169,6 +1183,7 @@ class EndToEndTests(unittest.TestCase):
 
 def http_head(port, raw):
     """The response head only (a 101 keeps the connection open)."""
+    raw = authorized(port, raw)
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
         sock.sendall(raw)
         reader = cs.HeadReader()
@@ -1425,6 +1440,75 @@ PEAK_RSS_BOUND_MB = 64
 def vm_hwm_mb(pid):
     with open("/proc/%d/status" % pid) as fh:
         return next(int(l.split()[1]) for l in fh if l.startswith("VmHWM:")) / 1024
+
+
+class AuthTests(unittest.TestCase):
+    """Token authentication: on by default, found by local clients, 401 otherwise."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = self.tmp.name
+
+    def test_requests_without_the_token_get_401_and_nothing_else(self):
+        server = ServerProcess(self, [self.root])
+        token = cs.read_token_file(server.port)
+        self.assertIn("?token=" + token, server.banner)          # the browser URL carries it
+        host = b"Host: 127.0.0.1:%d\r\n" % server.port
+        upgrade = request(["Host: 127.0.0.1:%d" % server.port] + GOOD[1:]) + b"\r\n"
+        for raw in (b"GET /status HTTP/1.1\r\n" + host + b"\r\n", b"GET / HTTP/1.1\r\n" + host + b"\r\n",
+                    upgrade, upgrade.replace(b"GET / ", b"GET /?token=wrong ", 1),
+                    upgrade[:-2] + b"Authorization: Bearer " + token[:-1].encode() + b"x\r\n\r\n"):
+            answer = http(server.port, raw, auth=False)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 401 "), answer[:60])
+            self.assertIn(b"WWW-Authenticate: Bearer", answer)
+            self.assertNotIn(self.root.encode(), answer)          # no status leaks out
+        for raw in (upgrade.replace(b"GET / ", b"GET /?token=%s " % token.encode(), 1),
+                    upgrade[:-2] + b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"):
+            self.assertTrue(http_head(server.port, raw).startswith(b"HTTP/1.1 101 "))
+
+    def test_token_file_is_private_and_removed_on_a_clean_stop(self):
+        server = ServerProcess(self, [self.root])
+        path = cs.token_path(server.port)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o700)
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+        self.assertFalse(os.path.exists(path))
+
+    def test_comparison_is_constant_time(self):
+        import inspect
+        self.assertIn("hmac.compare_digest", inspect.getsource(cs.StreamServer._check_token))
+
+    def test_clients_find_the_token_or_say_what_to_do(self):
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url)              # no --token: the local file is used
+        client.wait_connected()
+        result = subprocess.run([sys.executable, MODULE, "client", server.url, "--token", "wrong",
+                                 "--no-reconnect"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=DEADLINE)
+        self.assertEqual(result.returncode, 1)
+        text = result.stderr.decode()
+        self.assertEqual(len(text.strip().splitlines()), 1, text)
+        self.assertIn("the server wants its token: pass --token or set CLAUDE_STREAM_TOKEN", text)
+
+    def test_token_from_the_environment_and_no_auth(self):
+        env = dict(os.environ, CLAUDE_STREAM_TOKEN="from-env-123")
+        server = ServerProcess(self, [self.root], env=env)
+        self.assertIn("?token=from-env-123", server.banner)
+        raw = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer from-env-123\r\n\r\n"
+        self.assertTrue(http(server.port, raw % server.port, auth=False).startswith(b"HTTP/1.1 200 "))
+        open_server = ServerProcess(self, [self.root], "--no-auth")
+        self.assertNotIn("token=", open_server.banner)
+        open_server.stderr.wait_line(lambda l: "--no-auth: every process and user on this machine" in l)
+        raw = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % open_server.port
+        self.assertTrue(http(open_server.port, raw, auth=False).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.run_cli_code("serve", "--token", "x", "--no-auth"), 2)
+
+    @staticmethod
+    def run_cli_code(*args):
+        return subprocess.run([sys.executable, MODULE] + list(args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=DEADLINE).returncode
 
 
 class CommandLineTests(unittest.TestCase):
@@ -1814,7 +1898,8 @@ class InteropTests(unittest.TestCase):
 
     def run_peer(self, command, env=None):
         server = ServerProcess(self, [self.root])
-        peer = subprocess.Popen(command + [server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        url = server.url + "?token=" + cs.read_token_file(server.port)     # the browser's way
+        peer = subprocess.Popen(command + [url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, env=env)
         self.addCleanup(lambda: (peer.poll() is None and peer.kill(), peer.wait(), peer.stdout.close(),
                                  peer.stderr.close()))
