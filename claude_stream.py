@@ -2472,9 +2472,11 @@ class StreamServer:
     """Accepts connections, polls the tailer, broadcasts, and catches clients up."""
 
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, allowed_origins: Iterable[str] = ()):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         self.token = token              # None: --no-auth
+        self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
+        self.scheme = "http"
         self.listener: Optional[socket.socket] = None
         self.sessions: Dict[ServerSession, None] = {}
         self.subscribers: Dict[ServerSession, None] = {}
@@ -2563,7 +2565,8 @@ class StreamServer:
                 raise HandshakeError(403, "Host %r is not this machine (DNS rebinding protection)"
                                      % host[:100])
         origin = request.get("Origin")
-        if upgrade and origin is not None and origin != "http://" + host:
+        if upgrade and origin is not None and origin != self.scheme + "://" + host \
+                and origin not in self.allowed_origins:
             raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
                                  % origin[:100])
 
@@ -3458,6 +3461,9 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
                        metavar="SECONDS", help="how often an active file is checked "
                                                "(default %(default)s)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="also accept WebSocket connections from pages of this origin, e.g. "
+                            "https://dash.example:8443 (repeatable; 'null' is never accepted)")
     auth = serve.add_mutually_exclusive_group()
     auth.add_argument("--token", metavar="TOKEN",
                       help="the token clients must present (default: $%s, else a random one, "
@@ -3497,7 +3503,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
                                        or secrets.token_urlsafe(TOKEN_BYTES))
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log)
-    server = StreamServer(loop, tailer, args.host, args.port, log, token)
+    server = StreamServer(loop, tailer, args.host, args.port, log, token, args.allow_origin)
     server.listen()
     token_file = None
     if token is not None:

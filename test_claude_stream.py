@@ -1476,6 +1476,39 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(server.proc.wait(DEADLINE), 0)
         self.assertFalse(os.path.exists(path))
 
+    def test_allow_origin_admits_exactly_the_origins_named(self):
+        server = ServerProcess(self, [self.root], "--allow-origin", "https://dash.example:8443",
+                               "--allow-origin", "null")
+        lines = ["Host: 127.0.0.1:%d" % server.port] + GOOD[1:]
+        for origin, status in (("https://dash.example:8443", b"101"), ("https://dash.example", b"403"),
+                               ("null", b"403"), ("http://127.0.0.1:%d" % server.port, b"101")):
+            answer = http_head(server.port, request(lines + ["Origin: " + origin]) + b"\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), (origin, answer[:40]))
+
+    def test_connection_cap_and_slow_handshakes(self):
+        server = ServerProcess(self, [self.root])
+        reader = RawClient(server.port)
+        reader.message()
+        # A slowloris connection that never finishes its request ...
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+        self.addCleanup(slow.close)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        started = time.monotonic()
+        # ... does not stop the others from receiving,
+        append(os.path.join(self.root, "s.jsonl"), entry_line(1))
+        self.assertEqual(reader.message()["entry"]["uuid"], "u-1")
+        # Connections beyond the cap are answered 503 at once.
+        idle = []
+        self.addCleanup(lambda: [c.close() for c in idle])
+        for _ in range(cs.MAX_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE))
+        answer = http(server.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % server.port)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:60])
+        self.assertIn(b"Retry-After: 5", answer)
+        # and the slow one is closed at the handshake deadline.
+        self.assertEqual(slow.recv(100), b"")
+        self.assertLess(time.monotonic() - started, cs.HANDSHAKE_TIMEOUT + 5)
+
     def test_comparison_is_constant_time(self):
         import inspect
         self.assertIn("hmac.compare_digest", inspect.getsource(cs.StreamServer._check_token))
