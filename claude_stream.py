@@ -52,6 +52,7 @@ import selectors
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 import traceback
@@ -1871,7 +1872,7 @@ class Stream:
             return
         if data:
             if self._lingering is None:        # after our half-close, input is dropped
-                self.protocol.data_received(data)
+                self._deliver(data)
             return
         if self._lingering is not None:
             self.abort()
@@ -1879,6 +1880,9 @@ class Stream:
         self._reading = False                  # EOF: stop asking for reads
         self._set_interest()
         self.protocol.eof_received()
+
+    def _deliver(self, data: bytes) -> None:
+        self.protocol.data_received(data)
 
     def flush(self) -> None:
         if self.closed:
@@ -1945,8 +1949,96 @@ class Stream:
             self._interest = interest
 
 
+class TLSStream(Stream):
+    """A Stream speaking TLS through ``ssl.SSLObject`` and two memory BIOs.
+
+    The socket stays a plain non-blocking socket in the same loop: ciphertext
+    from recv() goes into the incoming BIO, plaintext comes out of read(); our
+    plaintext goes into write() and the outgoing BIO's ciphertext joins the
+    ordinary output queue. No SSLWantRead/WriteError ever reaches the loop,
+    and decrypted bytes cannot hide inside OpenSSL between two epoll events.
+    """
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol,
+                 context: Any, server_side: bool, server_hostname: Optional[str] = None):
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
+        self._handshaken = False
+        self._plaintext: List[bytes] = []       # written before the handshake finished
+        self._closing_tls = False
+        super().__init__(loop, sock, protocol)
+        if not server_side:
+            self._handshake()                   # the client speaks first
+
+    @property
+    def pending_output(self) -> int:
+        return super().pending_output + sum(len(p) for p in self._plaintext)
+
+    def write(self, data: bytes) -> None:
+        if self.closed or self._close_when_flushed or not data:
+            return
+        if not self._handshaken:
+            self._plaintext.append(bytes(data))
+            return
+        self._tls.write(data)
+        self._send_ciphertext()
+
+    def _send_ciphertext(self) -> None:
+        ciphertext = self._outgoing.read()
+        if ciphertext:
+            super().write(ciphertext)
+
+    def _handshake(self) -> None:
+        try:
+            self._tls.do_handshake()
+            self._handshaken = True
+        except ssl.SSLWantReadError:
+            pass
+        self._send_ciphertext()
+        if self._handshaken:
+            pending, self._plaintext = self._plaintext, []
+            for data in pending:
+                self.write(data)
+
+    def _deliver(self, data: bytes) -> None:
+        self._incoming.write(data)
+        try:
+            if not self._handshaken:
+                self._handshake()
+            while self._handshaken and not self.closed:
+                try:
+                    plaintext = self._tls.read(RECV_SIZE)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:   # the peer's close_notify: an EOF
+                    self._reading = False
+                    self._set_interest()
+                    self.protocol.eof_received()
+                    break
+                if not plaintext:
+                    break
+                super()._deliver(plaintext)
+            self._send_ciphertext()             # e.g. session tickets, alerts
+        except ssl.SSLError as exc:
+            self.abort(exc)
+
+    def close(self) -> None:
+        """Send close_notify after what is queued, then close as a plain stream does."""
+        if self.closed or self._closing_tls:
+            return
+        self._closing_tls = True
+        if self._handshaken:
+            try:
+                self._tls.unwrap()
+            except ssl.SSLError:
+                pass                            # want-read: the peer's half is optional
+            self._send_ciphertext()
+        super().close()
+
+
 def open_connection(loop: EventLoop, host: str, port: int, protocol: Protocol,
-                    on_error: Callable[[OSError], None]) -> None:
+                    on_error: Callable[[OSError], None], tls: Any = None) -> None:
     """Connect without blocking the loop, trying each address of ``host`` in turn.
 
     Name resolution itself is a blocking getaddrinfo() (the stdlib has no other);
@@ -1985,7 +2077,10 @@ def open_connection(loop: EventLoop, host: str, port: int, protocol: Protocol,
             for t in timer:
                 t.cancel()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            Stream(loop, sock, protocol)
+            if tls is None:
+                Stream(loop, sock, protocol)
+            else:
+                TLSStream(loop, sock, protocol, tls, server_side=False, server_hostname=host)
 
         code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
@@ -2472,11 +2567,13 @@ class StreamServer:
     """Accepts connections, polls the tailer, broadcasts, and catches clients up."""
 
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
-                 token: Optional[str] = None, allowed_origins: Iterable[str] = ()):
+                 token: Optional[str] = None, allowed_origins: Iterable[str] = (),
+                 tls: Optional[ssl.SSLContext] = None):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         self.token = token              # None: --no-auth
         self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
-        self.scheme = "http"
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.listener: Optional[socket.socket] = None
         self.sessions: Dict[ServerSession, None] = {}
         self.subscribers: Dict[ServerSession, None] = {}
@@ -2490,7 +2587,7 @@ class StreamServer:
     @property
     def url(self) -> str:
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "ws://%s:%d/" % (host, self.port)
+        return "%s://%s:%d/" % ("wss" if self.tls is not None else "ws", host, self.port)
 
     def listen(self) -> None:
         try:
@@ -2539,7 +2636,10 @@ class StreamServer:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = ServerSession(self)
-            Stream(self.loop, sock, session)
+            if self.tls is None:
+                Stream(self.loop, sock, session)
+            else:               # a failed TLS handshake is that connection's problem only
+                TLSStream(self.loop, sock, session, self.tls, server_side=True)
             if len(self.sessions) >= MAX_CONNECTIONS or self.shutting_down:
                 session.reply(build_error_response(HandshakeError(
                     503, "too many connections" if not self.shutting_down else "shutting down",
@@ -2635,11 +2735,12 @@ class StreamServer:
     def _status_page(self, request: HttpHead) -> bytes:
         status = self._status()
         host = request.get("Host") or "%s:%d" % (self.host, self.port)
+        scheme = "wss" if self.tls is not None else "ws"
         return STATUS_PAGE.format(
             version=__version__, files=status["files"], clients=status["clients"],
             watching=", ".join(html.escape(r) for r in status["watching"]) or "nothing yet",
             waiting=", ".join(html.escape(r) for r in status["waiting"]) or "nothing",
-            url=html.escape("ws://%s/" % host)).encode("utf-8")
+            url=html.escape("%s://%s/" % (scheme, host))).encode("utf-8")
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
@@ -3137,24 +3238,26 @@ class Renderer:
         return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
 
 
-def parse_ws_url(text: str) -> Tuple[str, int, str]:
-    """(host, port, resource) of a ws:// URL; ``HOST[:PORT]`` alone means ws://HOST:8765/."""
+def parse_ws_url(text: str) -> Tuple[str, int, str, bool]:
+    """(host, port, resource, secure) of a ws:// or wss:// URL.
+
+    ``HOST[:PORT]`` alone means ws://HOST:8765/; without a port, ws:// means
+    80 and wss:// 443, as RFC 6455 says.
+    """
     given = text
     if "://" not in text:
         text = "ws://" + text + ("" if re.search(r":[^:\]]*$", text) else ":%d" % DEFAULT_PORT)
     try:
         parts = urlsplit(text)
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
     except ValueError as exc:
         raise UsageError("not a usable URL: %s (%s)" % (given, exc)) from None
-    if parts.scheme == "wss":
-        raise UsageError("wss:// (TLS) is not supported by this version; use ws://")
-    if parts.scheme != "ws":
-        raise UsageError("not a WebSocket URL: %s (expected ws://HOST:PORT/)" % text)
+    if parts.scheme not in ("ws", "wss"):
+        raise UsageError("not a WebSocket URL: %s (expected ws://HOST:PORT/ or wss://)" % text)
     if not parts.hostname:
         raise UsageError("no host in %s" % text)
     resource = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-    return parts.hostname, port, resource
+    return parts.hostname, port, resource, parts.scheme == "wss"
 
 
 class ClientLink(WebSocketEndpoint):
@@ -3167,20 +3270,23 @@ class ClientLink(WebSocketEndpoint):
         super().__init__(app.loop)
         self.app = app
         self.url = url
-        self.host, self.port, self.resource = parse_ws_url(url)
+        self.host, self.port, self.resource, self.secure = parse_ws_url(url)
         self.failures = 0           # consecutive failed attempts, for the backoff
         self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
         self.epoch: Optional[str] = None    # server time when we first went live
         self.duplicates = 0
         self.rejected: Optional[HandshakeError] = None
+        self.tls_failure: Optional[BaseException] = None
         self._key = ""
         self._head = HeadReader(MAX_HEAD_BYTES)
         self._handshake_timer: Optional[Timer] = None
 
     def connect(self) -> None:
         self.ws, self.stream, self.rejected, self.lost_reason = None, None, None, None
+        self.tls_failure = None
         self._head = HeadReader(MAX_HEAD_BYTES)
-        open_connection(self.loop, self.host, self.port, self, self._connect_failed)
+        open_connection(self.loop, self.host, self.port, self, self._connect_failed,
+                        self.app.tls if self.secure else None)
 
     def _connect_failed(self, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
@@ -3227,10 +3333,19 @@ class ClientLink(WebSocketEndpoint):
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.app.on_message(self, message)
 
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        if isinstance(exc, ssl.SSLError):
+            self.tls_failure = exc
+        super().connection_lost(exc)
+
     def on_closed(self, code: int, reason: str) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        if self.rejected is not None:
+        if isinstance(self.tls_failure, ssl.SSLCertVerificationError):
+            self.app.link_down(self, "%s: %s (trust its certificate with --cafile, or skip the "
+                                     "check with --insecure)" % (self.url, self.tls_failure.verify_message
+                                                                 or self.tls_failure), retryable=False)
+        elif self.rejected is not None:
             status = self.rejected.status
             detail = ("the server refused the WebSocket handshake: %s" % self.rejected
                       if status != 101 else "bad handshake answer: %s" % self.rejected)
@@ -3259,9 +3374,10 @@ class ClientApp:
 
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None):
         self.loop = loop
         self.token = token
+        self.tls = tls
         self.json_mode = json_mode
         self.filters = filters
         self.since = since
@@ -3461,6 +3577,9 @@ def build_parser() -> ArgumentParser:
     serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
                        metavar="SECONDS", help="how often an active file is checked "
                                                "(default %(default)s)")
+    serve.add_argument("--certfile", metavar="PEM",
+                       help="serve wss:// and https:// with this certificate (chain) ...")
+    serve.add_argument("--keyfile", metavar="PEM", help="... and this private key")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                        help="also accept WebSocket connections from pages of this origin, e.g. "
                             "https://dash.example:8443 (repeatable; 'null' is never accepted)")
@@ -3491,19 +3610,54 @@ def build_parser() -> ArgumentParser:
     client.add_argument("--token", metavar="TOKEN",
                         help="the server's token (default: $%s, else the token file a local "
                              "server wrote for this port)" % TOKEN_ENV)
+    client.add_argument("--cafile", metavar="PEM",
+                        help="also trust the certificates in this file for wss:// (e.g. a "
+                             "self-signed server certificate)")
+    client.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's certificate (with a warning)")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection fails or drops")
     client.add_argument("--debug", action="store_true", help="tracebacks on errors")
     return parser
 
 
+def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optional[ssl.SSLContext]:
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None:
+        raise UsageError("serve: --keyfile needs --certfile")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise OperationalError("cannot load the certificate or key: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
+    return context
+
+
+def client_tls_context(cafile: Optional[str], insecure: bool, log: Log) -> ssl.SSLContext:
+    """Verify certificates and host names, with --cafile trusted too; --insecure skips both."""
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("client: --cafile: %s" % (getattr(exc, "strerror", None) or exc)) from None
+    if insecure:
+        log.warn("--insecure: the server's certificate is not checked; anyone in between can "
+                 "read the stream")
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
     token = None if args.no_auth else (args.token or os.environ.get(TOKEN_ENV)
                                        or secrets.token_urlsafe(TOKEN_BYTES))
+    tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log)
-    server = StreamServer(loop, tailer, args.host, args.port, log, token, args.allow_origin)
+    server = StreamServer(loop, tailer, args.host, args.port, log, token, args.allow_origin, tls)
     server.listen()
     token_file = None
     if token is not None:
@@ -3512,16 +3666,17 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         except OSError as exc:
             log.warn("cannot store the token for local clients (%s); give it to them with --token"
                      % (exc.strerror or exc))
-    if args.host not in LOOPBACK_HOSTS:
+    if args.host not in LOOPBACK_HOSTS and (token is None or tls is None):
         log.warn("listening on %s: %s" % (args.host, "anyone who can reach this port reads every "
                  "transcript (--no-auth)" if token is None else "the token and every transcript "
-                 "cross the network unencrypted; prefer an SSH tunnel to 127.0.0.1"))
+                 "cross the network unencrypted (add --certfile/--keyfile, or use an SSH tunnel)"))
     elif token is None:
         log.warn("--no-auth: every process and user on this machine can read every transcript")
     server.start()
     watching = ["%s" % r.path for r in tailer.roots if r.present]
     waiting = [r.path for r in tailer.roots if not r.present]
-    page = "http" + server.url[2:] + ("?token=" + quote(token, safe="") if token else "")
+    page = ("https" if tls else "http") + server.url[server.url.index(":"):] + (
+        "?token=" + quote(token, safe="") if token else "")
     line = "%s %s serving %s (page: %s), watching %s (%d transcripts)" % (
         PROG, __version__, server.url, page, ", ".join(watching) or "nothing yet", len(tailer.files))
     if waiting:
@@ -3539,8 +3694,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
 
 def run_client(args: argparse.Namespace, log: Log) -> int:
     urls = args.urls or [DEFAULT_URL]
-    for url in urls:
-        parse_ws_url(url)           # a bad URL is a usage error before anything starts
+    secure = any(parse_ws_url(url)[3] for url in urls)   # a bad URL is a usage error now
+    tls = client_tls_context(args.cafile, args.insecure, log) if secure else None
     loop = EventLoop(log)
     filters = Filters.from_lists(args.project, args.session, args.type)
     if args.since is not None:
@@ -3549,7 +3704,7 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since,
-                    token=args.token or os.environ.get(TOKEN_ENV))
+                    token=args.token or os.environ.get(TOKEN_ENV), tls=tls)
     loop.handle_signals(STOP_SIGNALS, lambda signum: app.stop())
     app.start()
     try:

@@ -22,6 +22,7 @@ import re
 import selectors
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -849,7 +850,7 @@ class ServerProcess:
         self.stdout = Output(self.proc.stdout)
         self.stderr = Output(self.proc.stderr)
         self.banner = self.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
-        self.port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/", self.banner).group(1))
+        self.port = int(re.search(r"wss?://127\.0\.0\.1:(\d+)/", self.banner).group(1))
         self.url = "ws://127.0.0.1:%d/" % self.port
 
     def stop(self):
@@ -1544,6 +1545,61 @@ class AuthTests(unittest.TestCase):
                               stderr=subprocess.DEVNULL, timeout=DEADLINE).returncode
 
 
+class TLSTests(unittest.TestCase):
+    """wss:// and https:// in the same loop, with a throw-away certificate made here."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.cert = os.path.join(cls.tmp.name, "cert.pem")
+        cls.key = os.path.join(cls.tmp.name, "key.pem")
+        openssl = shutil_which("openssl")
+        cls.made = openssl is not None and subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", cls.key, "-out", cls.cert,
+             "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        require(self, "openssl", self.made, "the openssl command is needed to make a test certificate")
+        self.root = tempfile.mkdtemp(dir=self.tmp.name)
+        self.server = ServerProcess(self, [self.root], "--certfile", self.cert, "--keyfile", self.key)
+        self.assertIn("serving wss://127.0.0.1:%d/ (page: https://" % self.server.port, self.server.banner)
+        self.url = "wss://localhost:%d/" % self.server.port
+
+    def test_wss_end_to_end_with_cafile(self):
+        client = ClientProcess(self, self.url, "--cafile", self.cert, "--json")
+        client.wait_connected()
+        append(os.path.join(self.root, "s.jsonl"), entry_line(5))
+        line = client.stdout.wait_line(lambda l: '"kind":"entry"' in l, what="an entry over TLS")
+        self.assertEqual(json.loads(line)["entry"]["uuid"], "u-5")
+        # https for the status, and a plain-HTTP client on the TLS port harms nobody
+        context = ssl.create_default_context(cafile=self.cert)
+        with socket.create_connection(("127.0.0.1", self.server.port), timeout=DEADLINE) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(authorized(self.server.port, b"GET /status HTTP/1.1\r\nHost: localhost:%d\r\n\r\n"
+                                       % self.server.port))
+                self.assertTrue(tls.recv(100).startswith(b"HTTP/1.1 200 OK"))
+        self.assertEqual(http(self.server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")[:4], b"")
+        append(os.path.join(self.root, "s.jsonl"), entry_line(6))
+        client.stdout.wait_line(lambda l: '"u-6"' in l, what="the next entry")
+
+    def test_unverified_certificate_is_refused_unless_insecure(self):
+        result = subprocess.run([sys.executable, MODULE, "client", self.url, "--no-reconnect"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+        self.assertEqual(result.returncode, 1)
+        text = result.stderr.decode()
+        self.assertEqual(len(text.strip().splitlines()), 1, text)
+        self.assertIn("self-signed certificate (trust its certificate with --cafile", text)
+        client = ClientProcess(self, self.url, "--insecure")
+        client.wait_connected()
+        client.stderr.pump()
+        self.assertTrue(any("--insecure: the server's certificate is not checked" in l for l in client.stderr.lines))
+
+
 class CommandLineTests(unittest.TestCase):
     def run_cli(self, *args, timeout=DEADLINE):
         return subprocess.run([sys.executable, MODULE] + list(args), stdout=subprocess.PIPE,
@@ -1731,7 +1787,7 @@ class EchoClient(cs.WebSocketEndpoint):
 def run_echo_client(base_url, agent):
     """The client side of Autobahn: getCaseCount, runCase 1..N, updateReports."""
     loop = cs.EventLoop()
-    host, port, _ = cs.parse_ws_url(base_url)
+    host, port, _, _ = cs.parse_ws_url(base_url)
     host_header = "%s:%d" % (host, port)
     queue = ["/getCaseCount"]
     state = {"count": None}
