@@ -1600,6 +1600,46 @@ class TLSTests(unittest.TestCase):
         self.assertTrue(any("--insecure: the server's certificate is not checked" in l for l in client.stderr.lines))
 
 
+BROWSER_PAGE = """<!doctype html><title>pending</title><body><script>
+const ws = new WebSocket(location.hash.slice(1));
+ws.onopen = () => { document.title = "OPEN"; };
+ws.onerror = () => { document.title = "REFUSED"; };
+</script></body>
+"""
+
+
+class BrowserTests(unittest.TestCase):
+    """A real headless Chromium on a page of another origin tries to read the stream."""
+
+    def test_a_page_from_another_origin_is_refused(self):
+        chromium = shutil_which("chromium") or shutil_which("chromium-browser")
+        require(self, "browser", bool(chromium), "needs a chromium binary (.ci/setup installs Debian's)")
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        with open(os.path.join(tmp.name, "page.html"), "w") as fh:
+            fh.write(BROWSER_PAGE)
+        page_port = free_port()
+        pages = subprocess.Popen([sys.executable, "-m", "http.server", str(page_port), "--bind", "127.0.0.1",
+                                  "--directory", tmp.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (pages.kill(), pages.wait()))
+        wait_for(lambda: _port_open(page_port), message="the page server")
+        other_origin = "http://127.0.0.1:%d" % page_port
+
+        def title_seen(server):
+            target = "%s/page.html#ws://127.0.0.1:%d/?token=%s" % (
+                other_origin, server.port, cs.read_token_file(server.port))
+            dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                  "--disable-background-networking", "--disable-component-update",
+                                  "--disable-sync", "--user-data-dir=" + tempfile.mkdtemp(dir=tmp.name),
+                                  "--virtual-time-budget=5000", "--dump-dom", target],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60).stdout.decode()
+            return re.search(r"<title>(\w+)</title>", dom).group(1)
+        # Even with the token in hand, a page of another origin cannot connect ...
+        self.assertEqual(title_seen(ServerProcess(self, [tmp.name])), "REFUSED")
+        # ... unless that origin is named with --allow-origin (which shows the check can tell).
+        self.assertEqual(title_seen(ServerProcess(self, [tmp.name], "--allow-origin", other_origin)), "OPEN")
+
+
 class CommandLineTests(unittest.TestCase):
     def run_cli(self, *args, timeout=DEADLINE):
         return subprocess.run([sys.executable, MODULE] + list(args), stdout=subprocess.PIPE,
