@@ -1510,6 +1510,40 @@ class AuthTests(unittest.TestCase):
         self.assertEqual(slow.recv(100), b"")
         self.assertLess(time.monotonic() - started, cs.HANDSHAKE_TIMEOUT + 5)
 
+    def test_huge_frame_header_is_refused_before_buffering_and_logs_hold_no_secrets(self):
+        server = ServerProcess(self, [self.root], "--debug")
+        token = cs.read_token_file(server.port)
+        raw = RawClient(server.port)
+        raw.message()
+        raw.send(bytes([0x81, 0xFF]) + (100 << 20).to_bytes(8, "big") + b"mask")   # claims 100 MB
+        event = raw.next_event()
+        self.assertEqual((type(event), event.code), (cs.CloseReceived, 1009))
+        secret = "sk-live-SECRET-%d" % os.getpid()
+        append(os.path.join(self.root, "s.jsonl"), '{"type":"user","key":"%s"}\n{"broken %s\n' % (secret, secret))
+        reader = RawClient(server.port)
+        reader.message()
+        append(os.path.join(self.root, "s.jsonl"), '{"type":"user","n":1}\n')
+        reader.message()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(DEADLINE)
+        server.stderr.pump()
+        log = "\n".join(server.stderr.lines)
+        self.assertIn("malformed line in s.jsonl", log)
+        self.assertNotIn(secret, log)
+        self.assertNotIn(token, log)
+
+    def test_binding_beyond_loopback_warns_what_is_exposed(self):
+        for extra, needle in ((("--no-auth",), "anyone who can reach this port reads every transcript"),
+                              ((), "the token and every transcript cross the network unencrypted")):
+            proc = subprocess.Popen([sys.executable, MODULE, "serve", "--root", self.root, "--host", "0.0.0.0",
+                                     "--port", "0"] + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            err = Output(proc.stderr)
+            err.wait_line(lambda l: "warning: listening on 0.0.0.0" in l and needle in l)
+            proc.send_signal(signal.SIGTERM)
+            self.assertEqual(proc.wait(DEADLINE), 0)
+            proc.stdout.close()
+            proc.stderr.close()
+
     def test_comparison_is_constant_time(self):
         import inspect
         self.assertIn("hmac.compare_digest", inspect.getsource(cs.StreamServer._check_token))
