@@ -104,6 +104,7 @@ LINGER_TIMEOUT = 2.0                # after our FIN, seconds to wait for the pee
 LIVE_OUTPUT_CAP = 8 << 20           # unsent bytes past which a client gets no live entries
                                     # and is caught up from disk instead, from its cursors
 CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than this is unsent
+CATCHUP_FIRST_BLOCK = 16 << 10      # first read of each file behind: small, as there may be many
 CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step
 CATCHUP_TICK_BUDGET = 4 << 20       # bytes read for all catching-up clients per loop tick
 CATCHUP_INTERVAL = 0.005            # seconds between catch-up steps while any client is behind
@@ -1014,7 +1015,8 @@ class LineReader:
         self.abspath = abspath
         self.offset = offset            # of the next line to hand out
         self._read_pos = offset
-        self._partial = b""
+        self._partial = bytearray()
+        self.blocks = 0                 # blocks read so far
         self.lines: Deque[Tuple[int, bytes]] = collections.deque()   # read ahead, in order
 
     def fill(self, limit: int, block: int = READ_BLOCK) -> int:
@@ -1028,11 +1030,15 @@ class LineReader:
             return 0
         start = self._read_pos - len(self._partial)
         self._read_pos += len(chunk)
-        parts = (self._partial + chunk).split(b"\n") if self._partial else chunk.split(b"\n")
-        self._partial = parts.pop()
-        if len(self._partial) > MAX_LINE_BYTES:
-            self._partial = b""         # reported by the tailer when it was written
-        for line in parts:
+        self.blocks += 1
+        self._partial += chunk          # a long line grows here without quadratic copies
+        end = self._partial.rfind(b"\n")
+        if end < 0:
+            if len(self._partial) > MAX_LINE_BYTES:
+                self._partial = bytearray()     # reported by the tailer when it was written
+            return len(chunk)
+        complete, self._partial = bytes(self._partial[:end]), self._partial[end + 1:]
+        for line in complete.split(b"\n"):
             self.lines.append((start, line))
             start += len(line) + 1
         return len(chunk)
@@ -2231,6 +2237,7 @@ def default_roots() -> List[str]:
             os.path.expanduser(os.path.join(xdg, "claude", "projects"))]
 
 
+_TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -2767,9 +2774,7 @@ class StreamServer:
             session.held = session.catching_up = True
             session.sync()
             return
-        for rec in list(self.tailer.files.values()):
-            if sub.filters.projects and not any(p in rec.project.lower() for p in sub.filters.projects):
-                continue
+        for rec in list(self.tailer.files.values()):   # filters apply per line (cwd included)
             rel = rec.rel
             if rel in sub.cursors:
                 start = sub.cursors[rel]
@@ -2945,12 +2950,24 @@ class StreamServer:
                 break
 
     def _catch_up_session(self, session: ServerSession, budget: int) -> int:
-        """Send one client's backlog, oldest line first across its files."""
+        """Send one client's backlog, oldest line first across its files.
+
+        Every file behind gets its next line ready before any line is sent, so
+        the merge is in time order across files; readying, like sending, is
+        bounded per tick (a file still scanning for its --since window holds
+        the merge until a later tick).
+        """
         used = 0
         heads: List[Tuple[str, int, str]] = []      # (time key, tie-break, path)
+        complete = True
         for rel, backlog in list(session.backlog.items()):
-            used += self._refill(session, rel, backlog, heads)
-        while heads and used < budget and session.unsent < CATCHUP_LOW_WATER:
+            if used >= budget:
+                complete = False
+                break
+            read, state = self._refill(session, rel, backlog, heads)
+            used += read
+            complete = complete and state != "scanning"
+        while complete and heads and used < budget and session.unsent < CATCHUP_LOW_WATER:
             rel = heapq.heappop(heads)[2]
             backlog = session.backlog[rel]
             message = backlog.ready.popleft()
@@ -2958,7 +2975,9 @@ class StreamServer:
             if session.filters.match(message.meta):
                 session.queue(message.payload)
                 used += len(message.payload)
-            used += self._refill(session, rel, backlog, heads)
+            read, state = self._refill(session, rel, backlog, heads)
+            used += read
+            complete = state != "scanning"
         if not session.backlog and session.unsent < CATCHUP_LOW_WATER:
             session.catching_up = False
             session.queue(_json({"kind": "live"}))
@@ -2966,32 +2985,56 @@ class StreamServer:
         return used
 
     def _refill(self, session: ServerSession, rel: str, backlog: Backlog,
-                heads: List[Tuple[str, int, str]]) -> int:
-        """Ready the backlog's next line and push it on the merge heap; drop it when done."""
-        used = self._prepare(backlog)
+                heads: List[Tuple[str, int, str]]) -> Tuple[int, str]:
+        """Ready the backlog's next line and push it on the merge heap; drop it when done.
+
+        Returns the bytes read and "ready", "done" or "scanning".
+        """
+        read, exhausted = self._prepare(backlog)
         if backlog.ready:
-            key = backlog.ready[0].sort_key or backlog.last_key   # untimed: its predecessor's
+            # An untimed line (a mode, a title, a snapshot) sorts with its predecessor,
+            # or, first in its file, with the next line that has a time.
+            key = backlog.ready[0].sort_key or backlog.last_key or self._next_stamp(backlog)
             backlog.last_key = key
             self._merge_seq += 1
             heapq.heappush(heads, (key, self._merge_seq, rel))
-        elif backlog.reader.offset >= backlog.rec.line_start or backlog.rec.gone:
+            return read, "ready"
+        if exhausted or backlog.rec.gone:
             del session.backlog[rel]        # caught up: live delivery takes over
-        return used
+            return read, "done"
+        return read, "scanning"
 
     @staticmethod
-    def _prepare(backlog: Backlog) -> int:
-        """Make ``backlog.ready`` hold the next line(s) to send, applying ``since``."""
-        used = 0
+    def _next_stamp(backlog: Backlog) -> str:
+        for message in backlog.ready:
+            if message.sort_key:
+                return message.sort_key
+        for _, line in itertools.islice(backlog.reader.lines, 0, 50):
+            match = _TIMESTAMP_BYTES_RE.search(line)
+            if match:
+                return match.group(1).decode("ascii", "replace")
+        return ""
+
+    @staticmethod
+    def _prepare(backlog: Backlog) -> Tuple[int, bool]:
+        """Ready the next line(s) to send, applying ``since``, reading at most one block.
+
+        Returns the bytes read and whether the file is read up to the live edge.
+        """
         reader = backlog.reader
+        read = 0
         while not backlog.ready:
             if not reader.lines:
-                got = reader.fill(backlog.rec.line_start, CATCHUP_BLOCK)
-                used += got
-                if not got:
+                if read:
+                    return read, False      # one block per call: the tick stays short
+                read = reader.fill(backlog.rec.line_start,
+                                   CATCHUP_BLOCK if reader.blocks else CATCHUP_FIRST_BLOCK)
+                if not read:
                     if backlog.held and backlog.rec.mtime >= (backlog.since or 0):
                         backlog.ready.extend(backlog.held)   # recent untimed lines at the end
                     backlog.held = []
-                    return used
+                    return 0, not backlog.ready
+                continue
             offset, line = reader.take()
             message = line_message(backlog.rec, offset, line)
             if message is None:
@@ -3010,7 +3053,7 @@ class StreamServer:
                 backlog.ready.extend(backlog.held)
                 backlog.ready.append(message)
                 backlog.held = []
-        return used
+        return read, False
 
     def shutdown(self) -> None:
         """Close 1001 to every client, then stop (at the latest after a second)."""
@@ -3238,6 +3281,15 @@ class Renderer:
         return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
 
 
+def absolute_since(since: Optional[str], server_time: Any) -> Optional[str]:
+    """--since as an ISO time by the server's clock ("all" and None unchanged)."""
+    when = parse_timestamp(server_time)
+    if since is None or since.strip().lower() == "all" or when is None:
+        return since
+    start = parse_since(since, when.timestamp())
+    return datetime.fromtimestamp(start, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def parse_ws_url(text: str) -> Tuple[str, int, str, bool]:
     """(host, port, resource, secure) of a ws:// or wss:// URL.
 
@@ -3274,6 +3326,7 @@ class ClientLink(WebSocketEndpoint):
         self.failures = 0           # consecutive failed attempts, for the backoff
         self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
         self.epoch: Optional[str] = None    # server time when we first went live
+        self.since: Optional[str] = None    # --since, fixed to a server time at the first hello
         self.duplicates = 0
         self.rejected: Optional[HandshakeError] = None
         self.tls_failure: Optional[BaseException] = None
@@ -3400,7 +3453,7 @@ class ClientApp:
         """
         request: Dict[str, Any] = self.filters.as_json()
         request["kind"] = "subscribe"
-        request["since"] = self.since or link.epoch
+        request["since"] = link.since or link.epoch
         request["cursors"] = link.cursors
         return _json(request)
 
@@ -3441,9 +3494,12 @@ class ClientApp:
             return
         kind = msg.get("kind")
         if kind == "hello":
-            link.failures = 0
             resuming = link.epoch is not None
-            link.epoch = link.epoch or msg.get("time")
+            if not resuming:
+                link.epoch = msg.get("time")
+                # --since 10m means ten minutes before this first hello, by the server's
+                # clock, on every reconnection too, not ten minutes before each one.
+                link.since = absolute_since(self.since, msg.get("time"))
             self.log.info("%s %s (%s %s, %s files)" % (
                 "reconnected to" if resuming else "connected to", link.url, msg.get("server"),
                 msg.get("version"), msg.get("files")))
@@ -3451,6 +3507,7 @@ class ClientApp:
         elif kind == "error":
             self.log.warn("%s: %s" % (link.url, msg.get("error")))
         elif kind == "live":
+            link.failures = 0       # a working connection, not just a handshake: reset the backoff
             self.log.info("%s: caught up, following live" % link.url)
         elif not self._track(link, msg):
             return
@@ -3658,6 +3715,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log)
     server = StreamServer(loop, tailer, args.host, args.port, log, token, args.allow_origin, tls)
+    loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None
     if token is not None:
@@ -3682,7 +3740,6 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)
     print(line, flush=True)
-    loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())
     try:
         loop.run()
     finally:
@@ -3700,6 +3757,8 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     filters = Filters.from_lists(args.project, args.session, args.type)
     if args.since is not None:
         try:
+            if not args.since.strip():
+                raise ValueError("an empty WHEN; give a duration (10m), an ISO time or 'all'")
             parse_since(args.since, time.time())
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None

@@ -1295,6 +1295,29 @@ class NoLossTests(unittest.TestCase):
                 got.append(msg["entry"]["uuid"])
         self.assertEqual(sorted(got), ["u-0", "u-1", "u-10", "u-11", "u-12", "u-2"])
 
+    def test_history_holds_long_lines_and_filters_by_working_directory(self):
+        big = "z" * (600 << 10)             # longer than any catch-up read block
+        append(self.path(0), entry_line(1, cwd="/home/u/my_app", pad=big) + entry_line(2, cwd="/home/u/my_app"))
+        append(self.path(1), entry_line(3, cwd="/home/u/other"))
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port, "/?hold=1")
+        raw.message()
+        raw.conn.send_text(json.dumps({"kind": "subscribe", "since": "all", "project": ["my_app"]}))
+        raw.flush()
+        got = []
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "live":
+                break
+            if msg["kind"] == "entry":
+                got.append(msg["entry"])
+        self.assertEqual([e["uuid"] for e in got], ["u-1", "u-2"])     # folder "-p", cwd my_app
+        self.assertEqual(got[0]["pad"], big)
+
+    def test_since_is_fixed_at_the_first_hello(self):
+        self.assertEqual(cs.absolute_since("10m", "2026-11-28T05:00:00.000Z"), "2026-11-28T04:50:00Z")
+        self.assertEqual(cs.absolute_since("all", "2026-11-28T05:00:00Z"), "all")
+
     def test_invalid_cursor_restarts_the_file_from_zero(self):
         append(self.path(0), entry_line(1) + entry_line(2))
         server = ServerProcess(self, [self.root])
@@ -1539,6 +1562,7 @@ class AuthTests(unittest.TestCase):
                                      "--port", "0"] + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             err = Output(proc.stderr)
             err.wait_line(lambda l: "warning: listening on 0.0.0.0" in l and needle in l)
+            Output(proc.stdout).wait_line(lambda l: "serving" in l)
             proc.send_signal(signal.SIGTERM)
             self.assertEqual(proc.wait(DEADLINE), 0)
             proc.stdout.close()
