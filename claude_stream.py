@@ -3327,6 +3327,7 @@ class ClientLink(WebSocketEndpoint):
         self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
         self.epoch: Optional[str] = None    # server time when we first went live
         self.since: Optional[str] = None    # --since, fixed to a server time at the first hello
+        self.resuming = False               # not the first connection
         self.duplicates = 0
         self.rejected: Optional[HandshakeError] = None
         self.tls_failure: Optional[BaseException] = None
@@ -3453,7 +3454,7 @@ class ClientApp:
         """
         request: Dict[str, Any] = self.filters.as_json()
         request["kind"] = "subscribe"
-        request["since"] = link.since or link.epoch
+        request["since"] = link.since or (link.epoch if link.resuming else None)
         request["cursors"] = link.cursors
         return _json(request)
 
@@ -3484,17 +3485,19 @@ class ClientApp:
             self.log.warn("%s sent a binary message; ignored" % link.url)
             return
         try:
-            if self.json_mode:
-                self._write(message.text.encode("utf-8") + b"\n")
             msg = json.loads(message.text)
         except ValueError:
-            self.log.warn("%s sent a message that is not JSON; ignored" % link.url)
-            return
+            msg = None
         if not isinstance(msg, dict):
+            self.log.warn("%s sent a message that is not a JSON object; ignored" % link.url)
             return
         kind = msg.get("kind")
+        if kind not in ("hello", "error", "live") and not self._track(link, msg):
+            return                  # a line we already have: never written twice
+        if self.json_mode:
+            self._write(message.text.encode("utf-8") + b"\n")
         if kind == "hello":
-            resuming = link.epoch is not None
+            resuming = link.resuming = link.epoch is not None
             if not resuming:
                 link.epoch = msg.get("time")
                 # --since 10m means ten minutes before this first hello, by the server's
@@ -3509,8 +3512,6 @@ class ClientApp:
         elif kind == "live":
             link.failures = 0       # a working connection, not just a handshake: reset the backoff
             self.log.info("%s: caught up, following live" % link.url)
-        elif not self._track(link, msg):
-            return
         if not self.json_mode:
             line = self.renderer.render(msg)
             if line is not None:
