@@ -1239,11 +1239,10 @@ class NoLossTests(unittest.TestCase):
 
     def test_since_replays_the_window_then_continues_live_without_a_seam(self):
         now = time.time()
-        old, recent = [], []
+        recent = []
         for f in range(4):
-            for k in range(5):
-                line = entry_line(0, uuid="old-%d-%d" % (f, k), timestamp=iso(now - 7200 + k))
-                append(self.path(f), line)
+            for k in range(5):          # two hours old: outside the window
+                append(self.path(f), entry_line(0, uuid="old-%d-%d" % (f, k), timestamp=iso(now - 7200 + k)))
             append(self.path(f), json.dumps({"type": "file-history-snapshot", "uuid": "snap-%d" % f}) + "\n")
             for k in range(5):      # interleaved in time across files: t = k*4 + f
                 append(self.path(f), entry_line(0, uuid="recent-%d-%d" % (f, k),
@@ -1258,7 +1257,7 @@ class NoLossTests(unittest.TestCase):
                 i = len(written)
                 append(self.path(i % 4), entry_line(0, uuid="new-%d" % i, timestamp=iso(time.time())))
                 written.append("new-%d" % i)
-        write(50)                   # before the client exists: not in its window? They are: now.
+        write(50)                   # before the client connects, but inside its window
         client = ClientProcess(self, server.url, "--json", "--since", "10m")
         while not any('"kind":"live"' in l for l in client.stdout.lines):
             write(5)                # a writer racing the replay
