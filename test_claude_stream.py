@@ -267,6 +267,12 @@ class TailerTestCase(unittest.TestCase):
         tailer.start()
         return tailer
 
+    def watch(self, content):
+        """A transcript holding ``content`` before the tailer starts, and the tailer."""
+        path = os.path.join(self.project, "s.jsonl")
+        append(path, content)
+        return path, self.make_tailer()
+
     def poll(self, tailer):
         """Advance time past every schedule and collect events until quiet."""
         events = []
@@ -295,18 +301,14 @@ class _ListStream:
 
 class TailerTests(TailerTestCase):
     def test_existing_content_is_skipped_and_appends_arrive_with_offsets(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "old 1\nold 2\n")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("old 1\nold 2\n")
         self.assertEqual(self.lines(self.poll(tailer)), [])
         append(path, "new 1\nnew 2\n")
         self.assertEqual(self.lines(self.poll(tailer)),
                          [("-home-u-proj/s.jsonl", 12, b"new 1"), ("-home-u-proj/s.jsonl", 18, b"new 2")])
 
     def test_half_written_line_is_held_then_delivered_once(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("")
         append(path, '{"type":"us')
         self.assertEqual(self.lines(self.poll(tailer)), [])
         append(path, 'er"}')
@@ -318,18 +320,14 @@ class TailerTests(TailerTestCase):
         self.assertEqual(self.lines(self.poll(tailer)), [])
 
     def test_line_being_written_at_startup_is_delivered_whole(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "done\npart")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("done\npart")
         self.assertEqual(self.lines(self.poll(tailer)), [])
         append(path, "ial\nnext\n")
         self.assertEqual(self.lines(self.poll(tailer)),
                          [("-home-u-proj/s.jsonl", 5, b"partial"), ("-home-u-proj/s.jsonl", 13, b"next")])
 
     def test_truncation_restarts_from_zero(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "one\ntwo\n")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("one\ntwo\n")
         with open(path, "wb") as fh:
             fh.write(b"3\n")
         events = self.poll(tailer)
@@ -338,9 +336,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual(self.lines(events), [("-home-u-proj/s.jsonl", 0, b"3")])
 
     def test_replacement_with_new_inode_restarts_from_zero(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "one\ntwo\nthree\n")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("one\ntwo\nthree\n")
         other = os.path.join(self.project, "tmp")
         append(other, "first\nsecond\nthird\nfourth\n")   # larger, so size alone cannot tell
         os.replace(other, path)
@@ -350,9 +346,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual([d for _, _, d in self.lines(events)], [b"first", b"second", b"third", b"fourth"])
 
     def test_truncated_and_rewritten_past_our_offset_restarts_from_zero(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("")
         append(path, '{"n":1}\n')
         self.assertEqual(len(self.lines(self.poll(tailer))), 1)
         with open(path, "wb") as fh:           # same inode, larger: size alone cannot tell
@@ -409,9 +403,7 @@ class TailerTests(TailerTestCase):
         self.assertTrue(any("now watching" in line for line in self.log_lines))
 
     def test_fifteen_megabyte_line_is_delivered_intact(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("")
         big = json.dumps({"type": "user", "image": base64.b64encode(os.urandom(12 << 20)).decode()})
         self.assertGreater(len(big), 15 << 20)
         with open(path, "ab") as fh:      # written in pieces, like a real writer
@@ -426,9 +418,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual(got[1][1:], (len(big) + 1, b"{}"))
 
     def test_oversize_line_is_reported_and_the_next_line_arrives(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("")
         original = cs.MAX_LINE_BYTES
         cs.MAX_LINE_BYTES = 1000
         self.addCleanup(setattr, cs, "MAX_LINE_BYTES", original)
@@ -439,9 +429,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 5101, b"ok")])
 
     def test_reads_are_bounded_per_tick_and_stay_in_order(self):
-        path = os.path.join(self.project, "s.jsonl")
-        append(path, "")
-        tailer = self.make_tailer()
+        path, tailer = self.watch("")
         original = cs.TICK_READ_BUDGET
         cs.TICK_READ_BUDGET = 4096
         self.addCleanup(setattr, cs, "TICK_READ_BUDGET", original)
@@ -1226,6 +1214,21 @@ class NoLossTests(unittest.TestCase):
     def path(self, n):
         return os.path.join(self.root, "-p", "s%02d.jsonl" % n)
 
+    def replay(self, **subscribe):
+        """Subscribe (after hold=1) to a fresh server; the entries sent before "live"."""
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port, "/?hold=1")
+        raw.message()
+        raw.conn.send_text(json.dumps(dict(subscribe, kind="subscribe")))
+        raw.flush()
+        entries = []
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "live":
+                return entries
+            if msg["kind"] == "entry":
+                entries.append(msg["entry"])
+
     def assertExactlyOnceInFileOrder(self, entries, expected_uuids):
         seen = [e["entry"]["uuid"] for e in entries]
         duplicates = len(seen) - len(set(seen))
@@ -1280,36 +1283,14 @@ class NoLossTests(unittest.TestCase):
             append(os.path.join(self.root, "-p", "abcd1234.jsonl"), entry_line(i, "abcd1234"))
             append(os.path.join(sub, "agent-x1.jsonl"), entry_line(10 + i, "abcd1234"))
             append(os.path.join(self.root, "-p", "other.jsonl"), entry_line(20 + i, "other"))
-        server = ServerProcess(self, [self.root])
-        raw = RawClient(server.port, "/?hold=1")
-        raw.message()
-        raw.conn.send_text(json.dumps({"kind": "subscribe", "since": "all", "session": ["abcd"]}))
-        raw.flush()
-        got = []
-        while True:
-            msg = raw.message()
-            if msg["kind"] == "live":
-                break
-            if msg["kind"] == "entry":
-                got.append(msg["entry"]["uuid"])
+        got = [e["uuid"] for e in self.replay(since="all", session=["abcd"])]
         self.assertEqual(sorted(got), ["u-0", "u-1", "u-10", "u-11", "u-12", "u-2"])
 
     def test_history_holds_long_lines_and_filters_by_working_directory(self):
         big = "z" * (600 << 10)             # longer than any catch-up read block
         append(self.path(0), entry_line(1, cwd="/home/u/my_app", pad=big) + entry_line(2, cwd="/home/u/my_app"))
         append(self.path(1), entry_line(3, cwd="/home/u/other"))
-        server = ServerProcess(self, [self.root])
-        raw = RawClient(server.port, "/?hold=1")
-        raw.message()
-        raw.conn.send_text(json.dumps({"kind": "subscribe", "since": "all", "project": ["my_app"]}))
-        raw.flush()
-        got = []
-        while True:
-            msg = raw.message()
-            if msg["kind"] == "live":
-                break
-            if msg["kind"] == "entry":
-                got.append(msg["entry"])
+        got = self.replay(since="all", project=["my_app"])
         self.assertEqual([e["uuid"] for e in got], ["u-1", "u-2"])     # folder "-p", cwd my_app
         self.assertEqual(got[0]["pad"], big)
 
