@@ -2785,7 +2785,10 @@ class StreamServer:
                 session.position[rel] = start
                 if start < rec.line_start:
                     session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start))
-            elif sub.since is not None and rel not in session.backlog and rec.mtime >= sub.since:
+            elif sub.since is not None and rec.mtime >= sub.since:
+                # History replaces any backlog already open for this file (one opened
+                # by a live line that came while the client was held, say): it reads
+                # from what was last sent, so it covers that backlog's lines too.
                 start = session.position.get(rel, 0)
                 if start < rec.line_start:
                     session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start), since=sub.since)

@@ -1276,6 +1276,30 @@ class NoLossTests(unittest.TestCase):
         replayed = [e["entry"]["uuid"] for e in entries if e["entry"]["uuid"].startswith("recent-")]
         self.assertEqual(replayed, ["recent-%d-%d" % (f, k) for k in range(5) for f in range(4)])
 
+    def test_a_line_that_arrives_before_the_subscribe_does_not_cut_the_history_short(self):
+        # Seen in CI: a live line reaching a held client (hello sent, subscribe not yet
+        # read) opened a backlog at that line, and --since then skipped the file.
+        now = time.time()
+        append(self.path(0), entry_line(0, uuid="old", timestamp=iso(now - 7200))
+               + entry_line(0, uuid="recent", timestamp=iso(now - 60)))
+        server = ServerProcess(self, [self.root])
+        held = RawClient(server.port, "/?hold=1")
+        self.assertEqual(held.message()["kind"], "hello")
+        watcher = RawClient(server.port, "/")
+        self.assertEqual(watcher.message()["kind"], "hello")
+        append(self.path(0), entry_line(0, uuid="new", timestamp=iso(time.time())))
+        self.assertEqual(watcher.message()["entry"]["uuid"], "new")    # so the held client was offered it too
+        held.conn.send_text(json.dumps({"kind": "subscribe", "since": "10m"}))
+        held.flush()
+        got = []
+        while True:
+            msg = held.message()
+            if msg["kind"] == "live":
+                break
+            if msg["kind"] == "entry":
+                got.append(msg["entry"]["uuid"])
+        self.assertEqual(got, ["recent", "new"])
+
     def test_whole_session_from_its_start(self):
         sub = os.path.join(self.root, "-p", "abcd1234", "subagents")
         os.makedirs(sub)
