@@ -16,6 +16,7 @@ Environment:
 
 import ast
 import base64
+import errno
 import json
 import os
 import re
@@ -252,6 +253,8 @@ class FakeClock:
 
 
 class TailerTestCase(unittest.TestCase):
+    wakeups = False                     # polling alone finds every change; see WakeupTests
+
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
@@ -263,7 +266,9 @@ class TailerTestCase(unittest.TestCase):
 
     def make_tailer(self, roots=None):
         log = cs.Log(stream=_ListStream(self.log_lines))
-        tailer = cs.Tailer(roots or [self.root], poll_interval=0.25, log=log, clock=self.clock)
+        tailer = cs.Tailer(roots or [self.root], poll_interval=0.25, log=log, clock=self.clock,
+                           wakeups=self.wakeups)
+        self.addCleanup(tailer.close)
         tailer.start()
         return tailer
 
@@ -453,6 +458,68 @@ class TailerTests(TailerTestCase):
         }
         for rel, expected in cases.items():
             self.assertEqual(cs.classify_path(rel), expected, rel)
+
+
+class WakeupTailerTests(TailerTests):
+    """Every tailer test again, with inotify wake-ups on (Linux)."""
+    wakeups = True
+
+    def setUp(self):
+        super().setUp()
+        require(self, "inotify", sys.platform.startswith("linux"), "inotify is Linux only")
+
+
+class WakeupTests(TailerTestCase):
+    """inotify makes a file due at once; without it the same change waits for its poll."""
+    wakeups = True
+
+    def setUp(self):
+        super().setUp()
+        require(self, "inotify", sys.platform.startswith("linux"), "inotify is Linux only")
+
+    def settled(self, content=""):
+        path, tailer = self.watch(content)
+        self.poll(tailer)                   # quiet, every file scheduled in the future
+        self.assertEqual(tailer.notify is not None, self.wakeups)
+        return path, tailer
+
+    def test_an_append_is_read_at_once_not_at_its_next_poll(self):
+        path, tailer = self.settled("old\n")
+        self.assertGreater(tailer.next_due(), self.clock.now)
+        append(path, "new\n")
+        self.assertEqual(self.lines(tailer.poll()), [("-home-u-proj/s.jsonl", 4, b"new")])
+
+    def test_without_wakeups_the_same_append_waits_for_its_poll(self):
+        self.wakeups = False
+        path, tailer = self.settled("old\n")
+        append(path, "new\n")
+        self.assertEqual(self.lines(tailer.poll()), [])
+        self.assertEqual(len(self.lines(self.poll(tailer))), 1)
+
+    def test_a_file_in_a_new_folder_is_found_at_once(self):
+        _, tailer = self.settled()
+        sub = os.path.join(self.project, "sess", "subagents")
+        os.makedirs(sub)
+        append(os.path.join(sub, "agent-a1.jsonl"), "first\n")
+        got = []
+        for _ in range(3):                  # folder, then the folder in it: one level per pass
+            got += self.lines(tailer.poll())
+        self.assertEqual(got, [("-home-u-proj/sess/subagents/agent-a1.jsonl", 0, b"first")])
+
+    def test_wakeups_lengthen_every_polling_interval(self):
+        path, tailer = self.settled()
+        rec = tailer.files[path]
+        for age, factor in ((0, 1), (cs.HOT_AGE, cs.WARM_FACTOR), (cs.WARM_AGE, cs.COLD_FACTOR)):
+            rec.last_growth = self.clock.now - age
+            self.assertEqual(tailer._interval(rec, self.clock.now), 0.25 * factor * cs.WAKEUP_FACTOR)
+
+    def test_a_refused_watch_means_polling_at_the_full_rate(self):
+        _, tailer = self.settled()
+        tailer.notify.watch = lambda path: errno.ENOSPC     # out of inotify watches
+        os.makedirs(os.path.join(self.project, "more"))
+        self.poll(tailer)
+        self.assertEqual(tailer.slowdown, 1)
+        self.assertTrue(any("polling every file at the full rate" in l for l in self.log_lines))
 
 
 # =============================================================================
@@ -955,8 +1022,18 @@ class EndToEndTests(unittest.TestCase):
         os.makedirs(self.project)
 
     def test_real_transcripts_arrive_once_byte_identical_in_file_order(self):
-        sources = transcript_files(self)
         server = ServerProcess(self, [self.root])
+        if sys.platform.startswith("linux"):
+            self.assertIn("inotify wake-ups", server.banner)
+        self.stream_real_transcripts(server)
+
+    def test_real_transcripts_by_polling_alone(self):
+        server = ServerProcess(self, [self.root], "--poll-only")
+        self.assertIn("polling)", server.banner)
+        self.stream_real_transcripts(server)
+
+    def stream_real_transcripts(self, server):
+        sources = transcript_files(self)
         client = ClientProcess(self, server.url, "--json", "--no-reconnect")
         client.wait_connected()
         expected = []
@@ -1398,7 +1475,9 @@ class SlowClientTests(unittest.TestCase):
         log = cs.Log(stream=_ListStream(self.log_lines))
         loop = cs.EventLoop(log)
         self.addCleanup(loop.close)
-        server = cs.StreamServer(loop, cs.Tailer([self.tmp.name], 0.02, log), "127.0.0.1", 0, log)
+        tailer = cs.Tailer([self.tmp.name], 0.02, log)
+        self.addCleanup(tailer.close)
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
         server.listen()
         server.start()
         stuck = socket.socket()
