@@ -37,12 +37,14 @@ import codecs
 import collections
 import enum
 import errno
+import gc
 import hashlib
 import heapq
 import hmac
 import itertools
 import html
 import json
+import math
 import os
 import random
 import re
@@ -88,10 +90,13 @@ WAKEUP_FACTOR = 50                  # with inotify: hot 1 s, warm 25 s, cold 100
 FULL_RESCAN_INTERVAL = 30.0         # every folder re-listed, as a safety net
 RACY_DIR_SECONDS = 2.0              # a folder changed this recently is re-listed again
 WAKEUP_READ_BYTES = 64 << 10        # inotify events read per call
+SCHEDULE_SLOTS = 10                 # a tier's stats are batched into interval / this slots
+MAX_SLOT_SECONDS = 1.0              # ... of at most this long
 READ_BLOCK = 1 << 20                # bytes per read() call
-TICK_READ_BUDGET = 1 << 20          # bytes read from all files per loop tick; well below
+TICK_READ_BUDGET = 128 << 10         # bytes read from all files per loop tick; well below
                                     # LIVE_OUTPUT_CAP, so one tick never trips a fast client
 MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
+JSON_TEXT_CACHE_SIZE = 4096         # encoded paths and ids kept for envelopes
 MAX_OPEN_FILES = 256                # hot files kept open; others reopened per read
 BOUNDARY_SCAN_BLOCK = 64 << 10      # backwards scan for a line start at startup
 TRANSCRIPT_SUFFIX = ".jsonl"
@@ -548,6 +553,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError("%s is not JSON" % name)
 
 
+_LINE_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # built once, not per line
+
+
 def decode_line(data: bytes) -> Dict[str, Any]:
     """The JSON object on one line, or MalformedLine saying briefly why not.
 
@@ -559,7 +567,7 @@ def decode_line(data: bytes) -> Dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _LINE_DECODER.decode(text)
     except ValueError as exc:
         reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
         if "Extra data" in reason:
@@ -815,6 +823,16 @@ class Tailer:
             return self.poll_interval * WARM_FACTOR * self.slowdown
         return self.poll_interval * COLD_FACTOR * self.slowdown
 
+    def _slot(self, due: float, interval: float) -> float:
+        """Round ``due`` up to a shared slot, so idle files are stat()ed in batches.
+
+        10,000 cold files each due at its own instant would wake the loop a
+        hundred times a second for one stat each; slots of a tenth of the
+        interval (at most a second) make that one wake-up per slot.
+        """
+        slot = min(interval / SCHEDULE_SLOTS, MAX_SLOT_SECONDS)
+        return math.ceil(due / slot) * slot
+
     def next_due(self) -> float:
         due = self._next_dir_check
         while self._heap and (self._heap[0][2].gone or self._heap[0][2].due != self._heap[0][0]):
@@ -852,7 +870,8 @@ class Tailer:
             if more:
                 self._schedule(rec, now)       # budget spent mid-file: next tick
             else:
-                self._schedule(rec, now + self._interval(rec, now))
+                interval = self._interval(rec, now)
+                self._schedule(rec, self._slot(now + interval, interval))
                 if rec.fh is not None and now - rec.last_growth >= HOT_AGE:
                     self._close(rec)
         return events
@@ -977,30 +996,32 @@ class Tailer:
                     self._forget(self.files[gone], events)
             for gone in state.subdirs - subdirs:
                 self._forget_dir(gone, events)
+            wall = time.time()
             for path_ in files - state.files:
                 if path_ not in self.files:
-                    self._add_file(root, path_, now)
+                    self._add_file(root, path_, now, wall)
             state.files, state.subdirs = files, subdirs
             stack.extend(d for d in subdirs if d not in self.dirs)
 
-    def _add_file(self, root: RootState, path: str, now: float) -> None:
+    def _add_file(self, root: RootState, path: str, now: float, wall: float) -> None:
         try:
             st = os.stat(path)
         except OSError:
             return
-        rel = os.path.relpath(path, root.path).replace(os.sep, "/")
+        rel = path[len(root.path):].lstrip(os.sep).replace(os.sep, "/")   # path is below root
         project, session, agent = classify_path(rel)
         # Existing files at start: follow from the end; their idle age sets the tier.
         # Files that appear later are new content: read them from the first byte.
         existing = not self._started
         start = st.st_size if existing else 0
-        idle = max(0.0, time.time() - st.st_mtime) if existing else 0.0
+        idle = max(0.0, wall - st.st_mtime) if existing else 0.0
         rec = FileRecord(root.path, rel, path, project, session, agent, st.st_dev, st.st_ino,
                          read_pos=start, line_start=start, last_growth=now - idle,
                          mtime=st.st_mtime, boundary_known=start == 0)
         self.files[path] = rec
         if existing:   # spread the first stats of a big tree over one interval
-            self._schedule(rec, now + random.random() * self._interval(rec, now))
+            interval = self._interval(rec, now)
+            self._schedule(rec, self._slot(now + random.random() * interval, interval))
         else:
             self._schedule(rec, now)
 
@@ -1442,11 +1463,12 @@ class Connection:
         self._check_open()
         self._send_frame(Opcode.BINARY, data)
 
-    def send_prebuilt_frame(self, frame: bytes) -> None:
-        """Queue a complete unmasked frame built once for many clients (server only)."""
+    def send_prebuilt_frames(self, frames: List[bytes]) -> None:
+        """Queue complete unmasked frames built once for many clients (server only)."""
         assert self.side is Side.SERVER
         self._check_open()
-        self._queue(frame)
+        self._out.extend(frames)
+        self._out_size += sum(map(len, frames))
 
     def ping(self, payload: bytes = b"") -> None:
         self._check_open()
@@ -2004,9 +2026,12 @@ class Stream:
             self._out_size += len(data)
             self.loop.mark_dirty(self)
 
-    def writelines(self, chunks: Iterable[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
+    def writelines(self, chunks: List[bytes]) -> None:
+        """Queue many chunks at once (a tick's frames for one client)."""
+        if not self.closed and not self._close_when_flushed and chunks:
+            self._out.extend(chunks)
+            self._out_size += sum(map(len, chunks))
+            self.loop.mark_dirty(self)
 
     def close(self) -> None:
         """Close once everything written so far has been sent."""
@@ -2154,6 +2179,10 @@ class TLSStream(Stream):
             return
         self._tls.write(data)
         self._send_ciphertext()
+
+    def writelines(self, chunks: List[bytes]) -> None:
+        for chunk in chunks:            # each through the TLS object, in order
+            self.write(chunk)
 
     def _send_ciphertext(self) -> None:
         ciphertext = self._outgoing.read()
@@ -2546,6 +2575,19 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
+_JSON_TEXT_CACHE: Dict[Optional[str], bytes] = {}
+
+
+def _json_text(value: Optional[str]) -> bytes:
+    """JSON for a short string (a path, a session id) or null, remembered: few distinct values."""
+    cached = _JSON_TEXT_CACHE.get(value)
+    if cached is None:
+        if len(_JSON_TEXT_CACHE) >= JSON_TEXT_CACHE_SIZE:
+            _JSON_TEXT_CACHE.clear()
+        cached = _JSON_TEXT_CACHE[value] = json.dumps(value).encode("ascii")
+    return cached
+
+
 def _file_fields(rec: FileRecord) -> Dict[str, Any]:
     return {"path": rec.rel, "project": rec.project, "session": rec.session, "agent": rec.agent}
 
@@ -2557,12 +2599,15 @@ class LineMessage:
     next: int                       # offset of the following line: the client's cursor
     payload: bytes
     meta: MessageMeta
-    obj: Optional[Dict[str, Any]]   # the parsed entry; None for a malformed line
+    malformed: bool = False
     sort_key: str = ""              # the raw timestamp: ISO-8601 UTC sorts as text
+
+    # The parsed entry is not kept: thousands of parsed lines alive per tick
+    # made the garbage collector the biggest cost of a burst.
 
     @property
     def time(self) -> Optional[float]:
-        when = parse_timestamp(self.obj.get("timestamp")) if self.obj is not None else None
+        when = parse_timestamp(self.sort_key) if self.sort_key else None
         return when.timestamp() if when is not None else None
 
 
@@ -2576,21 +2621,23 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
     except MalformedLine as exc:
         payload, meta = notice_message("malformed", rec, offset=offset, next=after,
                                        reason=str(exc), excerpt=excerpt(line))
-        return LineMessage(offset, after, payload, meta, None)
+        return LineMessage(offset, after, payload, meta, malformed=True)
     session = obj.get("sessionId")
     session = session if isinstance(session, str) else rec.session
     agent = rec.agent
     if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
         agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-    head = _json({"kind": "entry", "path": rec.rel, "offset": offset, "next": after,
-                  "project": rec.project, "session": session, "agent": agent})
+    # The envelope, keys in this order, around the line's own bytes: built by
+    # hand from cached pieces, as json.dumps per line was a third of the cost.
+    payload = b'{"kind":"entry","path":%s,"offset":%d,"next":%d,"project":%s,"session":%s,' \
+              b'"agent":%s,"entry":%s}' % (_json_text(rec.rel), offset, after, _json_text(rec.project),
+                                          _json_text(session), _json_text(agent), line)
     kind, cwd = obj.get("type"), obj.get("cwd")
-    meta = MessageMeta(rec.project + ("\n" + cwd if isinstance(cwd, str) else ""),
-                       tuple(i for i in (rec.session, session, agent) if i),
+    meta = MessageMeta(rec.project + "\n" + cwd if isinstance(cwd, str) else rec.project,
+                       tuple(filter(None, (rec.session, session, agent))),
                        kind if isinstance(kind, str) else "")
     stamp = obj.get("timestamp")
-    return LineMessage(offset, after, head[:-1] + b',"entry":' + line + b"}", meta, obj,
-                       stamp if isinstance(stamp, str) else "")
+    return LineMessage(offset, after, payload, meta, sort_key=stamp if isinstance(stamp, str) else "")
 
 
 def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
@@ -2702,31 +2749,42 @@ class ServerSession(WebSocketEndpoint):
         stream_bytes = self.stream.pending_output if self.stream is not None else 0
         return stream_bytes + (self.ws.output_size if self.ws is not None else 0)
 
-    def queue(self, payload_or_frame: bytes, framed: bool = False) -> None:
+    def queue(self, payload: bytes) -> None:
         if self.open:
             assert self.ws is not None
-            if framed:
-                self.ws.send_prebuilt_frame(payload_or_frame)
-            else:
-                self.ws.send_text(payload_or_frame)
+            self.ws.send_text(payload)
 
-    def offer(self, rec: FileRecord, message: LineMessage, frame: bytes) -> bool:
-        """A live line: send it, leave it to the backlog, or skip it as already sent."""
-        rel = rec.rel
-        if rel in self.backlog or message.offset < self.position.get(rel, 0):
+    def offer(self, lines: List[Tuple[FileRecord, LineMessage, bytes]]) -> bool:
+        """Live lines: send each, leave it to the backlog, or skip it as already sent.
+
+        One call per batch of lines read in a tick, so the per-line work for
+        each client is a few dictionary lookups, and the frames go out together.
+        """
+        if not self.open:
             return False
-        if self.catching_up or self.unsent > LIVE_OUTPUT_CAP:
-            # Too much unsent (or history still replaying): stop queueing live
-            # entries; this file is caught up from disk later, from this line on.
-            if not self.catching_up:
-                self.server.log.debug("a client has %d KiB unsent; catching it up from disk"
-                                      % (self.unsent >> 10))
-            self.catching_up = True
-            self.backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
-            return False
-        self.queue(frame, framed=True)
-        self.position[rel] = message.next
-        return True
+        assert self.ws is not None
+        match, position, backlog = self.filters.match, self.position, self.backlog
+        room = LIVE_OUTPUT_CAP - self.unsent
+        frames = []
+        for rec, message, frame in lines:
+            rel = rec.rel
+            if rel in backlog or message.offset < position.get(rel, 0) or not match(message.meta):
+                continue
+            if self.catching_up or room < 0:
+                # Too much unsent (or history still replaying): stop queueing live
+                # entries; this file is caught up from disk later, from this line on.
+                if not self.catching_up:
+                    self.server.log.debug("a client has %d KiB unsent; catching it up from disk"
+                                          % ((LIVE_OUTPUT_CAP - room) >> 10))
+                self.catching_up = True
+                backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
+                continue
+            frames.append(frame)
+            room -= len(frame)
+            position[rel] = message.next
+        if frames:
+            self.ws.send_prebuilt_frames(frames)
+        return bool(frames)
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.server.client_message(self, message)
@@ -3060,19 +3118,24 @@ class StreamServer:
     def publish(self, events: List[TailEvent]) -> None:
         """Envelope and frame each event once; offer the same bytes to every match."""
         touched: Dict[ServerSession, None] = {}
-        for event in events:
-            rec = event.file
+        lines: List[Tuple[FileRecord, LineMessage, bytes]] = []
+        for event in events + [None]:       # type: ignore[operator]  # None: the end
             if isinstance(event, LineEvent):
+                rec = event.file
                 message = line_message(rec, event.offset, event.data)
-                if message is None:
-                    continue
-                if message.obj is None:
-                    self._count_malformed(rec, event.offset, message.payload)
-                frame = encode_frame(Opcode.TEXT, message.payload)
-                for session in self.subscribers:
-                    if session.filters.match(message.meta) and session.offer(rec, message, frame):
-                        touched[session] = None
+                if message is not None:
+                    if message.malformed:
+                        self._count_malformed(rec, event.offset, message.payload)
+                    lines.append((rec, message, encode_frame(Opcode.TEXT, message.payload)))
                 continue
+            if lines:                       # lines before a notice go out before it
+                for session in self.subscribers:
+                    if session.offer(lines):
+                        touched[session] = None
+                lines = []
+            if event is None:
+                break
+            rec = event.file
             if isinstance(event, OversizeEvent):
                 payload, meta = notice_message("gap", rec, offset=event.offset, next=None,
                                                reason="line longer than %d MiB; skipped"
@@ -3907,6 +3970,10 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     elif token is None:
         log.warn("--no-auth: every process and user on this machine can read every transcript")
     server.start()
+    # Everything alive now (modules, the file records of the first scan) lives for
+    # the whole run: keep the garbage collector from walking it again in every
+    # full collection during a burst (a quarter of the CPU of a 100k-line burst).
+    gc.freeze()
     watching = ["%s" % r.path for r in tailer.roots if r.present]
     waiting = [r.path for r in tailer.roots if not r.present]
     page = ("https" if tls else "http") + server.url[server.url.index(":"):] + (
