@@ -566,8 +566,16 @@ def decode_line(data: bytes) -> Dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
-    try:
+    try:                            # the common case in one C call, no whitespace handling
+        obj, end = _LINE_DECODER.scan_once(text, 0)
+        if end == len(text) and isinstance(obj, dict):
+            return obj
+    except (StopIteration, ValueError, RecursionError):
+        pass
+    try:                            # anything else: the full decoder, for its message
         obj = _LINE_DECODER.decode(text)
+    except RecursionError:
+        raise MalformedLine("invalid JSON: nested too deeply") from None
     except ValueError as exc:
         reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
         if "Extra data" in reason:
@@ -1310,18 +1318,21 @@ def apply_mask(data: bytes, key: bytes, phase: int = 0) -> bytes:
     return b"".join(parts)
 
 
+def frame_header(opcode: int, n: int, fin: bool = True, masked: bool = False) -> bytes:
+    """The first bytes of a frame with an ``n``-byte payload, minimal length encoding (section 5.2)."""
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        return bytes((first, mask_bit | n))
+    if n < 65536:
+        return bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    return bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+
+
 def frame_parts(opcode: int, payload: bytes, fin: bool = True,
                 mask_key: Optional[bytes] = None) -> Tuple[bytes, bytes]:
-    """(header, payload as sent) of one frame, minimal length encoding (section 5.2)."""
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    mask_bit = 0x80 if mask_key is not None else 0
-    if n < 126:
-        head = bytes((first, mask_bit | n))
-    elif n < 65536:
-        head = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    """(header, payload as sent) of one frame."""
+    head = frame_header(opcode, len(payload), fin, mask_key is not None)
     if mask_key is None:
         return head, payload
     return head + mask_key, apply_mask(payload, mask_key)
@@ -2576,6 +2587,7 @@ def _json(obj: Any) -> bytes:
 
 
 _JSON_TEXT_CACHE: Dict[Optional[str], bytes] = {}
+_ENTRY_HEAD = b'{"kind":"entry","path":'
 
 
 def _json_text(value: Optional[str]) -> bytes:
@@ -2597,9 +2609,9 @@ class LineMessage:
     """One transcript line as a message, built once and shared by every client."""
     offset: int
     next: int                       # offset of the following line: the client's cursor
-    payload: bytes
+    frame: bytes                    # the whole WebSocket frame, built once for every client
     meta: MessageMeta
-    malformed: bool = False
+    malformed: str = ""             # why the line is not an entry, if it is not
     sort_key: str = ""              # the raw timestamp: ISO-8601 UTC sorts as text
 
     # The parsed entry is not kept: thousands of parsed lines alive per tick
@@ -2621,23 +2633,26 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
     except MalformedLine as exc:
         payload, meta = notice_message("malformed", rec, offset=offset, next=after,
                                        reason=str(exc), excerpt=excerpt(line))
-        return LineMessage(offset, after, payload, meta, malformed=True)
+        return LineMessage(offset, after, encode_frame(Opcode.TEXT, payload), meta, str(exc))
     session = obj.get("sessionId")
     session = session if isinstance(session, str) else rec.session
     agent = rec.agent
     if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
         agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-    # The envelope, keys in this order, around the line's own bytes: built by
-    # hand from cached pieces, as json.dumps per line was a third of the cost.
-    payload = b'{"kind":"entry","path":%s,"offset":%d,"next":%d,"project":%s,"session":%s,' \
-              b'"agent":%s,"entry":%s}' % (_json_text(rec.rel), offset, after, _json_text(rec.project),
-                                          _json_text(session), _json_text(agent), line)
+    # The envelope, keys in this order, around the line's own bytes, and the
+    # frame header before it, in one join of cached pieces: json.dumps per line
+    # was a third of the cost, and the frame needs no second copy.
+    pieces = [_json_text(rec.rel), b',"offset":%d,"next":%d,"project":' % (offset, after),
+              _json_text(rec.project), b',"session":', _json_text(session), b',"agent":',
+              _json_text(agent), b',"entry":', line, b"}"]
+    header = frame_header(Opcode.TEXT, len(_ENTRY_HEAD) + sum(map(len, pieces)))
+    frame = b"".join([header, _ENTRY_HEAD] + pieces)
     kind, cwd = obj.get("type"), obj.get("cwd")
     meta = MessageMeta(rec.project + "\n" + cwd if isinstance(cwd, str) else rec.project,
                        tuple(filter(None, (rec.session, session, agent))),
                        kind if isinstance(kind, str) else "")
     stamp = obj.get("timestamp")
-    return LineMessage(offset, after, payload, meta, sort_key=stamp if isinstance(stamp, str) else "")
+    return LineMessage(offset, after, frame, meta, sort_key=stamp if isinstance(stamp, str) else "")
 
 
 def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
@@ -2754,7 +2769,12 @@ class ServerSession(WebSocketEndpoint):
             assert self.ws is not None
             self.ws.send_text(payload)
 
-    def offer(self, lines: List[Tuple[FileRecord, LineMessage, bytes]]) -> bool:
+    def queue_frames(self, frames: List[bytes]) -> None:
+        if self.open:
+            assert self.ws is not None
+            self.ws.send_prebuilt_frames(frames)
+
+    def offer(self, lines: List[Tuple[FileRecord, LineMessage]]) -> bool:
         """Live lines: send each, leave it to the backlog, or skip it as already sent.
 
         One call per batch of lines read in a tick, so the per-line work for
@@ -2762,11 +2782,10 @@ class ServerSession(WebSocketEndpoint):
         """
         if not self.open:
             return False
-        assert self.ws is not None
         match, position, backlog = self.filters.match, self.position, self.backlog
         room = LIVE_OUTPUT_CAP - self.unsent
         frames = []
-        for rec, message, frame in lines:
+        for rec, message in lines:
             rel = rec.rel
             if rel in backlog or message.offset < position.get(rel, 0) or not match(message.meta):
                 continue
@@ -2779,11 +2798,10 @@ class ServerSession(WebSocketEndpoint):
                 self.catching_up = True
                 backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
                 continue
-            frames.append(frame)
-            room -= len(frame)
+            frames.append(message.frame)
+            room -= len(message.frame)
             position[rel] = message.next
-        if frames:
-            self.ws.send_prebuilt_frames(frames)
+        self.queue_frames(frames)
         return bool(frames)
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
@@ -3118,15 +3136,15 @@ class StreamServer:
     def publish(self, events: List[TailEvent]) -> None:
         """Envelope and frame each event once; offer the same bytes to every match."""
         touched: Dict[ServerSession, None] = {}
-        lines: List[Tuple[FileRecord, LineMessage, bytes]] = []
+        lines: List[Tuple[FileRecord, LineMessage]] = []
         for event in events + [None]:       # type: ignore[operator]  # None: the end
             if isinstance(event, LineEvent):
                 rec = event.file
                 message = line_message(rec, event.offset, event.data)
                 if message is not None:
                     if message.malformed:
-                        self._count_malformed(rec, event.offset, message.payload)
-                    lines.append((rec, message, encode_frame(Opcode.TEXT, message.payload)))
+                        self._count_malformed(rec, event.offset, message.malformed)
+                    lines.append((rec, message))
                 continue
             if lines:                       # lines before a notice go out before it
                 for session in self.subscribers:
@@ -3168,9 +3186,8 @@ class StreamServer:
             session.position.pop(rel, None)
             session.backlog.pop(rel, None)
 
-    def _count_malformed(self, rec: FileRecord, offset: int, payload: bytes) -> None:
+    def _count_malformed(self, rec: FileRecord, offset: int, reason: str) -> None:
         self.malformed_count += 1
-        reason = json.loads(payload)["reason"]
         self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
                       % (rec.rel, offset, reason, self.malformed_count))
 
@@ -3208,8 +3225,8 @@ class StreamServer:
             message = backlog.ready.popleft()
             session.position[rel] = message.next
             if session.filters.match(message.meta):
-                session.queue(message.payload)
-                used += len(message.payload)
+                session.queue_frames([message.frame])
+                used += len(message.frame)
             read, state = self._refill(session, rel, backlog, heads)
             used += read
             complete = state != "scanning"

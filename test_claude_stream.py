@@ -208,9 +208,15 @@ class DecodeLineTests(unittest.TestCase):
             (b"[1,2]", "not an object"),
             (b'{"a":NaN}', "invalid JSON"),
             (b"\x00\x00{}", "invalid JSON"),
+            (b"[" * 100000, "nested too deeply"),          # RecursionError must not escape
+            (b'{"a":' * 100000, "nested too deeply"),
+            (b' {"type":"user"} ', None),                   # whitespace around is fine
         ]
         for data, reason in cases:
-            with self.assertRaises(cs.MalformedLine, msg=data) as caught:
+            if reason is None:
+                self.assertEqual(cs.decode_line(data), {"type": "user"})
+                continue
+            with self.assertRaises(cs.MalformedLine, msg=data[:20]) as caught:
                 cs.decode_line(data)
             self.assertIn(reason, str(caught.exception))
 
