@@ -86,8 +86,9 @@ WARM_AGE = 3600.0                   # ... to stay warm; older files are cold
 WARM_FACTOR = 25                    # warm interval = poll interval x this (0.5 s)
 COLD_FACTOR = 100                   # cold interval = poll interval x this (2 s)
 DIR_CHECK_FACTOR = 50               # roots and folder mtimes checked every poll x this (1 s)
-WAKEUP_FACTOR = 50                  # with inotify: hot 1 s, warm 25 s, cold 100 s, folders 50 s
+WAKEUP_FACTOR = 150                 # with inotify: hot 3 s, warm 75 s, cold 300 s, folders 150 s
 FULL_RESCAN_INTERVAL = 30.0         # every folder re-listed, as a safety net
+WAKEUP_RESCAN_INTERVAL = 300.0      # ... when inotify reports changes (and its overflows)
 RACY_DIR_SECONDS = 2.0              # a folder changed this recently is re-listed again
 WAKEUP_READ_BYTES = 64 << 10        # inotify events read per call
 SCHEDULE_SLOTS = 10                 # a tier's stats are batched into interval / this slots
@@ -935,7 +936,8 @@ class Tailer:
         """
         self._next_dir_check = now + self.poll_interval * DIR_CHECK_FACTOR
         if full:
-            self._next_full_scan = now + FULL_RESCAN_INTERVAL
+            self._next_full_scan = now + (FULL_RESCAN_INTERVAL if self.notify is None
+                                          else WAKEUP_RESCAN_INTERVAL)
         listing = full or now >= self._next_listing
         if listing:
             self._next_listing = now + self.poll_interval * DIR_CHECK_FACTOR * self.slowdown
