@@ -42,7 +42,6 @@ import hashlib
 import heapq
 import hmac
 import itertools
-import html
 import json
 import math
 import os
@@ -2665,19 +2664,597 @@ def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, Mes
     return _json(fields), MessageMeta(rec.project, ids, None)
 
 
-STATUS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>claude_stream</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>body{{font:16px/1.5 system-ui,sans-serif;max-width:42em;margin:2em auto;padding:0 1em}}
-code{{background:rgba(127,127,127,.15);padding:.1em .3em;border-radius:3px}}</style></head>
-<body><h1>claude_stream {version}</h1>
-<p>Streaming {files} transcript files to {clients} connected clients.</p>
-<p>Watching: {watching}</p>
-<p>Waiting for: {waiting}</p>
-<p>Watch it from a terminal: <code>python3 claude_stream.py client {url}</code></p>
-<p>Machine-readable status: <a href="/status">/status</a>.</p>
-</body></html>
-"""
+# --- the live page (GET /) ----------------------------------------------------
+# One self-contained page: no external asset, nothing to build. Transcript text
+# only ever reaches the DOM through textContent, and the Content-Security-Policy
+# allows exactly this script and this style (by hash) and connections back here.
+
+PAGE_STYLE = r'''
+:root{--bg:#fbfbfa;--fg:#1d1d1f;--muted:#6e6e73;--line:#e3e3e0;--panel:#fff;--accent:#b4532a;
+--you:#eef4ff;--tool:#f5f3ee;--err:#c62828;--ok:#2e7d32;--add:#e6f4ea;--del:#fdecea;--sel:#f3e9e2;
+color-scheme:light dark;font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
+@media (prefers-color-scheme:dark){:root{--bg:#161617;--fg:#e8e8e6;--muted:#9a9a9f;--line:#2e2e31;
+--panel:#1e1e20;--accent:#e08a5f;--you:#1f2a3d;--tool:#242426;--err:#ef6b6b;--ok:#6fcf7b;
+--add:#1d3324;--del:#3d2020;--sel:#33261f}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);height:100vh;display:flex;flex-direction:column}
+header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em .8em;border-bottom:1px solid var(--line);background:var(--panel)}
+header h1{font-size:1em;margin:0 .5em 0 0;color:var(--accent)}
+header input,header select{font:inherit;padding:.25em .4em;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--fg);min-width:0}
+header input{flex:1 1 12em}
+#state{font-size:.85em;padding:.15em .6em;border-radius:99px;border:1px solid var(--line);white-space:nowrap}
+#state[data-state=live]{color:var(--ok)}#state[data-state=down]{color:var(--err)}
+main{flex:1;display:flex;min-height:0}
+nav{width:22em;flex:none;overflow:auto;border-right:1px solid var(--line);background:var(--panel)}
+nav ul{list-style:none;margin:0;padding:0}
+.session{padding:.5em .8em;border-bottom:1px solid var(--line);cursor:pointer}
+.session[aria-selected=true]{background:var(--sel)}
+.session .title{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.session .sub{font-size:.8em;color:var(--muted);display:flex;gap:.6em;flex-wrap:wrap}
+.agents{margin:.3em 0 0 .8em;font-size:.85em}
+.agents li{padding:.1em .4em;border-left:2px solid var(--line);color:var(--muted);cursor:pointer}
+.agents li[aria-selected=true]{border-color:var(--accent);color:var(--fg)}
+section{flex:1;display:flex;flex-direction:column;min-width:0;position:relative}
+#convo-head{display:flex;gap:.6em;align-items:center;padding:.4em .8em;border-bottom:1px solid var(--line)}
+#convo-head h2{font-size:1em;margin:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;flex:1}
+button{font:inherit;font-size:.85em;padding:.2em .6em;border:1px solid var(--line);border-radius:6px;background:var(--panel);color:var(--fg);cursor:pointer}
+#entries{list-style:none;margin:0;padding:.6em .8em 3em;overflow:auto;flex:1}
+.empty{color:var(--muted);padding:2em;text-align:center}
+.entry{margin:0 0 .7em;max-width:60em}
+.entry.agent{margin-left:1.2em;padding-left:.7em;border-left:3px solid var(--line)}
+.meta{font-size:.78em;color:var(--muted);display:flex;gap:.6em}
+.meta .who{font-weight:600;color:var(--fg)}
+.text{white-space:pre-wrap;overflow-wrap:anywhere}
+.entry.user .text{background:var(--you);padding:.4em .6em;border-radius:8px;display:inline-block}
+.tool{background:var(--tool);border:1px solid var(--line);border-radius:8px;padding:.35em .6em;margin:.25em 0}
+.tool .name{font-weight:600;font-size:.85em;color:var(--accent)}
+.tool .desc{font-size:.85em;color:var(--muted)}
+.tool .arg{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85em;overflow-wrap:anywhere;white-space:pre-wrap}
+pre{font:.82em/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;overflow-wrap:anywhere;margin:.3em 0;max-height:30em;overflow:auto}
+details{margin:.25em 0}summary{cursor:pointer;color:var(--muted);font-size:.85em}
+details.result.error summary{color:var(--err)}
+.diff .add{background:var(--add);display:block}.diff .del{background:var(--del);display:block}
+.entry.system,.entry.other,.entry.notice{color:var(--muted);font-size:.85em}
+.entry.notice{color:var(--err)}
+#jump{position:absolute;right:1.2em;bottom:1em;box-shadow:0 2px 8px rgba(0,0,0,.2)}
+@media (max-width:700px){main{flex-direction:column}nav{width:auto;max-height:34vh;border-right:0;border-bottom:1px solid var(--line)}
+header input{flex-basis:100%}.entry.agent{margin-left:.4em}}
+'''
+
+PAGE_BODY = r'''
+<header>
+<h1>claude_stream</h1>
+<span id="state" data-state="connecting">connecting…</span>
+<input id="search" type="search" placeholder="Search sessions and entries" aria-label="Search">
+<select id="project" aria-label="Project"><option value="">All projects</option></select>
+<select id="type" aria-label="Entry type"><option value="">All entries</option><option value="user">user</option><option value="assistant">assistant</option><option value="system">system</option><option value="summary">summary</option><option value="attachment">attachment</option><option value="progress">progress</option><option value="malformed">malformed</option></select>
+<select id="window" aria-label="History"><option value="live">From now on</option><option value="10m">Last 10 min</option><option value="1h">Last hour</option><option value="1d">Last day</option><option value="7d">Last week</option><option value="all">Everything</option></select>
+</header>
+<main>
+<nav aria-label="Sessions"><ul id="session-list"></ul></nav>
+<section aria-label="Conversation">
+<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="earlier" hidden>Load earlier</button></div>
+<ol id="entries"></ol>
+<button id="jump" hidden>↓ new entries</button>
+</section>
+</main>
+'''
+
+PAGE_SCRIPT = r'''
+"use strict";
+// claude_stream live page. Everything from a transcript is shown with
+// textContent, never parsed as HTML; the Content-Security-Policy allows this
+// script alone (by hash), and connections to this server alone.
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const token = params.get("token") || "";
+const BACKOFF_MIN = 500, BACKOFF_MAX = 15000, TEXT_LIMIT = 20000;
+
+const state = {
+  ws: null, epoch: null, since: null, resuming: false, failures: 0, catchingUp: false,
+  window: params.get("since") || "1h",
+  seen: new Set(),            // "path\noffset" of every line shown: nothing twice
+  next: new Map(),            // path -> offset after the last line received (the cursor)
+  first: new Map(),           // path -> lowest offset received (is there anything earlier?)
+  lastTime: new Map(),        // path -> time of its latest timed entry (for untimed ones)
+  sessions: new Map(),        // session id -> session record
+  selected: null, agent: null, seq: 0, duplicates: 0,
+};
+window.claudeStream = state;  // for tests and the curious: read-only by convention
+
+// --- connection -------------------------------------------------------------
+
+function setState(kind, text) {
+  const el = $("state");
+  el.dataset.state = kind;
+  el.textContent = text;
+}
+
+function absoluteSince(win, serverTime) {
+  if (!win || win === "live") return null;
+  if (win === "all") return "all";
+  const m = /^(\d+)([smhd])$/.exec(win);
+  const base = Date.parse(serverTime);
+  if (!m || isNaN(base)) return null;
+  const unit = {s: 1e3, m: 6e4, h: 36e5, d: 864e5}[m[2]];
+  return new Date(base - Number(m[1]) * unit).toISOString();
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + "/?hold=1&token=" + encodeURIComponent(token));
+  state.ws = ws;
+  setState("connecting", state.resuming || state.epoch ? "reconnecting…" : "connecting…");
+  ws.onmessage = (ev) => { if (ws === state.ws) receive(JSON.parse(ev.data)); };
+  ws.onclose = (ev) => {
+    if (ws !== state.ws) return;
+    state.ws = null;
+    state.failures += 1;
+    const delay = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** Math.min(state.failures, 6)) * (0.5 + Math.random() / 2);
+    const why = ev.code === 1001 ? "server restarting" : ev.code === 4000 ? "too slow" :
+      ev.code === 1006 ? "connection lost" : "closed " + ev.code;
+    setState("down", why + "; retrying in " + Math.round(delay / 1000) + " s");
+    setTimeout(connect, delay);
+  };
+}
+
+function subscribe(extra) {
+  const msg = Object.assign({kind: "subscribe", cursors: {}}, extra || {});
+  state.ws.send(JSON.stringify(msg));
+}
+
+function resumeCursors() {
+  const cursors = {};
+  for (const [path, offset] of state.next) cursors[path] = offset;
+  return cursors;
+}
+
+function receive(msg) {
+  switch (msg.kind) {
+    case "hello":
+      if (state.epoch === null) {         // a fresh subscription: the history window
+        state.epoch = msg.time;
+        state.since = absoluteSince(state.window, msg.time);
+        state.resuming = false;
+        subscribe({since: state.since});
+      } else {
+        // Resuming: files we hold a cursor for go on from it; files we never heard
+        // of are asked for since our window began (or since we first connected).
+        state.resuming = true;
+        subscribe({since: state.since || state.epoch, cursors: resumeCursors()});
+      }
+      setState("catching", "catching up…");
+      state.catchingUp = true;
+      return;
+    case "subscribed":
+      if (!msg.backlog) { state.catchingUp = false; live(); }
+      return;
+    case "live":
+      state.catchingUp = false;
+      live();
+      return;
+    case "entry": case "malformed": case "gap":
+      return line(msg);
+    case "reset":               // the file was truncated or replaced: what we showed of it is gone
+      forget(msg.path);
+      return notice(msg, msg.path + " was " + (msg.reason || "reset") + "; reading it again from the start");
+    case "error":
+      return notice(msg, "server: " + msg.error);
+  }
+}
+
+function forget(path) {
+  state.next.set(path, 0);
+  state.first.delete(path);
+  for (const key of [...state.seen]) if (key.startsWith(path + "\n")) state.seen.delete(key);
+  for (const s of state.sessions.values()) {
+    if (!s.paths.has(path)) continue;
+    for (const item of s.entries) if (item.path === path && item.el) item.el.remove();
+    s.entries = s.entries.filter((item) => item.path !== path);
+  }
+}
+
+function live() {
+  state.failures = 0;
+  setState("live", "● live");
+}
+
+// --- the model --------------------------------------------------------------
+
+function sessionFor(msg) {
+  const id = msg.session || msg.path;
+  let s = state.sessions.get(id);
+  if (!s) {
+    s = {id, project: msg.project || "", cwd: "", title: "", prompt: "", last: 0, entries: [],
+         paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usageSeen: new Set(), el: null};
+    state.sessions.set(id, s);
+  }
+  return s;
+}
+
+function line(msg) {
+  const key = msg.path + "\n" + msg.offset;
+  if (state.seen.has(key)) { state.duplicates += 1; return; }
+  state.seen.add(key);
+  if (typeof msg.next === "number" && msg.next > (state.next.get(msg.path) || 0)) state.next.set(msg.path, msg.next);
+  if (!state.first.has(msg.path) || msg.offset < state.first.get(msg.path)) state.first.set(msg.path, msg.offset);
+  const s = sessionFor(msg);
+  s.paths.add(msg.path);
+  const e = msg.entry && typeof msg.entry === "object" ? msg.entry : null;
+  let t = e && typeof e.timestamp === "string" ? Date.parse(e.timestamp) : NaN;
+  if (isNaN(t)) t = state.lastTime.get(msg.path) || 0; else state.lastTime.set(msg.path, t);
+  const item = {msg, e, t, path: msg.path, offset: msg.offset, agent: msg.agent || null, el: null};
+  if (e) learn(s, e, msg, t);
+  if (item.agent) {
+    const a = s.agents.get(item.agent) || {count: 0, last: 0};
+    a.count += 1; a.last = Math.max(a.last, t);
+    s.agents.set(item.agent, a);
+  }
+  // Insert in time order (file order within a file): appends are the common case.
+  let i = s.entries.length;
+  while (i > 0 && before(item, s.entries[i - 1])) i -= 1;
+  s.entries.splice(i, 0, item);
+  s.last = Math.max(s.last, t);
+  scheduleList();
+  if (state.selected === s.id) show(s, item, i);
+}
+
+function before(a, b) {       // a file's own lines keep file order; files interleave by time
+  return a.path === b.path ? a.offset < b.offset : a.t < b.t;
+}
+
+function learn(s, e, msg, t) {
+  if (typeof e.cwd === "string" && !s.cwd) s.cwd = e.cwd;
+  if (e.type === "custom-title" && typeof e.customTitle === "string") s.title = e.customTitle, s.titleRank = 3;
+  else if (e.type === "ai-title" && typeof e.aiTitle === "string" && (s.titleRank || 0) <= 2) s.title = e.aiTitle, s.titleRank = 2;
+  else if (e.type === "summary" && typeof e.summary === "string" && (s.titleRank || 0) <= 1) s.title = e.summary, s.titleRank = 1;
+  if (e.type === "user" && !s.prompt && !msg.agent && !e.isMeta) {
+    const text = promptText(e);
+    if (text) s.prompt = text;
+  }
+  if (e.type === "assistant" && e.message && e.message.usage) {
+    // Streaming writes one line per content block, each with the message's usage:
+    // count a message once, by message id and request id.
+    const id = (e.message.id || "") + "|" + (e.requestId || "");
+    if (id === "|" || !s.usageSeen.has(id)) {
+      s.usageSeen.add(id);
+      const u = e.message.usage;
+      s.tokensIn += (u.input_tokens || 0) + (u.cache_creation_input_tokens || 0) + (u.cache_read_input_tokens || 0);
+      s.tokensOut += u.output_tokens || 0;
+    }
+  }
+}
+
+function promptText(e) {
+  const c = e.message && e.message.content;
+  let text = "";
+  if (typeof c === "string") text = c;
+  else if (Array.isArray(c)) for (const b of c) if (b && b.type === "text" && typeof b.text === "string") { text = b.text; break; }
+  text = text.trim();
+  if (!text || text.startsWith("<command-") || text.startsWith("<local-command") || text.startsWith("Caveat:")) return "";
+  return text.slice(0, 200);
+}
+
+// --- the session list -------------------------------------------------------
+
+let listPending = false;
+function scheduleList() {
+  if (!listPending) { listPending = true; requestAnimationFrame(() => { listPending = false; drawList(); }); }
+}
+
+function projectName(s) {
+  if (s.cwd) return s.cwd.split(/[\\/]/).filter(Boolean).pop() || s.cwd;
+  return s.project;
+}
+
+function compact(n) {
+  return n >= 1e6 ? (n / 1e6).toFixed(1) + "M" : n >= 1e3 ? (n / 1e3).toFixed(1) + "k" : String(n);
+}
+
+function ago(t) {
+  if (!t) return "";
+  const s = Math.max(0, (Date.now() - t) / 1000);
+  return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" :
+    s < 86400 ? Math.floor(s / 3600) + " h ago" : new Date(t).toLocaleDateString();
+}
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function drawList() {
+  const list = $("session-list");
+  const project = $("project").value;
+  const query = $("search").value.trim().toLowerCase();
+  const projects = new Set();
+  const sessions = [...state.sessions.values()].sort((a, b) => b.last - a.last);
+  list.textContent = "";
+  for (const s of sessions) {
+    const name = projectName(s);
+    projects.add(name);
+    if (project && name !== project) continue;
+    const title = s.title || s.prompt || "(no prompt yet)";
+    if (query && !(title + " " + name + " " + s.id).toLowerCase().includes(query)) continue;
+    const li = el("li", "session");
+    li.dataset.session = s.id;
+    li.dataset.tokensIn = s.tokensIn;
+    li.dataset.tokensOut = s.tokensOut;
+    li.setAttribute("aria-selected", String(state.selected === s.id));
+    li.append(el("div", "title", title));
+    const sub = el("div", "sub");
+    sub.append(el("span", "project", name), el("span", "when", ago(s.last)),
+      el("span", "tokens", compact(s.tokensIn) + " in · " + compact(s.tokensOut) + " out"));
+    li.append(sub);
+    if (s.agents.size) {
+      const agents = el("ul", "agents");
+      for (const [id, a] of s.agents) {
+        const ai = el("li", "agent", "↳ agent " + id + " · " + a.count);
+        ai.dataset.agent = id;
+        ai.setAttribute("aria-selected", String(state.selected === s.id && state.agent === id));
+        ai.addEventListener("click", (ev) => { ev.stopPropagation(); select(s.id, id); });
+        agents.append(ai);
+      }
+      li.append(agents);
+    }
+    li.addEventListener("click", () => select(s.id, null));
+    list.append(li);
+  }
+  const select_ = $("project");
+  if (select_.options.length - 1 !== projects.size) {
+    const keep = select_.value;
+    select_.length = 1;
+    for (const p of [...projects].sort()) select_.append(new Option(p, p));
+    select_.value = keep;
+  }
+  if (state.selected === null && sessions.length) select(sessions[0].id, null);
+}
+
+// --- the conversation ---------------------------------------------------------
+
+function select(id, agent) {
+  state.selected = id;
+  state.agent = agent;
+  const s = state.sessions.get(id);
+  const box = $("entries");
+  box.textContent = "";
+  $("convo-title").textContent = s ? (s.title || s.prompt || s.id) + (agent ? " — agent " + agent : "") : "";
+  if (s) {
+    const frag = document.createDocumentFragment();
+    for (const item of s.entries) frag.append(node(item));
+    box.append(frag);
+    applyFilters();
+    box.scrollTop = box.scrollHeight;
+  }
+  updateEarlier();
+  scheduleList();
+}
+
+function show(s, item, index) {
+  const box = $("entries");
+  const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 60;
+  const after = s.entries[index + 1];
+  box.insertBefore(node(item), after && after.el && after.el.parentNode === box ? after.el : null);
+  filterOne(item);
+  if (follow) box.scrollTop = box.scrollHeight;
+  else if (!item.el.hidden) $("jump").hidden = false;
+  updateEarlier();
+}
+
+function node(item) {
+  if (!item.el) item.el = render(item);
+  return item.el;
+}
+
+function clip(text) {
+  text = String(text);
+  return text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) + "\n… (" + (text.length - TEXT_LIMIT) + " more characters)" : text;
+}
+
+function size(n) {
+  return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : n >= 1024 ? (n / 1024).toFixed(1) + " KB" : n + " B";
+}
+
+function render(item) {
+  const {msg, e} = item;
+  const li = el("li", "entry");
+  li.dataset.path = msg.path;
+  li.dataset.offset = msg.offset;
+  if (item.agent) li.classList.add("agent");
+  const meta = el("div", "meta");
+  const when = item.t ? new Date(item.t).toLocaleTimeString() : "";
+  if (!e) {
+    li.classList.add("notice");
+    li.dataset.type = msg.kind;
+    li.append(el("div", "text", msg.kind + " at " + msg.path + ":" + msg.offset + ": " + (msg.reason || "") +
+      (msg.excerpt ? " — " + msg.excerpt : "")));
+    return li;
+  }
+  const type = typeof e.type === "string" ? e.type : "?";
+  li.dataset.type = type;
+  const content = e.message && e.message.content;
+  meta.append(el("span", "who", type === "user" ? (isToolResults(content) ? "tool result" : "you") :
+    type === "assistant" ? "claude" : type), el("time", null, when));
+  if (item.agent) meta.append(el("span", "agent-id", "agent " + item.agent));
+  li.append(meta);
+  if (type === "user") { li.classList.add("user"); blocks(li, content); }
+  else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content); }
+  else if (type === "system") {
+    li.classList.add("system");
+    li.append(el("div", "text", (e.subtype ? e.subtype + ": " : "") + clip(e.content || e.level || "")));
+  } else if (type === "summary") {
+    li.classList.add("system");
+    li.append(el("div", "text", "summary: " + clip(e.summary || "")));
+  } else {
+    li.classList.add("other");
+    const d = el("details");
+    d.append(el("summary", null, type), el("pre", null, clip(JSON.stringify(e, null, 1))));
+    li.append(d);
+  }
+  return li;
+}
+
+function isToolResults(content) {
+  return Array.isArray(content) && content.length > 0 && content.every((b) => b && b.type === "tool_result");
+}
+
+function blocks(li, content) {
+  if (typeof content === "string") { li.append(el("div", "text", clip(content))); return; }
+  if (!Array.isArray(content)) return;
+  for (const b of content) {
+    if (!b || typeof b !== "object") continue;
+    if (b.type === "text") li.append(el("div", "text", clip(b.text || "")));
+    else if (b.type === "thinking" || b.type === "redacted_thinking") {
+      const d = el("details", "thinking");
+      d.append(el("summary", null, "thinking"), el("pre", null, clip(b.thinking || "(redacted)")));
+      li.append(d);
+    } else if (b.type === "tool_use") li.append(toolUse(b));
+    else if (b.type === "tool_result") li.append(toolResult(b));
+    else if (b.type === "image") li.append(el("div", "text", "[image]"));
+    else li.append(el("div", "text", "[" + b.type + "]"));
+  }
+}
+
+function toolUse(b) {
+  const box = el("div", "tool");
+  box.dataset.tool = b.name || "";
+  const input = b.input && typeof b.input === "object" ? b.input : {};
+  box.append(el("div", "name", (b.name || "tool") + (typeof input.subagent_type === "string" ? " · " + input.subagent_type : "")));
+  if (typeof input.description === "string") box.append(el("div", "desc", input.description));
+  if (typeof input.command === "string") box.append(el("div", "arg", "$ " + clip(input.command)));
+  for (const k of ["file_path", "path", "pattern", "url", "query"]) {
+    if (typeof input[k] === "string") box.append(el("div", "arg", clip(input[k])));
+  }
+  if (typeof input.prompt === "string") {
+    const d = el("details");
+    d.append(el("summary", null, "prompt · " + size(input.prompt.length)), el("pre", null, clip(input.prompt)));
+    box.append(d);
+  }
+  const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
+  for (const edit of edits) {
+    const pre = el("pre", "diff");
+    for (const l of String(edit.old_string || "").split("\n")) pre.append(el("span", "del", "- " + l));
+    for (const l of String(edit.new_string || "").split("\n")) pre.append(el("span", "add", "+ " + l));
+    box.append(pre);
+  }
+  if (typeof input.content === "string") {
+    const d = el("details");
+    d.append(el("summary", null, "content · " + size(input.content.length)), el("pre", null, clip(input.content)));
+    box.append(d);
+  }
+  const known = ["command", "file_path", "path", "pattern", "url", "query", "description", "subagent_type",
+    "prompt", "old_string", "new_string", "edits", "content"];
+  const rest = Object.keys(input).filter((k) => !known.includes(k));
+  if (rest.length) {
+    const d = el("details");
+    const shown = {};
+    for (const k of rest) shown[k] = input[k];
+    d.append(el("summary", null, "input"), el("pre", null, clip(JSON.stringify(shown, null, 1))));
+    box.append(d);
+  }
+  return box;
+}
+
+function toolResult(b) {
+  let text = "";
+  if (typeof b.content === "string") text = b.content;
+  else if (Array.isArray(b.content)) text = b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
+  const d = el("details", "result" + (b.is_error ? " error" : ""));
+  d.append(el("summary", null, (b.is_error ? "error · " : "result · ") + size(text.length)), el("pre", null, clip(text)));
+  return d;
+}
+
+function notice(msg, text) {
+  if (state.selected === null) return;
+  const li = el("li", "entry notice", text);
+  li.dataset.type = msg.kind;
+  $("entries").append(li);
+}
+
+// --- filters, "load earlier", follow ---------------------------------------------
+
+function filterOne(item) {
+  const type = $("type").value;
+  const query = $("search").value.trim().toLowerCase();
+  let hidden = false;
+  if (state.agent && item.agent !== state.agent) hidden = true;
+  if (type && (item.e ? item.e.type : item.msg.kind) !== type) hidden = true;
+  if (query && !item.el.textContent.toLowerCase().includes(query)) hidden = true;
+  item.el.hidden = hidden;
+}
+
+function applyFilters() {
+  const s = state.sessions.get(state.selected);
+  if (s) for (const item of s.entries) if (item.el) filterOne(item);
+}
+
+function updateEarlier() {
+  const s = state.sessions.get(state.selected);
+  $("earlier").hidden = !s || ![...s.paths].some((p) => (state.first.get(p) || 0) > 0);
+}
+
+function loadEarlier() {
+  const s = state.sessions.get(state.selected);
+  if (!s || !state.ws || state.ws.readyState !== 1) return;
+  // The same cursors as a resume: these files from their first byte. The server
+  // sends them again from disk; lines we already show are skipped by (path, offset).
+  const cursors = {};
+  for (const p of s.paths) cursors[p] = 0;
+  subscribe({cursors});
+  setState("catching", "loading earlier…");
+}
+
+function start() {
+  $("window").value = state.window;
+  $("earlier").addEventListener("click", loadEarlier);
+  $("jump").addEventListener("click", () => { const b = $("entries"); b.scrollTop = b.scrollHeight; $("jump").hidden = true; });
+  $("entries").addEventListener("scroll", () => {
+    const b = $("entries");
+    if (b.scrollHeight - b.scrollTop - b.clientHeight < 60) $("jump").hidden = true;
+  });
+  for (const id of ["search", "type"]) $(id).addEventListener("input", () => { applyFilters(); scheduleList(); });
+  $("project").addEventListener("change", scheduleList);
+  $("window").addEventListener("change", () => {
+    // A wider window is a fresh subscription; what is already shown stays, once.
+    state.window = $("window").value;
+    state.epoch = null;
+    const old = state.ws;
+    state.ws = null;
+    if (old) old.close(1000, "new history window");
+    connect();
+  });
+  setInterval(scheduleList, 30000);     // "3 min ago" moves on
+  connect();
+}
+
+start();
+'''
+
+PAGE_HTML = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+             "<title>claude_stream</title>\n<style>" + PAGE_STYLE + "</style></head>\n<body>"
+             + PAGE_BODY + "<script>" + PAGE_SCRIPT + "</script>\n</body></html>\n").encode("utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src 'none'; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (_csp_hash(PAGE_SCRIPT), _csp_hash(PAGE_STYLE)))
+_SAFE_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
+
+
+def page_headers(host: Optional[str], secure: bool) -> List[Tuple[str, str]]:
+    """Headers for the page: CSP that admits the WebSocket back to this very host."""
+    extra = ""
+    if host and _SAFE_HOST_RE.match(host):      # 'self' covers ws: in CSP3; older engines need it named
+        extra = " %s://%s" % ("wss" if secure else "ws", host)
+    return [("Content-Security-Policy", PAGE_CSP % extra), ("Referrer-Policy", "no-referrer"),
+            ("X-Frame-Options", "DENY")]
 
 
 @dataclass
@@ -2959,13 +3536,15 @@ class StreamServer:
             return
         if method not in ("GET", "HEAD"):
             raise HandshakeError(405, "only GET is served here", [("Allow", "GET, HEAD")])
+        headers: List[Tuple[str, str]] = []
         if url.path == "/":
-            body, ctype = self._status_page(request), "text/html; charset=utf-8"
+            body, ctype = PAGE_HTML, "text/html; charset=utf-8"
+            headers = page_headers(request.get("Host"), self.tls is not None)
         elif url.path == "/status":
             body, ctype = _json(self._status()) + b"\n", "application/json"
         else:
-            raise HandshakeError(404, "nothing here; the WebSocket endpoint and status page are at /")
-        response = build_response(200, [], body, ctype)
+            raise HandshakeError(404, "nothing here; the page and the WebSocket endpoint are at /")
+        response = build_response(200, headers, body, ctype)
         if method == "HEAD":
             response = response[:len(response) - len(body)]
         session.reply(response)
@@ -2983,16 +3562,6 @@ class StreamServer:
         hello["time"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         hello["filters"] = filters.as_json()
         return _json(hello)
-
-    def _status_page(self, request: HttpHead) -> bytes:
-        status = self._status()
-        host = request.get("Host") or "%s:%d" % (self.host, self.port)
-        scheme = "wss" if self.tls is not None else "ws"
-        return STATUS_PAGE.format(
-            version=__version__, files=status["files"], clients=status["clients"],
-            watching=", ".join(html.escape(r) for r in status["watching"]) or "nothing yet",
-            waiting=", ".join(html.escape(r) for r in status["waiting"]) or "nothing",
-            url=html.escape("%s://%s/" % (scheme, host))).encode("utf-8")
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):

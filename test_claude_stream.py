@@ -17,10 +17,13 @@ Environment:
 import ast
 import base64
 import errno
+import hashlib
+import itertools
 import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import ssl
@@ -30,6 +33,8 @@ import tempfile
 import time
 import unittest
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 import claude_stream as cs
 
@@ -1759,8 +1764,7 @@ class BrowserTests(unittest.TestCase):
     """A real headless Chromium on a page of another origin tries to read the stream."""
 
     def test_a_page_from_another_origin_is_refused(self):
-        chromium = shutil_which("chromium") or shutil_which("chromium-browser")
-        require(self, "browser", bool(chromium), "needs a chromium binary (.ci/setup installs Debian's)")
+        chromium = chromium_binary(self)
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         with open(os.path.join(tmp.name, "page.html"), "w") as fh:
@@ -1776,9 +1780,8 @@ class BrowserTests(unittest.TestCase):
             target = "%s/page.html#ws://127.0.0.1:%d/?token=%s" % (
                 other_origin, server.port, cs.read_token_file(server.port))
             for _ in range(3):      # --dump-dom may fire before the socket settles on a busy box
-                dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                      "--disable-background-networking", "--disable-component-update",
-                                      "--disable-sync", "--user-data-dir=" + tempfile.mkdtemp(dir=tmp.name),
+                dom = subprocess.run([chromium] + CHROMIUM_FLAGS + [
+                                      "--user-data-dir=" + tempfile.mkdtemp(dir=tmp.name),
                                       "--virtual-time-budget=10000", "--dump-dom", target],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60).stdout.decode()
                 title = re.search(r"<title>(\w+)</title>", dom).group(1)
@@ -1789,6 +1792,289 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(title_seen(ServerProcess(self, [tmp.name])), "REFUSED")
         # ... unless that origin is named with --allow-origin (which shows the check can tell).
         self.assertEqual(title_seen(ServerProcess(self, [tmp.name], "--allow-origin", other_origin)), "OPEN")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = os.environ.get("CLAUDE_STREAM_SCREENSHOTS")     # where the page tests leave theirs
+
+
+def chromium_binary(test):
+    chromium = shutil_which("chromium") or shutil_which("chromium-browser")
+    require(test, "browser", bool(chromium), "needs a chromium binary (.ci/setup installs Debian's)")
+    return chromium
+
+
+class Chromium:
+    """Headless Chromium driven through the DevTools protocol, over this module's own WebSocket client."""
+
+    def __init__(self, test, width=1280, height=900):
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        self.proc = subprocess.Popen([chromium_binary(test)] + CHROMIUM_FLAGS + [
+            "--user-data-dir=" + self.profile, "--remote-debugging-port=0",
+            "--window-size=%d,%d" % (width, height), "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            start_new_session=True)             # its helper processes go with it
+        test.addCleanup(self.stop)
+        self.stderr = Output(self.proc.stderr)
+        line = self.stderr.wait_line(lambda l: "DevTools listening on ws://" in l, what="Chromium's DevTools")
+        port = int(re.search(r"ws://127\.0\.0\.1:(\d+)/", line).group(1))
+        with urlopen("http://127.0.0.1:%d/json/list" % port, timeout=DEADLINE) as answer:
+            targets = json.loads(answer.read())
+        page = next(t for t in targets if t["type"] == "page")
+        self.cdp = RawClient(port, urlsplit(page["webSocketDebuggerUrl"]).path)
+        self.calls = 0
+        self.call("Page.enable")
+        self.call("Runtime.enable")
+
+    def call(self, method, **params):
+        self.calls += 1
+        self.cdp.conn.send_text(json.dumps({"id": self.calls, "method": method, "params": params}))
+        self.cdp.flush()
+        while True:
+            msg = self.cdp.message(timeout=60)
+            if msg.get("id") == self.calls:
+                if "error" in msg:
+                    raise AssertionError("%s: %s" % (method, msg["error"]))
+                return msg["result"]
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise AssertionError("page script failed: %s" % result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait(self, expression, what, timeout=DEADLINE * 2):
+        return wait_for(lambda: self.js(expression), timeout, interval=0.05, message=what)
+
+    def open(self, url):
+        self.call("Page.navigate", url=url)
+        self.wait("document.readyState === 'complete'", "the page to load")
+
+    def emulate(self, dark=False, width=None):
+        self.call("Emulation.setEmulatedMedia", features=[
+            {"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
+        if width:
+            self.call("Emulation.setDeviceMetricsOverride", width=width, height=844,
+                      deviceScaleFactor=2, mobile=True)
+        else:
+            self.call("Emulation.clearDeviceMetricsOverride")
+
+    def screenshot(self, name):
+        """A PNG of what a person sees, kept in $CLAUDE_STREAM_SCREENSHOTS when set."""
+        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        if SCREENSHOTS:
+            os.makedirs(SCREENSHOTS, exist_ok=True)
+            with open(os.path.join(SCREENSHOTS, name + ".png"), "wb") as fh:
+                fh.write(data)
+        return data
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc.stderr.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def usage_totals(lines):
+    """Token totals as the page must show them: each message counted once (message.id + requestId)."""
+    seen, tokens_in, tokens_out = set(), 0, 0
+    for obj in lines:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        usage = message.get("usage")
+        if obj.get("type") != "assistant" or not isinstance(usage, dict):
+            continue
+        key = "%s|%s" % (message.get("id") or "", obj.get("requestId") or "")
+        if key != "|" and key in seen:
+            continue
+        seen.add(key)
+        tokens_in += sum(usage.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
+                                                      "cache_read_input_tokens"))
+        tokens_out += usage.get("output_tokens") or 0
+    return tokens_in, tokens_out
+
+
+def tool_uses(lines):
+    """Tool calls in user and assistant entries: each is a card on the page."""
+    return sum(1 for obj in lines if obj.get("type") in ("user", "assistant")
+               and isinstance(obj.get("message"), dict) and isinstance(obj["message"].get("content"), list)
+               for block in obj["message"]["content"]
+               if isinstance(block, dict) and block.get("type") == "tool_use")
+
+
+PAGE_JS_ENTRIES = """[...document.querySelectorAll('#entries li.entry')].map(e => [e.dataset.path,
+    Number(e.dataset.offset), e.hidden])"""
+
+
+class PageTests(unittest.TestCase):
+    """The live page at GET /, in a real headless Chromium."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        self.project = os.path.join(self.root, "-home-u-proj")
+        os.makedirs(self.project)
+        self.token = "page-test-token"
+
+    def server(self, port=0):
+        return ServerProcess(self, [self.root], "--token", self.token, port=port)
+
+    def page_url(self, server, since="live"):
+        return "http://127.0.0.1:%d/?token=%s&since=%s" % (server.port, self.token, since)
+
+    def test_the_page_is_one_self_contained_file_under_a_strict_policy(self):
+        server = self.server()
+        raw = http(server.port, b"GET /?token=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                   % (self.token.encode(), server.port), auth=False)
+        head, body = raw.split(b"\r\n\r\n", 1)
+        headers = dict(l.split(": ", 1) for l in head.decode().split("\r\n")[1:])
+        csp = headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", csp)
+        self.assertNotIn("unsafe", csp)
+        script = re.search(rb"<script>(.*)</script>", body, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
+        self.assertIn("script-src 'sha256-%s'" % digest, csp)      # this script, and no other
+        self.assertIn("connect-src 'self' ws://127.0.0.1:%d" % server.port, csp)
+        self.assertEqual(headers["Referrer-Policy"], "no-referrer")  # the token is in the URL
+        self.assertNotRegex(body, rb"(src|href)=|@import|url\(")    # nothing loaded from anywhere
+        unauthorized = http(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", auth=False)
+        self.assertTrue(unauthorized.startswith(b"HTTP/1.1 401"))
+
+    def test_a_live_session_with_its_sub_agent_tool_calls_and_tokens(self):
+        sources = transcript_files(self)
+        # A main session and its 2.1.x sub-agent: "<...>__<session>.jsonl" and
+        # "<...>__<session>__subagents__agent-<id>.jsonl" in the transcripts folder.
+        pairs = [(m, a) for m in sources for a in sources
+                 if os.path.basename(a).startswith(os.path.basename(m)[:-6] + "__subagents__agent-")]
+        require(self, "transcripts", bool(pairs), "needs a session with a sub-agent transcript")
+        main, agent = pairs[0]
+        session_id = os.path.basename(main)[:-6].rsplit("__", 1)[-1]
+        agent_name = os.path.basename(agent).rsplit("__", 1)[-1]
+        main_target = os.path.join(self.project, session_id + ".jsonl")
+        agent_target = os.path.join(self.project, session_id, "subagents", agent_name)
+        os.makedirs(os.path.dirname(agent_target))
+        append(main_target, "")
+        append(agent_target, "")
+        server = self.server()
+        browser = Chromium(self)
+        browser.open(self.page_url(server))
+        browser.wait("claudeStream.ws && document.getElementById('state').dataset.state === 'live'",
+                     "the page to go live")
+        with open(main, "rb") as fh:
+            main_lines = fh.readlines()
+        with open(agent, "rb") as fh:
+            agent_lines = fh.readlines()
+        # Real lines, appended as Claude Code writes them, main file and sub-agent interleaved.
+        for i in range(max(len(main_lines), len(agent_lines))):
+            for source, target in ((main_lines, main_target), (agent_lines, agent_target)):
+                if i < len(source):
+                    append(target, source[i])
+        total = len(main_lines) + len(agent_lines)
+        browser.wait("document.querySelectorAll('#entries li.entry').length === %d" % total,
+                     "%d entries on the page" % total)
+        shown = browser.js(PAGE_JS_ENTRIES)
+        for target, lines in ((main_target, main_lines), (agent_target, agent_lines)):
+            rel = os.path.relpath(target, self.root).replace(os.sep, "/")
+            offsets = [o for p, o, _ in shown if p == rel]
+            expected = list(itertools.accumulate([0] + [len(l) for l in lines[:-1]]))
+            self.assertEqual(offsets, expected, "every line of %s once, in file order" % rel)
+        objects = [json.loads(l) for l in main_lines + agent_lines]
+        self.assertEqual(browser.js("document.querySelectorAll('#entries .tool').length"), tool_uses(objects))
+        tokens = browser.js("(() => { const s = document.querySelector('li.session'); "
+                            "return [Number(s.dataset.tokensIn), Number(s.dataset.tokensOut), "
+                            "s.querySelector('.tokens').textContent]; })()")
+        self.assertEqual(tuple(tokens[:2]), usage_totals(objects))
+        self.assertIn(" in · ", tokens[2])
+        self.assertEqual(browser.js("document.querySelectorAll('.agents li').length"), 1)
+        self.assertGreater(browser.js("document.querySelectorAll('#entries li.entry.agent').length"), 0)
+        self.assertGreater(browser.js("document.querySelectorAll('#entries details.thinking, "
+                                      "#entries details.result').length"), 0)
+        self.assertTrue(browser.js("[...document.querySelectorAll('#entries details')].every(d => !d.open)"))
+        # What a person sees, light and dark, desktop and phone width.
+        backgrounds = set()
+        for dark in (False, True):
+            for width in (None, 390):
+                browser.emulate(dark=dark, width=width)
+                backgrounds.add(browser.js("getComputedStyle(document.body).backgroundColor"))
+                png = browser.screenshot("page-%s-%s" % ("dark" if dark else "light",
+                                                         "narrow" if width else "desktop"))
+                self.assertTrue(png.startswith(b"\x89PNG") and len(png) > 20000)
+                if width:
+                    self.assertLessEqual(browser.js("document.documentElement.scrollWidth"), width)
+                    self.assertTrue(browser.js("document.querySelector('nav').getBoundingClientRect().bottom"
+                                               " <= document.querySelector('section').getBoundingClientRect().top"
+                                               " + 1"))
+        self.assertEqual(len(backgrounds), 2, "the dark theme follows the system setting")
+
+    def test_transcript_text_is_shown_as_text_and_never_runs(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "")
+        server = self.server()
+        browser = Chromium(self)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        payloads = ['<script>window.pwned = 1</script>', '<img src=x onerror="window.pwned = 2">',
+                    '"><svg onload=window.pwned=3>']
+        append(path, entry_line(1, "s1", message={"role": "user", "content": payloads[0]}))
+        append(path, entry_line(2, "s1", kind="assistant", message={"role": "assistant", "content": [
+            {"type": "text", "text": payloads[1]},
+            {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": payloads[2]}}]}))
+        append(path, json.dumps({"type": payloads[0], "sessionId": "s1"}) + "\n")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 3", "the three entries")
+        text = browser.js("document.getElementById('entries').textContent")
+        for payload in payloads:
+            self.assertIn(payload, text)                    # shown, literally
+        self.assertIsNone(browser.js("window.pwned === undefined ? null : window.pwned"))
+        self.assertEqual(browser.js("document.querySelectorAll('#entries script, #entries img, "
+                                    "#entries svg').length"), 0)
+
+    def test_it_resumes_after_a_server_restart_without_showing_anything_twice(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "")
+        port = free_port()
+        server = self.server(port)
+        browser = Chromium(self)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        for i in range(5):
+            append(path, entry_line(i, "s1"))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 5", "5 entries")
+        server.proc.kill()
+        server.stop()
+        browser.wait("document.getElementById('state').dataset.state === 'down'", "the page to see it")
+        for i in range(5, 10):                  # written while no server runs
+            append(path, entry_line(i, "s1"))
+        server = self.server(port)
+        for i in range(10, 15):
+            append(path, entry_line(i, "s1"))
+        browser.wait("document.querySelectorAll('#entries li.entry').length >= 15", "15 entries")
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to be live again")
+        shown = browser.js(PAGE_JS_ENTRIES)
+        self.assertEqual([o for _, o, _ in shown], sorted({o for _, o, _ in shown}))   # in order, once
+        self.assertEqual(len(shown), 15)
+        self.assertEqual(browser.js("claudeStream.duplicates"), 0)
+
+    def test_load_earlier_brings_the_history_of_the_session(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "".join(entry_line(i, "s1") for i in range(4)))      # before the page opened
+        server = self.server()
+        browser = Chromium(self)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        append(path, entry_line(4, "s1"))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 1", "the new entry")
+        browser.wait("!document.getElementById('earlier').hidden", "the load-earlier button")
+        browser.js("document.getElementById('earlier').click()")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 5", "the earlier entries")
+        shown = browser.js(PAGE_JS_ENTRIES)       # the server resent the file from 0: shown once
+        self.assertEqual([o for _, o, _ in shown], sorted({o for _, o, _ in shown}))
+        browser.wait("document.getElementById('earlier').hidden", "the button to go")   # nothing earlier now
+        self.assertEqual(browser.js("[...document.querySelectorAll('#entries li.entry .text')]"
+                                    ".map(e => e.textContent)"), ["line %d" % i for i in range(5)])
 
 
 class CommandLineTests(unittest.TestCase):
@@ -2235,7 +2521,6 @@ class InteropTests(unittest.TestCase):
 
 
 def shutil_which(name):
-    import shutil
     return shutil.which(name)
 
 
