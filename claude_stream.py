@@ -3032,9 +3032,14 @@ function select(id, agent) {
   scheduleList();
 }
 
+function atEnd() {
+  const box = $("entries");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 60;
+}
+
 function show(s, item, index) {
   const box = $("entries");
-  const follow = box.scrollHeight - box.scrollTop - box.clientHeight < 60;
+  const follow = atEnd();
   const after = s.entries[index + 1];
   box.insertBefore(node(item), after && after.el && after.el.parentNode === box ? after.el : null);
   filterOne(item);
@@ -3214,7 +3219,12 @@ function start() {
     const b = $("entries");
     if (b.scrollHeight - b.scrollTop - b.clientHeight < 60) $("jump").hidden = true;
   });
-  for (const id of ["search", "type"]) $(id).addEventListener("input", () => { applyFilters(); scheduleList(); });
+  for (const id of ["search", "type"]) $(id).addEventListener("input", () => {
+    const follow = atEnd();             // following the end goes on through a filter change
+    applyFilters();
+    scheduleList();
+    if (follow) $("entries").scrollTop = $("entries").scrollHeight;
+  });
   $("project").addEventListener("change", scheduleList);
   $("window").addEventListener("change", () => {
     // A wider window is a fresh subscription; what is already shown stays, once.

@@ -2058,6 +2058,46 @@ class PageTests(unittest.TestCase):
         self.assertEqual(len(shown), 15)
         self.assertEqual(browser.js("claudeStream.duplicates"), 0)
 
+    def test_filters_and_following_the_end(self):
+        server = self.server()
+        browser = Chromium(self, height=500)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        other = os.path.join(self.root, "-home-u-other")
+        os.makedirs(other)
+        mine = os.path.join(self.project, "s1.jsonl")
+        append(os.path.join(other, "s2.jsonl"), entry_line(0, "s2", cwd="/home/u/other", timestamp="2026-01-01T00:00:00Z"))
+        append(mine, "".join(entry_line(i, "s1", kind="user" if i % 2 else "assistant", timestamp=
+                                        "2026-01-02T03:04:%02dZ" % i) for i in range(1, 41)))
+        browser.wait("document.querySelectorAll('li.session').length === 2", "two sessions")
+        browser.js("document.querySelector('li.session[data-session=s1]').click()")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 40", "the selected session")
+        visible = "[...document.querySelectorAll('#entries li.entry')].filter(e => !e.hidden).length"
+        def choose(field, value, event="input"):    # as if typed or picked by hand
+            browser.js("{ const f = document.getElementById(%s); f.value = %s; f.dispatchEvent(new Event(%s)); }"
+                       % (json.dumps(field), json.dumps(value), json.dumps(event)))
+        choose("type", "assistant")
+        self.assertEqual(browser.js(visible), 20)
+        choose("type", "")
+        choose("search", "line 17")
+        self.assertEqual(browser.js(visible), 1)
+        choose("search", "")
+        choose("project", "other", "change")
+        browser.wait("[...document.querySelectorAll('li.session')].map(s => s.dataset.session).join() === 's2'",
+                     "only the other project's session")
+        # At the end, the view follows new entries; scrolled up, it stays and offers a jump.
+        at_end = "(() => { const b = document.getElementById('entries');" \
+                 " return b.scrollHeight - b.scrollTop - b.clientHeight < 60; })()"
+        self.assertTrue(browser.js(at_end))
+        append(mine, entry_line(41, "s1", timestamp="2026-01-02T03:05:00Z"))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 41", "entry 41")
+        self.assertTrue(browser.js(at_end))
+        browser.js("document.getElementById('entries').scrollTop = 0")
+        append(mine, entry_line(42, "s1", timestamp="2026-01-02T03:05:01Z"))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 42", "entry 42")
+        self.assertEqual(browser.js("document.getElementById('entries').scrollTop"), 0)
+        self.assertFalse(browser.js("document.getElementById('jump').hidden"))
+
     def test_load_earlier_brings_the_history_of_the_session(self):
         path = os.path.join(self.project, "s1.jsonl")
         append(path, "".join(entry_line(i, "s1") for i in range(4)))      # before the page opened
