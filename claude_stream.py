@@ -96,7 +96,9 @@ READ_BLOCK = 1 << 20                # bytes per read() call
 TICK_READ_BUDGET = 128 << 10         # bytes read from all files per loop tick; well below
                                     # LIVE_OUTPUT_CAP, so one tick never trips a fast client
 MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
+MAX_JSON_DEPTH = 200                # deeper nesting is malformed (real entries nest < 20)
 JSON_TEXT_CACHE_SIZE = 4096         # encoded paths and ids kept for envelopes
+JSON_TEXT_CACHE_MAX_CHARS = 256     # ... if they are no longer than this
 MAX_OPEN_FILES = 256                # hot files kept open; others reopened per read
 BOUNDARY_SCAN_BLOCK = 64 << 10      # backwards scan for a line start at startup
 TRANSCRIPT_SUFFIX = ".jsonl"
@@ -554,6 +556,17 @@ def _reject_constant(name: str) -> None:
 
 
 _LINE_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # built once, not per line
+_JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_BRACKETS_RE = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep brackets nest outside strings (only asked of lines with many brackets)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS_RE.findall(_JSON_STRING_RE.sub(b"", data)):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def decode_line(data: bytes) -> Dict[str, Any]:
@@ -566,6 +579,10 @@ def decode_line(data: bytes) -> Dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _json_depth(data) > MAX_JSON_DEPTH:
+        # Python's own limit depends on its version (3.13 parses what 3.8 cannot):
+        # one fixed limit, so every client can read what the server forwards.
+        raise MalformedLine("invalid JSON: nested deeper than %d levels" % MAX_JSON_DEPTH)
     try:                            # the common case in one C call, no whitespace handling
         obj, end = _LINE_DECODER.scan_once(text, 0)
         if end == len(text) and isinstance(obj, dict):
@@ -680,6 +697,7 @@ TailEvent = Union[LineEvent, ResetEvent, OversizeEvent, RemovedEvent]
 class DirState:
     root: "RootState"
     mtime_ns: int
+    ino: int = 0                    # a folder deleted and made again, or renamed, is another one
     files: set = field(default_factory=set)
     subdirs: set = field(default_factory=set)
 
@@ -738,13 +756,16 @@ class Inotify:
     def fileno(self) -> int:
         return self.fd
 
-    def watch(self, path: str) -> Optional[int]:
-        """Watch a folder; None and an errno when the kernel refuses (ENOSPC: out of watches)."""
+    def watch(self, path: str) -> int:
+        """Watch a folder: 0, or the errno of the kernel's refusal (ENOSPC: out of watches)."""
         if path in self.watches:
             return 0
         wd = self._add_watch(self.fd, os.fsencode(path), self.WATCH_MASK)
         if wd < 0:
             return self._ctypes.get_errno() or errno.EIO
+        old = self.paths.get(wd)
+        if old is not None and old != path:    # the same folder, renamed: one watch per inode
+            self.watches.pop(old, None)
         self.watches[path] = wd
         self.paths[wd] = path
         return 0
@@ -775,10 +796,10 @@ class Inotify:
                 folder = self.paths.get(wd)
                 if folder is None:
                     continue
-                if mask & self.IN_IGNORED:  # the folder is gone; its parent reports that
-                    self.watches.pop(folder, None)
+                if mask & self.IN_IGNORED:  # the watch is gone with its folder
+                    if self.watches.get(folder) == wd:
+                        del self.watches[folder]
                     self.paths.pop(wd, None)
-                    continue
                 events.append((folder, os.fsdecode(name), mask))
         return events, overflow
 
@@ -862,8 +883,7 @@ class Tailer:
     def poll(self, now: Optional[float] = None) -> List[TailEvent]:
         now = self.clock() if now is None else now
         events: List[TailEvent] = []
-        if self.notify is not None:
-            self._take_wakeups(now, events)
+        self.take_wakeups(now, events)     # before the stats: what changed is due now
         if now >= self._next_dir_check:
             self._check_dirs(now, events, full=now >= self._next_full_scan)
         budget = TICK_READ_BUDGET
@@ -892,9 +912,14 @@ class Tailer:
 
     # --- wake-ups -------------------------------------------------------------
 
-    def _take_wakeups(self, now: float, events: List[TailEvent]) -> None:
-        """Make the files inotify named due now; re-list folders whose entries changed."""
-        assert self.notify is not None
+    def take_wakeups(self, now: float, events: List[TailEvent]) -> None:
+        """Make the files inotify named due now; re-list folders whose entries changed.
+
+        Reads no file: the server calls this on every wake-up, even while it
+        holds reads back for slow clients, so the descriptor never stays readable.
+        """
+        if self.notify is None:
+            return
         changes, overflow = self.notify.read()
         if overflow:                    # events were lost: look at everything now
             self.log.debug("inotify queue overflowed; checking every file")
@@ -910,19 +935,26 @@ class Tailer:
                 self._schedule(rec, now)
             if mask & (Inotify.IN_CREATE | Inotify.IN_DELETE | Inotify.IN_MOVED_FROM | Inotify.IN_MOVED_TO):
                 relist[folder] = None
+            if mask & (Inotify.IN_DELETE_SELF | Inotify.IN_MOVE_SELF | Inotify.IN_IGNORED):
+                relist[os.path.dirname(folder)] = None      # the folder itself went away
         for folder in relist:
             state = self.dirs.get(folder)
             if state is not None:
                 self._scan(state.root, folder, now, events)
 
-    def _watch(self, path: str) -> None:
-        if self.notify is None:
+    def _watch(self, path: str, now: float) -> None:
+        if self.notify is None or path in self.notify.watches:
             return
         err = self.notify.watch(path)
-        if err:
-            self._warn_once("inotify", "cannot watch %s for changes (%s); polling every file at "
-                            "the full rate instead" % (path, os.strerror(err)))
+        if err in (0, errno.ENOENT, errno.ENOTDIR):     # gone already: its listing says so
+            return
+        self._warn_once("inotify", "cannot watch %s for changes (%s); polling every file at "
+                        "the full rate instead" % (path, os.strerror(err)))
+        if self.slowdown != 1:
             self.slowdown = 1
+            for rec in self.files.values():             # at the full rate from now, not later
+                self._schedule(rec, min(rec.due, now + self._interval(rec, now)))
+            self._next_listing = now
 
     # --- discovery ------------------------------------------------------------
 
@@ -962,12 +994,12 @@ class Tailer:
                 if state.root is not root or path not in self.dirs:
                     continue
                 try:
-                    mtime_ns = os.stat(path).st_mtime_ns
+                    st = os.stat(path)
                 except OSError:
                     self._forget_dir(path, events)
                     continue
                 racy = wall - state.mtime_ns / 1e9 < RACY_DIR_SECONDS
-                if full or racy or mtime_ns != state.mtime_ns:
+                if full or racy or st.st_mtime_ns != state.mtime_ns or st.st_ino != state.ino:
                     self._scan(root, path, now, events)
 
     def _scan(self, root: RootState, top: str, now: float, events: List[TailEvent]) -> None:
@@ -975,10 +1007,9 @@ class Tailer:
         stack = [top]
         while stack:
             path = stack.pop()
-            if path not in self.dirs:
-                self._watch(path)           # before listing: nothing created meanwhile is missed
+            self._watch(path, now)          # before listing: nothing created meanwhile is missed
             try:
-                mtime_ns = os.stat(path).st_mtime_ns      # before listing: a change during
+                st = os.stat(path)                       # before listing: a change during
                 with os.scandir(path) as it:             # the listing shows up next time
                     entries = list(it)
             except FileNotFoundError:
@@ -988,14 +1019,21 @@ class Tailer:
                 self._warn_once(path, "cannot list %s: %s" % (path, exc.strerror or exc))
                 continue
             state = self.dirs.get(path)
+            if state is not None and state.ino != st.st_ino:
+                self._forget_dir(path, events)          # deleted and made again, or renamed
+                self._watch(path, now)
+                state = None
             if state is None:
-                state = self.dirs[path] = DirState(root, mtime_ns)
-            state.mtime_ns = mtime_ns
+                state = self.dirs[path] = DirState(root, st.st_mtime_ns, st.st_ino)
+            state.mtime_ns = st.st_mtime_ns
             files, subdirs = set(), set()
             for entry in entries:
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         subdirs.add(entry.path)
+                        known = self.dirs.get(entry.path)
+                        if known is not None and known.ino != entry.inode():
+                            self._forget_dir(entry.path, events)   # listed again below
                     elif entry.name.endswith(TRANSCRIPT_SUFFIX) and entry.is_file():
                         files.add(entry.path)
                 except OSError:
@@ -2595,9 +2633,11 @@ def _json_text(value: Optional[str]) -> bytes:
     """JSON for a short string (a path, a session id) or null, remembered: few distinct values."""
     cached = _JSON_TEXT_CACHE.get(value)
     if cached is None:
-        if len(_JSON_TEXT_CACHE) >= JSON_TEXT_CACHE_SIZE:
-            _JSON_TEXT_CACHE.clear()
-        cached = _JSON_TEXT_CACHE[value] = json.dumps(value).encode("ascii")
+        cached = json.dumps(value).encode("ascii")
+        if value is None or len(value) <= JSON_TEXT_CACHE_MAX_CHARS:    # ids, not content
+            if len(_JSON_TEXT_CACHE) >= JSON_TEXT_CACHE_SIZE:
+                _JSON_TEXT_CACHE.clear()
+            _JSON_TEXT_CACHE[value] = cached
     return cached
 
 
@@ -3457,7 +3497,7 @@ class StreamServer:
     def start(self) -> None:
         self.tailer.start()
         if self.tailer.notify is not None:      # a change wakes the poller at once
-            self.loop.register(self.tailer.notify, selectors.EVENT_READ, lambda mask: self._poll())
+            self.loop.register(self.tailer.notify, selectors.EVENT_READ, self._wakeup)
         self._schedule_poll()
         self.loop.call_later(1.0, self._check_slow_clients)
 
@@ -3672,6 +3712,15 @@ class StreamServer:
         elif any(s.backlog and not s.held for s in self.subscribers):
             due = min(due, now + CATCHUP_INTERVAL)
         self._poll_timer = self.loop.call_at(due, self._poll)
+
+    def _wakeup(self, mask: int) -> None:
+        """inotify says something changed: note what (always, so the descriptor is
+        drained even while reads wait for slow clients), then poll at once."""
+        events: List[TailEvent] = []
+        self.tailer.take_wakeups(self.loop.time(), events)
+        if events:
+            self.publish(events)
+        self._poll()
 
     def _poll(self) -> None:
         if self._poll_timer is not None:
@@ -4319,7 +4368,7 @@ class ClientApp:
             return
         try:
             msg = json.loads(message.text)
-        except ValueError:
+        except (ValueError, RecursionError):
             msg = None
         if not isinstance(msg, dict):
             self.log.warn("%s sent a message that is not a JSON object; ignored" % link.url)

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -213,13 +214,15 @@ class DecodeLineTests(unittest.TestCase):
             (b"[1,2]", "not an object"),
             (b'{"a":NaN}', "invalid JSON"),
             (b"\x00\x00{}", "invalid JSON"),
-            (b"[" * 100000, "nested too deeply"),          # RecursionError must not escape
-            (b'{"a":' * 100000, "nested too deeply"),
+            (b"[" * 100000, "nested deeper than 200"),     # RecursionError must not escape,
+            (b'{"a":' * 100000, "nested deeper than 200"),  # and 3.13 must agree with 3.8
+            (b'{"a":' * 201 + b"1" + b"}" * 201, "nested deeper than 200"),
             (b' {"type":"user"} ', None),                   # whitespace around is fine
+            (b'{"type":"user","x":"' + b"[" * 500 + b'"}', None),   # brackets in a string are text
         ]
         for data, reason in cases:
             if reason is None:
-                self.assertEqual(cs.decode_line(data), {"type": "user"})
+                self.assertEqual(cs.decode_line(data)["type"], "user")
                 continue
             with self.assertRaises(cs.MalformedLine, msg=data[:20]) as caught:
                 cs.decode_line(data)
@@ -472,7 +475,8 @@ class TailerTests(TailerTestCase):
 
 
 class WakeupTailerTests(TailerTests):
-    """Every tailer test again, with inotify wake-ups on (Linux)."""
+    """Every tailer test again, with inotify wake-ups on (Linux): they change nothing
+    that polling finds. That wake-ups find changes early is WakeupTests' part."""
     wakeups = True
 
     def setUp(self):
@@ -524,13 +528,39 @@ class WakeupTests(TailerTestCase):
             rec.last_growth = self.clock.now - age
             self.assertEqual(tailer._interval(rec, self.clock.now), 0.25 * factor * cs.WAKEUP_FACTOR)
 
-    def test_a_refused_watch_means_polling_at_the_full_rate(self):
-        _, tailer = self.settled()
+    def test_a_refused_watch_means_polling_at_the_full_rate_from_now(self):
+        path, tailer = self.settled()
         tailer.notify.watch = lambda path: errno.ENOSPC     # out of inotify watches
         os.makedirs(os.path.join(self.project, "more"))
-        self.poll(tailer)
+        tailer.poll()
+        tailer.poll()
         self.assertEqual(tailer.slowdown, 1)
         self.assertTrue(any("polling every file at the full rate" in l for l in self.log_lines))
+        rec = tailer.files[path]
+        self.assertLessEqual(rec.due, self.clock.now + tailer._interval(rec, self.clock.now))
+
+    def test_a_folder_gone_before_its_watch_changes_nothing(self):
+        _, tailer = self.settled()
+        tailer.notify.watch = lambda path: errno.ENOENT
+        os.makedirs(os.path.join(self.project, "brief"))
+        tailer.poll()
+        tailer.poll()
+        self.assertEqual(tailer.slowdown, cs.WAKEUP_FACTOR)
+        self.assertEqual(self.log_lines, [])
+
+    def test_a_folder_deleted_and_made_again_or_renamed_is_watched_again(self):
+        _, tailer = self.settled("old\n")
+        for replace in (shutil.rmtree, lambda p: os.rename(p, p + ".bak")):
+            replace(self.project)
+            os.makedirs(self.project)
+            tailer.poll()
+            tailer.poll()
+            name = "s%d.jsonl" % len(os.listdir(self.root))
+            append(os.path.join(self.project, name), "fresh\n")     # new content: read at once,
+            got = []
+            for _ in range(3):                                      # without waiting for a listing
+                got += self.lines(tailer.poll())
+            self.assertEqual(got, [("-home-u-proj/" + name, 0, b"fresh")])
 
 
 # =============================================================================
@@ -1481,6 +1511,28 @@ class SlowClientTests(unittest.TestCase):
         self.file = os.path.join(self.tmp.name, "p", "s.jsonl")
         append(self.file, "")
 
+    def test_wakeups_are_taken_even_while_reads_wait_for_slow_clients(self):
+        # Seen in review: reads held back for a congested client left the inotify
+        # descriptor readable, and the loop spun at 100 % CPU until they resumed.
+        log = cs.Log(stream=_ListStream([]))
+        loop = cs.EventLoop(log)
+        self.addCleanup(loop.close)
+        tailer = cs.Tailer([self.tmp.name], 0.02, log)
+        self.addCleanup(tailer.close)
+        require(self, "inotify", tailer.notify is not None, "inotify is Linux only")
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
+        server.listen()
+        server.start()
+        server._may_read = lambda now: False            # every client congested
+        append(self.file, entry_line(1))
+        loop.selector.get_key(tailer.notify).data(selectors.EVENT_READ)    # what the loop calls
+        self.assertEqual(select.select([tailer.notify], [], [], 0)[0], [])    # drained: no spin
+        rec = tailer.files[self.file]
+        self.assertEqual(rec.line_start, 0)             # nothing read while reads wait ...
+        self.assertLessEqual(rec.due, loop.time())      # ... but the file is due the moment they resume
+        del server._may_read
+        self.assertEqual([e.data for e in tailer.poll() if isinstance(e, cs.LineEvent)], [entry_line(1)[:-1].encode()])
+
     def test_a_client_that_stops_reading_is_closed_with_4000_and_the_server_goes_on(self):
         self.log_lines = []
         log = cs.Log(stream=_ListStream(self.log_lines))
@@ -1705,7 +1757,7 @@ class TLSTests(unittest.TestCase):
         cls.tmp = tempfile.TemporaryDirectory()
         cls.cert = os.path.join(cls.tmp.name, "cert.pem")
         cls.key = os.path.join(cls.tmp.name, "key.pem")
-        openssl = shutil_which("openssl")
+        openssl = shutil.which("openssl")
         cls.made = openssl is not None and subprocess.run(
             [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", cls.key, "-out", cls.cert,
              "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
@@ -1800,7 +1852,7 @@ SCREENSHOTS = os.environ.get("CLAUDE_STREAM_SCREENSHOTS")     # where the page t
 
 
 def chromium_binary(test):
-    chromium = shutil_which("chromium") or shutil_which("chromium-browser")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     require(test, "browser", bool(chromium), "needs a chromium binary (.ci/setup installs Debian's)")
     return chromium
 
@@ -2527,7 +2579,7 @@ class InteropTests(unittest.TestCase):
 
     def test_node_ws(self):
         modules = os.environ.get("CLAUDE_STREAM_NODE_MODULES", "")
-        node = shutil_which("node")
+        node = shutil.which("node")
         require(self, "node", bool(node) and os.path.isdir(os.path.join(modules, "ws")),
                 "set CLAUDE_STREAM_NODE_MODULES to a node_modules holding ws (.ci/setup installs it)")
         env = dict(os.environ, NODE_PATH=modules)
@@ -2558,10 +2610,6 @@ class InteropTests(unittest.TestCase):
                 self.assertEqual(result.returncode, 0 if code in (1000, 1001) else 1)
         server_out.pump()
         self.assertEqual(server_out.lines.count("pong"), len(VALID_CLOSE_CODES))
-
-
-def shutil_which(name):
-    return shutil.which(name)
 
 
 # =============================================================================
