@@ -2734,7 +2734,7 @@ nav ul{list-style:none;margin:0;padding:0}
 .agents{margin:.3em 0 0 .8em;font-size:.85em}
 .agents li{padding:.1em .4em;border-left:2px solid var(--line);color:var(--muted);cursor:pointer}
 .agents li[aria-selected=true]{border-color:var(--accent);color:var(--fg)}
-section{flex:1;display:flex;flex-direction:column;min-width:0;position:relative}
+section{flex:1;display:flex;flex-direction:column;min-width:0;min-height:0;position:relative}
 #convo-head{display:flex;gap:.6em;align-items:center;padding:.4em .8em;border-bottom:1px solid var(--line)}
 #convo-head h2{font-size:1em;margin:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;flex:1}
 button{font:inherit;font-size:.85em;padding:.2em .6em;border:1px solid var(--line);border-radius:6px;background:var(--panel);color:var(--fg);cursor:pointer}
@@ -2753,6 +2753,8 @@ button{font:inherit;font-size:.85em;padding:.2em .6em;border:1px solid var(--lin
 pre{font:.82em/1.4 ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;overflow-wrap:anywhere;margin:.3em 0;max-height:30em;overflow:auto}
 details{margin:.25em 0}summary{cursor:pointer;color:var(--muted);font-size:.85em}
 details.result.error summary{color:var(--err)}
+.todos{margin:.2em 0;padding-left:1.2em;list-style:none;font-size:.9em}
+.plan{font-size:.9em;margin:.3em 0}
 .diff .add{background:var(--add);display:block}.diff .del{background:var(--del);display:block}
 .entry.system,.entry.other,.entry.notice{color:var(--muted);font-size:.85em}
 .entry.notice{color:var(--err)}
@@ -2767,7 +2769,7 @@ PAGE_BODY = r'''
 <span id="state" data-state="connecting">connecting…</span>
 <input id="search" type="search" placeholder="Search sessions and entries" aria-label="Search">
 <select id="project" aria-label="Project"><option value="">All projects</option></select>
-<select id="type" aria-label="Entry type"><option value="">All entries</option><option value="user">user</option><option value="assistant">assistant</option><option value="system">system</option><option value="summary">summary</option><option value="attachment">attachment</option><option value="progress">progress</option><option value="malformed">malformed</option></select>
+<select id="type" aria-label="Entry type"><option value="">All entries</option></select>
 <select id="window" aria-label="History"><option value="live">From now on</option><option value="10m">Last 10 min</option><option value="1h">Last hour</option><option value="1d">Last day</option><option value="7d">Last week</option><option value="all">Everything</option></select>
 </header>
 <main>
@@ -2788,17 +2790,19 @@ PAGE_SCRIPT = r'''
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const token = params.get("token") || "";
-const BACKOFF_MIN = 500, BACKOFF_MAX = 15000, TEXT_LIMIT = 20000;
+const BACKOFF_MIN = 500, BACKOFF_MAX = 15000, TEXT_LIMIT = 20000, DIFF_LINES = 400, TICK = 5000, WAKE_GAP = 30000;
 
 const state = {
-  ws: null, epoch: null, since: null, resuming: false, failures: 0, catchingUp: false,
+  ws: null, retry: null, epoch: null, since: null, resuming: false, failures: 0,
   window: params.get("since") || "1h",
   seen: new Set(),            // "path\noffset" of every line shown: nothing twice
   next: new Map(),            // path -> offset after the last line received (the cursor)
   first: new Map(),           // path -> lowest offset received (is there anything earlier?)
   lastTime: new Map(),        // path -> time of its latest timed entry (for untimed ones)
   sessions: new Map(),        // session id -> session record
-  selected: null, agent: null, seq: 0, duplicates: 0,
+  toolNames: new Map(),       // tool_use id -> tool name, to label results
+  types: new Set(),           // entry types seen, for the type filter
+  selected: null, agent: null, duplicates: 0, lastEpoch: null, everOpen: false,
 };
 window.claudeStream = state;  // for tests and the curious: read-only by convention
 
@@ -2821,10 +2825,13 @@ function absoluteSince(win, serverTime) {
 }
 
 function connect() {
+  clearTimeout(state.retry);
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
   const ws = new WebSocket(scheme + location.host + "/?hold=1&token=" + encodeURIComponent(token));
   state.ws = ws;
   setState("connecting", state.resuming || state.epoch ? "reconnecting…" : "connecting…");
+  let opened = false;
+  ws.onopen = () => { opened = true; };
   ws.onmessage = (ev) => { if (ws === state.ws) receive(JSON.parse(ev.data)); };
   ws.onclose = (ev) => {
     if (ws !== state.ws) return;
@@ -2834,9 +2841,39 @@ function connect() {
     const why = ev.code === 1001 ? "server restarting" : ev.code === 4000 ? "too slow" :
       ev.code === 1006 ? "connection lost" : "closed " + ev.code;
     setState("down", why + "; retrying in " + Math.round(delay / 1000) + " s");
-    setTimeout(connect, delay);
+    state.retry = setTimeout(connect, delay);
+    if (!opened) explainRefusal(delay);
   };
 }
+
+function explainRefusal(delay) {
+  // A browser does not tell a page why a WebSocket handshake failed. Ask the
+  // server the plain way: a 401 means the token in this page's URL is not the
+  // server's (a server started again without --token makes a new one).
+  fetch("/status?token=" + encodeURIComponent(token), {cache: "no-store"}).then((r) => {
+    if (r.status === 401 && !state.ws) {
+      setState("down", "the server refused this page's token (it makes a new one at each start " +
+        "unless given --token): open the page URL it printed; retrying in " + Math.round(delay / 1000) + " s");
+    }
+  }).catch(() => {});
+}
+
+function reconnectNow() {
+  // After a sleep or a network change the socket may be dead without knowing it
+  // (no FIN ever came): start a new one; it resumes from the cursors.
+  const old = state.ws;
+  state.ws = null;
+  if (old) old.close();
+  connect();
+}
+
+let lastTick = Date.now();
+setInterval(() => {
+  const now = Date.now();
+  if (now - lastTick > WAKE_GAP) reconnectNow();      // timers stopped: the machine slept
+  lastTick = now;
+}, TICK);
+window.addEventListener("online", reconnectNow);
 
 function subscribe(extra) {
   const msg = Object.assign({kind: "subscribe", cursors: {}}, extra || {});
@@ -2856,7 +2893,9 @@ function receive(msg) {
         state.epoch = msg.time;
         state.since = absoluteSince(state.window, msg.time);
         state.resuming = false;
-        subscribe({since: state.since});
+        // A new window after an earlier one: at least everything since that began,
+        // so nothing written while switching is missed (lines shown stay once).
+        subscribe({since: state.since || state.lastEpoch});
       } else {
         // Resuming: files we hold a cursor for go on from it; files we never heard
         // of are asked for since our window began (or since we first connected).
@@ -2864,13 +2903,11 @@ function receive(msg) {
         subscribe({since: state.since || state.epoch, cursors: resumeCursors()});
       }
       setState("catching", "catching up…");
-      state.catchingUp = true;
       return;
     case "subscribed":
-      if (!msg.backlog) { state.catchingUp = false; live(); }
+      if (!msg.backlog) live();
       return;
     case "live":
-      state.catchingUp = false;
       live();
       return;
     case "entry": case "malformed": case "gap":
@@ -2889,7 +2926,12 @@ function forget(path) {
   for (const key of [...state.seen]) if (key.startsWith(path + "\n")) state.seen.delete(key);
   for (const s of state.sessions.values()) {
     if (!s.paths.has(path)) continue;
-    for (const item of s.entries) if (item.path === path && item.el) item.el.remove();
+    for (const item of s.entries) {
+      if (item.path !== path) continue;
+      if (item.el) item.el.remove();
+      const a = item.agent && s.agents.get(item.agent);
+      if (a) a.count -= 1;
+    }
     s.entries = s.entries.filter((item) => item.path !== path);
   }
 }
@@ -2906,7 +2948,8 @@ function sessionFor(msg) {
   let s = state.sessions.get(id);
   if (!s) {
     s = {id, project: msg.project || "", cwd: "", title: "", prompt: "", last: 0, entries: [],
-         paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usageSeen: new Set(), el: null};
+         paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usage: new Map(),
+         promptTime: Infinity};
     state.sessions.set(id, s);
   }
   return s;
@@ -2922,8 +2965,11 @@ function line(msg) {
   s.paths.add(msg.path);
   const e = msg.entry && typeof msg.entry === "object" ? msg.entry : null;
   let t = e && typeof e.timestamp === "string" ? Date.parse(e.timestamp) : NaN;
-  if (isNaN(t)) t = state.lastTime.get(msg.path) || 0; else state.lastTime.set(msg.path, t);
-  const item = {msg, e, t, path: msg.path, offset: msg.offset, agent: msg.agent || null, el: null};
+  const own = !isNaN(t);          // untimed lines sort with their file's last time, shown without one
+  if (!own) t = state.lastTime.get(msg.path) || 0; else state.lastTime.set(msg.path, t);
+  const item = {msg, e, t, own, path: msg.path, offset: msg.offset, agent: msg.agent || null, el: null, hay: null};
+  const type = e ? (typeof e.type === "string" ? e.type : "?") : msg.kind;
+  if (!state.types.has(type)) { state.types.add(type); typeOptions(); }
   if (e) learn(s, e, msg, t);
   if (item.agent) {
     const a = s.agents.get(item.agent) || {count: 0, last: 0};
@@ -2948,20 +2994,26 @@ function learn(s, e, msg, t) {
   if (e.type === "custom-title" && typeof e.customTitle === "string") s.title = e.customTitle, s.titleRank = 3;
   else if (e.type === "ai-title" && typeof e.aiTitle === "string" && (s.titleRank || 0) <= 2) s.title = e.aiTitle, s.titleRank = 2;
   else if (e.type === "summary" && typeof e.summary === "string" && (s.titleRank || 0) <= 1) s.title = e.summary, s.titleRank = 1;
-  if (e.type === "user" && !s.prompt && !msg.agent && !e.isMeta) {
-    const text = promptText(e);
-    if (text) s.prompt = text;
+  if (e.type === "user" && !msg.agent && !e.isMeta && (!s.prompt || t < s.promptTime)) {
+    const text = promptText(e);   // the first prompt in time, whatever order lines came in
+    if (text) { s.prompt = text; s.promptTime = t; }
   }
-  if (e.type === "assistant" && e.message && e.message.usage) {
-    // Streaming writes one line per content block, each with the message's usage:
-    // count a message once, by message id and request id.
-    const id = (e.message.id || "") + "|" + (e.requestId || "");
-    if (id === "|" || !s.usageSeen.has(id)) {
-      s.usageSeen.add(id);
-      const u = e.message.usage;
-      s.tokensIn += (u.input_tokens || 0) + (u.cache_creation_input_tokens || 0) + (u.cache_read_input_tokens || 0);
-      s.tokensOut += u.output_tokens || 0;
-    }
+  const content = e.message && e.message.content;
+  if (Array.isArray(content)) {
+    for (const b of content) if (b && b.type === "tool_use" && typeof b.id === "string") state.toolNames.set(b.id, b.name);
+  }
+  if (e.type === "assistant" && e.message && e.message.usage && typeof e.message.usage === "object") {
+    // Streaming writes one line per content block, each with the message's usage so
+    // far: a message counts once (by message id and request id), at its largest.
+    const id = e.message.id || e.requestId ? (e.message.id || "") + "|" + (e.requestId || "") : msg.path + "\n" + msg.offset;
+    const u = e.message.usage;
+    const now = {in: (u.input_tokens || 0) + (u.cache_creation_input_tokens || 0) + (u.cache_read_input_tokens || 0),
+                 out: u.output_tokens || 0};
+    const was = s.usage.get(id) || {in: 0, out: 0};
+    const best = {in: Math.max(was.in, now.in), out: Math.max(was.out, now.out)};
+    s.usage.set(id, best);
+    s.tokensIn += best.in - was.in;
+    s.tokensOut += best.out - was.out;
   }
 }
 
@@ -3017,7 +3069,8 @@ function drawList() {
     projects.add(name);
     if (project && name !== project) continue;
     const title = s.title || s.prompt || "(no prompt yet)";
-    if (query && !(title + " " + name + " " + s.id).toLowerCase().includes(query)) continue;
+    if (query && !(title + " " + name + " " + s.id).toLowerCase().includes(query) &&
+        !s.entries.some((item) => haystack(item).includes(query))) continue;
     const li = el("li", "session");
     li.dataset.session = s.id;
     li.dataset.tokensIn = s.tokensIn;
@@ -3042,14 +3095,33 @@ function drawList() {
     li.addEventListener("click", () => select(s.id, null));
     list.append(li);
   }
-  const select_ = $("project");
-  if (select_.options.length - 1 !== projects.size) {
-    const keep = select_.value;
-    select_.length = 1;
-    for (const p of [...projects].sort()) select_.append(new Option(p, p));
-    select_.value = keep;
-  }
+  fillOptions($("project"), projects);
+  const current = state.sessions.get(state.selected);
+  if (current) $("convo-title").textContent = heading(current);
   if (state.selected === null && sessions.length) select(sessions[0].id, null);
+}
+
+function fillOptions(box, values) {
+  const sorted = [...values].sort();
+  const have = [...box.options].slice(1).map((o) => o.value);
+  if (have.join("\n") === sorted.join("\n")) return;
+  const keep = box.value;
+  box.length = 1;
+  for (const v of sorted) box.append(new Option(v, v));
+  box.value = sorted.includes(keep) ? keep : "";
+}
+
+function typeOptions() {
+  fillOptions($("type"), state.types);
+}
+
+function haystack(item) {         // what a search looks in: the whole line, lower case, made once
+  if (item.hay === null) item.hay = JSON.stringify(item.e || item.msg).toLowerCase();
+  return item.hay;
+}
+
+function heading(s) {
+  return (s.title || s.prompt || s.id) + (state.agent ? " — agent " + state.agent : "");
 }
 
 // --- the conversation ---------------------------------------------------------
@@ -3060,7 +3132,7 @@ function select(id, agent) {
   const s = state.sessions.get(id);
   const box = $("entries");
   box.textContent = "";
-  $("convo-title").textContent = s ? (s.title || s.prompt || s.id) + (agent ? " — agent " + agent : "") : "";
+  $("convo-title").textContent = s ? heading(s) : "";
   if (s) {
     const frag = document.createDocumentFragment();
     for (const item of s.entries) frag.append(node(item));
@@ -3089,7 +3161,16 @@ function show(s, item, index) {
 }
 
 function node(item) {
-  if (!item.el) item.el = render(item);
+  if (!item.el) {
+    try {
+      item.el = render(item);
+    } catch (err) {               // an entry shaped like nothing we know: show it raw, go on
+      item.el = el("li", "entry other");
+      item.el.dataset.path = item.path;
+      item.el.dataset.offset = item.offset;
+      item.el.append(el("pre", null, clip(JSON.stringify(item.e || item.msg, null, 1))));
+    }
+  }
   return item.el;
 }
 
@@ -3120,15 +3201,20 @@ function render(item) {
   const type = typeof e.type === "string" ? e.type : "?";
   li.dataset.type = type;
   const content = e.message && e.message.content;
-  meta.append(el("span", "who", type === "user" ? (isToolResults(content) ? "tool result" : "you") :
-    type === "assistant" ? "claude" : type), el("time", null, when));
+  const command = type === "user" ? commandOf(content) : null;
+  const who = type === "assistant" ? "claude" : type !== "user" ? type : isToolResults(content) ? "tool result" :
+    e.isMeta || command ? "meta" : item.agent && !item.agent.startsWith("acompact") && firstOfAgent(item) ? "task" : "you";
+  meta.append(el("span", "who", who), el("time", null, item.own ? when : ""));
   if (item.agent) meta.append(el("span", "agent-id", "agent " + item.agent));
   li.append(meta);
-  if (type === "user") { li.classList.add("user"); blocks(li, content); }
+  if (type === "user" && (command || e.isMeta)) {
+    li.classList.add("system");
+    li.append(el("div", "text", command || clip(plain(content))));
+  } else if (type === "user") { li.classList.add("user"); blocks(li, content); }
   else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content); }
   else if (type === "system") {
     li.classList.add("system");
-    li.append(el("div", "text", (e.subtype ? e.subtype + ": " : "") + clip(e.content || e.level || "")));
+    li.append(el("div", "text", systemText(e)));
   } else if (type === "summary") {
     li.classList.add("system");
     li.append(el("div", "text", "summary: " + clip(e.summary || "")));
@@ -3139,6 +3225,38 @@ function render(item) {
     li.append(d);
   }
   return li;
+}
+
+function plain(content) {
+  if (typeof content === "string") return content;
+  if (!Array.isArray(content)) return "";
+  return content.map((b) => b && b.type === "text" ? b.text : "").join("\n");
+}
+
+function commandOf(content) {     // a slash command or its output, as Claude Code records them
+  const text = plain(content);
+  const name = /<command-name>([^<]*)<\/command-name>/.exec(text);
+  if (name) {
+    const args = /<command-args>([^<]*)<\/command-args>/.exec(text);
+    return name[1] + (args && args[1] ? " " + args[1] : "");
+  }
+  const out = /^<local-command-(?:stdout|stderr)>([\s\S]*?)<\/local-command-(?:stdout|stderr)>$/.exec(text.trim());
+  return out ? clip(out[1].trim() || "(no output)") : null;
+}
+
+function firstOfAgent(item) {
+  const s = state.sessions.get(item.msg.session || item.msg.path);
+  const first = s && s.entries.find((i) => i.agent === item.agent && i.e && i.e.type === "user");
+  return first === item;
+}
+
+function systemText(e) {
+  const sub = typeof e.subtype === "string" ? e.subtype : "";
+  if (sub === "turn_duration" && typeof e.durationMs === "number") return "turn took " + (e.durationMs / 1000).toFixed(1) + " s";
+  if (sub === "stop_hook_summary") return "stop hooks ran: " + (e.hookCount || (e.hookInfos || []).length || 0);
+  if (sub === "compact_boundary") return "conversation compacted";
+  const text = typeof e.content === "string" ? e.content : e.content ? JSON.stringify(e.content) : "";
+  return (sub ? sub.replace(/_/g, " ") + ": " : "") + clip(text || e.level || "");
 }
 
 function isToolResults(content) {
@@ -3179,10 +3297,24 @@ function toolUse(b) {
   }
   const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
   for (const edit of edits) {
+    if (!edit || typeof edit !== "object") continue;
     const pre = el("pre", "diff");
-    for (const l of String(edit.old_string || "").split("\n")) pre.append(el("span", "del", "- " + l));
-    for (const l of String(edit.new_string || "").split("\n")) pre.append(el("span", "add", "+ " + l));
+    for (const [side, mark] of [["old_string", "- "], ["new_string", "+ "]]) {
+      const lines = clip(typeof edit[side] === "string" ? edit[side] : "").split("\n");
+      for (const l of lines.slice(0, DIFF_LINES)) pre.append(el("span", mark === "- " ? "del" : "add", mark + l));
+      if (lines.length > DIFF_LINES) pre.append(el("span", null, "… " + (lines.length - DIFF_LINES) + " more lines"));
+    }
     box.append(pre);
+  }
+  if (typeof input.plan === "string") box.append(el("div", "text plan", clip(input.plan)));
+  if (Array.isArray(input.todos)) {
+    const list = el("ul", "todos");
+    for (const todo of input.todos) {
+      if (!todo || typeof todo !== "object") continue;
+      const mark = todo.status === "completed" ? "☑ " : todo.status === "in_progress" ? "▶ " : "☐ ";
+      list.append(el("li", null, mark + (todo.content || todo.activeForm || "")));
+    }
+    box.append(list);
   }
   if (typeof input.content === "string") {
     const d = el("details");
@@ -3190,7 +3322,7 @@ function toolUse(b) {
     box.append(d);
   }
   const known = ["command", "file_path", "path", "pattern", "url", "query", "description", "subagent_type",
-    "prompt", "old_string", "new_string", "edits", "content"];
+    "prompt", "old_string", "new_string", "edits", "content", "plan", "todos"];
   const rest = Object.keys(input).filter((k) => !known.includes(k));
   if (rest.length) {
     const d = el("details");
@@ -3207,7 +3339,9 @@ function toolResult(b) {
   if (typeof b.content === "string") text = b.content;
   else if (Array.isArray(b.content)) text = b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
   const d = el("details", "result" + (b.is_error ? " error" : ""));
-  d.append(el("summary", null, (b.is_error ? "error · " : "result · ") + size(text.length)), el("pre", null, clip(text)));
+  const name = state.toolNames.get(b.tool_use_id);
+  d.append(el("summary", null, (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length)),
+    el("pre", null, clip(text)));
   return d;
 }
 
@@ -3226,7 +3360,7 @@ function filterOne(item) {
   let hidden = false;
   if (state.agent && item.agent !== state.agent) hidden = true;
   if (type && (item.e ? item.e.type : item.msg.kind) !== type) hidden = true;
-  if (query && !item.el.textContent.toLowerCase().includes(query)) hidden = true;
+  if (query && !haystack(item).includes(query)) hidden = true;
   item.el.hidden = hidden;
 }
 
@@ -3247,6 +3381,12 @@ function loadEarlier() {
   // sends them again from disk; lines we already show are skipped by (path, offset).
   const cursors = {};
   for (const p of s.paths) cursors[p] = 0;
+  // 2.1.x keeps a session's sub-agents in <project>/<session>/: a folder cursor
+  // brings those the page has not heard from yet.
+  for (const p of s.paths) {
+    const m = /^([^/]+)\/([^/]+)\.jsonl$/.exec(p);
+    if (m) cursors[m[1] + "/" + m[2] + "/"] = 0;
+  }
   subscribe({cursors});
   setState("catching", "loading earlier…");
 }
@@ -3269,11 +3409,9 @@ function start() {
   $("window").addEventListener("change", () => {
     // A wider window is a fresh subscription; what is already shown stays, once.
     state.window = $("window").value;
+    state.lastEpoch = state.epoch;
     state.epoch = null;
-    const old = state.ws;
-    state.ws = null;
-    if (old) old.close(1000, "new history window");
-    connect();
+    reconnectNow();
   });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on
   connect();
@@ -3638,10 +3776,13 @@ class StreamServer:
             session.held = session.catching_up = True
             session.sync()
             return
+        folders = [(k, v) for k, v in sub.cursors.items() if k.endswith("/")]
         for rec in list(self.tailer.files.values()):   # filters apply per line (cwd included)
             rel = rec.rel
-            if rel in sub.cursors:
-                start = sub.cursors[rel]
+            start = sub.cursors.get(rel)
+            if start is None and folders:   # a folder's cursor: every file below without its own
+                start = next((v for k, v in folders if rel.startswith(k)), None)
+            if start is not None:
                 if not self._cursor_valid(rec, start):
                     session.queue(notice_message("reset", rec, reason="cursor", offset=0)[0])
                     start = 0

@@ -1428,6 +1428,17 @@ class NoLossTests(unittest.TestCase):
         got = [e["uuid"] for e in self.replay(since="all", session=["abcd"])]
         self.assertEqual(sorted(got), ["u-0", "u-1", "u-10", "u-11", "u-12", "u-2"])
 
+    def test_a_folder_cursor_replays_every_file_below_it(self):
+        sub = os.path.join(self.root, "-p", "abcd1234", "subagents")
+        os.makedirs(sub)
+        for i in range(2):
+            append(os.path.join(self.root, "-p", "abcd1234.jsonl"), entry_line(i, "abcd1234"))
+            append(os.path.join(sub, "agent-x1.jsonl"), entry_line(10 + i, "abcd1234"))
+            append(os.path.join(sub, "agent-x2.jsonl"), entry_line(20 + i, "abcd1234"))
+        got = [e["uuid"] for e in self.replay(cursors={"-p/abcd1234/": 0,       # the page's "load earlier"
+                                                        "-p/abcd1234/subagents/agent-x2.jsonl": 0})]
+        self.assertEqual(sorted(got), ["u-10", "u-11", "u-20", "u-21"])
+
     def test_history_holds_long_lines_and_filters_by_working_directory(self):
         big = "z" * (600 << 10)             # longer than any catch-up read block
         append(self.path(0), entry_line(1, cwd="/home/u/my_app", pad=big) + entry_line(2, cwd="/home/u/my_app"))
@@ -1932,21 +1943,21 @@ class Chromium:
 
 
 def usage_totals(lines):
-    """Token totals as the page must show them: each message counted once (message.id + requestId)."""
-    seen, tokens_in, tokens_out = set(), 0, 0
-    for obj in lines:
+    """Token totals as the page must show them: each message (message.id + requestId) counted
+    once, at the largest usage any of its streamed lines carries."""
+    best = {}
+    for n, obj in enumerate(lines):
         message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
         usage = message.get("usage")
         if obj.get("type") != "assistant" or not isinstance(usage, dict):
             continue
-        key = "%s|%s" % (message.get("id") or "", obj.get("requestId") or "")
-        if key != "|" and key in seen:
-            continue
-        seen.add(key)
-        tokens_in += sum(usage.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
-                                                      "cache_read_input_tokens"))
-        tokens_out += usage.get("output_tokens") or 0
-    return tokens_in, tokens_out
+        key = "%s|%s" % (message.get("id") or "", obj.get("requestId") or "") if (
+            message.get("id") or obj.get("requestId")) else n
+        tokens_in = sum(usage.get(k) or 0 for k in ("input_tokens", "cache_creation_input_tokens",
+                                                     "cache_read_input_tokens"))
+        was = best.get(key, (0, 0))
+        best[key] = (max(was[0], tokens_in), max(was[1], usage.get("output_tokens") or 0))
+    return sum(b[0] for b in best.values()), sum(b[1] for b in best.values())
 
 
 def tool_uses(lines):
@@ -2057,6 +2068,9 @@ class PageTests(unittest.TestCase):
                 self.assertTrue(png.startswith(b"\x89PNG") and len(png) > 20000)
                 if width:
                     self.assertLessEqual(browser.js("document.documentElement.scrollWidth"), width)
+                    # the conversation scrolls in its own box, so following the end works there too
+                    self.assertLessEqual(browser.js("document.documentElement.scrollHeight"),
+                                         browser.js("innerHeight") + 1)
                     self.assertTrue(browser.js("document.querySelector('nav').getBoundingClientRect().bottom"
                                                " <= document.querySelector('section').getBoundingClientRect().top"
                                                " + 1"))
@@ -2076,7 +2090,11 @@ class PageTests(unittest.TestCase):
             {"type": "text", "text": payloads[1]},
             {"type": "tool_use", "id": "t1", "name": "Bash", "input": {"command": payloads[2]}}]}))
         append(path, json.dumps({"type": payloads[0], "sessionId": "s1"}) + "\n")
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 3", "the three entries")
+        append(path, entry_line(3, "s1", kind="assistant", message={"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t2", "name": "MultiEdit", "input": {"edits": [None, 7]}}]}))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries")
+        browser.js("document.querySelector('li.session').click()")         # drawn again from scratch
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries again")
         text = browser.js("document.getElementById('entries').textContent")
         for payload in payloads:
             self.assertIn(payload, text)                    # shown, literally
@@ -2133,6 +2151,8 @@ class PageTests(unittest.TestCase):
         choose("type", "")
         choose("search", "line 17")
         self.assertEqual(browser.js(visible), 1)
+        browser.wait("[...document.querySelectorAll('li.session')].map(s => s.dataset.session).join() === 's1'",
+                     "the session list to keep the session that holds the text")
         choose("search", "")
         choose("project", "other", "change")
         browser.wait("[...document.querySelectorAll('li.session')].map(s => s.dataset.session).join() === 's2'",
@@ -2150,23 +2170,46 @@ class PageTests(unittest.TestCase):
         self.assertEqual(browser.js("document.getElementById('entries').scrollTop"), 0)
         self.assertFalse(browser.js("document.getElementById('jump').hidden"))
 
-    def test_load_earlier_brings_the_history_of_the_session(self):
+    def test_a_server_started_again_with_another_token_is_explained(self):
+        port = free_port()
+        server = self.server(port)
+        browser = Chromium(self)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        server.proc.kill()
+        server.stop()
+        ServerProcess(self, [self.root], "--token", "another-token", port=port)
+        browser.wait("document.getElementById('state').textContent.includes(\"refused this page's token\")",
+                     "the page to say its token was refused")
+
+    def test_load_earlier_brings_the_history_of_the_session_and_its_sub_agents(self):
         path = os.path.join(self.project, "s1.jsonl")
-        append(path, "".join(entry_line(i, "s1") for i in range(4)))      # before the page opened
+        append(path, "".join(entry_line(i, "s1", timestamp="2026-01-02T03:04:0%dZ" % i)
+                             for i in range(4)))                            # before the page opened
+        agent = os.path.join(self.project, "s1", "subagents", "agent-z9.jsonl")
+        os.makedirs(os.path.dirname(agent))
+        append(agent, "".join(entry_line(10 + i, "s1", timestamp="2026-01-02T03:04:0%dZ" % i)
+                              for i in range(2)))                           # never seen by the page
         server = self.server()
         browser = Chromium(self)
         browser.open(self.page_url(server))
         browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
-        append(path, entry_line(4, "s1"))
+        append(path, entry_line(4, "s1", timestamp="2026-01-02T03:05:00Z"))
         browser.wait("document.querySelectorAll('#entries li.entry').length === 1", "the new entry")
+        self.assertEqual(browser.js("document.getElementById('convo-title').textContent"), "line 4")
         browser.wait("!document.getElementById('earlier').hidden", "the load-earlier button")
         browser.js("document.getElementById('earlier').click()")
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 5", "the earlier entries")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 7", "the earlier entries")
         shown = browser.js(PAGE_JS_ENTRIES)       # the server resent the file from 0: shown once
-        self.assertEqual([o for _, o, _ in shown], sorted({o for _, o, _ in shown}))
+        main = [o for p, o, _ in shown if p == "-home-u-proj/s1.jsonl"]
+        self.assertEqual(main, sorted(set(main)))
+        self.assertEqual(len([p for p, _, _ in shown if p.endswith("agent-z9.jsonl")]), 2)
         browser.wait("document.getElementById('earlier').hidden", "the button to go")   # nothing earlier now
         self.assertEqual(browser.js("[...document.querySelectorAll('#entries li.entry .text')]"
-                                    ".map(e => e.textContent)"), ["line %d" % i for i in range(5)])
+                                    ".map(e => e.textContent)"),
+                         ["line 0", "line 10", "line 1", "line 11", "line 2", "line 3", "line 4"])
+        # The session is titled by its first prompt in time, not by the first that arrived.
+        self.assertEqual(browser.js("document.getElementById('convo-title').textContent"), "line 0")
 
 
 class CommandLineTests(unittest.TestCase):
