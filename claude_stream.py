@@ -2972,8 +2972,9 @@ function line(msg) {
   if (!state.types.has(type)) { state.types.add(type); typeOptions(); }
   if (e) learn(s, e, msg, t);
   if (item.agent) {
-    const a = s.agents.get(item.agent) || {count: 0, last: 0};
+    const a = s.agents.get(item.agent) || {count: 0, last: 0, first: null};
     a.count += 1; a.last = Math.max(a.last, t);
+    if (e && e.type === "user" && (!a.first || item.t < a.first.t)) a.first = item;   // its task
     s.agents.set(item.agent, a);
   }
   // Insert in time order (file order within a file): appends are the common case.
@@ -3246,8 +3247,8 @@ function commandOf(content) {     // a slash command or its output, as Claude Co
 
 function firstOfAgent(item) {
   const s = state.sessions.get(item.msg.session || item.msg.path);
-  const first = s && s.entries.find((i) => i.agent === item.agent && i.e && i.e.type === "user");
-  return first === item;
+  const a = s && s.agents.get(item.agent);
+  return Boolean(a) && a.first === item;
 }
 
 function systemText(e) {
