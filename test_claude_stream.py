@@ -2047,11 +2047,11 @@ class PageTests(unittest.TestCase):
             self.assertEqual(offsets, expected, "every line of %s once, in file order" % rel)
         objects = [json.loads(l) for l in main_lines + agent_lines]
         self.assertEqual(browser.js("document.querySelectorAll('#entries .tool').length"), tool_uses(objects))
-        tokens = browser.js("(() => { const s = document.querySelector('li.session'); "
-                            "return [Number(s.dataset.tokensIn), Number(s.dataset.tokensOut), "
-                            "s.querySelector('.tokens').textContent]; })()")
-        self.assertEqual(tuple(tokens[:2]), usage_totals(objects))
-        self.assertIn(" in · ", tokens[2])
+        # The session list is drawn at the page's next frame: wait for it to show the totals.
+        browser.wait("(() => { const s = document.querySelector('li.session'); return s && "
+                     "[s.dataset.tokensIn, s.dataset.tokensOut].join() === '%d,%d'; })()" % usage_totals(objects),
+                     "token totals of %d in, %d out" % usage_totals(objects))
+        self.assertIn(" in · ", browser.js("document.querySelector('li.session .tokens').textContent"))
         self.assertEqual(browser.js("document.querySelectorAll('.agents li').length"), 1)
         self.assertGreater(browser.js("document.querySelectorAll('#entries li.entry.agent').length"), 0)
         self.assertGreater(browser.js("document.querySelectorAll('#entries details.thinking, "
@@ -2196,7 +2196,7 @@ class PageTests(unittest.TestCase):
         browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
         append(path, entry_line(4, "s1", timestamp="2026-01-02T03:05:00Z"))
         browser.wait("document.querySelectorAll('#entries li.entry').length === 1", "the new entry")
-        self.assertEqual(browser.js("document.getElementById('convo-title').textContent"), "line 4")
+        browser.wait("document.getElementById('convo-title').textContent === 'line 4'", "the title")
         browser.wait("!document.getElementById('earlier').hidden", "the load-earlier button")
         browser.js("document.getElementById('earlier').click()")
         browser.wait("document.querySelectorAll('#entries li.entry').length === 7", "the earlier entries")
@@ -2208,8 +2208,10 @@ class PageTests(unittest.TestCase):
         self.assertEqual(browser.js("[...document.querySelectorAll('#entries li.entry .text')]"
                                     ".map(e => e.textContent)"),
                          ["line 0", "line 10", "line 1", "line 11", "line 2", "line 3", "line 4"])
-        # The session is titled by its first prompt in time, not by the first that arrived.
-        self.assertEqual(browser.js("document.getElementById('convo-title').textContent"), "line 0")
+        # The session is titled by its first prompt in time, not by the first that arrived
+        # (the header follows at the page's next frame).
+        browser.wait("document.getElementById('convo-title').textContent === 'line 0'",
+                     "the title to become the first prompt")
 
 
 class CommandLineTests(unittest.TestCase):
