@@ -1054,13 +1054,18 @@ def http(port, raw, auth=True):
             data += chunk
 
 
-class EndToEndTests(unittest.TestCase):
+class ProjectTreeTestCase(unittest.TestCase):
+    """A temporary projects root holding one project folder, ``-home-u-proj``."""
+
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
         self.root = os.path.join(self.tmp.name, "projects")
         self.project = os.path.join(self.root, "-home-u-proj")
         os.makedirs(self.project)
+
+
+class EndToEndTests(ProjectTreeTestCase):
 
     def test_real_transcripts_arrive_once_byte_identical_in_file_order(self):
         server = ServerProcess(self, [self.root])
@@ -1418,23 +1423,24 @@ class NoLossTests(unittest.TestCase):
                 got.append(msg["entry"]["uuid"])
         self.assertEqual(got, ["recent", "new"])
 
-    def test_whole_session_from_its_start(self):
+    def session_with_sub_agents(self, lines, agents):
+        """-p/abcd1234.jsonl (u-0, u-1, ...), its sub-agents k = 1, 2, ... under
+        -p/abcd1234/subagents/ (u-10k, ...), and another session (u-90, ...)."""
         sub = os.path.join(self.root, "-p", "abcd1234", "subagents")
         os.makedirs(sub)
-        for i in range(3):
+        for i in range(lines):
             append(os.path.join(self.root, "-p", "abcd1234.jsonl"), entry_line(i, "abcd1234"))
-            append(os.path.join(sub, "agent-x1.jsonl"), entry_line(10 + i, "abcd1234"))
-            append(os.path.join(self.root, "-p", "other.jsonl"), entry_line(20 + i, "other"))
+            for k in range(1, agents + 1):
+                append(os.path.join(sub, "agent-x%d.jsonl" % k), entry_line(10 * k + i, "abcd1234"))
+            append(os.path.join(self.root, "-p", "other.jsonl"), entry_line(90 + i, "other"))
+
+    def test_whole_session_from_its_start(self):
+        self.session_with_sub_agents(3, 1)
         got = [e["uuid"] for e in self.replay(since="all", session=["abcd"])]
         self.assertEqual(sorted(got), ["u-0", "u-1", "u-10", "u-11", "u-12", "u-2"])
 
     def test_a_folder_cursor_replays_every_file_below_it(self):
-        sub = os.path.join(self.root, "-p", "abcd1234", "subagents")
-        os.makedirs(sub)
-        for i in range(2):
-            append(os.path.join(self.root, "-p", "abcd1234.jsonl"), entry_line(i, "abcd1234"))
-            append(os.path.join(sub, "agent-x1.jsonl"), entry_line(10 + i, "abcd1234"))
-            append(os.path.join(sub, "agent-x2.jsonl"), entry_line(20 + i, "abcd1234"))
+        self.session_with_sub_agents(2, 2)
         got = [e["uuid"] for e in self.replay(cursors={"-p/abcd1234/": 0,       # the page's "load earlier"
                                                         "-p/abcd1234/subagents/agent-x2.jsonl": 0})]
         self.assertEqual(sorted(got), ["u-10", "u-11", "u-20", "u-21"])
@@ -1972,15 +1978,11 @@ PAGE_JS_ENTRIES = """[...document.querySelectorAll('#entries li.entry')].map(e =
     Number(e.dataset.offset), e.hidden])"""
 
 
-class PageTests(unittest.TestCase):
+class PageTests(ProjectTreeTestCase):
     """The live page at GET /, in a real headless Chromium."""
 
     def setUp(self):
-        self.tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tmp.cleanup)
-        self.root = os.path.join(self.tmp.name, "projects")
-        self.project = os.path.join(self.root, "-home-u-proj")
-        os.makedirs(self.project)
+        super().setUp()
         self.token = "page-test-token"
 
     def server(self, port=0):
