@@ -9,10 +9,11 @@ moment its newline is written:
     python claude_stream.py client    # show the stream readably (or --json for NDJSON)
 
 Design: one ``selectors`` event loop, no threads, no asyncio. A polling stat loop
-(the tailer) turns file bytes into complete lines; a hand-rolled RFC 6455
-WebSocket server sends each line, wrapped once in a JSON envelope and framed
-once, to every connected client. The client is the same protocol code with
-masking on.
+(the tailer), woken early by inotify on Linux, turns file bytes into complete
+lines; a hand-rolled RFC 6455 WebSocket server sends each line, wrapped once in
+a JSON envelope and framed once, to every connected client. The client is the
+same protocol code with masking on. ``GET /`` serves a live page (embedded
+below) that speaks the same protocol.
 
 Wire format (server to client, one JSON object per text frame, ``kind`` first):
 
@@ -23,9 +24,10 @@ Wire format (server to client, one JSON object per text frame, ``kind`` first):
 ``(path, offset)`` names a line for ever: it is the cursor. Other kinds:
 ``hello``, ``malformed``, ``reset``, ``error``; README.md documents them all.
 
-Security model (this version): the server binds to 127.0.0.1 by default, so only
-processes on this machine can connect. Nothing from a transcript is ever written
-to the server's own log.
+Security model: the server binds to 127.0.0.1 by default; a random token is
+required (Bearer header or ``?token=``); foreign Origins and, on loopback,
+foreign Hosts get 403; TLS with --certfile/--keyfile. Nothing from a transcript
+and no token is ever written to the server's own log.
 
 Limits: every limit and default is a named constant just below.
 """
