@@ -2804,7 +2804,7 @@ const state = {
   sessions: new Map(),        // session id -> session record
   toolNames: new Map(),       // tool_use id -> tool name, to label results
   types: new Set(),           // entry types seen, for the type filter
-  selected: null, agent: null, duplicates: 0, lastEpoch: null, everOpen: false,
+  selected: null, agent: null, duplicates: 0, lastEpoch: null,
 };
 window.claudeStream = state;  // for tests and the curious: read-only by convention
 
