@@ -583,18 +583,17 @@ def decode_line(data: bytes) -> Dict[str, Any]:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
     if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _json_depth(data) > MAX_JSON_DEPTH:
         # Python's own limit depends on its version (3.13 parses what 3.8 cannot):
-        # one fixed limit, so every client can read what the server forwards.
+        # one fixed limit, so every client can read what the server forwards. It
+        # also keeps the decoders below from ever recursing too deep.
         raise MalformedLine("invalid JSON: nested deeper than %d levels" % MAX_JSON_DEPTH)
     try:                            # the common case in one C call, no whitespace handling
         obj, end = _LINE_DECODER.scan_once(text, 0)
         if end == len(text) and isinstance(obj, dict):
             return obj
-    except (StopIteration, ValueError, RecursionError):
+    except (StopIteration, ValueError):
         pass
     try:                            # anything else: the full decoder, for its message
         obj = _LINE_DECODER.decode(text)
-    except RecursionError:
-        raise MalformedLine("invalid JSON: nested too deeply") from None
     except ValueError as exc:
         reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
         if "Extra data" in reason:
@@ -854,15 +853,17 @@ class Tailer:
             return self.poll_interval * WARM_FACTOR * self.slowdown
         return self.poll_interval * COLD_FACTOR * self.slowdown
 
-    def _slot(self, due: float, interval: float) -> float:
-        """Round ``due`` up to a shared slot, so idle files are stat()ed in batches.
+    def _next_check(self, rec: FileRecord, now: float, fraction: float = 1.0) -> float:
+        """When ``rec`` is due: ``fraction`` of its tier's interval from now, rounded up
+        to a shared slot, so idle files are stat()ed in batches.
 
         10,000 cold files each due at its own instant would wake the loop a
         hundred times a second for one stat each; slots of a tenth of the
         interval (at most a second) make that one wake-up per slot.
         """
+        interval = self._interval(rec, now)
         slot = min(interval / SCHEDULE_SLOTS, MAX_SLOT_SECONDS)
-        return math.ceil(due / slot) * slot
+        return math.ceil((now + fraction * interval) / slot) * slot
 
     def next_due(self) -> float:
         due = self._next_dir_check
@@ -900,8 +901,7 @@ class Tailer:
             if more:
                 self._schedule(rec, now)       # budget spent mid-file: next tick
             else:
-                interval = self._interval(rec, now)
-                self._schedule(rec, self._slot(now + interval, interval))
+                self._schedule(rec, self._next_check(rec, now))
                 if rec.fh is not None and now - rec.last_growth >= HOT_AGE:
                     self._close(rec)
         return events
@@ -955,7 +955,9 @@ class Tailer:
         if self.slowdown != 1:
             self.slowdown = 1
             for rec in self.files.values():             # at the full rate from now, not later
-                self._schedule(rec, min(rec.due, now + self._interval(rec, now)))
+                due = self._next_check(rec, now)
+                if due < rec.due:
+                    self._schedule(rec, due)
             self._next_listing = now
 
     # --- discovery ------------------------------------------------------------
@@ -1069,8 +1071,7 @@ class Tailer:
                          mtime=st.st_mtime, boundary_known=start == 0)
         self.files[path] = rec
         if existing:   # spread the first stats of a big tree over one interval
-            interval = self._interval(rec, now)
-            self._schedule(rec, self._slot(now + random.random() * interval, interval))
+            self._schedule(rec, self._next_check(rec, now, random.random()))
         else:
             self._schedule(rec, now)
 
@@ -2628,7 +2629,6 @@ def _json(obj: Any) -> bytes:
 
 
 _JSON_TEXT_CACHE: Dict[Optional[str], bytes] = {}
-_ENTRY_HEAD = b'{"kind":"entry","path":'
 
 
 def _json_text(value: Optional[str]) -> bytes:
@@ -2685,11 +2685,12 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
     # The envelope, keys in this order, around the line's own bytes, and the
     # frame header before it, in one join of cached pieces: json.dumps per line
     # was a third of the cost, and the frame needs no second copy.
-    pieces = [_json_text(rec.rel), b',"offset":%d,"next":%d,"project":' % (offset, after),
-              _json_text(rec.project), b',"session":', _json_text(session), b',"agent":',
-              _json_text(agent), b',"entry":', line, b"}"]
-    header = frame_header(Opcode.TEXT, len(_ENTRY_HEAD) + sum(map(len, pieces)))
-    frame = b"".join([header, _ENTRY_HEAD] + pieces)
+    pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
+              b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
+              b',"session":', _json_text(session), b',"agent":', _json_text(agent),
+              b',"entry":', line, b"}"]
+    pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
+    frame = b"".join(pieces)
     kind, cwd = obj.get("type"), obj.get("cwd")
     meta = MessageMeta(rec.project + "\n" + cwd if isinstance(cwd, str) else rec.project,
                        tuple(filter(None, (rec.session, session, agent))),
@@ -3021,11 +3022,7 @@ function learn(s, e, msg, t) {
 }
 
 function promptText(e) {
-  const c = e.message && e.message.content;
-  let text = "";
-  if (typeof c === "string") text = c;
-  else if (Array.isArray(c)) for (const b of c) if (b && b.type === "text" && typeof b.text === "string") { text = b.text; break; }
-  text = text.trim();
+  const text = plain(e.message && e.message.content).trim();
   if (!text || text.startsWith("<command-") || text.startsWith("<local-command") || text.startsWith("Caveat:")) return "";
   return text.slice(0, 200);
 }
@@ -3058,6 +3055,12 @@ function el(tag, cls, text) {
   if (cls) node.className = cls;
   if (text !== undefined && text !== null) node.textContent = String(text);
   return node;
+}
+
+function collapsed(cls, title, text) {     // a <details>, closed: a title, then the text
+  const d = el("details", cls);
+  d.append(el("summary", null, title), el("pre", null, clip(text)));
+  return d;
 }
 
 function drawList() {
@@ -3223,9 +3226,7 @@ function render(item) {
     li.append(el("div", "text", "summary: " + clip(e.summary || "")));
   } else {
     li.classList.add("other");
-    const d = el("details");
-    d.append(el("summary", null, type), el("pre", null, clip(JSON.stringify(e, null, 1))));
-    li.append(d);
+    li.append(collapsed(null, type, JSON.stringify(e, null, 1)));
   }
   return li;
 }
@@ -3233,7 +3234,7 @@ function render(item) {
 function plain(content) {
   if (typeof content === "string") return content;
   if (!Array.isArray(content)) return "";
-  return content.map((b) => b && b.type === "text" ? b.text : "").join("\n");
+  return content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n");
 }
 
 function commandOf(content) {     // a slash command or its output, as Claude Code records them
@@ -3273,9 +3274,7 @@ function blocks(li, content) {
     if (!b || typeof b !== "object") continue;
     if (b.type === "text") li.append(el("div", "text", clip(b.text || "")));
     else if (b.type === "thinking" || b.type === "redacted_thinking") {
-      const d = el("details", "thinking");
-      d.append(el("summary", null, "thinking"), el("pre", null, clip(b.thinking || "(redacted)")));
-      li.append(d);
+      li.append(collapsed("thinking", "thinking", b.thinking || "(redacted)"));
     } else if (b.type === "tool_use") li.append(toolUse(b));
     else if (b.type === "tool_result") li.append(toolResult(b));
     else if (b.type === "image") li.append(el("div", "text", "[image]"));
@@ -3293,11 +3292,7 @@ function toolUse(b) {
   for (const k of ["file_path", "path", "pattern", "url", "query"]) {
     if (typeof input[k] === "string") box.append(el("div", "arg", clip(input[k])));
   }
-  if (typeof input.prompt === "string") {
-    const d = el("details");
-    d.append(el("summary", null, "prompt · " + size(input.prompt.length)), el("pre", null, clip(input.prompt)));
-    box.append(d);
-  }
+  if (typeof input.prompt === "string") box.append(collapsed(null, "prompt · " + size(input.prompt.length), input.prompt));
   const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
   for (const edit of edits) {
     if (!edit || typeof edit !== "object") continue;
@@ -3319,20 +3314,14 @@ function toolUse(b) {
     }
     box.append(list);
   }
-  if (typeof input.content === "string") {
-    const d = el("details");
-    d.append(el("summary", null, "content · " + size(input.content.length)), el("pre", null, clip(input.content)));
-    box.append(d);
-  }
+  if (typeof input.content === "string") box.append(collapsed(null, "content · " + size(input.content.length), input.content));
   const known = ["command", "file_path", "path", "pattern", "url", "query", "description", "subagent_type",
     "prompt", "old_string", "new_string", "edits", "content", "plan", "todos"];
   const rest = Object.keys(input).filter((k) => !known.includes(k));
   if (rest.length) {
-    const d = el("details");
     const shown = {};
     for (const k of rest) shown[k] = input[k];
-    d.append(el("summary", null, "input"), el("pre", null, clip(JSON.stringify(shown, null, 1))));
-    box.append(d);
+    box.append(collapsed(null, "input", JSON.stringify(shown, null, 1)));
   }
   return box;
 }
@@ -3341,11 +3330,9 @@ function toolResult(b) {
   let text = "";
   if (typeof b.content === "string") text = b.content;
   else if (Array.isArray(b.content)) text = b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
-  const d = el("details", "result" + (b.is_error ? " error" : ""));
   const name = state.toolNames.get(b.tool_use_id);
-  d.append(el("summary", null, (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length)),
-    el("pre", null, clip(text)));
-  return d;
+  return collapsed("result" + (b.is_error ? " error" : ""),
+    (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length), text);
 }
 
 function notice(msg, text) {
@@ -3638,7 +3625,7 @@ class StreamServer:
     def start(self) -> None:
         self.tailer.start()
         if self.tailer.notify is not None:      # a change wakes the poller at once
-            self.loop.register(self.tailer.notify, selectors.EVENT_READ, self._wakeup)
+            self.loop.register(self.tailer.notify, selectors.EVENT_READ, lambda mask: self._poll())
         self._schedule_poll()
         self.loop.call_later(1.0, self._check_slow_clients)
 
@@ -3857,22 +3844,19 @@ class StreamServer:
             due = min(due, now + CATCHUP_INTERVAL)
         self._poll_timer = self.loop.call_at(due, self._poll)
 
-    def _wakeup(self, mask: int) -> None:
-        """inotify says something changed: note what (always, so the descriptor is
-        drained even while reads wait for slow clients), then poll at once."""
-        events: List[TailEvent] = []
-        self.tailer.take_wakeups(self.loop.time(), events)
-        if events:
-            self.publish(events)
-        self._poll()
-
     def _poll(self) -> None:
         if self._poll_timer is not None:
             self._poll_timer.cancel()       # called early by a wake-up: one schedule at a time
         try:
             now = self.loop.time()
+            # Wake-ups are taken even while reads wait for slow clients: left
+            # unread, the inotify descriptor would keep the loop spinning.
+            events: List[TailEvent] = []
+            self.tailer.take_wakeups(now, events)
             if self._may_read(now):
-                self.publish(self.tailer.poll(now))
+                events += self.tailer.poll(now)
+            if events:
+                self.publish(events)
             self.catch_up()
         finally:
             self._schedule_poll()
@@ -3911,9 +3895,16 @@ class StreamServer:
         """Envelope and frame each event once; offer the same bytes to every match."""
         touched: Dict[ServerSession, None] = {}
         lines: List[Tuple[FileRecord, LineMessage]] = []
-        for event in events + [None]:       # type: ignore[operator]  # None: the end
+
+        def offer_lines() -> None:
+            for session in self.subscribers:
+                if session.offer(lines):
+                    touched[session] = None
+            lines.clear()
+
+        for event in events:
+            rec = event.file
             if isinstance(event, LineEvent):
-                rec = event.file
                 message = line_message(rec, event.offset, event.data)
                 if message is not None:
                     if message.malformed:
@@ -3921,13 +3912,7 @@ class StreamServer:
                     lines.append((rec, message))
                 continue
             if lines:                       # lines before a notice go out before it
-                for session in self.subscribers:
-                    if session.offer(lines):
-                        touched[session] = None
-                lines = []
-            if event is None:
-                break
-            rec = event.file
+                offer_lines()
             if isinstance(event, OversizeEvent):
                 payload, meta = notice_message("gap", rec, offset=event.offset, next=None,
                                                reason="line longer than %d MiB; skipped"
@@ -3945,6 +3930,8 @@ class StreamServer:
                 if payload and session.filters.match(meta):
                     session.queue(payload)
                     touched[session] = None
+        if lines:
+            offer_lines()
         for session in touched:
             session.sync()
 

@@ -1991,6 +1991,13 @@ class PageTests(ProjectTreeTestCase):
     def page_url(self, server, since="live"):
         return "http://127.0.0.1:%d/?token=%s&since=%s" % (server.port, self.token, since)
 
+    def live_page(self, server, **size):
+        """A browser showing the page, connected and live."""
+        browser = Chromium(self, **size)
+        browser.open(self.page_url(server))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        return browser
+
     def test_the_page_is_one_self_contained_file_under_a_strict_policy(self):
         server = self.server()
         raw = http(server.port, b"GET /?token=%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
@@ -2025,10 +2032,7 @@ class PageTests(ProjectTreeTestCase):
         append(main_target, "")
         append(agent_target, "")
         server = self.server()
-        browser = Chromium(self)
-        browser.open(self.page_url(server))
-        browser.wait("claudeStream.ws && document.getElementById('state').dataset.state === 'live'",
-                     "the page to go live")
+        browser = self.live_page(server)
         with open(main, "rb") as fh:
             main_lines = fh.readlines()
         with open(agent, "rb") as fh:
@@ -2082,9 +2086,7 @@ class PageTests(ProjectTreeTestCase):
         path = os.path.join(self.project, "s1.jsonl")
         append(path, "")
         server = self.server()
-        browser = Chromium(self)
-        browser.open(self.page_url(server))
-        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        browser = self.live_page(server)
         payloads = ['<script>window.pwned = 1</script>', '<img src=x onerror="window.pwned = 2">',
                     '"><svg onload=window.pwned=3>']
         append(path, entry_line(1, "s1", message={"role": "user", "content": payloads[0]}))
@@ -2109,14 +2111,11 @@ class PageTests(ProjectTreeTestCase):
         append(path, "")
         port = free_port()
         server = self.server(port)
-        browser = Chromium(self)
-        browser.open(self.page_url(server))
-        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        browser = self.live_page(server)
         for i in range(5):
             append(path, entry_line(i, "s1"))
         browser.wait("document.querySelectorAll('#entries li.entry').length === 5", "5 entries")
-        server.proc.kill()
-        server.stop()
+        server.stop()                           # SIGKILL
         browser.wait("document.getElementById('state').dataset.state === 'down'", "the page to see it")
         for i in range(5, 10):                  # written while no server runs
             append(path, entry_line(i, "s1"))
@@ -2132,9 +2131,7 @@ class PageTests(ProjectTreeTestCase):
 
     def test_filters_and_following_the_end(self):
         server = self.server()
-        browser = Chromium(self, height=500)
-        browser.open(self.page_url(server))
-        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        browser = self.live_page(server, height=500)
         other = os.path.join(self.root, "-home-u-other")
         os.makedirs(other)
         mine = os.path.join(self.project, "s1.jsonl")
@@ -2175,11 +2172,8 @@ class PageTests(ProjectTreeTestCase):
     def test_a_server_started_again_with_another_token_is_explained(self):
         port = free_port()
         server = self.server(port)
-        browser = Chromium(self)
-        browser.open(self.page_url(server))
-        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
-        server.proc.kill()
-        server.stop()
+        browser = self.live_page(server)
+        server.stop()                           # SIGKILL
         ServerProcess(self, [self.root], "--token", "another-token", port=port)
         browser.wait("document.getElementById('state').textContent.includes(\"refused this page's token\")",
                      "the page to say its token was refused")
@@ -2193,9 +2187,7 @@ class PageTests(ProjectTreeTestCase):
         append(agent, "".join(entry_line(10 + i, "s1", timestamp="2026-01-02T03:04:0%dZ" % i)
                               for i in range(2)))                           # never seen by the page
         server = self.server()
-        browser = Chromium(self)
-        browser.open(self.page_url(server))
-        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        browser = self.live_page(server)
         append(path, entry_line(4, "s1", timestamp="2026-01-02T03:05:00Z"))
         browser.wait("document.querySelectorAll('#entries li.entry').length === 1", "the new entry")
         browser.wait("document.getElementById('convo-title').textContent === 'line 4'", "the title")
