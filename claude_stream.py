@@ -56,6 +56,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import time
@@ -110,6 +111,7 @@ WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 MAX_HEAD_BYTES = 16 << 10           # request or response head, all headers
 MAX_HEADERS = 100
 MAX_CLIENT_MESSAGE = 64 << 10       # messages a client may send to the server
+MIN_FRAGMENTS = 1024                # a message may come in max(this, its size limit / 64) frames
 MAX_SERVER_MESSAGE = MAX_LINE_BYTES + (1 << 20)    # what our client accepts
 HANDSHAKE_TIMEOUT = 10.0            # seconds to complete the opening handshake
 PING_INTERVAL = 20.0                # an idle peer is pinged after this long
@@ -146,6 +148,11 @@ CONNECT_TIMEOUT = 10.0
 EXCERPT_CHARS = 120                 # bytes of a malformed line shown to clients
 TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
 
+# --- Logging -----------------------------------------------------------------
+LOG_BURST = 20                      # warnings of one kind written at once ...
+LOG_RATE = 1.0                      # ... then at most this many a second; the rest are counted
+LOG_UNWRITTEN_MAX = 4096            # bytes of a half-written line kept for a full stderr
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 # Ctrl-C, kill, and closing the terminal all stop cleanly (clients get close 1001).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
@@ -161,29 +168,115 @@ class OperationalError(Exception):
     """A failure the user must act on (port in use, cannot connect): exit 1."""
 
 
-class Log:
-    """One-line messages on stderr. Never given transcript content or tokens."""
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 
-    def __init__(self, debug: bool = False, stream=None):
+
+def _show_control(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)       # the Control Pictures block: NUL is \u2400, ESC \u241b
+    return "\u2421" if code == 0x7F else "\\x%02x" % code
+
+
+def visible(text: str) -> str:
+    """``text`` with every C0, DEL and C1 control character shown instead of obeyed.
+
+    Transcripts hold fetched web pages and command output, and a peer can send
+    anything: an ESC that reached a terminal could set its title, write the
+    clipboard (OSC 52) or clear the screen. Everything from outside passes here
+    on its way to a terminal or a log; our own colours are added afterwards.
+    """
+    return _CONTROL_RE.sub(_show_control, text)
+
+
+class Log:
+    """One-line messages on stderr that can neither block the loop nor flood it.
+
+    Never given transcript content or tokens; file names and peers' words are
+    shown through ``visible``. Warnings of one ``key`` are rate-limited (a
+    burst, then a steady rate). A pipe or terminal that nobody drains gets a
+    private non-blocking descriptor, so a full one drops lines instead of
+    stopping the server. Dropped lines are counted and said with the next line.
+    """
+
+    def __init__(self, debug: bool = False, stream=None, clock: Callable[[], float] = time.monotonic):
         self.debug_enabled = debug
         self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.dropped = 0
+        self._buckets: Dict[str, List[float]] = {}      # key -> [allowance, last time]
+        self._fd = self._nonblocking_fd(self.stream)
+        self._unwritten = b""           # the rest of a line a full pipe took only part of
 
-    def _write(self, text: str) -> None:
+    @staticmethod
+    def _nonblocking_fd(stream: Any) -> Optional[int]:
+        """A non-blocking descriptor of our own for a pipe or terminal, else None.
+
+        O_NONBLOCK on stderr itself would change it for the shell and every
+        process sharing it; opening it again through /proc makes a new open file
+        description that is ours alone. Regular files never block for long.
+        """
         try:
-            self.stream.write("%s: %s\n" % (PROG, text))
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass                    # a closed stderr must not stop the loop
+            fd = stream.fileno()
+            mode = os.fstat(fd).st_mode
+        except (AttributeError, ValueError, OSError):
+            return None
+        if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            return None
+        try:
+            return os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None             # no /proc (not Linux): write as before
 
-    def info(self, text: str) -> None:
-        self._write(text)
+    def _allowed(self, key: Optional[str]) -> bool:
+        if key is None:
+            return True
+        now = self.clock()
+        allowance, last = self._buckets.get(key, (float(LOG_BURST), now))
+        allowance = min(float(LOG_BURST), allowance + (now - last) * LOG_RATE)
+        if allowance < 1.0:
+            self._buckets[key] = [allowance, now]
+            return False
+        self._buckets[key] = [allowance - 1.0, now]
+        return True
 
-    def warn(self, text: str) -> None:
-        self._write("warning: " + text)
+    def _write(self, text: str, key: Optional[str] = None) -> None:
+        if not self._allowed(key):
+            self.dropped += 1
+            return
+        line = "%s: %s\n" % (PROG, visible(text))
+        if self.dropped:
+            line = "%s: warning: %d log lines dropped (too many alike, or stderr was full)\n%s" % (
+                PROG, self.dropped, line)
+        if self._fd is None:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+                self.dropped = 0
+            except (OSError, ValueError):
+                pass                # a closed stderr must not stop the loop
+            return
+        data = self._unwritten + line.encode("utf-8", "replace")
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            self.dropped += 1
+            return
+        except OSError:
+            return
+        self.dropped = 0
+        self._unwritten = data[written:][:LOG_UNWRITTEN_MAX]
+
+    def info(self, text: str, key: Optional[str] = None) -> None:
+        self._write(text, key)
+
+    def warn(self, text: str, key: Optional[str] = None) -> None:
+        self._write("warning: " + text, key)
 
     def debug(self, text: str) -> None:
         if self.debug_enabled:
-            self._write("debug: " + text)
+            for line in text.split("\n"):   # a traceback: one log line per line of it
+                self._write("debug: " + line)
 
 
 # =============================================================================
@@ -223,18 +316,19 @@ def parse_timestamp(value: Any) -> Optional[datetime]:
         return None
     year, month, day, hour, minute, second, fraction, zone = match.groups()
     micro = int((fraction or "0")[:6].ljust(6, "0"))
-    if zone is None or zone in "Zz":
-        tz = timezone.utc
-    else:
-        digits = zone[1:].replace(":", "")
-        offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
-        tz = timezone(offset if zone[0] == "+" else -offset)
     try:
+        if zone is None or zone in "Zz":
+            tz = timezone.utc
+        else:
+            digits = zone[1:].replace(":", "")
+            offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:4] or 0))
+            tz = timezone(offset if zone[0] == "+" else -offset)   # ValueError past 24 h
         parsed = datetime(int(year), int(month), int(day), int(hour or 0),
                           int(minute or 0), int(second or 0), micro, tz)
-    except ValueError:
+        # Year 1 east of UTC, or 9999 west of it, is outside datetime's range in UTC.
+        return parsed.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         return None
-    return parsed.astimezone(timezone.utc)
 
 
 def _str(obj: Dict[str, Any], key: str) -> Optional[str]:
@@ -1096,7 +1190,7 @@ class Tailer:
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            self.log.warn(text)
+            self.log.warn(text, key="files")
 
     # --- reading --------------------------------------------------------------
 
@@ -1466,9 +1560,12 @@ class Connection:
     """
 
     def __init__(self, side: Side, max_message_size: int,
-                 mask_source: Callable[[int], bytes] = os.urandom):
+                 mask_source: Callable[[int], bytes] = os.urandom,
+                 max_fragments: Optional[int] = None):
         self.side = side
         self.max_message_size = max_message_size
+        # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
+        self.max_fragments = max_fragments or max(MIN_FRAGMENTS, max_message_size // 64)
         self.mask_source = mask_source
         self.state = State.OPEN
         self.close_code: Optional[int] = None       # as received, or 1006
@@ -1481,6 +1578,7 @@ class Connection:
         self._message_opcode: Optional[int] = None
         self._message_parts: List[bytes] = []
         self._message_size = 0
+        self._message_fragments = 0
         self._decoder: Any = None
         # a text frame whose payload is still arriving: validated as it comes
         self._partial_fed = 0
@@ -1621,6 +1719,8 @@ class Connection:
             head = 10
         if opcode not in CONTROL_OPCODES:
             self._check_data_frame(opcode, length)
+        if masked and len(buf) < head + 4:
+            return None             # the mask key is still arriving, even for an empty payload
         key = bytes(buf[head:head + 4]) if masked else b""
         head += len(key)
         available = len(buf) - head
@@ -1649,6 +1749,9 @@ class Connection:
         # Section 10.4: refuse an oversize message from its header, before buffering it.
         if self._message_size + length > self.max_message_size:
             raise PayloadTooBig("message over %d bytes" % self.max_message_size)
+        # Nor may a message go on for ever in tiny (or empty) fragments.
+        if self._message_fragments >= self.max_fragments:
+            raise PayloadTooBig("message in over %d fragments" % self.max_fragments)
 
     def _is_text_frame(self, opcode: int) -> bool:
         return opcode == Opcode.TEXT or (opcode == Opcode.CONT and self._message_opcode == Opcode.TEXT)
@@ -1663,9 +1766,11 @@ class Connection:
 
     def _decode(self, data: bytes, final: bool) -> None:
         try:
-            self._message_parts.append(self._decoder.decode(data, final))
+            text = self._decoder.decode(data, final)
         except UnicodeDecodeError as exc:
             raise InvalidPayload("invalid UTF-8 in text message") from exc
+        if text:
+            self._message_parts.append(text)
 
     def _handle_frame(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
         if opcode == Opcode.PING:
@@ -1683,14 +1788,16 @@ class Connection:
             if opcode == Opcode.TEXT and self._decoder is None:   # else made by _validate_partial
                 self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._message_size += length
+        self._message_fragments += 1
         if self._message_opcode == Opcode.TEXT:
             self._decode(payload, final=fin)
-        else:
+        elif payload:
             self._message_parts.append(payload)
         if not fin:
             return None
         parts, kind = self._message_parts, self._message_opcode
         self._message_parts, self._message_opcode, self._message_size = [], None, 0
+        self._message_fragments = 0
         self._decoder = None
         if kind == Opcode.TEXT:
             return TextMessage("".join(parts))
@@ -2016,7 +2123,7 @@ class EventLoop:
         try:
             callback(*args)
         except Exception as exc:                 # noqa: BLE001 - isolation is the point
-            self.log.warn("internal error: %s: %s" % (type(exc).__name__, exc))
+            self.log.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
             self.log.debug(traceback.format_exc().rstrip())
             owner = getattr(callback, "__self__", None)
             if isinstance(owner, Stream):
@@ -2487,6 +2594,7 @@ def default_roots() -> List[str]:
 _TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+EARLIEST_EPOCH = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()   # datetime's range, with a day's margin
 
 
 def parse_since(value: Any, now: float) -> Optional[float]:
@@ -2502,7 +2610,9 @@ def parse_since(value: Any, now: float) -> Optional[float]:
         return float("-inf")
     match = _DURATION_RE.match(value.lower())
     if match:
-        return now - float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        start = now - float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        # Longer ago than datetime can say (or than float can hold) is everything.
+        return start if start >= EARLIEST_EPOCH else float("-inf")
     when = parse_timestamp(value)
     if when is None:
         raise ValueError("cannot read %r as a duration (90s, 10m, 2h, 7d), an ISO time or 'all'"
@@ -3829,7 +3939,8 @@ class StreamServer:
             if session.unsent == 0 or stream.bytes_sent != session.progress[0]:
                 session.progress = (stream.bytes_sent, now)
             elif now - session.progress[1] >= SLOW_CLIENT_TIMEOUT:
-                self.log.info("closing a client that read nothing for %gs" % SLOW_CLIENT_TIMEOUT)
+                self.log.info("closing a client that read nothing for %gs" % SLOW_CLIENT_TIMEOUT,
+                              key="clients")
                 session.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume from your cursors")
         self.loop.call_later(1.0, self._check_slow_clients)
 
@@ -3918,9 +4029,10 @@ class StreamServer:
                                                reason="line longer than %d MiB; skipped"
                                                % (MAX_LINE_BYTES >> 20))
                 self.log.warn("skipped a line over %d MiB in %s at byte %d"
-                              % (MAX_LINE_BYTES >> 20, rec.rel, event.offset))
+                              % (MAX_LINE_BYTES >> 20, rec.rel, event.offset), key="files")
             elif isinstance(event, ResetEvent):
-                self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason))
+                self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason),
+                              key="files")
                 payload, meta = notice_message("reset", rec, reason=event.reason, offset=0)
             else:
                 payload, meta = b"", MessageMeta(rec.project, (), None)
@@ -3950,7 +4062,7 @@ class StreamServer:
     def _count_malformed(self, rec: FileRecord, offset: int, reason: str) -> None:
         self.malformed_count += 1
         self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
-                      % (rec.rel, offset, reason, self.malformed_count))
+                      % (rec.rel, offset, reason, self.malformed_count), key="malformed")
 
     def catch_up(self) -> None:
         """Serve backlogs from disk, a bounded amount per tick, in time order per client."""
@@ -4166,16 +4278,23 @@ class Renderer:
 
     def _line(self, msg: Dict[str, Any], when: Optional[datetime], label: str, style: str,
               text: str) -> str:
-        local = (when or datetime.now(timezone.utc)).astimezone()
-        session = str(msg.get("session") or "-")[:8]
+        when = when or datetime.now(timezone.utc)
+        try:
+            local = when.astimezone()
+        except (OverflowError, ValueError, OSError):    # year 1 or 9999 in this time zone
+            local = when
+        # Every piece below can come from a transcript or the server: shown, never obeyed.
+        session = visible(str(msg.get("session") or "-")[:8])
         if msg.get("agent"):
-            session += "/" + str(msg["agent"])
+            session += "/" + visible(str(msg["agent"]))
         project = str(msg.get("project") or "-")
         project = self.project_names.get(project) or project.strip("-").rsplit("-", 1)[-1] or project
+        project = visible(project)
         if len(project) > 14:
             project = project[:13] + "\u2026"
+        label = visible(label)
         prefix_plain = "%s %-14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
-        text = one_line(text)
+        text = visible(one_line(text))
         if self.width:
             room = max(10, self.width - len(prefix_plain))
             if len(text) > room:
@@ -4255,9 +4374,9 @@ class Renderer:
         for block in entry.message.content:
             if isinstance(block, ToolResultBlock):
                 name = self.tool_names.get(block.tool_use_id, "tool")
-                state = self.paint("red", "error") if block.is_error else "ok"
+                state, style = ("error", "red") if block.is_error else ("ok", "green")
                 first = block.text.strip().split("\n", 1)[0] if block.text else ""
-                return "result", "green", "%s %s %s  %s" % (name, state, human_size(block.size), first)
+                return "result", style, "%s %s %s  %s" % (name, state, human_size(block.size), first)
             if isinstance(block, TextBlock):
                 parts.append(self._prompt_text(block.text))
             elif isinstance(block, (ImageBlock, DocumentBlock)):
@@ -4300,6 +4419,8 @@ def absolute_since(since: Optional[str], server_time: Any) -> Optional[str]:
     if since is None or since.strip().lower() == "all" or when is None:
         return since
     start = parse_since(since, when.timestamp())
+    if start is None or start == float("-inf"):
+        return "all"
     return datetime.fromtimestamp(start, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -4495,14 +4616,14 @@ class ClientApp:
 
     def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
-            self.log.warn("%s sent a binary message; ignored" % link.url)
+            self.log.warn("%s sent a binary message; ignored" % link.url, key="peer")
             return
         try:
             msg = json.loads(message.text)
         except (ValueError, RecursionError):
             msg = None
         if not isinstance(msg, dict):
-            self.log.warn("%s sent a message that is not a JSON object; ignored" % link.url)
+            self.log.warn("%s sent a message that is not a JSON object; ignored" % link.url, key="peer")
             return
         kind = msg.get("kind")
         if kind not in ("hello", "error", "live") and not self._track(link, msg):
@@ -4521,7 +4642,7 @@ class ClientApp:
                 msg.get("version"), msg.get("files")))
             link.send_text(self.subscribe_message(link))
         elif kind == "error":
-            self.log.warn("%s: %s" % (link.url, msg.get("error")))
+            self.log.warn("%s: %s" % (link.url, msg.get("error")), key="peer")
         elif kind == "live":
             link.failures = 0       # a working connection, not just a handshake: reset the backoff
             self.log.info("%s: caught up, following live" % link.url)
@@ -4761,7 +4882,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         "polling" if tailer.notify is None else "inotify wake-ups")
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)
-    print(line, flush=True)
+    print(visible(line), flush=True)
     try:
         loop.run()
     finally:
@@ -4809,10 +4930,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError("%s: choose a command: serve or client (see 'python3 claude_stream.py "
                          "--help')" % PROG)
     except UsageError as exc:
-        sys.stderr.write("%s\n" % exc if str(exc).startswith(PROG) else "%s: %s\n" % (PROG, exc))
+        text = visible(str(exc))
+        sys.stderr.write("%s\n" % text if text.startswith(PROG) else "%s: %s\n" % (PROG, text))
         return EXIT_USAGE
     except OperationalError as exc:
-        sys.stderr.write("%s: error: %s\n" % (PROG, exc))
+        sys.stderr.write("%s: error: %s\n" % (PROG, visible(str(exc))))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
@@ -4820,7 +4942,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         sys.stderr.write("%s: internal error: %s: %s (run with --debug for details)\n"
-                         % (PROG, type(exc).__name__, exc))
+                         % (PROG, type(exc).__name__, visible(str(exc))))
         return EXIT_ERROR
 
 

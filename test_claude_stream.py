@@ -18,6 +18,7 @@ import ast
 import base64
 import errno
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -117,6 +118,23 @@ class TimestampTests(unittest.TestCase):
     def test_garbage_is_none_not_an_exception(self):
         for value in (None, "", "yesterday", "2026-13-40T99:99:99Z", True, [], {}, "2026-04-18T"):
             self.assertIsNone(cs.parse_timestamp(value), value)
+
+    def test_out_of_range_offsets_and_years_are_none_not_an_exception(self):
+        # Issue 10.5: these raised, and history dropped the line or the client.
+        for value in ("2026-01-02T03:04:05+99:00", "2026-01-02T03:04:05-24:00",
+                      "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00",
+                      1e300, -1e300, float("nan"), float("inf")):
+            self.assertIsNone(cs.parse_timestamp(value), value)
+        self.assertEqual(cs.parse_timestamp("0001-01-01T00:00:00Z").year, 1)
+
+    def test_since_never_raises_anything_but_a_usable_value_error(self):
+        now = time.time()
+        self.assertEqual(cs.parse_since("9" * 400 + "w", now), float("-inf"))   # longer ago than time
+        self.assertEqual(cs.parse_since("99999999999d", now), float("-inf"))
+        self.assertEqual(cs.absolute_since("9" * 400 + "d", "2026-01-02T03:04:05Z"), "all")
+        for bad in ("0001-01-01T00:00:00+01:00", "2026-01-02T03:04:05+99:00", "soon", 12):
+            with self.assertRaises(ValueError):
+                cs.parse_since(bad, now)
 
 
 class ModelTests(unittest.TestCase):
@@ -656,6 +674,81 @@ class ConnectionTests(unittest.TestCase):
         conn.receive_data(masked(cs.Opcode.BINARY, b"", fin=False) + masked(cs.Opcode.CONT, b"\x00\xff", fin=False)
                           + masked(cs.Opcode.CONT, b""))
         self.assertEqual(events_of(conn), [cs.BinaryMessage(b"\x00\xff")])
+
+    def test_every_frame_shape_cut_at_every_byte(self):
+        # Issue 10.14: an empty masked frame whose mask key had not fully arrived
+        # was taken as complete with a short key, and the stream fell out of step.
+        shapes = [
+            (masked(cs.Opcode.PING, b""), [cs.PingReceived(b"")]),
+            (masked(cs.Opcode.TEXT, b""), [cs.TextMessage("")]),
+            (masked(cs.Opcode.BINARY, b""), [cs.BinaryMessage(b"")]),
+            (masked(cs.Opcode.PONG, b""), [cs.PongReceived(b"")]),
+            (masked(cs.Opcode.PING, b"p" * 125), [cs.PingReceived(b"p" * 125)]),
+            (masked(cs.Opcode.TEXT, "é".encode()), [cs.TextMessage("é")]),
+            (masked(cs.Opcode.TEXT, b"x" * 126), [cs.TextMessage("x" * 126)]),
+            (masked(cs.Opcode.BINARY, b"\xff" * 300), [cs.BinaryMessage(b"\xff" * 300)]),
+            (masked(cs.Opcode.TEXT, b"", fin=False) + masked(cs.Opcode.CONT, b"", fin=False)
+             + masked(cs.Opcode.PING, b"") + masked(cs.Opcode.CONT, b"ab"),
+             [cs.PingReceived(b""), cs.TextMessage("ab")]),
+        ]
+        stream = b"".join(frame for frame, _ in shapes)
+        expected = [event for _, events in shapes for event in events]
+        for cut in range(len(stream) + 1):
+            conn = server_conn()
+            conn.receive_data(stream[:cut])
+            got = events_of(conn)
+            conn.receive_data(stream[cut:])
+            got += events_of(conn)
+            self.assertEqual(got, expected, "cut at byte %d" % cut)
+            self.assertIsNone(conn.failure, cut)
+        conn = server_conn()
+        got = []
+        for i in range(len(stream)):        # and one byte at a time
+            conn.receive_data(stream[i:i + 1])
+            got += events_of(conn)
+        self.assertEqual(got, expected)
+        for close in (masked(cs.Opcode.CLOSE, b""), masked(cs.Opcode.CLOSE, b"\x03\xe8bye")):
+            for cut in range(len(close) + 1):
+                conn = server_conn()
+                conn.receive_data(close[:cut])
+                got = events_of(conn)
+                conn.receive_data(close[cut:])
+                got += events_of(conn)
+                self.assertEqual(len(got), 1, cut)
+                self.assertIsInstance(got[0], cs.CloseReceived)
+                self.assertIn(got[0].code, (cs.CloseCode.NO_STATUS, 1000), cut)
+        big = masked(cs.Opcode.BINARY, b"b" * 65536)         # the 64-bit length form
+        for cut in list(range(16)) + [len(big) - 1]:
+            conn = server_conn()
+            conn.receive_data(big[:cut])
+            got = events_of(conn)
+            conn.receive_data(big[cut:])
+            self.assertEqual(got + events_of(conn), [cs.BinaryMessage(b"b" * 65536)], cut)
+
+    def test_a_message_that_never_ends_is_refused(self):
+        # Issue 10.15: FIN=0 then endless empty continuations grew memory for ever.
+        conn = server_conn(max_size=64 << 10)
+        self.assertEqual(conn.max_fragments, cs.MIN_FRAGMENTS)
+        conn.receive_data(masked(cs.Opcode.TEXT, b"a", fin=False))
+        empty = masked(cs.Opcode.CONT, b"", fin=False)
+        for _ in range(cs.MIN_FRAGMENTS - 2):
+            conn.receive_data(empty)
+        self.assertEqual(events_of(conn), [])
+        self.assertLessEqual(len(conn._message_parts), 1)     # empty fragments keep nothing
+        conn.receive_data(empty + empty)
+        self.assertEqual(events_of(conn), [])
+        self.assertEqual(conn.close_code, cs.CloseCode.MESSAGE_TOO_BIG)
+        self.assertEqual(sent_frames(conn)[-1][0], cs.Opcode.CLOSE)
+        client = cs.Connection(cs.Side.CLIENT, 1 << 20)       # a hostile server, the same rule
+        client.receive_data(cs.encode_frame(cs.Opcode.BINARY, b"", fin=False)
+                            + cs.encode_frame(cs.Opcode.CONT, b"", fin=False) * client.max_fragments)
+        self.assertEqual(events_of(client), [])
+        self.assertEqual(client.close_code, cs.CloseCode.MESSAGE_TOO_BIG)
+        exact = server_conn(max_size=64 << 10)          # the limit itself is allowed
+        exact.receive_data(masked(cs.Opcode.TEXT, b"a", fin=False)
+                           + masked(cs.Opcode.CONT, b"b", fin=False) * (cs.MIN_FRAGMENTS - 2)
+                           + masked(cs.Opcode.CONT, b"c"))
+        self.assertEqual(events_of(exact), [cs.TextMessage("a" + "b" * (cs.MIN_FRAGMENTS - 2) + "c")])
 
     def assertFails(self, data, code, conn=None, expect_close_frame=True):
         conn = conn or server_conn()
@@ -2290,6 +2383,140 @@ class CommandLineTests(unittest.TestCase):
             self.assertEqual(client.proc.wait(DEADLINE), 0)
             client.stderr.pump()
             self.assertFalse(any("Traceback" in l for l in client.stderr.lines))
+
+
+# =============================================================================
+# Hardening: nothing a transcript, a file or a peer sends can hurt the user
+# =============================================================================
+
+ESCAPES = "\x1b]52;c;cHduZWQ=\x07\x1b]0;owned\x07\x1b[2J\x1b[8m\x1b[?25l\x9b31m\x7f\x00\r"
+OUR_COLOURS_RE = re.compile(r"\x1b\[(?:%s)m" % "|".join(sorted(set(cs.ANSI.values()) | {"0"})))
+CONTROL_RE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")     # all but the newline
+
+
+def hostile_messages():
+    """Server messages with escape sequences in every field a terminal line shows."""
+    e = ESCAPES
+    envelope = {"kind": "entry", "path": "-p%s/s%s.jsonl" % (e, e), "offset": 0, "next": 10,
+                "project": "-home-u-p%s" % e, "session": "s%s" % e, "agent": "a%s" % e}
+
+    def entry(obj):
+        return dict(envelope, entry=obj)
+    return [
+        entry({"type": "user", "message": {"role": "user", "content": "prompt " + e}}),
+        entry({"type": "user", "cwd": "/home/u/p" + e,
+               "message": {"role": "user", "content": [{"type": "text", "text": "<command-name>/x%s</command-name>"
+                                                         "<command-args>%s</command-args>" % (e, e)}]}}),
+        entry({"type": "assistant", "message": {"role": "assistant", "content": [
+            {"type": "text", "text": "said " + e}, {"type": "thinking", "thinking": e},
+            {"type": "tool_use", "id": "t1", "name": "Bash" + e, "input": {"command": "ls " + e}},
+            {"type": e}]}}),
+        entry({"type": "user", "message": {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "is_error": True, "content": e + "\nmore"}]}}),
+        entry({"type": "assistant", "isApiErrorMessage": True,
+               "message": {"content": [{"type": "text", "text": "api " + e}]}}),
+        entry({"type": "system", "subtype": "sub" + e, "content": "content " + e, "level": "error"}),
+        entry({"type": "summary", "summary": "summary " + e}),
+        entry({"type": "ai-title", "aiTitle": "title " + e}),
+        entry({"type": "custom-title", "customTitle": "title " + e}),
+        entry({"type": "queue-operation", "operation": "enqueue" + e, "content": e}),
+        entry({"type": "progress", "data": {"type": "hook" + e, "hookName": e}}),
+        entry({"type": "attachment", "attachment": {"type": "x" + e, "prompt": e}}),
+        entry({"type": "unknown" + e, e: 1}),
+        dict(envelope, kind="malformed", reason="bad " + e, excerpt="excerpt " + e),
+        dict(envelope, kind="reset", reason="truncated" + e),
+        dict(envelope, kind="gap", reason="long" + e, offset=e),
+    ]
+
+
+class TerminalSafetyTests(unittest.TestCase):
+    """Issue 10.1: escape sequences from transcripts and peers are shown, never obeyed."""
+
+    def test_every_rendered_field_shows_controls_instead_of_sending_them(self):
+        for color in (False, True):
+            renderer = cs.Renderer(color=color, width=400)
+            for msg in hostile_messages():
+                line = renderer.render(msg)
+                self.assertIsNotNone(line, msg)
+                plain = OUR_COLOURS_RE.sub("", line) if color else line
+                self.assertIsNone(CONTROL_RE.search(plain), (msg, line))
+                self.assertNotIn("\n", line)
+                self.assertIn("\u241b", line, msg)          # shown as a control picture
+        self.assertIn("\u241b]52;c;", cs.Renderer().render(hostile_messages()[0]))
+        self.assertIn("\\x9b31m", cs.Renderer().render(hostile_messages()[0]))
+
+    def test_a_timestamp_out_of_range_is_shown_not_raised(self):
+        renderer = cs.Renderer()
+        for stamp in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2026-01-02T03:04:05+99:00"):
+            line = renderer.render({"kind": "entry", "path": "p/s.jsonl", "offset": 0, "project": "p",
+                                    "session": "s", "agent": None,
+                                    "entry": {"type": "user", "timestamp": stamp,
+                                              "message": {"content": "hi"}}})
+            self.assertIn("hi", line)
+
+    def test_log_lines_show_controls_and_only_end_with_a_newline(self):
+        out = io.StringIO()
+        log = cs.Log(debug=True, stream=out)
+        log.warn("cannot read -p%s/s.jsonl" % ESCAPES)
+        log.info("peer said " + ESCAPES)
+        log.debug("Traceback\n  File \"x%s\"" % ESCAPES)
+        lines = out.getvalue().split("\n")
+        self.assertEqual(lines[-1], "")
+        self.assertEqual(len(lines), 5)
+        for line in lines:
+            self.assertIsNone(CONTROL_RE.search(line), line)
+
+    def test_warnings_of_one_kind_are_rate_limited_and_counted(self):
+        out, now = io.StringIO(), [100.0]
+        log = cs.Log(stream=out, clock=lambda: now[0])
+        for i in range(1000):
+            log.warn("malformed line %d" % i, key="malformed")
+        log.warn("a different warning")                     # unkeyed warnings are never held back
+        self.assertEqual(out.getvalue().count("malformed line"), cs.LOG_BURST)
+        self.assertIn("a different warning", out.getvalue())
+        now[0] += 3.0
+        log.warn("malformed line again", key="malformed")
+        self.assertIn("%d log lines dropped" % (1000 - cs.LOG_BURST), out.getvalue())
+        self.assertEqual(log.dropped, 0)
+
+    def test_a_stderr_nobody_reads_never_blocks_the_program(self):
+        # Issue 10.8: with stderr a full pipe, the loop blocked in write() for good.
+        code = ("import sys; sys.path.insert(0, %r); import claude_stream as cs\n"
+                "log = cs.Log()\n"
+                "for i in range(20000): log.warn('line %%d %%s' %% (i, 'x' * 200))\n"
+                "print(log.dropped, flush=True)\n" % HERE)
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        out = Output(proc.stdout)
+        dropped = int(out.wait_line(lambda l: l.strip().isdigit(), what="the writer to finish"))
+        self.assertGreater(dropped, 0)          # the pipe filled; lines were dropped, not waited for
+        self.assertEqual(proc.wait(DEADLINE), 0)
+        proc.stderr.close()
+        proc.stdout.close()
+
+    def test_the_readable_client_and_the_server_log_show_hostile_text_visibly(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            project = os.path.join(tmp, "-home-u-p\x1b]0;owned\x07")
+            os.makedirs(project)
+            path = os.path.join(project, "s\x1b[2J.jsonl")
+            append(path, "")
+            server = ServerProcess(self, [tmp])
+            client = ClientProcess(self, server.url, "--since", "all")
+            client.wait_connected()
+            append(path, json.dumps({"type": "user", "sessionId": "s\x1b[8m", "cwd": "/x/\x1b]52;c;QQ==\x07",
+                                     "message": {"content": "hi \x1b]52;c;QQ==\x07 \x9b2J"}}) + "\n")
+            append(path, "not json \x1b[2J\n")
+            client.stdout.wait_line(lambda l: "malformed" in l, what="the malformed line")
+            server.stderr.wait_line(lambda l: "malformed line in" in l, what="the server's warning")
+            for output in (client.stdout, client.stderr, server.stderr):
+                output.pump()
+                for line in output.lines:
+                    self.assertIsNone(CONTROL_RE.search(line), line)
+            self.assertTrue(any("hi \u241b]52;c;QQ==\u2407 \\x9b2J" in l for l in client.stdout.lines),
+                            client.stdout.lines)
+            self.assertTrue(any("\u241b[2J" in l for l in server.stderr.lines), server.stderr.lines)
 
 
 # =============================================================================
