@@ -59,6 +59,11 @@ import ssl
 import stat
 import struct
 import sys
+try:                                # Unix only: how much of our output the peer has taken
+    import fcntl
+    import termios
+except ImportError:                 # pragma: no cover - Windows
+    pass
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -113,7 +118,8 @@ MAX_HEADERS = 100
 MAX_CLIENT_MESSAGE = 64 << 10       # messages a client may send to the server
 MIN_FRAGMENTS = 1024                # a message may come in max(this, its size limit / 64) frames
 MAX_SERVER_MESSAGE = MAX_LINE_BYTES + (1 << 20)    # what our client accepts
-HANDSHAKE_TIMEOUT = 10.0            # seconds to complete the opening handshake
+HANDSHAKE_TIMEOUT = 10.0            # seconds for a server to answer our opening handshake
+REQUEST_HEAD_TIMEOUT = 5.0          # seconds for a new connection to send its whole request head
 PING_INTERVAL = 20.0                # an idle peer is pinged after this long
 PING_TIMEOUT = 20.0                 # ... and dropped if no pong comes back
 CLOSE_TIMEOUT = 5.0                 # seconds to finish a closing handshake
@@ -130,8 +136,22 @@ MAX_HELD_LINES = 1000               # untimed lines kept while looking for the s
 SLOW_CLIENT_TIMEOUT = 30.0          # a client that reads nothing this long is closed ...
 CLOSE_TOO_SLOW = 4000               # ... with this code; it reconnects and resumes
 OUTPUT_HIGH_WATER = 3 * MAX_LINE_BYTES   # absolute bound on one client's unsent bytes
-MAX_CONNECTIONS = 256               # further connections are answered 503
+# Every frame queued for a peer (entries, notices, pongs, errors) counts against
+# LIVE_OUTPUT_CAP: past it a peer's further input is not read until its output
+# drains to half of it, so a ping flood or a stream of bad messages from a peer
+# that does not read is held back by TCP, not buffered here.
+MAX_CONNECTIONS = 256               # WebSocket clients (with the token); more are answered 503
+MAX_PENDING_CONNECTIONS = 64        # connections not yet authenticated; at this many, a new
+                                    # one pushes out the oldest, so a flood cannot lock clients out
+ACCEPTS_PER_TICK = 16               # well below the above: a new connection is read before it could
+                                    # be pushed out
+ACCEPT_PAUSE = 0.5                  # seconds the listener rests when out of descriptors (EMFILE)
+MAX_FILTER_VALUES = 100             # values in one filter list (project, session, type) ...
+MAX_FILTER_CHARS = 200              # ... each at most this long
+SUBSCRIBE_BURST = 10                # subscribe messages a client may send at once ...
+SUBSCRIBE_RATE = 2.0                # ... then this many a second; more get an error
 LISTEN_BACKLOG = 128
+LISTEN_ATTEMPTS = 5                 # ports tried with --port 0 until ::1 has the same one free
 LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]", "localhost."))
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d+))?$")     # name[:port]
 RECV_SIZE = 256 << 10
@@ -757,6 +777,15 @@ class FileRecord:
     due: float = 0.0                # when the next stat is scheduled
     gone: bool = False
 
+    @property
+    def delivered_end(self) -> int:
+        """Where what the tailer has delivered ends: history reads up to here.
+
+        Inside an oversize line that is the read position: its ``gap`` is out,
+        and a reader from before it must reach it to report it too.
+        """
+        return self.read_pos if self.skipping else self.line_start
+
 
 @dataclass
 class LineEvent:
@@ -902,6 +931,78 @@ class Inotify:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class FileChanged(OSError):
+    """The path names another file than the one examined: look again later."""
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_transcript(path: str, identity: Optional[Tuple[int, int]] = None) -> Any:
+    """Open a transcript to read, without ever blocking or following a link.
+
+    O_NONBLOCK: a FIFO opens at once instead of waiting for a writer for ever;
+    O_NOFOLLOW: a symbolic link is refused (it could point anywhere, e.g. at a
+    private key). Then the descriptor itself must be a regular file and, when
+    ``identity`` (device, inode) is given, the very file that was examined: a
+    name can be renamed over between a stat() and an open().
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if identity is not None and (st.st_dev, st.st_ino) != identity:
+            raise FileChanged(errno.ESTALE, "replaced while being opened")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def split_lines(state: Any, chunk: bytes, limit: Optional[int] = None) -> List[Tuple[int, Optional[bytes]]]:
+    """Cut newly read bytes into complete lines: the one splitter, live and history alike.
+
+    ``state`` (a FileRecord or a LineReader) holds ``read_pos`` (the offset
+    ``chunk`` was read at), ``line_start`` (the offset of ``pending``, an
+    unterminated line) and ``skipping`` (inside an oversize line). Returns
+    (offset, line) per complete line, and (offset, None) once for a line
+    longer than ``limit``, at its first byte, as soon as it is known to be too
+    long; its bytes up to its newline are dropped. One rule, whatever the
+    chunking: both paths report the same thing at the same offset.
+    """
+    limit = MAX_LINE_BYTES if limit is None else limit
+    out: List[Tuple[int, Optional[bytes]]] = []
+    state.read_pos += len(chunk)
+    if state.skipping:
+        newline = chunk.find(b"\n")
+        if newline < 0:
+            return out
+        state.skipping = False
+        state.line_start = state.read_pos - len(chunk) + newline + 1
+        chunk = chunk[newline + 1:]
+    lines = chunk.split(b"\n")
+    tail = lines.pop()
+    if lines:
+        if state.pending:
+            state.pending += lines[0]
+            lines[0] = bytes(state.pending)
+            state.pending = bytearray()
+        offset = state.line_start
+        for line in lines:
+            out.append((offset, line if len(line) <= limit else None))
+            offset += len(line) + 1
+        state.line_start = offset
+    if tail:
+        state.pending += tail
+        if len(state.pending) > limit:
+            out.append((state.line_start, None))
+            state.pending = bytearray()
+            state.skipping = True
+    return out
 
 
 class Tailer:
@@ -1132,8 +1233,14 @@ class Tailer:
                         known = self.dirs.get(entry.path)
                         if known is not None and known.ino != entry.inode():
                             self._forget_dir(entry.path, events)   # listed again below
-                    elif entry.name.endswith(TRANSCRIPT_SUFFIX) and entry.is_file():
-                        files.add(entry.path)
+                    elif entry.name.endswith(TRANSCRIPT_SUFFIX):
+                        # Regular files only: a FIFO would block a reader, and a link
+                        # can point outside the root (at a private key, say).
+                        if entry.is_file(follow_symlinks=False):
+                            files.add(entry.path)
+                        elif entry.is_symlink():
+                            self._warn_once(entry.path, "not following the symbolic link %s"
+                                            % entry.path)
                 except OSError:
                     continue
             for gone in state.files - files:
@@ -1150,8 +1257,10 @@ class Tailer:
 
     def _add_file(self, root: RootState, path: str, now: float, wall: float) -> None:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
             return
         rel = path[len(root.path):].lstrip(os.sep).replace(os.sep, "/")   # path is below root
         project, session, agent = classify_path(rel)
@@ -1198,12 +1307,16 @@ class Tailer:
                     budget: int) -> Tuple[int, bool]:
         """Stat one file, notice truncation or replacement, read what is new."""
         try:
-            st = os.stat(rec.abspath)
+            st = os.lstat(rec.abspath)
         except (FileNotFoundError, NotADirectoryError):
             self._forget(rec, events)
             return 0, False
         except OSError as exc:
             self._warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
+            return 0, False
+        if not stat.S_ISREG(st.st_mode):        # renamed over by a FIFO, a link, a folder
+            self._warn_once(rec.abspath, "%s is no longer a regular file; no longer followed" % rec.rel)
+            self._forget(rec, events)
             return 0, False
         rec.mtime = st.st_mtime
         if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
@@ -1214,6 +1327,8 @@ class Tailer:
             return 0, False
         try:
             return self._read(rec, now, events, budget)
+        except FileChanged:
+            return 0, True              # replaced between stat and open: look again next tick
         except OSError as exc:
             self._close(rec)
             self._warn_once(rec.abspath, "cannot read %s: %s" % (rec.rel, exc.strerror or exc))
@@ -1239,7 +1354,7 @@ class Tailer:
               budget: int) -> Tuple[int, bool]:
         fh = rec.fh
         if fh is None:
-            fh = open(rec.abspath, "rb", buffering=0)
+            fh = open_transcript(rec.abspath, (rec.dev, rec.ino))
             if self._open_files < MAX_OPEN_FILES:
                 rec.fh = fh
                 self._open_files += 1
@@ -1299,38 +1414,10 @@ class Tailer:
             rec.pending = bytearray(fh.read(end - start))
         rec.boundary_known = True
 
-    def _split(self, rec: FileRecord, chunk: bytes, events: List[TailEvent]) -> None:
-        """Cut newly read bytes into lines; keep the unterminated rest pending."""
-        offset = rec.read_pos
-        rec.read_pos += len(chunk)
-        if rec.skipping:
-            newline = chunk.find(b"\n")
-            if newline < 0:
-                return
-            rec.skipping = False
-            chunk = chunk[newline + 1:]
-            offset += newline + 1
-            rec.line_start = offset
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        if lines:
-            first = lines[0]
-            if rec.pending:
-                rec.pending += first
-                first = bytes(rec.pending)
-                rec.pending = bytearray()
-            events.append(LineEvent(rec, rec.line_start, first))
-            offset += len(lines[0]) + 1
-            for line in lines[1:]:
-                events.append(LineEvent(rec, offset, line))
-                offset += len(line) + 1
-            rec.line_start = offset
-        if tail:
-            rec.pending += tail
-            if len(rec.pending) > MAX_LINE_BYTES:
-                events.append(OversizeEvent(rec, rec.line_start))
-                rec.pending = bytearray()
-                rec.skipping = True
+    @staticmethod
+    def _split(rec: FileRecord, chunk: bytes, events: List[TailEvent]) -> None:
+        for offset, line in split_lines(rec, chunk):
+            events.append(LineEvent(rec, offset, line) if line is not None else OversizeEvent(rec, offset))
 
 
 class LineReader:
@@ -1338,45 +1425,42 @@ class LineReader:
 
     History and catch-up read files on their own, a bounded block at a time, so
     a client that is behind never holds up the tailer or other clients. The file
-    is opened per block: thousands of readers cost no descriptors.
+    is opened per block (thousands of readers cost no descriptors), and each time
+    it must still be the file the reader was made for. An oversize line comes
+    out as (offset, None), exactly as the tailer reports it.
     """
 
-    def __init__(self, abspath: str, offset: int):
-        self.abspath = abspath
-        self.offset = offset            # of the next line to hand out
-        self._read_pos = offset
-        self._partial = bytearray()
+    def __init__(self, rec: FileRecord, offset: int):
+        self.abspath = rec.abspath
+        self.identity = (rec.dev, rec.ino)
+        self.read_pos = self.line_start = offset    # split_lines' state
+        self.pending = bytearray()
+        self.skipping = False
         self.blocks = 0                 # blocks read so far
-        self.lines: Deque[Tuple[int, bytes]] = collections.deque()   # read ahead, in order
+        self.lines: Deque[Tuple[int, Optional[bytes]]] = collections.deque()   # read ahead, in order
 
     def fill(self, limit: int, block: int = READ_BLOCK) -> int:
-        """Read up to ``block`` bytes below ``limit``; return how many were read."""
-        if self._read_pos >= limit:
+        """Read up to ``block`` bytes below ``limit``; return how many were read.
+
+        OSError if the file cannot be read; none at all (0) if it was replaced
+        meanwhile: the tailer reports that as a reset.
+        """
+        if self.read_pos >= limit:
             return 0
-        with open(self.abspath, "rb", buffering=0) as fh:
-            fh.seek(self._read_pos)
-            chunk = fh.read(min(block, limit - self._read_pos))
+        try:
+            with open_transcript(self.abspath, self.identity) as fh:
+                fh.seek(self.read_pos)
+                chunk = fh.read(min(block, limit - self.read_pos))
+        except (FileChanged, FileNotFoundError):
+            return 0
         if not chunk:
             return 0
-        start = self._read_pos - len(self._partial)
-        self._read_pos += len(chunk)
         self.blocks += 1
-        self._partial += chunk          # a long line grows here without quadratic copies
-        end = self._partial.rfind(b"\n")
-        if end < 0:
-            if len(self._partial) > MAX_LINE_BYTES:
-                self._partial = bytearray()     # reported by the tailer when it was written
-            return len(chunk)
-        complete, self._partial = bytes(self._partial[:end]), self._partial[end + 1:]
-        for line in complete.split(b"\n"):
-            self.lines.append((start, line))
-            start += len(line) + 1
+        self.lines.extend(split_lines(self, chunk))
         return len(chunk)
 
-    def take(self) -> Tuple[int, bytes]:
-        offset, line = self.lines.popleft()
-        self.offset = offset + len(line) + 1
-        return offset, line
+    def take(self) -> Tuple[int, Optional[bytes]]:
+        return self.lines.popleft()
 
 
 # =============================================================================
@@ -2148,6 +2232,9 @@ class Protocol:
     def eof_received(self) -> None:
         pass
 
+    def output_drained(self) -> None:
+        """Some queued output was sent (the protocol may read on)."""
+
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         pass
 
@@ -2169,7 +2256,8 @@ class Stream:
         self._out_size = 0
         self._close_when_flushed = False
         self._lingering: Optional[Timer] = None
-        self._reading = True
+        self._reading = True                # False once the peer's EOF came
+        self._paused = False                # the protocol wants no input for now
         self._interest = selectors.EVENT_READ
         self._gather = hasattr(sock, "sendmsg")
         sock.setblocking(False)
@@ -2179,6 +2267,20 @@ class Stream:
     @property
     def pending_output(self) -> int:
         return self._out_size
+
+    @property
+    def bytes_delivered(self) -> int:
+        """Bytes the peer has taken: sent, less what still waits in the kernel's queue.
+
+        On Linux the queue is TIOCOUTQ (SIOCOUTQ): for TCP what is not yet
+        acknowledged, for a Unix socket what the peer has not read. Elsewhere,
+        what was sent.
+        """
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (NameError, AttributeError, OSError, ValueError):
+            return self.bytes_sent
+        return self.bytes_sent - queued
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self._close_when_flushed and data:
@@ -2199,6 +2301,16 @@ class Stream:
             self._close_when_flushed = True
             self.loop.mark_dirty(self)
 
+    def pause_reading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._set_interest()
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._set_interest()
+
     def abort(self, exc: Optional[BaseException] = None) -> None:
         """Close now, dropping unsent output."""
         if self.closed:
@@ -2213,7 +2325,7 @@ class Stream:
             self.protocol.connection_lost(exc)
 
     def _on_ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_READ and self._reading:
+        if mask & selectors.EVENT_READ and self._reading and (not self._paused or self._lingering):
             self._read()
         if mask & selectors.EVENT_WRITE and not self.closed:
             self.flush()
@@ -2244,6 +2356,7 @@ class Stream:
         if self.closed:
             return
         out = self._out
+        drained = False
         while out:
             try:
                 if len(out) == 1 or not self._gather:
@@ -2257,6 +2370,7 @@ class Stream:
                 return
             self._out_size -= sent
             self.bytes_sent += sent
+            drained = True
             while sent:
                 first = out[0]
                 if sent >= len(first):
@@ -2272,6 +2386,8 @@ class Stream:
             self._half_close()
             return
         self._set_interest()
+        if drained:
+            self.protocol.output_drained()
 
     def _half_close(self) -> None:
         """Send FIN, then read until the peer's FIN before closing ("lingering close").
@@ -2293,7 +2409,8 @@ class Stream:
         self._set_interest()
 
     def _set_interest(self) -> None:
-        interest = (selectors.EVENT_READ if self._reading else 0) | \
+        reading = self._reading and (not self._paused or self._lingering is not None)
+        interest = (selectors.EVENT_READ if reading else 0) | \
                    (selectors.EVENT_WRITE if self._out else 0)
         if interest != self._interest and not self.closed:
             if not self._interest:
@@ -2462,6 +2579,7 @@ class WebSocketEndpoint(Protocol):
 
     side = Side.SERVER
     max_message_size = MAX_CLIENT_MESSAGE
+    output_cap = LIVE_OUTPUT_CAP        # past this much unsent, the peer's input waits
 
     def __init__(self, loop: EventLoop):
         self.loop = loop
@@ -2469,6 +2587,7 @@ class WebSocketEndpoint(Protocol):
         self.ws: Optional[Connection] = None
         self._last_heard = 0.0
         self._ping_sent_at: Optional[float] = None
+        self._ping_progress = (0, 0)        # (bytes delivered, end of the ping) when it was queued
         self._keepalive: Optional[Timer] = None
         self._close_deadline: Optional[Timer] = None
         self.lost_reason: Optional[str] = None
@@ -2496,6 +2615,12 @@ class WebSocketEndpoint(Protocol):
         if leftover:
             self.data_received(leftover)
 
+    @property
+    def unsent(self) -> int:
+        """Bytes queued for the peer and not yet taken by the kernel."""
+        stream_bytes = self.stream.pending_output if self.stream is not None else 0
+        return stream_bytes + (self.ws.output_size if self.ws is not None else 0)
+
     def data_received(self, data: bytes) -> None:
         if self.ws is None:
             self.handshake_data(data)
@@ -2503,13 +2628,31 @@ class WebSocketEndpoint(Protocol):
         self._last_heard = self.loop.time()
         self._ping_sent_at = None
         self.ws.receive_data(data)
-        while self.ws is not None and self.stream is not None:
+        self._handle_input()
+
+    def _handle_input(self) -> None:
+        """Handle buffered frames one at a time while the peer's output has room.
+
+        Each frame may queue an answer (a pong, an error); a peer that sends
+        but does not read would make those grow without end. Over the cap its
+        input stays unread, in this buffer (one recv at most) and then in TCP.
+        """
+        while self.ws is not None and self.stream is not None and not self.stream.closed:
+            if self.unsent > self.output_cap:
+                self.stream.pause_reading()
+                break
             event = self.ws.next_event()
             if event is None:
                 break
             if isinstance(event, (TextMessage, BinaryMessage)):
                 self.on_message(event)
         self.sync()
+
+    def output_drained(self) -> None:
+        stream = self.stream
+        if stream is not None and stream._paused and self.unsent <= self.output_cap // 2:
+            stream.resume_reading()
+            self._handle_input()            # what was held back in the buffer first
 
     def eof_received(self) -> None:
         if self.ws is not None:
@@ -2551,13 +2694,21 @@ class WebSocketEndpoint(Protocol):
             return
         now = self.loop.time()
         if self._ping_sent_at is not None and now - self._ping_sent_at >= PING_TIMEOUT:
-            self.lost_reason = "no answer to a ping within %gs" % PING_TIMEOUT
-            self.stream.abort()
-            return
+            delivered = self.stream.bytes_delivered
+            then, ping_end = self._ping_progress
+            if not then < delivered < ping_end:
+                self.lost_reason = "no answer to a ping within %gs" % PING_TIMEOUT
+                self.stream.abort()
+                return
+            # The ping still waits behind frames the peer is reading (a page taking
+            # in megabytes of history): the peer is alive, only busy. Wait on.
+            self._ping_sent_at, self._ping_progress = now, (delivered, ping_end)
         if self._ping_sent_at is None and now - self._last_heard >= PING_INTERVAL:
             ws.ping(os.urandom(4))
             self._ping_sent_at = now
             self.sync()
+            self._ping_progress = (self.stream.bytes_delivered,
+                                   self.stream.bytes_sent + self.stream.pending_output)
         wake = (self._ping_sent_at + PING_TIMEOUT) if self._ping_sent_at is not None \
             else self._last_heard + PING_INTERVAL
         self._keepalive = self.loop.call_at(max(wake, now + 0.01), self._check_alive)
@@ -2681,6 +2832,12 @@ class Filters:
 
     @classmethod
     def from_lists(cls, projects: List[str], sessions: List[str], types: List[str]) -> "Filters":
+        """The filters, or ValueError past the limits: every line is matched against them."""
+        for name, values in (("project", projects), ("session", sessions), ("type", types)):
+            if len(values) > MAX_FILTER_VALUES:
+                raise ValueError("at most %d '%s' filters" % (MAX_FILTER_VALUES, name))
+            if any(len(v) > MAX_FILTER_CHARS for v in values):
+                raise ValueError("a '%s' filter is longer than %d characters" % (name, MAX_FILTER_CHARS))
         return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t])
 
     def as_json(self) -> Dict[str, List[str]]:
@@ -2731,6 +2888,8 @@ class Subscription:
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 for k, v in cursors.items()):
             raise ValueError("'cursors' must map paths to byte offsets")
+        if any(k.endswith("/") and v != 0 for k, v in cursors.items()):
+            raise ValueError("a folder's cursor (a path ending in '/') must be 0")
         return cls(Filters.from_lists(*lists), parse_since(obj.get("since"), now), dict(cursors))
 
 
@@ -2815,6 +2974,19 @@ def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, Mes
     fields.update(extra)
     ids = tuple(i for i in (rec.session, rec.agent) if i)
     return _json(fields), MessageMeta(rec.project, ids, None)
+
+
+OVERSIZE_REASON = "line longer than %d MiB; skipped" % (MAX_LINE_BYTES >> 20)
+
+
+def gap_message(rec: FileRecord, offset: int, reason: str = OVERSIZE_REASON) -> LineMessage:
+    """A ``gap`` notice in its file's order: the bytes from ``offset`` are not sent.
+
+    It travels like a line (live, or from history at the same offset), so each
+    client gets it once; ``next`` moves the client's position just past it.
+    """
+    payload, meta = notice_message("gap", rec, offset=offset, next=None, reason=reason)
+    return LineMessage(offset, offset + 1, encode_frame(Opcode.TEXT, payload), meta)
 
 
 # --- the live page (GET /) ----------------------------------------------------
@@ -3584,16 +3756,27 @@ class ServerSession(WebSocketEndpoint):
         self.backlog: Dict[str, Backlog] = {}
         self.catching_up = False        # live entries go to the backlog instead
         self.held = False               # waiting for the client's subscribe message
-        self.progress = (0, 0.0)        # (bytes sent, when) for the slow-client deadline
+        # (bytes sent, when) for the slow-client deadline: its clock starts now,
+        # so a client that has not yet read its first byte is not "too slow".
+        self.progress = (0, server.loop.time())
+        self.subscribe_allowance = (float(SUBSCRIBE_BURST), server.loop.time())
         self._handshake_timer: Optional[Timer] = None
 
     def connection_made(self, stream: Stream) -> None:
         super().connection_made(stream)
-        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        self._handshake_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._handshake_expired)
+
+    def may_subscribe(self) -> bool:
+        """A token bucket: each subscribe re-reads the cursors of every file."""
+        allowance, last = self.subscribe_allowance
+        now = self.loop.time()
+        allowance = min(float(SUBSCRIBE_BURST), allowance + (now - last) * SUBSCRIBE_RATE)
+        self.subscribe_allowance = (max(0.0, allowance - 1.0), now)
+        return allowance >= 1.0
 
     def _handshake_expired(self) -> None:
         if self.ws is None and self.stream is not None:
-            self.lost_reason = "no complete request within %gs" % HANDSHAKE_TIMEOUT
+            self.lost_reason = "no complete request within %gs" % REQUEST_HEAD_TIMEOUT
             self.stream.abort()
 
     def handshake_data(self, data: bytes) -> None:
@@ -3625,11 +3808,6 @@ class ServerSession(WebSocketEndpoint):
     def open(self) -> bool:
         return self.ws is not None and self.ws.state is State.OPEN and self.stream is not None \
             and not self.stream.closed
-
-    @property
-    def unsent(self) -> int:
-        stream_bytes = self.stream.pending_output if self.stream is not None else 0
-        return stream_bytes + (self.ws.output_size if self.ws is not None else 0)
 
     def queue(self, payload: bytes) -> None:
         if self.open:
@@ -3663,7 +3841,7 @@ class ServerSession(WebSocketEndpoint):
                     self.server.log.debug("a client has %d KiB unsent; catching it up from disk"
                                           % ((LIVE_OUTPUT_CAP - room) >> 10))
                 self.catching_up = True
-                backlog[rel] = Backlog(rec, LineReader(rec.abspath, message.offset))
+                backlog[rel] = Backlog(rec, LineReader(rec, message.offset))
                 continue
             frames.append(message.frame)
             room -= len(message.frame)
@@ -3672,7 +3850,12 @@ class ServerSession(WebSocketEndpoint):
         return bool(frames)
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
-        self.server.client_message(self, message)
+        try:
+            self.server.client_message(self, message)
+        except Exception as exc:        # noqa: BLE001 - a bug costs this client, with a Close
+            self.server.log.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
+            self.server.log.debug(traceback.format_exc().rstrip())
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_closed(self, code: int, reason: str) -> None:
         self.server.session_closed(self, code, reason)
@@ -3683,15 +3866,18 @@ class StreamServer:
 
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
                  token: Optional[str] = None, allowed_origins: Iterable[str] = (),
-                 tls: Optional[ssl.SSLContext] = None):
+                 tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         self.token = token              # None: --no-auth
         self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
-        self.listener: Optional[socket.socket] = None
-        self.sessions: Dict[ServerSession, None] = {}
-        self.subscribers: Dict[ServerSession, None] = {}
+        self.requested_port = port
+        self.also_ipv6_loopback = also_ipv6_loopback
+        self.listeners: List[socket.socket] = []
+        self.sessions: Dict[ServerSession, None] = {}       # every open connection
+        self.pending: Dict[ServerSession, None] = {}        # ... not yet authenticated, oldest first
+        self.subscribers: Dict[ServerSession, None] = {}    # ... WebSocket clients
         self.malformed_count = 0
         self._poll_timer: Optional[Timer] = None
         self._congested_since: Optional[float] = None
@@ -3705,32 +3891,64 @@ class StreamServer:
         return "%s://%s:%d/" % ("wss" if self.tls is not None else "ws", host, self.port)
 
     def listen(self) -> None:
+        """Listen on --host; by default on both loopback addresses, 127.0.0.1 and ::1.
+
+        ``localhost`` resolves to ::1 first on many systems, so IPv4 alone
+        refused it. ::1 is a best effort (a machine may have no IPv6); with
+        port 0 both get the same port, chosen again if ::1 has it taken.
+        """
+        for attempt in range(LISTEN_ATTEMPTS):
+            self.listeners = [self._bind(self.host, self.port)]
+            self.port = self.listeners[0].getsockname()[1]
+            if not self.also_ipv6_loopback:
+                break
+            try:
+                self.listeners.append(self._bind("::1", self.port))
+                break
+            except OperationalError as exc:
+                if "in use" in str(exc) and self.requested_port == 0 and attempt + 1 < LISTEN_ATTEMPTS:
+                    self.listeners[0].close()
+                    self.port = 0
+                    continue
+                if "in use" in str(exc):
+                    self.log.warn("port %d on ::1 is taken by another program: 'localhost' may "
+                                  "reach it instead of this server; use 127.0.0.1" % self.port)
+                else:
+                    self.log.debug("IPv4 only: %s" % exc)
+                break
+        for listener in self.listeners:
+            self._listen_again(listener)
+
+    def _bind(self, host: str, port: int) -> socket.socket:
         try:
-            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                         flags=socket.AI_PASSIVE)[0][0]
         except socket.gaierror as exc:
-            raise OperationalError("cannot use --host %s: %s" % (self.host, exc.strerror)) from None
-        sock = socket.socket(family, socket.SOCK_STREAM)
+            raise OperationalError("cannot use --host %s: %s" % (host, exc.strerror)) from None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OperationalError("cannot listen on %s: %s" % (host, exc.strerror or exc)) from None
         if os.name == "posix":      # rebind at once after a restart; never share a live port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            sock.bind((self.host, self.port))
+            sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise OperationalError(
                     "port %d on %s is already in use (another claude_stream serve?); "
-                    "pick another with --port" % (self.port, self.host)) from None
+                    "pick another with --port" % (port, host)) from None
             if exc.errno == errno.EACCES:
                 raise OperationalError("no permission to listen on port %d of %s"
-                                       % (self.port, self.host)) from None
+                                       % (port, host)) from None
             raise OperationalError("cannot listen on %s port %d: %s"
-                                   % (self.host, self.port, exc.strerror or exc)) from None
+                                   % (host, port, exc.strerror or exc)) from None
         sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        self.listener = sock
-        self.loop.register(sock, selectors.EVENT_READ, self._accept)
+        return sock
 
     def start(self) -> None:
         self.tailer.start()
@@ -3741,15 +3959,22 @@ class StreamServer:
 
     # --- connections ------------------------------------------------------------
 
-    def _accept(self, mask: int) -> None:
-        for _ in range(64):         # bounded: the loop has other work too
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_TICK):   # bounded: the loop has other work too
             try:
-                sock, _ = self.listener.accept()       # type: ignore[union-attr]
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: keep serving who we have
-                self.log.warn("cannot accept a connection: %s" % (exc.strerror or exc))
-                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the connection stays in the kernel's queue and
+                    # the listener stays readable, so asking again at once would spin.
+                    # Rest a moment (as nginx does) and keep serving who we have.
+                    self.log.warn("cannot accept connections: %s; pausing %gs"
+                                  % (exc.strerror or exc, ACCEPT_PAUSE), key="accept")
+                    self.loop.unregister(listener)
+                    self.loop.call_later(ACCEPT_PAUSE, lambda: self._listen_again(listener))
+                return                  # others (a peer that already reset): next time
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session = ServerSession(self)
@@ -3757,12 +3982,24 @@ class StreamServer:
                 Stream(self.loop, sock, session)
             else:               # a failed TLS handshake is that connection's problem only
                 TLSStream(self.loop, sock, session, self.tls, server_side=True)
-            if len(self.sessions) >= MAX_CONNECTIONS or self.shutting_down:
+            if self.shutting_down:
                 session.reply(build_error_response(HandshakeError(
-                    503, "too many connections" if not self.shutting_down else "shutting down",
-                    [("Retry-After", "5")])))
+                    503, "shutting down", [("Retry-After", "5")])))
                 continue
+            if len(self.pending) >= MAX_PENDING_CONNECTIONS:
+                # Room for those who can authenticate: the oldest connection that has not
+                # yet done so makes way, rather than every newcomer being refused.
+                oldest = next(iter(self.pending))
+                del self.pending[oldest]
+                if oldest.stream is not None:
+                    oldest.lost_reason = "pushed out by newer connections before authenticating"
+                    oldest.stream.abort()
             self.sessions[session] = None
+            self.pending[session] = None
+
+    def _listen_again(self, listener: socket.socket) -> None:
+        if listener in self.listeners:
+            self.loop.register(listener, selectors.EVENT_READ, lambda mask: self._accept(listener))
 
     def _check_browser_rules(self, request: HttpHead, upgrade: bool) -> None:
         """DNS rebinding and cross-site WebSocket hijacking, refused with 403.
@@ -3804,14 +4041,21 @@ class StreamServer:
 
     def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
         method, target, _ = request.start
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)          # "//[" and the like raise
+        except ValueError:
+            raise HandshakeError(400, "malformed request target") from None
         upgrade = is_upgrade_request(request)
         self._check_browser_rules(request, upgrade)
         self._check_token(request, url.query)
+        self.pending.pop(session, None)     # authenticated: no longer among those pushed out
         if upgrade:
             key = check_upgrade_request(request)
             if url.path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
+            if len(self.subscribers) >= MAX_CONNECTIONS:
+                raise HandshakeError(503, "too many clients (%d)" % MAX_CONNECTIONS,
+                                     [("Retry-After", "5")])
             try:
                 subscription = Subscription.from_query(url.query, time.time())
             except ValueError as exc:
@@ -3856,12 +4100,16 @@ class StreamServer:
             session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
             return
         try:
-            obj = json.loads(message.text)
-            if not isinstance(obj, dict):
-                raise ValueError("a message must be a JSON object")
+            try:                            # the transcript lines' decoder: one depth limit
+                obj = decode_line(message.text.encode("utf-8"))
+            except MalformedLine as exc:
+                raise ValueError("a message must be a JSON object (%s)" % exc) from None
             kind = obj.get("kind")
             if kind != "subscribe":
                 raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
+            if not session.may_subscribe():
+                raise ValueError("too many subscribe messages: at most %d at once, then %g a second"
+                                 % (SUBSCRIBE_BURST, SUBSCRIBE_RATE))
             subscription = Subscription.from_message(obj, time.time())
         except ValueError as exc:
             session.queue(_json({"kind": "error", "error": str(exc)}))
@@ -3889,14 +4137,14 @@ class StreamServer:
                 session.backlog.pop(rel, None)
                 session.position[rel] = start
                 if start < rec.line_start:
-                    session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start))
+                    session.backlog[rel] = Backlog(rec, LineReader(rec, start))
             elif sub.since is not None and rec.mtime >= sub.since:
                 # History replaces any backlog already open for this file (one opened
                 # by a live line that came while the client was held, say): it reads
                 # from what was last sent, so it covers that backlog's lines too.
                 start = session.position.get(rel, 0)
                 if start < rec.line_start:
-                    session.backlog[rel] = Backlog(rec, LineReader(rec.abspath, start), since=sub.since)
+                    session.backlog[rel] = Backlog(rec, LineReader(rec, start), since=sub.since)
         session.held = False
         session.catching_up = session.catching_up or bool(session.backlog)
         if acknowledge:
@@ -3914,7 +4162,7 @@ class StreamServer:
         if offset > rec.line_start:
             return False
         try:
-            with open(rec.abspath, "rb") as fh:
+            with open_transcript(rec.abspath, (rec.dev, rec.ino)) as fh:
                 fh.seek(offset - 1)
                 return fh.read(1) == b"\n"
         except OSError:
@@ -3922,6 +4170,7 @@ class StreamServer:
 
     def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
         self.sessions.pop(session, None)
+        self.pending.pop(session, None)
         if session in self.subscribers:
             del self.subscribers[session]
             self.log.debug("client gone: %d %s (%d left)" % (code, session.lost_reason or reason,
@@ -4022,15 +4271,14 @@ class StreamServer:
                         self._count_malformed(rec, event.offset, message.malformed)
                     lines.append((rec, message))
                 continue
-            if lines:                       # lines before a notice go out before it
-                offer_lines()
-            if isinstance(event, OversizeEvent):
-                payload, meta = notice_message("gap", rec, offset=event.offset, next=None,
-                                               reason="line longer than %d MiB; skipped"
-                                               % (MAX_LINE_BYTES >> 20))
+            if isinstance(event, OversizeEvent):  # in the file's order, to whom the file's lines go
                 self.log.warn("skipped a line over %d MiB in %s at byte %d"
                               % (MAX_LINE_BYTES >> 20, rec.rel, event.offset), key="files")
-            elif isinstance(event, ResetEvent):
+                lines.append((rec, gap_message(rec, event.offset)))
+                continue
+            if lines:                       # lines before a notice go out before it
+                offer_lines()
+            if isinstance(event, ResetEvent):
                 self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason),
                               key="files")
                 payload, meta = notice_message("reset", rec, reason=event.reason, offset=0)
@@ -4054,7 +4302,7 @@ class StreamServer:
         if isinstance(event, ResetEvent):
             session.position.pop(rel, None)
             if rel in session.backlog:
-                session.backlog[rel] = Backlog(event.file, LineReader(event.file.abspath, 0))
+                session.backlog[rel] = Backlog(event.file, LineReader(event.file, 0))
         elif isinstance(event, RemovedEvent):
             session.position.pop(rel, None)
             session.backlog.pop(rel, None)
@@ -4113,9 +4361,22 @@ class StreamServer:
                 heads: List[Tuple[str, int, str]]) -> Tuple[int, str]:
         """Ready the backlog's next line and push it on the merge heap; drop it when done.
 
-        Returns the bytes read and "ready", "done" or "scanning".
+        Returns the bytes read and "ready", "done" or "scanning". A file that
+        cannot be read is skipped with a ``gap`` notice; the rest of the history
+        goes on.
         """
-        read, exhausted = self._prepare(backlog)
+        try:
+            read, exhausted = self._prepare(backlog)
+        except OSError as exc:
+            reason = "cannot read: %s" % (exc.strerror or exc)
+            self.log.warn("cannot read %s for a client's history: %s" % (rel, exc.strerror or exc),
+                          key="files")
+            gap = gap_message(backlog.rec, backlog.reader.line_start, reason)
+            session.position[rel] = max(session.position.get(rel, 0), backlog.rec.delivered_end)
+            if session.filters.match(gap.meta):
+                session.queue_frames([gap.frame])
+            del session.backlog[rel]
+            return 0, "done"
         if backlog.ready:
             # An untimed line (a mode, a title, a snapshot) sorts with its predecessor,
             # or, first in its file, with the next line that has a time.
@@ -4135,7 +4396,7 @@ class StreamServer:
             if message.sort_key:
                 return message.sort_key
         for _, line in itertools.islice(backlog.reader.lines, 0, 50):
-            match = _TIMESTAMP_BYTES_RE.search(line)
+            match = _TIMESTAMP_BYTES_RE.search(line or b"")
             if match:
                 return match.group(1).decode("ascii", "replace")
         return ""
@@ -4152,7 +4413,7 @@ class StreamServer:
             if not reader.lines:
                 if read:
                     return read, False      # one block per call: the tick stays short
-                read = reader.fill(backlog.rec.line_start,
+                read = reader.fill(backlog.rec.delivered_end,
                                    CATCHUP_BLOCK if reader.blocks else CATCHUP_FIRST_BLOCK)
                 if not read:
                     if backlog.held and backlog.rec.mtime >= (backlog.since or 0):
@@ -4161,7 +4422,8 @@ class StreamServer:
                     return 0, not backlog.ready
                 continue
             offset, line = reader.take()
-            message = line_message(backlog.rec, offset, line)
+            message = line_message(backlog.rec, offset, line) if line is not None \
+                else gap_message(backlog.rec, offset)
             if message is None:
                 continue
             if backlog.since is None:
@@ -4186,10 +4448,10 @@ class StreamServer:
             self.loop.stop()        # a second Ctrl-C: stop now
             return
         self.shutting_down = True
-        if self.listener is not None:
-            self.loop.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
+        for listener in self.listeners:
+            self.loop.unregister(listener)
+            listener.close()
+        self.listeners = []
         for session in list(self.sessions):
             if session.ws is not None:
                 session.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -4762,8 +5024,8 @@ def build_parser() -> ArgumentParser:
                        help="a projects folder to watch (repeatable; default: "
                             "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and "
                             "~/.config/claude/projects)")
-    serve.add_argument("--host", default=DEFAULT_HOST,
-                       help="address to listen on (default %(default)s: this machine only)")
+    serve.add_argument("--host",
+                       help="address to listen on (default: 127.0.0.1 and ::1, this machine only)")
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
                        help="port to listen on; 0 picks a free one (default %(default)s)")
     serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
@@ -4852,7 +5114,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only)
-    server = StreamServer(loop, tailer, args.host, args.port, log, token, args.allow_origin, tls)
+    server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
+                          args.allow_origin, tls, also_ipv6_loopback=args.host is None)
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None
@@ -4862,8 +5125,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         except OSError as exc:
             log.warn("cannot store the token for local clients (%s); give it to them with --token"
                      % (exc.strerror or exc))
-    if args.host not in LOOPBACK_HOSTS and (token is None or tls is None):
-        log.warn("listening on %s: %s" % (args.host, "anyone who can reach this port reads every "
+    if server.host not in LOOPBACK_HOSTS and (token is None or tls is None):
+        log.warn("listening on %s: %s" % (server.host, "anyone who can reach this port reads every "
                  "transcript (--no-auth)" if token is None else "the token and every transcript "
                  "cross the network unencrypted (add --certfile/--keyfile, or use an SSH tunnel)"))
     elif token is None:
@@ -4898,7 +5161,10 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     secure = any(parse_ws_url(url)[3] for url in urls)   # a bad URL is a usage error now
     tls = client_tls_context(args.cafile, args.insecure, log) if secure else None
     loop = EventLoop(log)
-    filters = Filters.from_lists(args.project, args.session, args.type)
+    try:
+        filters = Filters.from_lists(args.project, args.session, args.type)
+    except ValueError as exc:
+        raise UsageError("client: %s" % exc) from None
     if args.since is not None:
         try:
             if not args.since.strip():

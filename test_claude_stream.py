@@ -1029,12 +1029,12 @@ class Output:
 
 
 class ServerProcess:
-    def __init__(self, test, roots, *extra, port=0, env=None):
+    def __init__(self, test, roots, *extra, port=0, env=None, preexec_fn=None):
         args = [sys.executable, MODULE, "serve", "--port", str(port), "--poll-interval", "0.05"]
         for root in roots:
             args += ["--root", root]
         self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec_fn)
         test.addCleanup(self.stop)
         self.stdout = Output(self.proc.stdout)
         self.stderr = Output(self.proc.stderr)
@@ -1777,17 +1777,24 @@ class AuthTests(unittest.TestCase):
         # ... does not stop the others from receiving,
         append(os.path.join(self.root, "s.jsonl"), entry_line(1))
         self.assertEqual(reader.message()["entry"]["uuid"], "u-1")
-        # Connections beyond the cap are answered 503 at once.
+        # and is closed at the request-head deadline.
+        self.assertEqual(slow.recv(100), b"")
+        self.assertLess(time.monotonic() - started, cs.REQUEST_HEAD_TIMEOUT + 5)
+        # Silent connections beyond the pre-authentication cap push out the oldest
+        # of them: a client with the token still gets in (issue 10.7) ...
         idle = []
         self.addCleanup(lambda: [c.close() for c in idle])
-        for _ in range(cs.MAX_CONNECTIONS):
+        for _ in range(cs.MAX_CONNECTIONS + 50):
             idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE))
         answer = http(server.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % server.port)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:60])
-        self.assertIn(b"Retry-After: 5", answer)
-        # and the slow one is closed at the handshake deadline.
-        self.assertEqual(slow.recv(100), b"")
-        self.assertLess(time.monotonic() - started, cs.HANDSHAKE_TIMEOUT + 5)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:60])
+        self.assertEqual(idle[0].recv(100), b"")           # the oldest were closed
+        # ... and WebSocket clients beyond MAX_CONNECTIONS are answered 503.
+        clients = [RawClient(server.port) for _ in range(cs.MAX_CONNECTIONS - 1)]
+        self.addCleanup(lambda: [c.close() for c in clients])
+        with self.assertRaises(cs.HandshakeError) as refused:
+            RawClient(server.port)
+        self.assertEqual(refused.exception.status, 503)
 
     def test_huge_frame_header_is_refused_before_buffering_and_logs_hold_no_secrets(self):
         server = ServerProcess(self, [self.root], "--debug")
@@ -2519,6 +2526,299 @@ class TerminalSafetyTests(unittest.TestCase):
             self.assertTrue(any("\u241b[2J" in l for l in server.stderr.lines), server.stderr.lines)
 
 
+def unprivileged():
+    """preexec_fn under which root obeys file modes as a user does; None for a user.
+
+    Root keeps its uid (its Python may live under /root) but loses, before the
+    exec, CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its bounding set.
+    """
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+
+    def drop():
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for capability in (1, 2):               # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, capability, 0, 0, 0) != 0:      # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    return drop
+
+
+def history(port, **subscribe):
+    """Every message a hold=1 client gets after subscribing, up to and with "live"."""
+    raw = RawClient(port, "/?hold=1")
+    raw.message()
+    raw.conn.send_text(json.dumps(dict(subscribe, kind="subscribe")))
+    raw.flush()
+    messages = []
+    while not messages or messages[-1]["kind"] != "live":
+        messages.append(raw.message())
+    return raw, messages
+
+
+class HostileFileTests(ProjectTreeTestCase):
+    """Issue 10.2-10.4 and 10.6: no file can stop the server, leak, or be told twice."""
+
+    def test_fifos_never_block_the_server(self):
+        # A FIFO made at the start, a link to one, and a transcript renamed over by one.
+        os.mkfifo(os.path.join(self.project, "fifo.jsonl"))
+        os.symlink(os.path.join(self.project, "fifo.jsonl"), os.path.join(self.project, "link.jsonl"))
+        victim = os.path.join(self.project, "victim.jsonl")
+        append(victim, entry_line(1))
+        # Polled only every 30 s: history opens the name before the tailer sees the FIFO.
+        server = ServerProcess(self, [self.root], "--poll-only", "--poll-interval", "30")
+        fifo = os.path.join(self.tmp.name, "new-fifo")
+        os.mkfifo(fifo)
+        os.rename(fifo, victim)
+        for _ in range(3):                          # history asks to open each of them
+            raw, messages = history(server.port, since="all")
+            raw.close()
+            self.assertNotIn("entry", [m["kind"] for m in messages])
+        self.assertIn("files", json.loads(urlopen_status(server.port)))      # still serving
+        server.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+
+    def test_symlinked_transcripts_are_not_followed(self):
+        secret = os.path.join(self.tmp.name, "id_rsa")
+        append(secret, "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA\n")
+        os.symlink(secret, os.path.join(self.project, "key.jsonl"))
+        server = ServerProcess(self, [self.root])
+        os.symlink(secret, os.path.join(self.project, "later.jsonl"))     # and one made while running
+        append(os.path.join(self.project, "real.jsonl"), entry_line(1))
+        raw, messages = history(server.port, since="all")
+        append(secret, "-----END OPENSSH PRIVATE KEY-----\n")
+        append(os.path.join(self.project, "real.jsonl"), entry_line(2))
+        messages.append(raw.message())
+        text = json.dumps(messages)
+        self.assertNotIn("key.jsonl", text)
+        self.assertNotIn("later.jsonl", text)
+        self.assertNotIn("OPENSSH", text)
+        self.assertEqual([m["entry"]["uuid"] for m in messages if m["kind"] == "entry"], ["u-1", "u-2"])
+        server.stderr.wait_line(lambda l: "not following the symbolic link" in l and "key.jsonl" in l,
+                                what="the warning about the link")
+        status = json.loads(urlopen_status(server.port))
+        self.assertEqual(status["files"], 1)
+
+    def test_an_unreadable_transcript_is_skipped_and_the_rest_of_the_history_arrives(self):
+        os.chmod(self.tmp.name, 0o755)
+        readable = os.path.join(self.project, "a.jsonl")
+        locked = os.path.join(self.project, "b.jsonl")
+        append(readable, entry_line(1) + entry_line(2))
+        append(locked, entry_line(3))
+        os.chmod(locked, 0)
+        server = ServerProcess(self, [self.root], "--no-auth", preexec_fn=unprivileged())
+        expected = ["u-1", "u-2"]
+        for n in (4, 5):                            # every client, every time
+            raw, messages = history(server.port, since="all")
+            self.assertEqual([m["entry"]["uuid"] for m in messages if m["kind"] == "entry"], expected)
+            gaps = [m for m in messages if m["kind"] == "gap"]
+            self.assertEqual([(g["path"], g["offset"]) for g in gaps], [("-home-u-proj/b.jsonl", 0)])
+            self.assertIn("cannot read", gaps[0]["reason"])
+            append(readable, entry_line(n))
+            self.assertEqual(raw.message()["entry"]["uuid"], "u-%d" % n)   # and it stays live
+            expected.append("u-%d" % n)
+        server.stderr.pump()
+        self.assertFalse(any("internal error" in l for l in server.stderr.lines), server.stderr.lines)
+
+    def test_one_oversize_rule_whatever_the_chunking(self):
+        data = (b"a" * 50 + b"\n" + b"b" * 150 + b"\n" + b"c" * 100 + b"\n" + b"d" * 101 + b"\n"
+                + b"e\n" + b"f" * 300)
+        expected = [(0, b"a" * 50), (51, None), (202, b"c" * 100), (303, None), (405, b"e"), (407, None)]
+        for block in (1, 7, 64, 100, 101, 102, 1000):
+            state = cs.LineReader(cs.FileRecord("", "", "", "", None, None, 0, 0, 0, 0, 0.0), 0)
+            got = []
+            for i in range(0, len(data), block):
+                got += cs.split_lines(state, data[i:i + block], limit=100)
+            self.assertEqual(got, expected, "blocks of %d" % block)
+
+    def test_an_oversize_line_is_one_gap_at_its_start_live_and_from_history(self):
+        path = os.path.join(self.project, "s.jsonl")
+        big = b'{"type":"user","x":"' + b"x" * (cs.MAX_LINE_BYTES + 10) + b'"}\n'
+        append(path, entry_line(1))
+        server = ServerProcess(self, [self.root])
+        live, _ = history(server.port)
+        append(path, big + entry_line(2).encode())
+        got = [live.message(timeout=60), live.message(timeout=60)]
+        start = len(entry_line(1))
+        self.assertEqual([(m["kind"], m["offset"]) for m in got], [("gap", start), ("entry", start + len(big))])
+        raw, messages = history(server.port, since="all")
+        self.assertEqual([(m["kind"], m.get("offset")) for m in messages if m["kind"] in ("gap", "entry", "malformed")],
+                         [("entry", 0), ("gap", start), ("entry", start + len(big))])
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood(sock, frame, limit=200 << 20, stall=0.5):
+    """Send ``frame`` over and over without reading, until the peer stops taking it."""
+    sock.setblocking(False)
+    chunk = frame * max(1, (256 << 10) // len(frame))
+    sent, last, view = 0, time.monotonic(), memoryview(b"")
+    while sent < limit and time.monotonic() - last < stall:
+        if not view:
+            view = memoryview(chunk)
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            select.select([], [sock], [], stall)
+            continue
+        sent, view, last = sent + n, view[n:], time.monotonic()
+    return sent
+
+
+FLOODER = """
+import socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+held, end = [], time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+    except OSError:
+        time.sleep(0.01)
+    if len(held) > 400:
+        held.pop(0).close()
+"""
+
+
+class HostilePeerTests(unittest.TestCase):
+    """Issue 10.7-10.13: no client can stop or starve the others, or grow the server."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = self.tmp.name
+        self.path = os.path.join(self.root, "-p", "s.jsonl")
+        os.makedirs(os.path.dirname(self.path))
+        append(self.path, "")
+
+    def test_a_flood_of_silent_connections_does_not_lock_out_clients_with_the_token(self):
+        server = ServerProcess(self, [self.root])
+        flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(server.port), "20"],
+                                   stdin=subprocess.DEVNULL)
+        self.addCleanup(flooder.wait)
+        self.addCleanup(flooder.kill)
+        wait_for(lambda: len(os.listdir("/proc/%d/fd" % server.proc.pid)) > cs.MAX_PENDING_CONNECTIONS,
+                 message="the flood to fill the pre-authentication slots")
+        ok = 0
+        for n in range(20):
+            raw = RawClient(server.port)
+            self.assertEqual(raw.message()["kind"], "hello")
+            raw.close()
+            ok += 1
+        self.assertEqual(ok, 20)
+        self.assertIsNone(flooder.poll())           # the flood went on throughout
+
+    def test_odd_request_targets_get_400_not_an_internal_error(self):
+        server = ServerProcess(self, [self.root])
+        for target in (b"//[", b"http://[::1/", b"//[zz]:1/", b"//%ff[/"):
+            answer = http(server.port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            self.assertRegex(answer[:12], rb"HTTP/1.1 4\d\d", target)
+        self.assertTrue(http(server.port, b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                        .startswith(b"HTTP/1.1 200"))
+        server.stderr.pump()
+        self.assertFalse(any("internal error" in l for l in server.stderr.lines), server.stderr.lines)
+
+    def test_out_of_descriptors_the_listener_rests_instead_of_spinning(self):
+        require(self, "procfs", os.path.isdir("/proc/self/fd"), "no /proc")
+        import resource
+
+        def few_descriptors():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+        server = ServerProcess(self, [self.root], preexec_fn=few_descriptors)
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE) for _ in range(60)]
+        self.addCleanup(lambda: [c.close() for c in idle])
+        server.stderr.wait_line(lambda l: "cannot accept connections" in l, what="EMFILE")
+        before = cpu_seconds(server.proc.pid)
+        time.sleep(2.0)                             # measuring a rate: two seconds of it
+        spent = cpu_seconds(server.proc.pid) - before
+        server.stderr.pump()
+        warnings = sum("cannot accept" in l for l in server.stderr.lines)
+        self.assertLess(spent, 0.5, "the server spun while out of descriptors")
+        self.assertLessEqual(warnings, cs.LOG_BURST + 5)
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        raw = RawClient(server.port)                # and serves again once they are back
+        self.assertEqual(raw.message()["kind"], "hello")
+
+    def test_clients_that_send_but_never_read_cannot_grow_the_server(self):
+        # Issue 10.9: pongs and error replies were bounded only at 192 MiB per connection.
+        require(self, "procfs", os.path.isdir("/proc/self/fd"), "no /proc")
+        server = ServerProcess(self, [self.root])
+        bystander = RawClient(server.port)
+        bystander.message()
+        ping = masked(cs.Opcode.PING, b"p" * 125)
+        bad = masked(cs.Opcode.TEXT, b"x")          # each answered with an `error`
+        floods = []
+        for frame in (ping, ping, bad, bad):
+            raw = RawClient(server.port)
+            floods.append(raw)
+            self.addCleanup(raw.close)
+            sent = flood(raw.sock, frame)
+            self.assertLess(sent, 100 << 20, "the server kept reading from a client that does not read")
+        append(self.path, entry_line(1))
+        self.assertEqual(bystander.message()["entry"]["uuid"], "u-1")
+        peak = vm_hwm_mb(server.proc.pid)
+        bound = 60 + 4 * (cs.LIVE_OUTPUT_CAP >> 20) * 1.5
+        self.assertLess(peak, bound, "server peak RSS %.0f MB" % peak)
+        print("\n    server peak RSS with 4 flooding clients: %.1f MB (bound %d MB)" % (peak, bound),
+              file=sys.stderr)
+        floods[0].sock.setblocking(True)            # a flooder that reads again gets its pongs
+        floods[0].sock.settimeout(DEADLINE)
+        self.assertEqual(floods[0].message()["kind"], "hello")
+        self.assertIsInstance(floods[0].next_event(), cs.PongReceived)
+
+    def test_filters_and_subscribes_are_bounded(self):
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port)
+        raw.message()
+        for bad in ({"project": ["p"] * (cs.MAX_FILTER_VALUES + 1)}, {"session": ["s" * 1000]},
+                    {"cursors": {"-p/": 5}}):
+            raw.conn.send_text(json.dumps(dict(bad, kind="subscribe")))
+            raw.flush()
+            self.assertEqual(raw.message()["kind"], "error", bad)
+        answer = http(server.port, b"GET /?project=" + b",".join([b"p"] * 101) + b" HTTP/1.1\r\n"
+                      b"Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+        kinds = []
+        for _ in range(40):                          # a burst of subscribes
+            raw.conn.send_text(b'{"kind":"subscribe"}')
+        raw.flush()
+        for _ in range(40):
+            kinds.append(raw.message()["kind"])
+        self.assertLessEqual(kinds.count("subscribed"), cs.SUBSCRIBE_BURST + 2)
+        self.assertGreater(kinds.count("error"), 20)
+        append(self.path, entry_line(1))             # and the stream goes on
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-1")
+
+    def test_hostile_json_and_times_get_an_error_and_the_connection_stays(self):
+        server = ServerProcess(self, [self.root])
+        raw = RawClient(server.port)
+        raw.message()
+        for text in ("[" * 60000, '{"kind":"subscribe","x":' + "[" * 30000 + "]" * 30000 + "}",
+                     '{"kind":"subscribe","since":"0001-01-01T00:00:00+01:00"}',
+                     '{"kind":"subscribe","since":"2026-01-01T00:00:00+99:00"}',
+                     '{"kind":"subscribe","since":"%sd"}' % ("9" * 400)):
+            raw.conn.send_text(text)
+            raw.flush()
+            reply = raw.message()
+            self.assertIn(reply["kind"], ("error", "subscribed"), text[:40])
+        self.assertEqual(reply["kind"], "subscribed")   # a duration longer than time is "all"
+        for since in (b"0001-01-01T00:00:00%2B01:00", b"2026-01-01T00:00:00%2B99:00"):
+            answer = http(server.port, b"GET /?since=" + since + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:40])
+        append(self.path, entry_line(1))
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-1")
+        server.stderr.pump()
+        self.assertFalse(any("internal error" in l for l in server.stderr.lines), server.stderr.lines)
+
+
 # =============================================================================
 # Conformance: the Autobahn|Testsuite against echo peers built from the module
 # =============================================================================
@@ -2920,6 +3220,31 @@ class KeepaliveTests(unittest.TestCase):
                 peer.receive_data(theirs.recv(65536))
                 self.assertIsInstance(peer.next_event(), cs.PingReceived)   # it did ask first
                 self.assertLess(time.monotonic() - started, DEADLINE)
+
+    def test_a_peer_busy_reading_stays_though_its_pong_waits(self):
+        # Issue 10.13: a page taking in megabytes of history was dropped as dead,
+        # its pong stuck behind the frames it was still reading.
+        loop, theirs, endpoint, closed = self.silent_peer(cs.Side.SERVER)
+        theirs.setblocking(False)
+        for _ in range(64):
+            endpoint.send_text(b"x" * (64 << 10))      # 4 MiB queued before any ping
+        reading = [True]
+        taken = [0]
+
+        def read_slowly():
+            if reading[0]:
+                try:
+                    taken[0] += len(theirs.recv(16 << 10))
+                except BlockingIOError:
+                    pass
+                loop.call_later(0.005, read_slowly)
+        loop.call_later(0.005, read_slowly)
+        loop.call_later(1.0, lambda: reading.__setitem__(0, False))    # then it stops for good
+        started = time.monotonic()
+        loop.run()
+        self.assertEqual(closed, [(1006, "no answer to a ping within 0.1s")])
+        self.assertGreater(time.monotonic() - started, 1.0)    # not while it was reading
+        self.assertGreater(taken[0], 512 << 10)
 
     def test_a_peer_that_answers_stays(self):
         loop, theirs, endpoint, closed = self.silent_peer(cs.Side.SERVER)
