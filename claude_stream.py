@@ -160,6 +160,7 @@ SEND_GATHER_MAX = 512               # buffers handed to one sendmsg() (IOV_MAX i
 # --- Authentication ----------------------------------------------------------
 TOKEN_ENV = "CLAUDE_STREAM_TOKEN"   # a token for serve and client, instead of --token
 TOKEN_BYTES = 32                    # of randomness in a generated token
+MAX_TOKEN_FILE_BYTES = 4096         # read of a token file; its first line is the token
 
 # --- Client ------------------------------------------------------------------
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
@@ -1030,6 +1031,7 @@ class Tailer:
         self._next_listing = 0.0
         self._next_full_scan = 0.0
         self._warned: set = set()
+        self._ancestors: set = set()        # watched parents of roots that do not exist yet
         self.notify = Inotify.create(self.log) if wakeups else None
         self.slowdown = WAKEUP_FACTOR if self.notify is not None else 1
 
@@ -1126,6 +1128,8 @@ class Tailer:
             return
         relist: Dict[str, None] = {}
         for folder, name, mask in changes:
+            if folder in self._ancestors:   # on the way to a missing root: check the roots now
+                self._next_dir_check = now
             path = os.path.join(folder, name) if name else folder
             rec = self.files.get(path)
             if rec is not None and rec.due > now:
@@ -1200,6 +1204,39 @@ class Tailer:
                 racy = wall - state.mtime_ns / 1e9 < RACY_DIR_SECONDS
                 if full or racy or st.st_mtime_ns != state.mtime_ns or st.st_ino != state.ino:
                     self._scan(root, path, now, events)
+        self._update_ancestors()
+
+    def _update_ancestors(self) -> None:
+        """Watch the nearest existing folder above each missing root, so that a root
+        is found the moment it is made, not at the next check of the roots.
+
+        ``mkdir -p`` makes the chain faster than we move the watch down it: after
+        each new watch the chain is looked at again, and a root found complete
+        meanwhile is checked at once.
+        """
+        if self.notify is None:
+            return
+        wanted = set()
+        for root in self.roots:
+            if root.present:
+                continue
+            parent = None
+            while True:
+                nearest = os.path.dirname(root.path)
+                while nearest != os.path.dirname(nearest) and not os.path.isdir(nearest):
+                    nearest = os.path.dirname(nearest)
+                if nearest == parent:
+                    break
+                parent = nearest
+                if parent not in self.notify.watches and self.notify.watch(parent) != 0:
+                    break               # cannot watch: the regular checks find the root
+            wanted.add(parent)
+            if os.path.isdir(root.path):
+                self._next_dir_check = 0.0
+        for old in self._ancestors - wanted:
+            if old not in self.dirs:
+                self.notify.unwatch(old)
+        self._ancestors = {p for p in wanted if p in self.notify.watches}
 
     def _scan(self, root: RootState, top: str, now: float, events: List[TailEvent]) -> None:
         """List ``top`` and every folder below it not listed yet; add new files."""
@@ -2771,32 +2808,106 @@ def parse_since(value: Any, now: float) -> Optional[float]:
     return when.timestamp()
 
 
+def token_folders() -> List[str]:
+    """Every folder where a local server may keep its token.
+
+    serve writes to $XDG_RUNTIME_DIR, else ~/.cache; a client looks in all of
+    these, since a shell whose XDG_RUNTIME_DIR differs from the server's (sudo,
+    ssh, a systemd user service) would otherwise not find it.
+    """
+    folders = []
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        folders.append(os.environ["XDG_RUNTIME_DIR"])
+    if hasattr(os, "getuid"):
+        folders.append("/run/user/%d" % os.getuid())
+    folders.append(os.path.join(os.path.expanduser("~"), ".cache"))
+    unique = []
+    for folder in folders:
+        path = os.path.join(folder, "claude_stream")
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
 def token_path(port: int) -> str:
     """Where serve keeps its token for clients of the same user: a 0600 file per port."""
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "claude_stream", "token-%d" % port)
 
 
+def check_token(token: str, source: str) -> str:
+    """A token as given: one line of printable characters (it goes into a header)."""
+    if not token or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ValueError("the token from %s must be one word of printable characters" % source)
+    return token
+
+
 def write_token_file(port: int, token: str) -> str:
-    """Create the token file readable by this user only (mode 0600, folder 0700)."""
+    """Create the token file readable by this user only (mode 0600, folder 0700).
+
+    The folder must be a real folder of ours (not a link another user planted),
+    and the file is made new with O_EXCL|O_NOFOLLOW under a random name, then
+    renamed into place: nothing already there is ever opened or followed.
+    """
     path = token_path(port)
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    os.chmod(folder, 0o700)
-    temporary = "%s.%d" % (path, os.getpid())
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+        raise OSError(errno.EPERM, "%s is not a folder of this user's" % folder)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
+    temporary = os.path.join(folder, ".token-%d.%s" % (port, secrets.token_hex(8)))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token + "\n")
     os.replace(temporary, path)
     return path
 
 
-def read_token_file(port: int) -> Optional[str]:
+def read_secret_line(path: str, follow: bool = True) -> str:
+    """The first line of a small token file, checked; OSError or ValueError if unusable.
+
+    With ``follow`` False (files found, not named by the user) a link is
+    refused, and so is a file another user owns.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
     try:
-        with open(token_path(port)) as fh:
-            return fh.read().strip() or None
-    except OSError:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if not follow and hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "owned by another user")
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES)
+    finally:
+        os.close(fd)
+    line = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
+    return check_token(line, path)
+
+
+def find_token_file(port: int) -> Optional[Tuple[str, str]]:
+    """(token, path) of the newest usable token file a local server wrote for ``port``."""
+    found = []
+    for folder in token_folders():
+        path = os.path.join(folder, "token-%d" % port)
+        try:
+            mtime = os.lstat(path).st_mtime
+            found.append((mtime, read_secret_line(path, follow=False), path))
+        except (OSError, ValueError):
+            continue
+    if not found:
         return None
+    _, token, path = max(found)
+    return token, path
+
+
+def read_token_file(port: int) -> Optional[str]:
+    found = find_token_file(port)
+    return found[0] if found else None
 
 
 def request_token(request: HttpHead, query: str) -> Optional[str]:
@@ -4726,6 +4837,7 @@ class ClientLink(WebSocketEndpoint):
         self.resuming = False               # not the first connection
         self.duplicates = 0
         self.rejected: Optional[HandshakeError] = None
+        self.token_file: Optional[str] = None   # where the token we sent came from, if a file
         self.tls_failure: Optional[BaseException] = None
         self._key = ""
         self._head = HeadReader(MAX_HEAD_BYTES)
@@ -4753,9 +4865,11 @@ class ClientLink(WebSocketEndpoint):
         # hold=1: the server sends only hello until our subscribe (filters, cursors,
         # history) arrives, so nothing slips between connecting and resuming.
         target = self.resource + ("&" if "?" in self.resource else "?") + "hold=1"
-        token = self.app.token
+        token, self.token_file = self.app.token, None
         if token is None and self.host in LOOPBACK_HOSTS:
-            token = read_token_file(self.port)      # a server of ours on this machine
+            found = find_token_file(self.port)      # a server of ours on this machine
+            if found is not None:
+                token, self.token_file = found
         headers = [("Authorization", "Bearer " + token)] if token else []
         stream.write(build_client_request(host_header, target, self._key, headers))
         self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
@@ -4800,8 +4914,15 @@ class ClientLink(WebSocketEndpoint):
             detail = ("the server refused the WebSocket handshake: %s" % self.rejected
                       if status != 101 else "bad handshake answer: %s" % self.rejected)
             if status == 401:
-                detail = ("the server wants its token: pass --token or set %s (a local server "
-                          "stores it in %s)" % (TOKEN_ENV, token_path(self.port)))
+                where = " or ".join(os.path.join(f, "token-%d" % self.port) for f in token_folders())
+                if self.app.token is not None:
+                    detail = "the server refused the token"
+                elif self.token_file is not None:
+                    detail = ("the server refused the token in %s (left by an earlier server on "
+                              "this port?)" % self.token_file)
+                else:
+                    detail = ("the server wants its token: pass --token-file FILE or set $%s "
+                              "(a server on this machine stores it in %s)" % (TOKEN_ENV, where))
             self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
         elif self.ws is None:
             self.app.link_down(self, "%s: no WebSocket handshake (%s)"
@@ -5041,9 +5162,14 @@ def build_parser() -> ArgumentParser:
                        help="also accept WebSocket connections from pages of this origin, e.g. "
                             "https://dash.example:8443 (repeatable; 'null' is never accepted)")
     auth = serve.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", metavar="FILE",
+                      help="read the token clients must present from the first line of FILE, "
+                           "once (a fixed token other users cannot see; default: $%s, else a "
+                           "random one, stored for local clients in a file only you can read)"
+                           % TOKEN_ENV)
     auth.add_argument("--token", metavar="TOKEN",
-                      help="the token clients must present (default: $%s, else a random one, "
-                           "stored for local clients in a file only you can read)" % TOKEN_ENV)
+                      help="the token on the command line (visible to every user of this machine "
+                           "in the process list: prefer --token-file)")
     auth.add_argument("--no-auth", action="store_true",
                       help="accept clients without a token (anyone who can connect reads everything)")
     serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
@@ -5064,9 +5190,14 @@ def build_parser() -> ArgumentParser:
                         help="only sessions or sub-agents whose id starts with ID (repeatable)")
     client.add_argument("--type", action="append", default=[], metavar="TYPE",
                         help="only entries of this type, e.g. user, assistant (repeatable)")
-    client.add_argument("--token", metavar="TOKEN",
-                        help="the server's token (default: $%s, else the token file a local "
-                             "server wrote for this port)" % TOKEN_ENV)
+    client_auth = client.add_mutually_exclusive_group()
+    client_auth.add_argument("--token-file", metavar="FILE",
+                             help="read the server's token from the first line of FILE (default: "
+                                  "$%s, else the token file a local server wrote for this port)"
+                                  % TOKEN_ENV)
+    client_auth.add_argument("--token", metavar="TOKEN",
+                             help="the server's token on the command line (visible to other users "
+                                  "in the process list: prefer --token-file)")
     client.add_argument("--cafile", metavar="PEM",
                         help="also trust the certificates in this file for wss:// (e.g. a "
                              "self-signed server certificate)")
@@ -5107,10 +5238,36 @@ def client_tls_context(cafile: Optional[str], insecure: bool, log: Log) -> ssl.S
     return context
 
 
+def given_token(args: argparse.Namespace, log: Log, command: str) -> Optional[str]:
+    """The token from --token-file, --token or the environment, checked; None if none."""
+    try:
+        if args.token_file is not None:
+            return read_secret_line(args.token_file)
+        if args.token is not None:
+            log.warn("--token is visible to every user of this machine (ps, /proc/PID/cmdline); "
+                     "use --token-file FILE or $%s instead" % TOKEN_ENV)
+            return check_token(args.token, "--token")
+        if os.environ.get(TOKEN_ENV):
+            return check_token(os.environ[TOKEN_ENV], "$" + TOKEN_ENV)
+    except OSError as exc:
+        raise UsageError("%s: --token-file %s: %s" % (command, args.token_file, exc.strerror or exc)) from None
+    except ValueError as exc:
+        raise UsageError("%s: %s" % (command, exc)) from None
+    return None
+
+
+def check_roots(roots: List[str]) -> None:
+    for root in roots:
+        path = os.path.expanduser(root)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError("serve: --root %s is not a folder (give the projects folder that "
+                             "holds one folder per project)" % root)
+
+
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
-    token = None if args.no_auth else (args.token or os.environ.get(TOKEN_ENV)
-                                       or secrets.token_urlsafe(TOKEN_BYTES))
+    check_roots(roots)
+    token = None if args.no_auth else (given_token(args, log, "serve") or secrets.token_urlsafe(TOKEN_BYTES))
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only)
@@ -5173,7 +5330,7 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since,
-                    token=args.token or os.environ.get(TOKEN_ENV), tls=tls)
+                    token=given_token(args, log, "client"), tls=tls)
     loop.handle_signals(STOP_SIGNALS, lambda signum: app.stop())
     app.start()
     try:

@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1839,13 +1840,72 @@ class AuthTests(unittest.TestCase):
         server = ServerProcess(self, [self.root])
         client = ClientProcess(self, server.url)              # no --token: the local file is used
         client.wait_connected()
-        result = subprocess.run([sys.executable, MODULE, "client", server.url, "--token", "wrong",
-                                 "--no-reconnect"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                timeout=DEADLINE)
-        self.assertEqual(result.returncode, 1)
+        wrong = os.path.join(self.tmp.name, "wrong-token")
+        append(wrong, "wrong\n")
+        for given, lines in ((["--token-file", wrong], 1), (["--token", "wrong"], 2)):
+            result = subprocess.run([sys.executable, MODULE, "client", server.url, "--no-reconnect"] + given,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+            self.assertEqual(result.returncode, 1)
+            text = result.stderr.decode()
+            self.assertEqual(len(text.strip().splitlines()), lines, text)   # --token: and a warning
+            self.assertIn(": the server refused the token", text)
+        # Issue 10.18: a shell whose XDG_RUNTIME_DIR is not the server's still finds it.
+        home = os.path.join(self.tmp.name, "home")
+        os.makedirs(home)
+        env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+        env["HOME"] = home
+        private = ServerProcess(self, [self.root], env=env)    # writes ~/.cache/claude_stream/
+        self.assertTrue(os.path.exists(os.path.join(home, ".cache", "claude_stream", "token-%d" % private.port)))
+        env["XDG_RUNTIME_DIR"] = os.path.join(self.tmp.name, "another-runtime-dir")
+        found = subprocess.Popen([sys.executable, MODULE, "client", private.url], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.addCleanup(found.wait)
+        self.addCleanup(found.kill)
+        Output(found.stderr).wait_line(lambda l: "connected to" in l, what="the client to find the token")
+        for stream in (found.stdout, found.stderr):
+            self.addCleanup(stream.close)
+        env["HOME"] = os.path.join(self.tmp.name, "nobody-home")
+        result = subprocess.run([sys.executable, MODULE, "client", private.url, "--no-reconnect"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
         text = result.stderr.decode()
-        self.assertEqual(len(text.strip().splitlines()), 1, text)
-        self.assertIn("the server wants its token: pass --token or set CLAUDE_STREAM_TOKEN", text)
+        self.assertIn("the server wants its token: pass --token-file FILE or set $CLAUDE_STREAM_TOKEN", text)
+        self.assertIn(os.path.join(env["XDG_RUNTIME_DIR"], "claude_stream", "token-%d" % private.port), text)
+
+    def test_a_fixed_token_from_a_file_and_the_files_we_write_are_safe(self):
+        # Issue 10.16: a fixed token others cannot read in /proc/PID/cmdline.
+        secret = os.path.join(self.tmp.name, "token")
+        append(secret, "file-token-123\nignored second line\n")
+        server = ServerProcess(self, [self.root], "--token-file", secret)
+        raw = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer file-token-123\r\n\r\n"
+        self.assertTrue(http(server.port, raw % server.port, auth=False).startswith(b"HTTP/1.1 200 "))
+        with open("/proc/%d/cmdline" % server.proc.pid, "rb") as fh:
+            self.assertNotIn(b"file-token-123", fh.read())
+        loud = ServerProcess(self, [self.root], "--token", "on-the-command-line")
+        loud.stderr.wait_line(lambda l: "--token is visible to every user" in l, what="the warning")
+        bad = os.path.join(self.tmp.name, "bad-token")
+        append(bad, "two words\n")
+        self.assertEqual(self.run_cli_code("serve", "--root", self.root, "--token-file", bad), 2)
+        self.assertEqual(self.run_cli_code("serve", "--root", self.root, "--token-file", bad + "-missing"), 2)
+        # Issue 10.17: a link planted where the token file goes is replaced, never followed.
+        port = free_port()
+        victim = os.path.join(self.tmp.name, "victim")
+        append(victim, "precious\n")
+        os.makedirs(os.path.dirname(cs.token_path(port)), exist_ok=True)
+        os.symlink(victim, cs.token_path(port))
+        os.symlink(victim, cs.token_path(port) + ".%d" % os.getpid())      # the old temporary name
+        cs.write_token_file(port, "new-token")
+        with open(victim) as fh:
+            self.assertEqual(fh.read(), "precious\n")
+        self.assertFalse(os.path.islink(cs.token_path(port)))
+        self.assertEqual(cs.read_token_file(port), "new-token")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(cs.token_path(port))).st_mode), 0o700)
+        os.remove(cs.token_path(port))
+        os.symlink(victim, cs.token_path(port))       # and a client does not read through one
+        self.assertIsNone(cs.read_token_file(port))
+        os.remove(cs.token_path(port))
+        append(cs.token_path(port), "a\x1bb\n")        # nor send control characters in a header
+        self.assertIsNone(cs.read_token_file(port))
+        os.remove(cs.token_path(port))
 
     def test_token_from_the_environment_and_no_auth(self):
         env = dict(os.environ, CLAUDE_STREAM_TOKEN="from-env-123")
@@ -2367,6 +2427,43 @@ class CommandLineTests(unittest.TestCase):
             server.stderr.wait_line(lambda l: "now watching %s" % root in l)
             server.stderr.pump()
             self.assertEqual(sum("now watching" in l for l in server.stderr.lines), 1)
+
+    def test_a_root_that_is_a_file_is_a_usage_error(self):
+        with tempfile.NamedTemporaryFile(suffix=".jsonl") as fh:
+            result = self.run_cli("serve", "--root", fh.name)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("is not a folder", self.assertOneLine(result.stderr))
+
+    def test_a_root_made_later_is_found_at_once_with_inotify(self):
+        # Issue 10.20: with roots checked every 50 s (--poll-interval 1), only the
+        # watch on the nearest existing parent can find it within the deadline.
+        require(self, "inotify", sys.platform.startswith("linux"), "inotify is Linux only")
+        with tempfile.TemporaryDirectory() as tmp:
+            root = os.path.join(tmp, "home", ".claude", "projects")
+            server = ServerProcess(self, [root], "--poll-interval", "1")
+            raw = RawClient(server.port)
+            raw.message()
+            os.makedirs(os.path.join(tmp, "home"))
+            os.makedirs(os.path.join(tmp, "home", ".claude"))
+            os.makedirs(os.path.join(root, "-p"))
+            append(os.path.join(root, "-p", "s.jsonl"), entry_line(1))
+            self.assertEqual(raw.message()["entry"]["uuid"], "u-1")
+
+    def test_both_loopback_addresses_by_default(self):
+        # Issue 10.21: `localhost` is often ::1 first, and IPv4 alone refused it.
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("no IPv6 loopback here")
+        with tempfile.TemporaryDirectory() as root:
+            server = ServerProcess(self, [root])
+            with socket.create_connection(("::1", server.port), timeout=DEADLINE) as sock:
+                sock.sendall(authorized(server.port, b"GET /status HTTP/1.1\r\nHost: [::1]:%d\r\n\r\n"
+                                        % server.port))
+                self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 "))
+            client = ClientProcess(self, "ws://localhost:%d/" % server.port, "--no-reconnect")
+            client.wait_connected()
 
     def test_default_roots(self):
         env = dict(os.environ)
