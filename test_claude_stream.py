@@ -1644,6 +1644,28 @@ class SlowClientTests(unittest.TestCase):
         del server._may_read
         self.assertEqual([e.data for e in tailer.poll() if isinstance(e, cs.LineEvent)], [entry_line(1)[:-1].encode()])
 
+    def test_a_client_that_has_not_read_its_first_byte_yet_is_not_too_slow(self):
+        # Issue 10.10: a new client's progress clock started at 0, so `since=all` on
+        # a large tree (a subscribe that takes a while) was closed at once with 4000.
+        log = cs.Log(stream=_ListStream([]))
+        loop = cs.EventLoop(log)
+        self.addCleanup(loop.close)
+        tailer = cs.Tailer([self.tmp.name], 0.02, log, wakeups=False)
+        self.addCleanup(tailer.close)
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
+        server.listen()
+        server.start()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        session = cs.ServerSession(server)
+        cs.Stream(loop, ours, session)
+        server.sessions[session] = server.pending[session] = None
+        session.data_received(cs.build_client_request("127.0.0.1", "/?since=all", "dGhlIHNhbXBsZSBub25jZQ=="))
+        self.assertIn(session, server.subscribers)
+        self.assertGreater(session.unsent, 0)           # its 101 and hello are not sent yet ...
+        server._check_slow_clients()                     # ... when the check comes in the same tick
+        self.assertIs(session.ws.state, cs.State.OPEN)
+
     def test_a_client_that_stops_reading_is_closed_with_4000_and_the_server_goes_on(self):
         self.log_lines = []
         log = cs.Log(stream=_ListStream(self.log_lines))
