@@ -22,12 +22,18 @@ Wire format (server to client, one JSON object per text frame, ``kind`` first):
      "entry": {...the transcript line, byte for byte...}}
 
 ``(path, offset)`` names a line for ever: it is the cursor. Other kinds:
-``hello``, ``malformed``, ``reset``, ``error``; README.md documents them all.
+``hello``, ``subscribed``, ``live``, ``malformed``, ``gap``, ``reset``,
+``error``; README.md documents them all.
 
-Security model: the server binds to 127.0.0.1 by default; a random token is
-required (Bearer header or ``?token=``); foreign Origins and, on loopback,
-foreign Hosts get 403; TLS with --certfile/--keyfile. Nothing from a transcript
-and no token is ever written to the server's own log.
+Security model: the server binds to 127.0.0.1 and ::1 by default; a random
+token (or one from --token-file) is required (Bearer header or ``?token=``);
+foreign Origins and, on loopback, foreign Hosts get 403; TLS with
+--certfile/--keyfile. Everything from outside is hostile: control characters
+from transcripts, peers and file names are shown, never sent to a terminal or a
+log; only regular files are read, never through a link, never blocking; what
+any peer can make the server hold is bounded, before and after it
+authenticates. Nothing from a transcript and no token is ever written to the
+server's own log.
 
 Limits: every limit and default is a named constant just below.
 """

@@ -617,6 +617,24 @@ def sent_frames(conn):
         frames.append((frame[1], frame[2]))
 
 
+def events_cut_at(data, cut):
+    """(events, connection) of ``data`` fed to a fresh server side in two pieces, cut at ``cut``."""
+    conn = server_conn()
+    conn.receive_data(data[:cut])
+    got = events_of(conn)
+    conn.receive_data(data[cut:])
+    return got + events_of(conn), conn
+
+
+def events_byte_by_byte(data):
+    conn = server_conn()
+    got = []
+    for i in range(len(data)):
+        conn.receive_data(data[i:i + 1])
+        got += events_of(conn)
+    return got
+
+
 class FrameTests(unittest.TestCase):
     def test_rfc_section_5_7_examples(self):
         self.assertEqual(cs.encode_frame(cs.Opcode.TEXT, b"Hello"), bytes.fromhex("810548656c6c6f"))
@@ -649,18 +667,9 @@ class ConnectionTests(unittest.TestCase):
     def test_masked_hello_at_every_split(self):
         frame = masked(cs.Opcode.TEXT, b"Hello") + masked(cs.Opcode.TEXT, "h\u00e9llo \u2603".encode())
         for cut in range(len(frame) + 1):
-            conn = server_conn()
-            conn.receive_data(frame[:cut])
-            got = events_of(conn)
-            conn.receive_data(frame[cut:])
-            got += events_of(conn)
+            got, _ = events_cut_at(frame, cut)
             self.assertEqual(got, [cs.TextMessage("Hello"), cs.TextMessage("h\u00e9llo \u2603")], cut)
-        conn = server_conn()
-        got = []
-        for i in range(len(frame)):          # and one byte at a time
-            conn.receive_data(frame[i:i + 1])
-            got += events_of(conn)
-        self.assertEqual(len(got), 2)
+        self.assertEqual(len(events_byte_by_byte(frame)), 2)      # and one byte at a time
 
     def test_fragments_with_a_ping_between_are_answered_before_the_end(self):
         conn = server_conn()
@@ -695,36 +704,19 @@ class ConnectionTests(unittest.TestCase):
         stream = b"".join(frame for frame, _ in shapes)
         expected = [event for _, events in shapes for event in events]
         for cut in range(len(stream) + 1):
-            conn = server_conn()
-            conn.receive_data(stream[:cut])
-            got = events_of(conn)
-            conn.receive_data(stream[cut:])
-            got += events_of(conn)
+            got, conn = events_cut_at(stream, cut)
             self.assertEqual(got, expected, "cut at byte %d" % cut)
             self.assertIsNone(conn.failure, cut)
-        conn = server_conn()
-        got = []
-        for i in range(len(stream)):        # and one byte at a time
-            conn.receive_data(stream[i:i + 1])
-            got += events_of(conn)
-        self.assertEqual(got, expected)
+        self.assertEqual(events_byte_by_byte(stream), expected)      # and one byte at a time
         for close in (masked(cs.Opcode.CLOSE, b""), masked(cs.Opcode.CLOSE, b"\x03\xe8bye")):
             for cut in range(len(close) + 1):
-                conn = server_conn()
-                conn.receive_data(close[:cut])
-                got = events_of(conn)
-                conn.receive_data(close[cut:])
-                got += events_of(conn)
+                got, _ = events_cut_at(close, cut)
                 self.assertEqual(len(got), 1, cut)
                 self.assertIsInstance(got[0], cs.CloseReceived)
                 self.assertIn(got[0].code, (cs.CloseCode.NO_STATUS, 1000), cut)
         big = masked(cs.Opcode.BINARY, b"b" * 65536)         # the 64-bit length form
         for cut in list(range(16)) + [len(big) - 1]:
-            conn = server_conn()
-            conn.receive_data(big[:cut])
-            got = events_of(conn)
-            conn.receive_data(big[cut:])
-            self.assertEqual(got + events_of(conn), [cs.BinaryMessage(b"b" * 65536)], cut)
+            self.assertEqual(events_cut_at(big, cut)[0], [cs.BinaryMessage(b"b" * 65536)], cut)
 
     def test_a_message_that_never_ends_is_refused(self):
         # Issue 10.15: FIN=0 then endless empty continuations grew memory for ever.
