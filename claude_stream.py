@@ -2344,6 +2344,10 @@ class Stream:
             self._close_when_flushed = True
             self.loop.mark_dirty(self)
 
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
     def pause_reading(self) -> None:
         if not self._paused:
             self._paused = True
@@ -2693,7 +2697,7 @@ class WebSocketEndpoint(Protocol):
 
     def output_drained(self) -> None:
         stream = self.stream
-        if stream is not None and stream._paused and self.unsent <= self.output_cap // 2:
+        if stream is not None and stream.reading_paused and self.unsent <= self.output_cap // 2:
             stream.resume_reading()
             self._handle_input()            # what was held back in the buffer first
 
