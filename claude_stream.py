@@ -2920,6 +2920,25 @@ def read_token_file(port: int) -> Optional[str]:
     return found[0] if found else None
 
 
+def request_target(target: str) -> Any:
+    """(path, query) of a request target, or 400: origin-form split by hand.
+
+    urlsplit reads "//x" as a host and raises on "//[" (differently on each
+    Python); a request's path is everything up to "?" (RFC 9112 section 3.2.1).
+    Absolute-form (for proxies) is read with urlsplit, its errors a 400.
+    """
+    if target.startswith("/"):
+        path, _, query = target.split("#", 1)[0].partition("?")
+        return urlsplit("")._replace(path=path, query=query)
+    try:
+        url = urlsplit(target)
+    except ValueError:
+        raise HandshakeError(400, "malformed request target") from None
+    if url.scheme not in ("http", "https", "ws", "wss"):
+        raise HandshakeError(400, "malformed request target")
+    return url._replace(path=url.path or "/")
+
+
 def request_token(request: HttpHead, query: str) -> Optional[str]:
     """The token a request carries: ``Authorization: Bearer`` (programs) or ``?token=`` (browsers)."""
     header = request.get("Authorization") or ""
@@ -4162,10 +4181,7 @@ class StreamServer:
 
     def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
         method, target, _ = request.start
-        try:
-            url = urlsplit(target)          # "//[" and the like raise
-        except ValueError:
-            raise HandshakeError(400, "malformed request target") from None
+        url = request_target(target)
         upgrade = is_upgrade_request(request)
         self._check_browser_rules(request, upgrade)
         self._check_token(request, url.query)
