@@ -216,6 +216,22 @@ def visible(text: str) -> str:
     return _CONTROL_RE.sub(_show_control, text)
 
 
+class RateLimit:
+    """A token bucket: ``burst`` at once, then ``rate`` a second."""
+
+    def __init__(self, burst: int, rate: float, now: float):
+        self.burst, self.rate = float(burst), rate
+        self.allowance, self.last = float(burst), now
+
+    def allow(self, now: float) -> bool:
+        self.allowance = min(self.burst, self.allowance + (now - self.last) * self.rate)
+        self.last = now
+        if self.allowance < 1.0:
+            return False
+        self.allowance -= 1.0
+        return True
+
+
 class Log:
     """One-line messages on stderr that can neither block the loop nor flood it.
 
@@ -231,7 +247,7 @@ class Log:
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.dropped = 0
-        self._buckets: Dict[str, List[float]] = {}      # key -> [allowance, last time]
+        self._limits: Dict[str, RateLimit] = {}        # one per kind of warning
         self._fd = self._nonblocking_fd(self.stream)
         self._unwritten = b""           # the rest of a line a full pipe took only part of
 
@@ -259,13 +275,10 @@ class Log:
         if key is None:
             return True
         now = self.clock()
-        allowance, last = self._buckets.get(key, (float(LOG_BURST), now))
-        allowance = min(float(LOG_BURST), allowance + (now - last) * LOG_RATE)
-        if allowance < 1.0:
-            self._buckets[key] = [allowance, now]
-            return False
-        self._buckets[key] = [allowance - 1.0, now]
-        return True
+        limit = self._limits.get(key)
+        if limit is None:
+            limit = self._limits[key] = RateLimit(LOG_BURST, LOG_RATE, now)
+        return limit.allow(now)
 
     def _write(self, text: str, key: Optional[str] = None) -> None:
         if not self._allowed(key):
@@ -304,6 +317,11 @@ class Log:
         if self.debug_enabled:
             for line in text.split("\n"):   # a traceback: one log line per line of it
                 self._write("debug: " + line)
+
+    def internal_error(self, exc: BaseException) -> None:
+        """A bug caught where it must not spread: one rate-limited line, a traceback with --debug."""
+        self.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
+        self.debug(traceback.format_exc().rstrip())
 
 
 # =============================================================================
@@ -948,20 +966,24 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOL
                | getattr(os, "O_CLOEXEC", 0))
 
 
-def open_transcript(path: str, identity: Optional[Tuple[int, int]] = None) -> Any:
-    """Open a transcript to read, without ever blocking or following a link.
+def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
+                    ours: bool = False) -> Any:
+    """Open a file found on disk to read, without ever blocking or following a link.
 
     O_NONBLOCK: a FIFO opens at once instead of waiting for a writer for ever;
-    O_NOFOLLOW: a symbolic link is refused (it could point anywhere, e.g. at a
-    private key). Then the descriptor itself must be a regular file and, when
+    O_NOFOLLOW (unless ``follow``, for a file the user named): a symbolic link
+    is refused (it could point anywhere, e.g. at a private key). Then the
+    descriptor itself must be a regular file, owned by us if ``ours``, and, when
     ``identity`` (device, inode) is given, the very file that was examined: a
     name can be renamed over between a stat() and an open().
     """
-    fd = os.open(path, _OPEN_FLAGS)
+    fd = os.open(path, _OPEN_FLAGS & ~getattr(os, "O_NOFOLLOW", 0) if follow else _OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
+        if ours and hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise OSError(errno.EPERM, "owned by another user")
         if identity is not None and (st.st_dev, st.st_ino) != identity:
             raise FileChanged(errno.ESTALE, "replaced while being opened")
         return os.fdopen(fd, "rb", buffering=0)
@@ -999,9 +1021,14 @@ def split_lines(state: Any, chunk: bytes, limit: Optional[int] = None) -> List[T
             lines[0] = bytes(state.pending)
             state.pending = bytearray()
         offset = state.line_start
-        for line in lines:
-            out.append((offset, line if len(line) <= limit else None))
-            offset += len(line) + 1
+        if len(chunk) + len(lines[0]) <= limit:     # no line here can be too long
+            for line in lines:
+                out.append((offset, line))
+                offset += len(line) + 1
+        else:
+            for line in lines:
+                out.append((offset, line if len(line) <= limit else None))
+                offset += len(line) + 1
         state.line_start = offset
     if tail:
         state.pending += tail
@@ -1010,6 +1037,14 @@ def split_lines(state: Any, chunk: bytes, limit: Optional[int] = None) -> List[T
             state.pending = bytearray()
             state.skipping = True
     return out
+
+
+def nearest_folder(path: str) -> str:
+    """The nearest folder above ``path`` that exists."""
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent) and not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 class Tailer:
@@ -1226,16 +1261,12 @@ class Tailer:
         for root in self.roots:
             if root.present:
                 continue
-            parent = None
-            while True:
-                nearest = os.path.dirname(root.path)
-                while nearest != os.path.dirname(nearest) and not os.path.isdir(nearest):
-                    nearest = os.path.dirname(nearest)
-                if nearest == parent:
-                    break
+            parent, nearest = None, nearest_folder(root.path)
+            while nearest != parent:
                 parent = nearest
                 if parent not in self.notify.watches and self.notify.watch(parent) != 0:
                     break               # cannot watch: the regular checks find the root
+                nearest = nearest_folder(root.path)
             wanted.add(parent)
             if os.path.isdir(root.path):
                 self._next_dir_check = 0.0
@@ -1397,7 +1428,7 @@ class Tailer:
               budget: int) -> Tuple[int, bool]:
         fh = rec.fh
         if fh is None:
-            fh = open_transcript(rec.abspath, (rec.dev, rec.ino))
+            fh = open_regular(rec.abspath, (rec.dev, rec.ino))
             if self._open_files < MAX_OPEN_FILES:
                 rec.fh = fh
                 self._open_files += 1
@@ -1459,8 +1490,8 @@ class Tailer:
 
     @staticmethod
     def _split(rec: FileRecord, chunk: bytes, events: List[TailEvent]) -> None:
-        for offset, line in split_lines(rec, chunk):
-            events.append(LineEvent(rec, offset, line) if line is not None else OversizeEvent(rec, offset))
+        events.extend([LineEvent(rec, offset, line) if line is not None else OversizeEvent(rec, offset)
+                       for offset, line in split_lines(rec, chunk)])
 
 
 class LineReader:
@@ -1491,7 +1522,7 @@ class LineReader:
         if self.read_pos >= limit:
             return 0
         try:
-            with open_transcript(self.abspath, self.identity) as fh:
+            with open_regular(self.abspath, self.identity) as fh:
                 fh.seek(self.read_pos)
                 chunk = fh.read(min(block, limit - self.read_pos))
         except (FileChanged, FileNotFoundError):
@@ -1502,8 +1533,11 @@ class LineReader:
         self.lines.extend(split_lines(self, chunk))
         return len(chunk)
 
-    def take(self) -> Tuple[int, Optional[bytes]]:
-        return self.lines.popleft()
+    def give_up(self, limit: int) -> None:
+        """Read nothing more below ``limit`` (the file cannot be read)."""
+        self.read_pos = limit
+        self.pending = bytearray()
+        self.lines.clear()
 
 
 # =============================================================================
@@ -1687,12 +1721,11 @@ class Connection:
     """
 
     def __init__(self, side: Side, max_message_size: int,
-                 mask_source: Callable[[int], bytes] = os.urandom,
-                 max_fragments: Optional[int] = None):
+                 mask_source: Callable[[int], bytes] = os.urandom):
         self.side = side
         self.max_message_size = max_message_size
         # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
-        self.max_fragments = max_fragments or max(MIN_FRAGMENTS, max_message_size // 64)
+        self.max_fragments = max(MIN_FRAGMENTS, max_message_size // 64)
         self.mask_source = mask_source
         self.state = State.OPEN
         self.close_code: Optional[int] = None       # as received, or 1006
@@ -2250,8 +2283,7 @@ class EventLoop:
         try:
             callback(*args)
         except Exception as exc:                 # noqa: BLE001 - isolation is the point
-            self.log.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
-            self.log.debug(traceback.format_exc().rstrip())
+            self.log.internal_error(exc)
             owner = getattr(callback, "__self__", None)
             if isinstance(owner, Stream):
                 owner.abort(exc)
@@ -2371,8 +2403,13 @@ class Stream:
         finally:
             self.protocol.connection_lost(exc)
 
+    @property
+    def _wants_input(self) -> bool:
+        """Until the peer's EOF, unless paused; while lingering, always (to see its FIN)."""
+        return self._reading and (not self._paused or self._lingering is not None)
+
     def _on_ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_READ and self._reading and (not self._paused or self._lingering):
+        if mask & selectors.EVENT_READ and self._wants_input:
             self._read()
         if mask & selectors.EVENT_WRITE and not self.closed:
             self.flush()
@@ -2456,8 +2493,7 @@ class Stream:
         self._set_interest()
 
     def _set_interest(self) -> None:
-        reading = self._reading and (not self._paused or self._lingering is not None)
-        interest = (selectors.EVENT_READ if reading else 0) | \
+        interest = (selectors.EVENT_READ if self._wants_input else 0) | \
                    (selectors.EVENT_WRITE if self._out else 0)
         if interest != self._interest and not self.closed:
             if not self._interest:
@@ -2882,19 +2918,8 @@ def read_secret_line(path: str, follow: bool = True) -> str:
     With ``follow`` False (files found, not named by the user) a link is
     refused, and so is a file another user owns.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    if not follow:
-        flags |= getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if not follow and hasattr(os, "getuid") and st.st_uid != os.getuid():
-            raise OSError(errno.EPERM, "owned by another user")
-        data = os.read(fd, MAX_TOKEN_FILE_BYTES)
-    finally:
-        os.close(fd)
+    with open_regular(path, follow=follow, ours=not follow) as fh:
+        data = fh.read(MAX_TOKEN_FILE_BYTES)
     line = data.decode("utf-8", "replace").split("\n", 1)[0].strip()
     return check_token(line, path)
 
@@ -2920,7 +2945,7 @@ def read_token_file(port: int) -> Optional[str]:
     return found[0] if found else None
 
 
-def request_target(target: str) -> Any:
+def request_target(target: str) -> Tuple[str, str]:
     """(path, query) of a request target, or 400: origin-form split by hand.
 
     urlsplit reads "//x" as a host and raises on "//[" (differently on each
@@ -2929,14 +2954,14 @@ def request_target(target: str) -> Any:
     """
     if target.startswith("/"):
         path, _, query = target.split("#", 1)[0].partition("?")
-        return urlsplit("")._replace(path=path, query=query)
+        return path, query
     try:
         url = urlsplit(target)
     except ValueError:
         raise HandshakeError(400, "malformed request target") from None
     if url.scheme not in ("http", "https", "ws", "wss"):
         raise HandshakeError(400, "malformed request target")
-    return url._replace(path=url.path or "/")
+    return url.path or "/", url.query
 
 
 def request_token(request: HttpHead, query: str) -> Optional[str]:
@@ -3899,20 +3924,13 @@ class ServerSession(WebSocketEndpoint):
         # (bytes sent, when) for the slow-client deadline: its clock starts now,
         # so a client that has not yet read its first byte is not "too slow".
         self.progress = (0, server.loop.time())
-        self.subscribe_allowance = (float(SUBSCRIBE_BURST), server.loop.time())
+        # each subscribe goes over the cursors of every file: a client gets a few a second
+        self.subscribes = RateLimit(SUBSCRIBE_BURST, SUBSCRIBE_RATE, server.loop.time())
         self._handshake_timer: Optional[Timer] = None
 
     def connection_made(self, stream: Stream) -> None:
         super().connection_made(stream)
         self._handshake_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._handshake_expired)
-
-    def may_subscribe(self) -> bool:
-        """A token bucket: each subscribe re-reads the cursors of every file."""
-        allowance, last = self.subscribe_allowance
-        now = self.loop.time()
-        allowance = min(float(SUBSCRIBE_BURST), allowance + (now - last) * SUBSCRIBE_RATE)
-        self.subscribe_allowance = (max(0.0, allowance - 1.0), now)
-        return allowance >= 1.0
 
     def _handshake_expired(self) -> None:
         if self.ws is None and self.stream is not None:
@@ -3993,8 +4011,7 @@ class ServerSession(WebSocketEndpoint):
         try:
             self.server.client_message(self, message)
         except Exception as exc:        # noqa: BLE001 - a bug costs this client, with a Close
-            self.server.log.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
-            self.server.log.debug(traceback.format_exc().rstrip())
+            self.server.log.internal_error(exc)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_closed(self, code: int, reason: str) -> None:
@@ -4043,41 +4060,43 @@ class StreamServer:
             if not self.also_ipv6_loopback:
                 break
             try:
-                self.listeners.append(self._bind("::1", self.port))
+                self.listeners.append(self._bind("::1", self.port, fatal=False))
                 break
-            except OperationalError as exc:
-                if "in use" in str(exc) and self.requested_port == 0 and attempt + 1 < LISTEN_ATTEMPTS:
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    self.log.debug("IPv4 only: %s" % (exc.strerror or exc))
+                    break
+                if self.requested_port == 0 and attempt + 1 < LISTEN_ATTEMPTS:
                     self.listeners[0].close()
                     self.port = 0
                     continue
-                if "in use" in str(exc):
-                    self.log.warn("port %d on ::1 is taken by another program: 'localhost' may "
-                                  "reach it instead of this server; use 127.0.0.1" % self.port)
-                else:
-                    self.log.debug("IPv4 only: %s" % exc)
+                self.log.warn("port %d on ::1 is taken by another program: 'localhost' may "
+                              "reach it instead of this server; use 127.0.0.1" % self.port)
                 break
         for listener in self.listeners:
             self._listen_again(listener)
 
-    def _bind(self, host: str, port: int) -> socket.socket:
+    def _bind(self, host: str, port: int, fatal: bool = True) -> socket.socket:
+        """A listening socket; OperationalError saying what to do (or the OSError, if not ``fatal``)."""
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                         flags=socket.AI_PASSIVE)[0][0]
-        except socket.gaierror as exc:
-            raise OperationalError("cannot use --host %s: %s" % (host, exc.strerror)) from None
-        try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            raise OperationalError("cannot listen on %s: %s" % (host, exc.strerror or exc)) from None
-        if os.name == "posix":      # rebind at once after a restart; never share a live port
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if not fatal:
+                raise
+            raise OperationalError("cannot use --host %s: %s" % (host, exc.strerror or exc)) from None
         try:
+            if os.name == "posix":      # rebind at once after a restart; never share a live port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
+            if not fatal:
+                raise
             if exc.errno == errno.EADDRINUSE:
                 raise OperationalError(
                     "port %d on %s is already in use (another claude_stream serve?); "
@@ -4181,20 +4200,20 @@ class StreamServer:
 
     def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
         method, target, _ = request.start
-        url = request_target(target)
+        path, query = request_target(target)
         upgrade = is_upgrade_request(request)
         self._check_browser_rules(request, upgrade)
-        self._check_token(request, url.query)
+        self._check_token(request, query)
         self.pending.pop(session, None)     # authenticated: no longer among those pushed out
         if upgrade:
             key = check_upgrade_request(request)
-            if url.path != "/":
+            if path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
             if len(self.subscribers) >= MAX_CONNECTIONS:
                 raise HandshakeError(503, "too many clients (%d)" % MAX_CONNECTIONS,
                                      [("Retry-After", "5")])
             try:
-                subscription = Subscription.from_query(url.query, time.time())
+                subscription = Subscription.from_query(query, time.time())
             except ValueError as exc:
                 raise HandshakeError(400, str(exc)) from None
             session.accept(key, leftover)
@@ -4206,10 +4225,10 @@ class StreamServer:
         if method not in ("GET", "HEAD"):
             raise HandshakeError(405, "only GET is served here", [("Allow", "GET, HEAD")])
         headers: List[Tuple[str, str]] = []
-        if url.path == "/":
+        if path == "/":
             body, ctype = PAGE_HTML, "text/html; charset=utf-8"
             headers = page_headers(request.get("Host"), self.tls is not None)
-        elif url.path == "/status":
+        elif path == "/status":
             body, ctype = _json(self._status()) + b"\n", "application/json"
         else:
             raise HandshakeError(404, "nothing here; the page and the WebSocket endpoint are at /")
@@ -4244,7 +4263,7 @@ class StreamServer:
             kind = obj.get("kind")
             if kind != "subscribe":
                 raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
-            if not session.may_subscribe():
+            if not session.subscribes.allow(self.loop.time()):
                 raise ValueError("too many subscribe messages: at most %d at once, then %g a second"
                                  % (SUBSCRIBE_BURST, SUBSCRIBE_RATE))
             subscription = Subscription.from_message(obj, time.time())
@@ -4299,7 +4318,7 @@ class StreamServer:
         if offset > rec.line_start:
             return False
         try:
-            with open_transcript(rec.abspath, (rec.dev, rec.ino)) as fh:
+            with open_regular(rec.abspath, (rec.dev, rec.ino)) as fh:
                 fh.seek(offset - 1)
                 return fh.read(1) == b"\n"
         except OSError:
@@ -4498,22 +4517,9 @@ class StreamServer:
                 heads: List[Tuple[str, int, str]]) -> Tuple[int, str]:
         """Ready the backlog's next line and push it on the merge heap; drop it when done.
 
-        Returns the bytes read and "ready", "done" or "scanning". A file that
-        cannot be read is skipped with a ``gap`` notice; the rest of the history
-        goes on.
+        Returns the bytes read and "ready", "done" or "scanning".
         """
-        try:
-            read, exhausted = self._prepare(backlog)
-        except OSError as exc:
-            reason = "cannot read: %s" % (exc.strerror or exc)
-            self.log.warn("cannot read %s for a client's history: %s" % (rel, exc.strerror or exc),
-                          key="files")
-            gap = gap_message(backlog.rec, backlog.reader.line_start, reason)
-            session.position[rel] = max(session.position.get(rel, 0), backlog.rec.delivered_end)
-            if session.filters.match(gap.meta):
-                session.queue_frames([gap.frame])
-            del session.backlog[rel]
-            return 0, "done"
+        read, exhausted = self._prepare(backlog)
         if backlog.ready:
             # An untimed line (a mode, a title, a snapshot) sorts with its predecessor,
             # or, first in its file, with the next line that has a time.
@@ -4538,11 +4544,12 @@ class StreamServer:
                 return match.group(1).decode("ascii", "replace")
         return ""
 
-    @staticmethod
-    def _prepare(backlog: Backlog) -> Tuple[int, bool]:
+    def _prepare(self, backlog: Backlog) -> Tuple[int, bool]:
         """Ready the next line(s) to send, applying ``since``, reading at most one block.
 
         Returns the bytes read and whether the file is read up to the live edge.
+        A file that cannot be read becomes one ``gap`` in its place in the
+        history, and the rest of the history goes on.
         """
         reader = backlog.reader
         read = 0
@@ -4550,15 +4557,23 @@ class StreamServer:
             if not reader.lines:
                 if read:
                     return read, False      # one block per call: the tick stays short
-                read = reader.fill(backlog.rec.delivered_end,
-                                   CATCHUP_BLOCK if reader.blocks else CATCHUP_FIRST_BLOCK)
+                limit = backlog.rec.delivered_end
+                try:
+                    read = reader.fill(limit, CATCHUP_BLOCK if reader.blocks else CATCHUP_FIRST_BLOCK)
+                except OSError as exc:
+                    self.log.warn("cannot read %s for a client's history: %s"
+                                  % (backlog.rec.rel, exc.strerror or exc), key="files")
+                    backlog.ready.append(gap_message(backlog.rec, reader.line_start,
+                                                     "cannot read: %s" % (exc.strerror or exc)))
+                    reader.give_up(limit)
+                    return 0, False
                 if not read:
                     if backlog.held and backlog.rec.mtime >= (backlog.since or 0):
                         backlog.ready.extend(backlog.held)   # recent untimed lines at the end
                     backlog.held = []
                     return 0, not backlog.ready
                 continue
-            offset, line = reader.take()
+            offset, line = reader.lines.popleft()
             message = line_message(backlog.rec, offset, line) if line is not None \
                 else gap_message(backlog.rec, offset)
             if message is None:
@@ -5306,8 +5321,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         try:
             token_file = write_token_file(server.port, token)
         except OSError as exc:
-            log.warn("cannot store the token for local clients (%s); give it to them with --token"
-                     % (exc.strerror or exc))
+            log.warn("cannot store the token for local clients (%s); give it to them with "
+                     "--token-file" % (exc.strerror or exc))
     if server.host not in LOOPBACK_HOSTS and (token is None or tls is None):
         log.warn("listening on %s: %s" % (server.host, "anyone who can reach this port reads every "
                  "transcript (--no-auth)" if token is None else "the token and every transcript "
