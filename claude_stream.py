@@ -2670,7 +2670,7 @@ class WebSocketEndpoint(Protocol):
         self.ws: Optional[Connection] = None
         self._last_heard = 0.0
         self._ping_sent_at: Optional[float] = None
-        self._ping_progress = (0, 0)        # (bytes delivered, end of the ping) when it was queued
+        self._delivered_at_ping = 0         # stream.bytes_delivered when the ping went out
         self._keepalive: Optional[Timer] = None
         self._close_deadline: Optional[Timer] = None
         self.lost_reason: Optional[str] = None
@@ -2778,20 +2778,20 @@ class WebSocketEndpoint(Protocol):
         now = self.loop.time()
         if self._ping_sent_at is not None and now - self._ping_sent_at >= PING_TIMEOUT:
             delivered = self.stream.bytes_delivered
-            then, ping_end = self._ping_progress
-            if not then < delivered < ping_end:
+            if delivered <= self._delivered_at_ping:
                 self.lost_reason = "no answer to a ping within %gs" % PING_TIMEOUT
                 self.stream.abort()
                 return
-            # The ping still waits behind frames the peer is reading (a page taking
-            # in megabytes of history): the peer is alive, only busy. Wait on.
-            self._ping_sent_at, self._ping_progress = now, (delivered, ping_end)
+            # No pong, but the peer takes what we send: alive, only busy. A page
+            # taking in megabytes of history answers the ping only once it has
+            # read the frames queued before it (browsers read at the pace of the
+            # page's script). Wait on, and ask again.
+            self._ping_sent_at, self._delivered_at_ping = now, delivered
         if self._ping_sent_at is None and now - self._last_heard >= PING_INTERVAL:
             ws.ping(os.urandom(4))
             self._ping_sent_at = now
             self.sync()
-            self._ping_progress = (self.stream.bytes_delivered,
-                                   self.stream.bytes_sent + self.stream.pending_output)
+            self._delivered_at_ping = self.stream.bytes_delivered
         wake = (self._ping_sent_at + PING_TIMEOUT) if self._ping_sent_at is not None \
             else self._last_heard + PING_INTERVAL
         self._keepalive = self.loop.call_at(max(wake, now + 0.01), self._check_alive)
