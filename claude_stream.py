@@ -121,7 +121,9 @@ TRANSCRIPT_SUFFIX = ".jsonl"
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"   # RFC 6455 section 1.3
 MAX_HEAD_BYTES = 16 << 10           # request or response head, all headers
 MAX_HEADERS = 100
-MAX_CLIENT_MESSAGE = 64 << 10       # messages a client may send to the server
+MAX_CLIENT_MESSAGE = 4 << 20        # messages a client may send to the server: a resume
+                                    # carries a cursor (~70 bytes) per file it has seen, so this
+                                    # holds about 60,000 files (64 KiB held 900: no resume past)
 MIN_FRAGMENTS = 1024                # a message may come in max(this, its size limit / 64) frames
 MAX_SERVER_MESSAGE = MAX_LINE_BYTES + (1 << 20)    # what our client accepts
 HANDSHAKE_TIMEOUT = 10.0            # seconds for a server to answer our opening handshake

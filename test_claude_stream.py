@@ -1599,6 +1599,29 @@ class NoLossTests(unittest.TestCase):
         peak_rss.append(vm_hwm_mb(servers[-1].proc.pid))
         self.assertLess(max(peak_rss), PEAK_RSS_BOUND_MB)
 
+    def test_a_client_that_holds_cursors_for_thousands_of_files_resumes(self):
+        # Found in review: 64 KiB of client message held the cursors of about 900
+        # files; past that, every resume was refused with 1009, for ever.
+        files = 2000
+        folder = os.path.join(self.root, "-a-rather-long-project-folder-name-like-claude-code-writes")
+        os.makedirs(folder)
+        for n in range(files):
+            append(os.path.join(folder, "%08d-1111-2222-3333-444455556666.jsonl" % n), entry_line(n, uuid="f-%d" % n))
+        port = free_port()
+        server = ServerProcess(self, [self.root], port=port)
+        client = ClientProcess(self, server.url, "--json", "--since", "all")
+        client.stdout.wait_line(lambda l: l.startswith('{"kind":"live"'), timeout=60, what="the replay")
+        server.proc.kill()
+        server.proc.wait()
+        server = ServerProcess(self, [self.root], port=port)
+        client.stderr.wait_line(lambda l: "reconnected to" in l, timeout=30, what="the reconnection")
+        append(os.path.join(folder, "%08d-1111-2222-3333-444455556666.jsonl" % 7), entry_line(0, uuid="after"))
+        client.stdout.wait_line(lambda l: '"uuid": "after"' in l, timeout=30, what="the entry after the restart")
+        client.stderr.pump()
+        self.assertFalse(any("1009" in l for l in client.stderr.lines), client.stderr.lines[-3:])
+        self.assertExactlyOnceInFileOrder(entries_of(client.stdout.lines),
+                                          ["f-%d" % n for n in range(files)] + ["after"])
+
 
 class SlowClientTests(unittest.TestCase):
     """In process, with shortened limits: a client that stops reading."""
