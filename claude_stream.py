@@ -182,11 +182,93 @@ LOG_BURST = 20                      # warnings of one kind written at once ...
 LOG_RATE = 1.0                      # ... then at most this many a second; the rest are counted
 LOG_UNWRITTEN_MAX = 4096            # bytes of a half-written line kept for a full stderr
 
+# --- Small numbers that were inline ------------------------------------------
+BOUNDARY_FIRST_BLOCK = 4096         # first step of that scan: most lines are short
+FRAME_COPY_MAX = 4096               # payloads up to this are joined to their header, larger sent apart
+WAKE_DRAIN_BYTES = 4096             # signal wake-up bytes read per recv
+TIMESTAMP_LOOKAHEAD = 50            # read-ahead lines searched for a time to sort an untimed line
+HOUSEKEEPING_INTERVAL = 1.0         # seconds between checks for clients that read nothing
+SHUTDOWN_GRACE = 1.0                # seconds clients get to answer our close before we stop
+RETRY_AFTER = 5                     # seconds a refused client is told to wait (503)
+TIMER_SLACK = 0.01                  # a keepalive check is never scheduled closer than this
+PING_PAYLOAD_BYTES = 4              # random bytes in our pings
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 # Ctrl-C, kill, and closing the terminal all stop cleanly (clients get close 1001).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                      if hasattr(signal, name))
 PROG = "claude_stream"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit and timer as one value, handed to the tailer, the server and each
+    endpoint: tests and embedders shorten one without touching the module. The
+    defaults are the constants above, where each one's reason is written."""
+    hot_age: float = HOT_AGE
+    warm_age: float = WARM_AGE
+    warm_factor: int = WARM_FACTOR
+    cold_factor: int = COLD_FACTOR
+    dir_check_factor: int = DIR_CHECK_FACTOR
+    wakeup_factor: int = WAKEUP_FACTOR
+    full_rescan_interval: float = FULL_RESCAN_INTERVAL
+    wakeup_rescan_interval: float = WAKEUP_RESCAN_INTERVAL
+    racy_dir_seconds: float = RACY_DIR_SECONDS
+    wakeup_read_bytes: int = WAKEUP_READ_BYTES
+    schedule_slots: int = SCHEDULE_SLOTS
+    max_slot_seconds: float = MAX_SLOT_SECONDS
+    read_block: int = READ_BLOCK
+    tick_read_budget: int = TICK_READ_BUDGET
+    max_line_bytes: int = MAX_LINE_BYTES
+    max_open_files: int = MAX_OPEN_FILES
+    boundary_first_block: int = BOUNDARY_FIRST_BLOCK
+    boundary_scan_block: int = BOUNDARY_SCAN_BLOCK
+    max_head_bytes: int = MAX_HEAD_BYTES
+    max_headers: int = MAX_HEADERS
+    max_client_message: int = MAX_CLIENT_MESSAGE
+    max_server_message: int = MAX_SERVER_MESSAGE
+    min_fragments: int = MIN_FRAGMENTS
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    request_head_timeout: float = REQUEST_HEAD_TIMEOUT
+    ping_interval: float = PING_INTERVAL
+    ping_timeout: float = PING_TIMEOUT
+    ping_payload_bytes: int = PING_PAYLOAD_BYTES
+    timer_slack: float = TIMER_SLACK
+    close_timeout: float = CLOSE_TIMEOUT
+    linger_timeout: float = LINGER_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+    live_output_cap: int = LIVE_OUTPUT_CAP
+    output_high_water: int = OUTPUT_HIGH_WATER
+    recv_size: int = RECV_SIZE
+    send_gather_max: int = SEND_GATHER_MAX
+    frame_copy_max: int = FRAME_COPY_MAX
+    catchup_low_water: int = CATCHUP_LOW_WATER
+    catchup_first_block: int = CATCHUP_FIRST_BLOCK
+    catchup_block: int = CATCHUP_BLOCK
+    catchup_tick_budget: int = CATCHUP_TICK_BUDGET
+    catchup_interval: float = CATCHUP_INTERVAL
+    congestion_grace: float = CONGESTION_GRACE
+    max_held_lines: int = MAX_HELD_LINES
+    timestamp_lookahead: int = TIMESTAMP_LOOKAHEAD
+    slow_client_timeout: float = SLOW_CLIENT_TIMEOUT
+    housekeeping_interval: float = HOUSEKEEPING_INTERVAL
+    shutdown_grace: float = SHUTDOWN_GRACE
+    retry_after: int = RETRY_AFTER
+    max_connections: int = MAX_CONNECTIONS
+    max_pending_connections: int = MAX_PENDING_CONNECTIONS
+    accepts_per_tick: int = ACCEPTS_PER_TICK
+    accept_pause: float = ACCEPT_PAUSE
+    max_filter_values: int = MAX_FILTER_VALUES
+    max_filter_chars: int = MAX_FILTER_CHARS
+    subscribe_burst: int = SUBSCRIBE_BURST
+    subscribe_rate: float = SUBSCRIBE_RATE
+    listen_backlog: int = LISTEN_BACKLOG
+    listen_attempts: int = LISTEN_ATTEMPTS
+    reconnect_min: float = RECONNECT_MIN
+    reconnect_max: float = RECONNECT_MAX
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class UsageError(Exception):
@@ -232,6 +314,46 @@ class RateLimit:
             return False
         self.allowance -= 1.0
         return True
+
+
+class Timer:
+    """Something due at ``when``: a loop callback, or a file's next stat."""
+    __slots__ = ("when", "payload", "cancelled")
+
+    def __init__(self, when: float, payload: Any):
+        self.when, self.payload, self.cancelled = when, payload, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class TimerHeap:
+    """Timers, earliest first: the one schedule mechanism, for the event loop's
+    callbacks and for the tailer's stats. A cancelled (or rescheduled) timer
+    stays in the heap until it reaches the top, where it is dropped: O(log n)
+    to add, nothing to cancel. Clock-free: the caller says what time it is."""
+
+    def __init__(self) -> None:
+        self._heap: List[Tuple[float, int, Timer]] = []
+        self._seq = itertools.count()       # ties keep their order
+
+    def add(self, when: float, payload: Any) -> Timer:
+        timer = Timer(when, payload)
+        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        return timer
+
+    def next_when(self) -> Optional[float]:
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def pop_due(self, now: float) -> Optional[Timer]:
+        """The earliest timer due at ``now`` (taken out), or None."""
+        when = self.next_when()
+        if when is None or when > now:
+            return None
+        return heapq.heappop(self._heap)[2]
 
 
 class Log:
@@ -801,8 +923,12 @@ class FileRecord:
     pending: bytearray = field(default_factory=bytearray, repr=False)
     skipping: bool = False          # inside an oversize line, dropping to its newline
     fh: Any = field(default=None, repr=False)
-    due: float = 0.0                # when the next stat is scheduled
+    timer: Optional[Timer] = field(default=None, repr=False)    # the next stat
     gone: bool = False
+
+    @property
+    def due(self) -> float:
+        return self.timer.when if self.timer is not None else math.inf
 
     @property
     def delivered_end(self) -> int:
@@ -876,7 +1002,7 @@ class Inotify:
                   | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
     _HEADER = struct.Struct("iIII")     # wd, mask, cookie, name length
 
-    def __init__(self) -> None:
+    def __init__(self, read_bytes: int = WAKEUP_READ_BYTES) -> None:
         import ctypes                   # only here: no cost where inotify is not used
         import ctypes.util
         self._ctypes = ctypes
@@ -891,15 +1017,16 @@ class Inotify:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
         self.fd = fd
+        self.read_bytes = read_bytes        # of events per read() call
         self.paths: Dict[int, str] = {}     # watch descriptor -> folder
         self.watches: Dict[str, int] = {}   # folder -> watch descriptor
 
     @classmethod
-    def create(cls, log: "Log") -> Optional["Inotify"]:
+    def create(cls, log: "Log", read_bytes: int = WAKEUP_READ_BYTES) -> Optional["Inotify"]:
         if not sys.platform.startswith("linux"):
             return None
         try:
-            return cls()
+            return cls(read_bytes)
         except (OSError, AttributeError, ImportError) as exc:
             log.info("no inotify (%s); polling at full rate" % exc)
             return None
@@ -933,7 +1060,7 @@ class Inotify:
         overflow = False
         while True:
             try:
-                data = os.read(self.fd, WAKEUP_READ_BYTES)
+                data = os.read(self.fd, self.read_bytes)
             except (BlockingIOError, InterruptedError):
                 break
             pos, size = 0, self._HEADER.size
@@ -994,7 +1121,7 @@ def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: 
         raise
 
 
-def split_lines(state: Any, chunk: bytes, limit: Optional[int] = None) -> List[Tuple[int, Optional[bytes]]]:
+def split_lines(state: Any, chunk: bytes, limit: int) -> List[Tuple[int, Optional[bytes]]]:
     """Cut newly read bytes into complete lines: the one splitter, live and history alike.
 
     ``state`` (a FileRecord or a LineReader) holds ``read_pos`` (the offset
@@ -1005,7 +1132,6 @@ def split_lines(state: Any, chunk: bytes, limit: Optional[int] = None) -> List[T
     long; its bytes up to its newline are dropped. One rule, whatever the
     chunking: both paths report the same thing at the same offset.
     """
-    limit = MAX_LINE_BYTES if limit is None else limit
     out: List[Tuple[int, Optional[bytes]]] = []
     state.read_pos += len(chunk)
     if state.skipping:
@@ -1049,205 +1175,98 @@ def nearest_folder(path: str) -> str:
     return parent
 
 
-class Tailer:
-    """Polls transcript roots and turns appended bytes into LineEvents.
+def default_roots() -> List[str]:
+    """``$CLAUDE_CONFIG_DIR/projects``, else ``~/.claude/projects`` and the XDG one."""
+    config_dir = os.environ.get("CLAUDE_CONFIG_DIR")
+    if config_dir:
+        return [os.path.join(os.path.expanduser(config_dir), "projects")]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join("~", ".config")
+    return [os.path.expanduser(os.path.join("~", ".claude", "projects")),
+            os.path.expanduser(os.path.join(xdg, "claude", "projects"))]
 
-    Sans-I/O towards the network: ``poll(now)`` does the due stats and reads,
-    bounded by TICK_READ_BUDGET, and returns events; ``next_due()`` tells the
-    event loop when to call again.
+
+class Discovery:
+    """Finds transcript files: roots that appear and vanish, folders listed on change.
+
+    Owns the roots, the listed folders and the inotify watches on them; says
+    which files appeared (``Found``) and which are gone (paths). Reads no file.
+    Folder mtimes are compared every ``dir_check`` interval; with wake-ups the
+    folders report their own changes and are listed at a slowed-down rate.
     """
 
-    def __init__(self, roots: Iterable[str], poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 log: Optional[Log] = None, clock: Callable[[], float] = time.monotonic,
-                 wakeups: bool = True):
+    def __init__(self, roots: Iterable[str], poll_interval: float, log: Log, limits: Limits,
+                 wakeups: bool, wall: Callable[[], float]):
         self.roots = [RootState(os.path.abspath(os.path.expanduser(r))) for r in roots]
-        self.poll_interval = poll_interval
-        self.log = log or Log()
-        self.clock = clock
-        self.files: Dict[str, FileRecord] = {}
+        self.poll_interval, self.log, self.limits, self.wall = poll_interval, log, limits, wall
         self.dirs: Dict[str, DirState] = {}
-        self._heap: List[Tuple[float, int, FileRecord]] = []
-        self._seq = 0
-        self._open_files = 0
-        self._started = False
-        self._next_dir_check = 0.0
-        self._next_listing = 0.0
-        self._next_full_scan = 0.0
+        self.notify = Inotify.create(log, limits.wakeup_read_bytes) if wakeups else None
+        self.slowdown = limits.wakeup_factor if self.notify is not None else 1
+        self.started = False
+        self.next_dir_check = 0.0
+        self.next_listing = 0.0
+        self.next_full_scan = 0.0
         self._warned: set = set()
         self._ancestors: set = set()        # watched parents of roots that do not exist yet
-        self.notify = Inotify.create(self.log) if wakeups else None
-        self.slowdown = WAKEUP_FACTOR if self.notify is not None else 1
 
-    # --- scheduling ---------------------------------------------------------
+    def warn_once(self, key: str, text: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warn(text, key="files")
 
-    def _schedule(self, rec: FileRecord, due: float) -> None:
-        rec.due = due
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, rec))
+    def file_gone(self, path: str) -> None:
+        parent = self.dirs.get(os.path.dirname(path))
+        if parent is not None:
+            parent.files.discard(path)
 
-    def _interval(self, rec: FileRecord, now: float) -> float:
-        age = now - rec.last_growth
-        if age < HOT_AGE:
-            return self.poll_interval * self.slowdown
-        if age < WARM_AGE:
-            return self.poll_interval * WARM_FACTOR * self.slowdown
-        return self.poll_interval * COLD_FACTOR * self.slowdown
-
-    def _next_check(self, rec: FileRecord, now: float, fraction: float = 1.0) -> float:
-        """When ``rec`` is due: ``fraction`` of its tier's interval from now, rounded up
-        to a shared slot, so idle files are stat()ed in batches.
-
-        10,000 cold files each due at its own instant would wake the loop a
-        hundred times a second for one stat each; slots of a tenth of the
-        interval (at most a second) make that one wake-up per slot.
-        """
-        interval = self._interval(rec, now)
-        slot = min(interval / SCHEDULE_SLOTS, MAX_SLOT_SECONDS)
-        return math.ceil((now + fraction * interval) / slot) * slot
-
-    def next_due(self) -> float:
-        due = self._next_dir_check
-        while self._heap and (self._heap[0][2].gone or self._heap[0][2].due != self._heap[0][0]):
-            heapq.heappop(self._heap)          # stale entries of rescheduled or gone files
-        if self._heap:
-            due = min(due, self._heap[0][0])
-        return due
-
-    # --- the tick -------------------------------------------------------------
-
-    def start(self) -> List[TailEvent]:
-        """Find every transcript; existing files are followed from their end."""
-        events: List[TailEvent] = []
-        now = self.clock()
-        self._check_dirs(now, events, full=True)
-        self._started = True
-        return events
-
-    def poll(self, now: Optional[float] = None) -> List[TailEvent]:
-        now = self.clock() if now is None else now
-        events: List[TailEvent] = []
-        self.take_wakeups(now, events)     # before the stats: what changed is due now
-        if now >= self._next_dir_check:
-            self._check_dirs(now, events, full=now >= self._next_full_scan)
-        budget = TICK_READ_BUDGET
-        while self._heap and self._heap[0][0] <= now and budget > 0:
-            due, _, rec = heapq.heappop(self._heap)
-            if rec.gone or rec.due != due:
-                continue
-            used, more = self._check_file(rec, now, events, budget)
-            budget -= used
-            if rec.gone:
-                continue
-            if more:
-                self._schedule(rec, now)       # budget spent mid-file: next tick
-            else:
-                self._schedule(rec, self._next_check(rec, now))
-                if rec.fh is not None and now - rec.last_growth >= HOT_AGE:
-                    self._close(rec)
-        return events
-
-    def close(self) -> None:
-        if self.notify is not None:
-            self.notify.close()
-        for rec in self.files.values():
-            self._close(rec)
-
-    # --- wake-ups -------------------------------------------------------------
-
-    def take_wakeups(self, now: float, events: List[TailEvent]) -> None:
-        """Make the files inotify named due now; re-list folders whose entries changed.
-
-        Reads no file: the server calls this on every wake-up, even while it
-        holds reads back for slow clients, so the descriptor never stays readable.
-        """
-        if self.notify is None:
-            return
-        changes, overflow = self.notify.read()
-        if overflow:                    # events were lost: look at everything now
-            self.log.debug("inotify queue overflowed; checking every file")
-            for rec in self.files.values():
-                self._schedule(rec, now)
-            self._next_dir_check = self._next_listing = self._next_full_scan = now
-            return
-        relist: Dict[str, None] = {}
-        for folder, name, mask in changes:
-            if folder in self._ancestors:   # on the way to a missing root: check the roots now
-                self._next_dir_check = now
-            path = os.path.join(folder, name) if name else folder
-            rec = self.files.get(path)
-            if rec is not None and rec.due > now:
-                self._schedule(rec, now)
-            if mask & (Inotify.IN_CREATE | Inotify.IN_DELETE | Inotify.IN_MOVED_FROM | Inotify.IN_MOVED_TO):
-                relist[folder] = None
-            if mask & (Inotify.IN_DELETE_SELF | Inotify.IN_MOVE_SELF | Inotify.IN_IGNORED):
-                relist[os.path.dirname(folder)] = None      # the folder itself went away
-        for folder in relist:
-            state = self.dirs.get(folder)
-            if state is not None:
-                self._scan(state.root, folder, now, events)
-
-    def _watch(self, path: str, now: float) -> None:
-        if self.notify is None or path in self.notify.watches:
-            return
-        err = self.notify.watch(path)
-        if err in (0, errno.ENOENT, errno.ENOTDIR):     # gone already: its listing says so
-            return
-        self._warn_once("inotify", "cannot watch %s for changes (%s); polling every file at "
-                        "the full rate instead" % (path, os.strerror(err)))
-        if self.slowdown != 1:
-            self.slowdown = 1
-            for rec in self.files.values():             # at the full rate from now, not later
-                due = self._next_check(rec, now)
-                if due < rec.due:
-                    self._schedule(rec, due)
-            self._next_listing = now
-
-    # --- discovery ------------------------------------------------------------
-
-    def _check_dirs(self, now: float, events: List[TailEvent], full: bool) -> None:
+    def check(self, now: float, full: bool) -> Tuple[List[Tuple[RootState, str]], List[str]]:
         """Notice roots that appear or vanish; re-list folders whose mtime changed.
 
-        Roots are checked every DIR_CHECK interval; with wake-ups the folders
-        below them report their own changes, so their mtimes are compared only
-        at the (slowed-down) listing interval.
+        Returns (files found, paths gone): gone first, as a path can be both
+        (a folder deleted and made again).
         """
-        self._next_dir_check = now + self.poll_interval * DIR_CHECK_FACTOR
+        found: List[Tuple[RootState, str]] = []
+        gone: List[str] = []
+        limits = self.limits
+        self.next_dir_check = now + self.poll_interval * limits.dir_check_factor
         if full:
-            self._next_full_scan = now + (FULL_RESCAN_INTERVAL if self.notify is None
-                                          else WAKEUP_RESCAN_INTERVAL)
-        listing = full or now >= self._next_listing
+            self.next_full_scan = now + (limits.full_rescan_interval if self.notify is None
+                                         else limits.wakeup_rescan_interval)
+        listing = full or now >= self.next_listing
         if listing:
-            self._next_listing = now + self.poll_interval * DIR_CHECK_FACTOR * self.slowdown
+            self.next_listing = now + self.poll_interval * limits.dir_check_factor * self.slowdown
         for root in self.roots:
             if os.path.isdir(root.path):
                 if not root.present:
                     root.present = True
-                    if self._started:
+                    if self.started:
                         self.log.info("now watching %s" % root.path)
-                    self._scan(root, root.path, now, events)
+                    self.scan(root, root.path, found, gone)
                     continue
             elif root.present:
                 root.present = False
                 self.log.warn("%s is gone; waiting for it to come back" % root.path)
-                self._forget_dir(root.path, events)
+                self._forget_dir(root.path, gone)
                 continue
             else:
                 continue
-            if not listing:
-                continue
-            wall = time.time()
-            for path, state in list(self.dirs.items()):
-                if state.root is not root or path not in self.dirs:
-                    continue
-                try:
-                    st = os.stat(path)
-                except OSError:
-                    self._forget_dir(path, events)
-                    continue
-                racy = wall - state.mtime_ns / 1e9 < RACY_DIR_SECONDS
-                if full or racy or st.st_mtime_ns != state.mtime_ns or st.st_ino != state.ino:
-                    self._scan(root, path, now, events)
+            if listing:
+                self._relist_changed(root, full, found, gone)
         self._update_ancestors()
+        return found, gone
+
+    def _relist_changed(self, root: RootState, full: bool, found: List[Tuple[RootState, str]], gone: List[str]) -> None:
+        wall = self.wall()
+        for path, state in list(self.dirs.items()):
+            if state.root is not root or path not in self.dirs:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                self._forget_dir(path, gone)
+                continue
+            racy = wall - state.mtime_ns / 1e9 < self.limits.racy_dir_seconds
+            if full or racy or st.st_mtime_ns != state.mtime_ns or st.st_ino != state.ino:
+                self.scan(root, path, found, gone)
 
     def _update_ancestors(self) -> None:
         """Watch the nearest existing folder above each missing root, so that a root
@@ -1271,65 +1290,266 @@ class Tailer:
                 nearest = nearest_folder(root.path)
             wanted.add(parent)
             if os.path.isdir(root.path):
-                self._next_dir_check = 0.0
+                self.next_dir_check = 0.0
         for old in self._ancestors - wanted:
             if old not in self.dirs:
                 self.notify.unwatch(old)
         self._ancestors = {p for p in wanted if p in self.notify.watches}
 
-    def _scan(self, root: RootState, top: str, now: float, events: List[TailEvent]) -> None:
-        """List ``top`` and every folder below it not listed yet; add new files."""
+    def scan(self, root: RootState, top: str, found: List[Tuple[RootState, str]], gone: List[str]) -> None:
+        """List ``top`` and every folder below it not listed yet; note new files and gone ones."""
         stack = [top]
         while stack:
             path = stack.pop()
-            self._watch(path, now)          # before listing: nothing created meanwhile is missed
+            self.watch(path)                # before listing: nothing created meanwhile is missed
             try:
                 st = os.stat(path)                       # before listing: a change during
                 with os.scandir(path) as it:             # the listing shows up next time
                     entries = list(it)
             except FileNotFoundError:
-                self._forget_dir(path, events)
+                self._forget_dir(path, gone)
                 continue
             except OSError as exc:
-                self._warn_once(path, "cannot list %s: %s" % (path, exc.strerror or exc))
+                self.warn_once(path, "cannot list %s: %s" % (path, exc.strerror or exc))
                 continue
             state = self.dirs.get(path)
             if state is not None and state.ino != st.st_ino:
-                self._forget_dir(path, events)          # deleted and made again, or renamed
-                self._watch(path, now)
+                self._forget_dir(path, gone)            # deleted and made again, or renamed
+                self.watch(path)
                 state = None
             if state is None:
                 state = self.dirs[path] = DirState(root, st.st_mtime_ns, st.st_ino)
             state.mtime_ns = st.st_mtime_ns
-            files, subdirs = set(), set()
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        subdirs.add(entry.path)
-                        known = self.dirs.get(entry.path)
-                        if known is not None and known.ino != entry.inode():
-                            self._forget_dir(entry.path, events)   # listed again below
-                    elif entry.name.endswith(TRANSCRIPT_SUFFIX):
-                        # Regular files only: a FIFO would block a reader, and a link
-                        # can point outside the root (at a private key, say).
-                        if entry.is_file(follow_symlinks=False):
-                            files.add(entry.path)
-                        elif entry.is_symlink():
-                            self._warn_once(entry.path, "not following the symbolic link %s"
-                                            % entry.path)
-                except OSError:
-                    continue
-            for gone in state.files - files:
-                if gone in self.files:
-                    self._forget(self.files[gone], events)
-            for gone in state.subdirs - subdirs:
-                self._forget_dir(gone, events)
-            wall = time.time()
-            for path_ in files - state.files:
-                if path_ not in self.files:
-                    self._add_file(root, path_, now, wall)
+            files, subdirs = self._entries(entries, gone)
+            gone.extend(state.files - files)
+            for old in state.subdirs - subdirs:
+                self._forget_dir(old, gone)
+            found.extend((root, p) for p in files - state.files)
             state.files, state.subdirs = files, subdirs
             stack.extend(d for d in subdirs if d not in self.dirs)
+
+    def _entries(self, entries: List[os.DirEntry], gone: List[str]) -> Tuple[set, set]:
+        files, subdirs = set(), set()
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.add(entry.path)
+                    known = self.dirs.get(entry.path)
+                    if known is not None and known.ino != entry.inode():
+                        self._forget_dir(entry.path, gone)   # listed again below
+                elif entry.name.endswith(TRANSCRIPT_SUFFIX):
+                    # Regular files only: a FIFO would block a reader, and a link
+                    # can point outside the root (at a private key, say).
+                    if entry.is_file(follow_symlinks=False):
+                        files.add(entry.path)
+                    elif entry.is_symlink():
+                        self.warn_once(entry.path, "not following the symbolic link %s" % entry.path)
+            except OSError:
+                continue
+        return files, subdirs
+
+    def _forget_dir(self, path: str, gone: List[str]) -> None:
+        prefix = path + os.sep
+        for dir_path in [p for p in self.dirs if p == path or p.startswith(prefix)]:
+            gone.extend(self.dirs.pop(dir_path).files)
+            if self.notify is not None:
+                self.notify.unwatch(dir_path)
+
+    def watch(self, path: str) -> None:
+        """Watch a folder; if the kernel refuses, poll at the full rate from now on."""
+        if self.notify is None or path in self.notify.watches:
+            return
+        err = self.notify.watch(path)
+        if err in (0, errno.ENOENT, errno.ENOTDIR):     # gone already: its listing says so
+            return
+        self.warn_once("inotify", "cannot watch %s for changes (%s); polling every file at "
+                       "the full rate instead" % (path, os.strerror(err)))
+        if self.slowdown != 1:
+            self.slowdown = 1
+            self.next_listing = 0.0
+
+    def wakeups(self, now: float) -> Tuple[List[str], bool, List[Tuple[RootState, str]], List[str]]:
+        """(paths inotify named, overflowed?, files found, paths gone); folders re-listed as needed."""
+        found: List[Tuple[RootState, str]] = []
+        gone: List[str] = []
+        if self.notify is None:
+            return [], False, found, gone
+        changes, overflow = self.notify.read()
+        if overflow:                    # events were lost: look at everything now
+            self.next_dir_check = self.next_listing = self.next_full_scan = now
+            return [], True, found, gone
+        named: List[str] = []
+        relist: Dict[str, None] = {}
+        for folder, name, mask in changes:
+            if folder in self._ancestors:   # on the way to a missing root: check the roots now
+                self.next_dir_check = now
+            named.append(os.path.join(folder, name) if name else folder)
+            if mask & (Inotify.IN_CREATE | Inotify.IN_DELETE | Inotify.IN_MOVED_FROM | Inotify.IN_MOVED_TO):
+                relist[folder] = None
+            if mask & (Inotify.IN_DELETE_SELF | Inotify.IN_MOVE_SELF | Inotify.IN_IGNORED):
+                relist[os.path.dirname(folder)] = None      # the folder itself went away
+        for folder in relist:
+            state = self.dirs.get(folder)
+            if state is not None:
+                self.scan(state.root, folder, found, gone)
+        return named, False, found, gone
+
+    def close(self) -> None:
+        if self.notify is not None:
+            self.notify.close()
+
+
+class Tailer:
+    """Follows every file Discovery finds and turns appended bytes into TailEvents.
+
+    Sans-I/O towards the network: ``poll(now)`` does the due stats and reads,
+    bounded by ``tick_read_budget``, and returns events; ``next_due()`` tells
+    the event loop when to call again. Polling tiers: a file is stat()ed at
+    the hot, warm or cold interval by how recently it grew, in shared slots.
+    """
+
+    def __init__(self, roots: Iterable[str], poll_interval: float = DEFAULT_POLL_INTERVAL,
+                 log: Optional[Log] = None, clock: Callable[[], float] = time.monotonic,
+                 wakeups: bool = True, limits: Limits = DEFAULT_LIMITS,
+                 wall: Callable[[], float] = time.time):
+        self.poll_interval = poll_interval
+        self.log = log or Log()
+        self.clock, self.wall, self.limits = clock, wall, limits
+        self.discovery = Discovery(roots, poll_interval, self.log, limits, wakeups, wall)
+        self.files: Dict[str, FileRecord] = {}
+        self._schedule_heap = TimerHeap()       # each file's next stat
+        self._slowdown = self.discovery.slowdown    # the rate the schedule was made for
+        self._open_files = 0
+
+    @property
+    def roots(self) -> List[RootState]:
+        return self.discovery.roots
+
+    @property
+    def dirs(self) -> Dict[str, DirState]:
+        return self.discovery.dirs
+
+    @property
+    def notify(self) -> Optional[Inotify]:
+        return self.discovery.notify
+
+    @property
+    def slowdown(self) -> int:
+        return self.discovery.slowdown
+
+    # --- scheduling ---------------------------------------------------------
+
+    def _schedule(self, rec: FileRecord, due: float) -> None:
+        if rec.timer is not None:
+            rec.timer.cancel()
+        rec.timer = self._schedule_heap.add(due, rec)
+
+    def _interval(self, rec: FileRecord, now: float) -> float:
+        age, limits, slowdown = now - rec.last_growth, self.limits, self.discovery.slowdown
+        if age < limits.hot_age:
+            return self.poll_interval * slowdown
+        if age < limits.warm_age:
+            return self.poll_interval * limits.warm_factor * slowdown
+        return self.poll_interval * limits.cold_factor * slowdown
+
+    def _next_check(self, rec: FileRecord, now: float, fraction: float = 1.0) -> float:
+        """When ``rec`` is due: ``fraction`` of its tier's interval from now, rounded up
+        to a shared slot, so idle files are stat()ed in batches.
+
+        10,000 cold files each due at its own instant would wake the loop a
+        hundred times a second for one stat each; slots of a tenth of the
+        interval (at most a second) make that one wake-up per slot.
+        """
+        interval = self._interval(rec, now)
+        slot = min(interval / self.limits.schedule_slots, self.limits.max_slot_seconds)
+        return math.ceil((now + fraction * interval) / slot) * slot
+
+    def next_due(self) -> float:
+        due = self.discovery.next_dir_check
+        first = self._schedule_heap.next_when()
+        return due if first is None else min(due, first)
+
+    # --- the tick -------------------------------------------------------------
+
+    def start(self) -> List[TailEvent]:
+        """Find every transcript; existing files are followed from their end."""
+        events: List[TailEvent] = []
+        self._discover(self.clock(), events, full=True)
+        self.discovery.started = True
+        return events
+
+    def poll(self, now: Optional[float] = None) -> List[TailEvent]:
+        now = self.clock() if now is None else now
+        events: List[TailEvent] = []
+        self.take_wakeups(now, events)     # before the stats: what changed is due now
+        if now >= self.discovery.next_dir_check:
+            self._discover(now, events, full=now >= self.discovery.next_full_scan)
+        budget = self.limits.tick_read_budget
+        while budget > 0:
+            timer = self._schedule_heap.pop_due(now)
+            if timer is None:
+                break
+            rec = timer.payload
+            rec.timer = None
+            used, more = self._check_file(rec, now, events, budget)
+            budget -= used
+            if rec.gone:
+                continue
+            if more:
+                self._schedule(rec, now)       # budget spent mid-file: next tick
+            else:
+                self._schedule(rec, self._next_check(rec, now))
+                if rec.fh is not None and now - rec.last_growth >= self.limits.hot_age:
+                    self._close(rec)
+        return events
+
+    def close(self) -> None:
+        self.discovery.close()
+        for rec in self.files.values():
+            self._close(rec)
+
+    def take_wakeups(self, now: float, events: List[TailEvent]) -> None:
+        """Make the files inotify named due now; re-list folders whose entries changed.
+
+        Reads no file: the server calls this on every wake-up, even while it
+        holds reads back for slow clients, so the descriptor never stays readable.
+        """
+        named, overflow, found, gone = self.discovery.wakeups(now)
+        if overflow:
+            self.log.debug("inotify queue overflowed; checking every file")
+            for rec in self.files.values():
+                self._schedule(rec, now)
+            return
+        for path in named:
+            rec = self.files.get(path)
+            if rec is not None and rec.due > now:
+                self._schedule(rec, now)
+        self._apply(found, gone, now, events)
+
+    def _discover(self, now: float, events: List[TailEvent], full: bool) -> None:
+        found, gone = self.discovery.check(now, full)
+        self._apply(found, gone, now, events)
+
+    def _apply(self, found: List[Tuple[RootState, str]], gone: List[str], now: float,
+               events: List[TailEvent]) -> None:
+        for path in gone:
+            rec = self.files.get(path)
+            if rec is not None:
+                self._forget(rec, events)
+        if self.discovery.slowdown != self._slowdown:
+            self._rate_changed(now)
+        wall = self.wall()
+        for root, path in found:
+            if path not in self.files:
+                self._add_file(root, path, now, wall)
+
+    def _rate_changed(self, now: float) -> None:
+        """Wake-ups failed: every file at the full rate from now, not after its slow interval."""
+        self._slowdown = self.discovery.slowdown
+        for rec in self.files.values():
+            due = self._next_check(rec, now)
+            if due < rec.due:
+                self._schedule(rec, due)
 
     def _add_file(self, root: RootState, path: str, now: float, wall: float) -> None:
         try:
@@ -1342,7 +1562,7 @@ class Tailer:
         project, session, agent = classify_path(rel)
         # Existing files at start: follow from the end; their idle age sets the tier.
         # Files that appear later are new content: read them from the first byte.
-        existing = not self._started
+        existing = not self.discovery.started
         start = st.st_size if existing else 0
         idle = max(0.0, wall - st.st_mtime) if existing else 0.0
         rec = FileRecord(root.path, rel, path, project, session, agent, st.st_dev, st.st_ino,
@@ -1356,26 +1576,13 @@ class Tailer:
 
     def _forget(self, rec: FileRecord, events: List[TailEvent]) -> None:
         rec.gone = True
+        if rec.timer is not None:
+            rec.timer.cancel()
+            rec.timer = None
         self._close(rec)
         self.files.pop(rec.abspath, None)
-        parent = self.dirs.get(os.path.dirname(rec.abspath))
-        if parent is not None:
-            parent.files.discard(rec.abspath)
+        self.discovery.file_gone(rec.abspath)
         events.append(RemovedEvent(rec))
-
-    def _forget_dir(self, path: str, events: List[TailEvent]) -> None:
-        prefix = path + os.sep
-        for file_path in [p for p in self.files if p.startswith(prefix)]:
-            self._forget(self.files[file_path], events)
-        for dir_path in [p for p in self.dirs if p == path or p.startswith(prefix)]:
-            del self.dirs[dir_path]
-            if self.notify is not None:
-                self.notify.unwatch(dir_path)
-
-    def _warn_once(self, key: str, text: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self.log.warn(text, key="files")
 
     # --- reading --------------------------------------------------------------
 
@@ -1388,10 +1595,10 @@ class Tailer:
             self._forget(rec, events)
             return 0, False
         except OSError as exc:
-            self._warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
+            self.discovery.warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
             return 0, False
         if not stat.S_ISREG(st.st_mode):        # renamed over by a FIFO, a link, a folder
-            self._warn_once(rec.abspath, "%s is no longer a regular file; no longer followed" % rec.rel)
+            self.discovery.warn_once(rec.abspath, "%s is no longer a regular file; no longer followed" % rec.rel)
             self._forget(rec, events)
             return 0, False
         rec.mtime = st.st_mtime
@@ -1407,7 +1614,7 @@ class Tailer:
             return 0, True              # replaced between stat and open: look again next tick
         except OSError as exc:
             self._close(rec)
-            self._warn_once(rec.abspath, "cannot read %s: %s" % (rec.rel, exc.strerror or exc))
+            self.discovery.warn_once(rec.abspath, "cannot read %s: %s" % (rec.rel, exc.strerror or exc))
             return 0, False
 
     def _reset(self, rec: FileRecord, st: os.stat_result, reason: str,
@@ -1431,7 +1638,7 @@ class Tailer:
         fh = rec.fh
         if fh is None:
             fh = open_regular(rec.abspath, (rec.dev, rec.ino))
-            if self._open_files < MAX_OPEN_FILES:
+            if self._open_files < self.limits.max_open_files:
                 rec.fh = fh
                 self._open_files += 1
         try:
@@ -1445,11 +1652,13 @@ class Tailer:
             fh.seek(rec.read_pos)
             total = 0
             while total < budget:
-                chunk = fh.read(min(READ_BLOCK, budget - total))
+                chunk = fh.read(min(self.limits.read_block, budget - total))
                 if not chunk:
                     break
                 total += len(chunk)
-                self._split(rec, chunk, events)
+                events.extend([LineEvent(rec, offset, line) if line is not None
+                               else OversizeEvent(rec, offset)
+                               for offset, line in split_lines(rec, chunk, self.limits.max_line_bytes)])
         finally:
             if rec.fh is not fh:
                 fh.close()
@@ -1469,9 +1678,9 @@ class Tailer:
         the server started is delivered once completed, and never in part.
         """
         end = start = rec.read_pos
-        block = 4096
+        block = self.limits.boundary_first_block
         while start > 0:
-            if end - start > MAX_LINE_BYTES:
+            if end - start > self.limits.max_line_bytes:
                 rec.skipping = True             # an oversize partial line: skip it
                 rec.line_start = end
                 rec.boundary_known = True
@@ -1483,17 +1692,13 @@ class Tailer:
                 start = lo + newline + 1
                 break
             start = lo
-            block = BOUNDARY_SCAN_BLOCK
+            block = self.limits.boundary_scan_block
         rec.line_start = start
         if start < end:
             fh.seek(start)
             rec.pending = bytearray(fh.read(end - start))
         rec.boundary_known = True
 
-    @staticmethod
-    def _split(rec: FileRecord, chunk: bytes, events: List[TailEvent]) -> None:
-        events.extend([LineEvent(rec, offset, line) if line is not None else OversizeEvent(rec, offset)
-                       for offset, line in split_lines(rec, chunk)])
 
 
 class LineReader:
@@ -1506,8 +1711,9 @@ class LineReader:
     out as (offset, None), exactly as the tailer reports it.
     """
 
-    def __init__(self, rec: FileRecord, offset: int):
+    def __init__(self, rec: FileRecord, offset: int, max_line_bytes: int = MAX_LINE_BYTES):
         self.abspath = rec.abspath
+        self.max_line_bytes = max_line_bytes
         self.identity = (rec.dev, rec.ino)
         self.read_pos = self.line_start = offset    # split_lines' state
         self.pending = bytearray()
@@ -1532,7 +1738,7 @@ class LineReader:
         if not chunk:
             return 0
         self.blocks += 1
-        self.lines.extend(split_lines(self, chunk))
+        self.lines.extend(split_lines(self, chunk, self.max_line_bytes))
         return len(chunk)
 
     def give_up(self, limit: int) -> None:
@@ -1675,308 +1881,6 @@ class Side(enum.Enum):
     CLIENT = "client"
 
 
-class State(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"             # we sent Close and wait for the peer's
-    CLOSED = "closed"               # both Close frames passed, or the connection failed
-
-
-@dataclass
-class TextMessage:
-    text: str
-
-
-@dataclass
-class BinaryMessage:
-    data: bytes
-
-
-@dataclass
-class PingReceived:
-    payload: bytes
-
-
-@dataclass
-class PongReceived:
-    payload: bytes
-
-
-@dataclass
-class CloseReceived:
-    code: int
-    reason: str
-
-
-WsEvent = Union[TextMessage, BinaryMessage, PingReceived, PongReceived, CloseReceived]
-
-
-class Connection:
-    """One WebSocket connection after the handshake, as a state machine.
-
-    ``receive_data(bytes)`` buffers input; ``next_event()`` parses one frame at
-    a time, so the application handles (and answers) each message before the
-    next frame is even looked at. Output accumulates until ``data_to_send()``.
-    Pings are answered and Close frames echoed automatically. Any violation
-    fails the connection: a Close with the code from the exception's class is
-    queued, input is discarded from then on, and ``wants_transport_close``
-    tells the I/O layer to drop TCP once the output is flushed.
-    """
-
-    def __init__(self, side: Side, max_message_size: int,
-                 mask_source: Callable[[int], bytes] = os.urandom):
-        self.side = side
-        self.max_message_size = max_message_size
-        # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
-        self.max_fragments = max(MIN_FRAGMENTS, max_message_size // 64)
-        self.mask_source = mask_source
-        self.state = State.OPEN
-        self.close_code: Optional[int] = None       # as received, or 1006
-        self.close_reason = ""
-        self.failure: Optional[ProtocolError] = None
-        self._buffer = bytearray()
-        self._out: List[bytes] = []
-        self._out_size = 0
-        # the message being assembled from fragments
-        self._message_opcode: Optional[int] = None
-        self._message_parts: List[bytes] = []
-        self._message_size = 0
-        self._message_fragments = 0
-        self._decoder: Any = None
-        # a text frame whose payload is still arriving: validated as it comes
-        self._partial_fed = 0
-
-    # --- output -------------------------------------------------------------
-
-    @property
-    def output_size(self) -> int:
-        return self._out_size
-
-    def data_to_send(self) -> List[bytes]:
-        out, self._out, self._out_size = self._out, [], 0
-        return out
-
-    def _queue(self, data: bytes) -> None:
-        self._out.append(data)
-        self._out_size += len(data)
-
-    def _send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
-        mask = self.mask_source(4) if self.side is Side.CLIENT else None
-        head, body = frame_parts(opcode, payload, fin, mask)
-        if len(body) > 4096:        # big payloads are not copied just to prepend a header
-            self._queue(head)
-            self._queue(body)
-        else:
-            self._queue(head + body)
-
-    def send_text(self, text: Union[str, bytes]) -> None:
-        self._check_open()
-        self._send_frame(Opcode.TEXT, text.encode("utf-8") if isinstance(text, str) else text)
-
-    def send_binary(self, data: bytes) -> None:
-        self._check_open()
-        self._send_frame(Opcode.BINARY, data)
-
-    def send_prebuilt_frames(self, frames: List[bytes]) -> None:
-        """Queue complete unmasked frames built once for many clients (server only)."""
-        assert self.side is Side.SERVER
-        self._check_open()
-        self._out.extend(frames)
-        self._out_size += sum(map(len, frames))
-
-    def ping(self, payload: bytes = b"") -> None:
-        self._check_open()
-        self._send_frame(Opcode.PING, payload)
-
-    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start the closing handshake (section 7.1.2). No data may follow."""
-        if self.state is not State.OPEN:
-            return
-        self._send_frame(Opcode.CLOSE, encode_close_payload(code, reason))
-        self.state = State.CLOSING
-
-    def _check_open(self) -> None:
-        if self.state is not State.OPEN:
-            raise RuntimeError("connection is %s" % self.state.value)
-
-    @property
-    def wants_transport_close(self) -> bool:
-        """The server closes TCP first once closed (section 7.1.1); a client waits."""
-        return self.state is State.CLOSED and (self.side is Side.SERVER or self.failure is not None)
-
-    # --- input --------------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        if self.state is not State.CLOSED:
-            self._buffer += data
-
-    def receive_eof(self) -> None:
-        """TCP closed by the peer: without a Close frame that is 1006."""
-        if self.state is not State.CLOSED:
-            self.state = State.CLOSED
-            if self.close_code is None:
-                self.close_code = CloseCode.ABNORMAL
-        self._buffer = bytearray()
-
-    def next_event(self) -> Optional[WsEvent]:
-        """The next event, or None until more bytes arrive (or once closed)."""
-        while self.state is not State.CLOSED:
-            try:
-                frame = self._parse_frame()
-                if frame is None:
-                    return None
-                event = self._handle_frame(*frame)
-            except ProtocolError as exc:
-                self._fail(exc)
-                return None
-            if event is not None:
-                return event
-        return None
-
-    def _fail(self, exc: ProtocolError) -> None:
-        """Section 7.1.7: send a Close if we may, then stop reading for good."""
-        self.failure = exc
-        if self.state is State.OPEN:
-            self._send_frame(Opcode.CLOSE, encode_close_payload(exc.close_code, str(exc)))
-        self.state = State.CLOSED
-        self.close_code, self.close_reason = exc.close_code, str(exc)
-        self._buffer = bytearray()
-
-    def _parse_frame(self) -> Optional[Tuple[bool, int, bytes, int]]:
-        """(fin, opcode, payload, length) of the next complete frame, checked, or None.
-
-        ``payload`` lacks the bytes already validated by ``_validate_partial``.
-        """
-        buf = self._buffer
-        if len(buf) < 2:
-            return None
-        b0, b1 = buf[0], buf[1]
-        fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
-        # Section 5.2: RSV1-3 MUST be 0 unless an extension defines them; we negotiate none.
-        if b0 & 0x70:
-            raise ProtocolError("reserved bits set")
-        if opcode not in KNOWN_OPCODES:
-            raise ProtocolError("reserved opcode %d" % opcode)
-        # Section 5.1: clients MUST mask, servers MUST NOT.
-        masked = bool(b1 & 0x80)
-        if masked != (self.side is Side.SERVER):
-            raise ProtocolError("unmasked client frame" if masked is False else "masked server frame")
-        if opcode in CONTROL_OPCODES:
-            # Section 5.5: control frames are never fragmented and carry at most 125 bytes.
-            if not fin:
-                raise ProtocolError("fragmented control frame")
-            if length > 125:
-                raise ProtocolError("control frame payload over 125 bytes")
-        head = 2
-        if length == 126:
-            if len(buf) < 4:
-                return None
-            length = int.from_bytes(buf[2:4], "big")
-            head = 4
-        elif length == 127:
-            if len(buf) < 10:
-                return None
-            length = int.from_bytes(buf[2:10], "big")
-            if length >> 63:
-                raise ProtocolError("64-bit length with the most significant bit set")
-            head = 10
-        if opcode not in CONTROL_OPCODES:
-            self._check_data_frame(opcode, length)
-        if masked and len(buf) < head + 4:
-            return None             # the mask key is still arriving, even for an empty payload
-        key = bytes(buf[head:head + 4]) if masked else b""
-        head += len(key)
-        available = len(buf) - head
-        if available < length:
-            if length and available > self._partial_fed and self._is_text_frame(opcode):
-                self._validate_partial(buf, head, key, available)
-            return None
-        # A text frame validated while it arrived: only its unseen rest is unmasked again.
-        fed, self._partial_fed = self._partial_fed, 0
-        payload = self._unmasked(buf, head + fed, head + length, key, fed)
-        del buf[:head + length]
-        return fin, opcode, payload, length
-
-    @staticmethod
-    def _unmasked(buf: bytearray, start: int, end: int, key: bytes, phase: int) -> bytes:
-        """Payload bytes ``buf[start:end]``, unmasked, copied once."""
-        with memoryview(buf) as view, view[start:end] as body:
-            return apply_mask(body, key, phase % 4) if key else bytes(body)
-
-    def _check_data_frame(self, opcode: int, length: int) -> None:
-        # Section 5.4: a continuation needs an open message; a new one needs none.
-        if opcode == Opcode.CONT and self._message_opcode is None:
-            raise ProtocolError("continuation frame without a message to continue")
-        if opcode != Opcode.CONT and self._message_opcode is not None:
-            raise ProtocolError("new data frame inside a fragmented message")
-        # Section 10.4: refuse an oversize message from its header, before buffering it.
-        if self._message_size + length > self.max_message_size:
-            raise PayloadTooBig("message over %d bytes" % self.max_message_size)
-        # Nor may a message go on for ever in tiny (or empty) fragments.
-        if self._message_fragments >= self.max_fragments:
-            raise PayloadTooBig("message in over %d fragments" % self.max_fragments)
-
-    def _is_text_frame(self, opcode: int) -> bool:
-        return opcode == Opcode.TEXT or (opcode == Opcode.CONT and self._message_opcode == Opcode.TEXT)
-
-    def _validate_partial(self, buf: bytearray, head: int, key: bytes, available: int) -> None:
-        """Fail fast on invalid UTF-8 inside a frame whose payload is still arriving."""
-        if self._decoder is None:
-            self._decoder = codecs.getincrementaldecoder("utf-8")()
-        piece = self._unmasked(buf, head + self._partial_fed, head + available, key, self._partial_fed)
-        self._decode(piece, final=False)
-        self._partial_fed = available
-
-    def _decode(self, data: bytes, final: bool) -> None:
-        try:
-            text = self._decoder.decode(data, final)
-        except UnicodeDecodeError as exc:
-            raise InvalidPayload("invalid UTF-8 in text message") from exc
-        if text:
-            self._message_parts.append(text)
-
-    def _handle_frame(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
-        if opcode == Opcode.PING:
-            if self.state is State.OPEN:                 # section 5.5.2; nothing after our Close
-                self._send_frame(Opcode.PONG, payload)
-            return PingReceived(payload)
-        if opcode == Opcode.PONG:
-            return PongReceived(payload)
-        if opcode == Opcode.CLOSE:
-            return self._handle_close(payload)
-        if self.state is State.CLOSING:
-            return None           # section 5.5.1: data after our Close is not processed
-        if opcode != Opcode.CONT:
-            self._message_opcode = opcode
-            if opcode == Opcode.TEXT and self._decoder is None:   # else made by _validate_partial
-                self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._message_size += length
-        self._message_fragments += 1
-        if self._message_opcode == Opcode.TEXT:
-            self._decode(payload, final=fin)
-        elif payload:
-            self._message_parts.append(payload)
-        if not fin:
-            return None
-        parts, kind = self._message_parts, self._message_opcode
-        self._message_parts, self._message_opcode, self._message_size = [], None, 0
-        self._message_fragments = 0
-        self._decoder = None
-        if kind == Opcode.TEXT:
-            return TextMessage("".join(parts))
-        return BinaryMessage(b"".join(parts))
-
-    def _handle_close(self, payload: bytes) -> CloseReceived:
-        code, reason = parse_close_payload(payload)
-        self.close_code, self.close_reason = code, reason
-        if self.state is State.OPEN:
-            # Section 5.5.1: answer with a Close, echoing the status code received.
-            echo = None if code == CloseCode.NO_STATUS else code
-            self._send_frame(Opcode.CLOSE, encode_close_payload(echo))
-        self.state = State.CLOSED
-        self._buffer = bytearray()
-        return CloseReceived(code, reason)
-
-
 # --- the opening handshake (section 4) ----------------------------------------
 
 
@@ -2024,7 +1928,7 @@ class HeadReader:
     """
 
     def __init__(self, limit: int = MAX_HEAD_BYTES):
-        self.limit = limit
+        self.limit = limit              # bytes of the head, headers included
         self.buffer = bytearray()
         self._searched = 0
 
@@ -2045,7 +1949,7 @@ class HeadReader:
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-def parse_head(head: bytes, request: bool) -> HttpHead:
+def parse_head(head: bytes, request: bool, max_headers: int = MAX_HEADERS) -> HttpHead:
     """Parse a request or response head (without the final blank line)."""
     try:
         text = head.decode("latin-1")      # RFC 9110: field values are octets
@@ -2063,8 +1967,8 @@ def parse_head(head: bytes, request: bool) -> HttpHead:
             raise HandshakeError(400, "malformed HTTP version")
     elif not re.match(r"^HTTP/\d\.\d$", parts[0]) or not parts[1].isdigit():
         raise HandshakeError(400, "malformed status line")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HandshakeError(431, "more than %d headers" % MAX_HEADERS)
+    if len(lines) - 1 > max_headers:
+        raise HandshakeError(431, "more than %d headers" % max_headers)
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
@@ -2167,19 +2071,437 @@ def check_upgrade_response(response: HttpHead, key: str) -> None:
         raise HandshakeError(101, "server selected an extension or subprotocol we did not offer")
 
 
+@dataclass
+class RequestReceived:
+    """Server side: a complete request head; answer with accept, respond or reject."""
+    request: HttpHead
+
+
+@dataclass
+class Opened:
+    """Client side: the server accepted our opening handshake."""
+
+
+@dataclass
+class HandshakeFailed:
+    """The opening handshake failed: a bad request (answered already) or a refusal."""
+    error: HandshakeError
+
+
+class Handshake:
+    """The opening handshake's bytes for one side: a head in, checked, and the rest after it."""
+
+    def __init__(self, side: Side, head_limit: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADERS):
+        self.side = side
+        self.reader = HeadReader(head_limit)
+        self.max_headers = max_headers
+        self.key = ""                   # the client's Sec-WebSocket-Key
+
+    def request(self, host_header: str, target: str, key: str,
+                extra_headers: Iterable[Tuple[str, str]] = ()) -> bytes:
+        self.key = key
+        return build_client_request(host_header, target, key, extra_headers)
+
+    def receive(self, data: bytes) -> Optional[Tuple[Union[RequestReceived, Opened], bytes]]:
+        """(event, bytes after the head) once the head is complete; HandshakeError if it is bad."""
+        done = self.reader.feed(data)
+        if done is None:
+            return None
+        head, rest = done
+        if self.side is Side.SERVER:
+            return RequestReceived(parse_head(head, True, self.max_headers)), rest
+        check_upgrade_response(parse_head(head, False, self.max_headers), self.key)
+        return Opened(), rest
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"       # the opening handshake (section 4) is under way
+    OPEN = "open"
+    CLOSING = "closing"             # we sent Close and wait for the peer's
+    CLOSED = "closed"               # both Close frames passed, or the connection failed
+
+
+@dataclass
+class TextMessage:
+    text: str
+
+
+@dataclass
+class BinaryMessage:
+    data: bytes
+
+
+@dataclass
+class PingReceived:
+    payload: bytes
+
+
+@dataclass
+class PongReceived:
+    payload: bytes
+
+
+@dataclass
+class CloseReceived:
+    code: int
+    reason: str
+
+
+WsEvent = Union[TextMessage, BinaryMessage, PingReceived, PongReceived, CloseReceived,
+                RequestReceived, Opened, HandshakeFailed]
+
+
+class MessageAssembler:
+    """A data message from its frames (section 5.4): order, size and count
+    limits, and UTF-8 validated as it arrives, even inside a frame."""
+
+    def __init__(self, max_size: int, max_fragments: int):
+        self.max_size, self.max_fragments = max_size, max_fragments
+        self.opcode: Optional[int] = None       # of the message being assembled, if any
+        self.parts: List[Any] = []
+        self.size = 0
+        self.fragments = 0
+        self.decoder: Any = None
+
+    def check_frame(self, opcode: int, length: int) -> None:
+        """A data frame's header, before its payload is buffered."""
+        # Section 5.4: a continuation needs an open message; a new one needs none.
+        if opcode == Opcode.CONT and self.opcode is None:
+            raise ProtocolError("continuation frame without a message to continue")
+        if opcode != Opcode.CONT and self.opcode is not None:
+            raise ProtocolError("new data frame inside a fragmented message")
+        # Section 10.4: refuse an oversize message from its header, before buffering it.
+        if self.size + length > self.max_size:
+            raise PayloadTooBig("message over %d bytes" % self.max_size)
+        # Nor may a message go on for ever in tiny (or empty) fragments.
+        if self.fragments >= self.max_fragments:
+            raise PayloadTooBig("message in over %d fragments" % self.max_fragments)
+
+    def is_text(self, opcode: int) -> bool:
+        return opcode == Opcode.TEXT or (opcode == Opcode.CONT and self.opcode == Opcode.TEXT)
+
+    def validate_partial(self, piece: bytes) -> None:
+        """Fail fast on invalid UTF-8 inside a frame whose payload is still arriving."""
+        if self.decoder is None:
+            self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self._decode(piece, final=False)
+
+    def _decode(self, data: bytes, final: bool) -> None:
+        try:
+            text = self.decoder.decode(data, final)
+        except UnicodeDecodeError as exc:
+            raise InvalidPayload("invalid UTF-8 in text message") from exc
+        if text:
+            self.parts.append(text)
+
+    def add(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
+        """A checked frame's payload (less what validate_partial took); the message once complete."""
+        if opcode != Opcode.CONT:
+            self.opcode = opcode
+            if opcode == Opcode.TEXT and self.decoder is None:   # else made by validate_partial
+                self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.size += length
+        self.fragments += 1
+        if self.opcode == Opcode.TEXT:
+            self._decode(payload, final=fin)
+        elif payload:
+            self.parts.append(payload)
+        if not fin:
+            return None
+        parts, kind = self.parts, self.opcode
+        self.parts, self.opcode, self.size, self.fragments, self.decoder = [], None, 0, 0, None
+        if kind == Opcode.TEXT:
+            return TextMessage("".join(parts))
+        return BinaryMessage(b"".join(parts))
+
+
+class Connection:
+    """One WebSocket connection, from its opening handshake, as a state machine.
+
+    Made with ``state=State.CONNECTING`` it starts with the handshake: a server
+    gets ``RequestReceived`` and answers with ``accept``, ``respond`` or
+    ``reject``; a client sends ``send_request`` and gets ``Opened`` or
+    ``HandshakeFailed``. Made OPEN, it is the frame layer alone.
+    ``receive_data(bytes)`` buffers input; ``next_event()`` parses one frame at
+    a time, so the application handles (and answers) each message before the
+    next frame is even looked at. Output accumulates until ``data_to_send()``.
+    Pings are answered and Close frames echoed automatically. Any violation
+    fails the connection: a Close with the code from the exception's class is
+    queued, input is discarded from then on, and ``wants_transport_close``
+    tells the I/O layer to drop TCP once the output is flushed.
+    """
+
+    def __init__(self, side: Side, max_message_size: int,
+                 mask_source: Callable[[int], bytes] = os.urandom,
+                 min_fragments: int = MIN_FRAGMENTS, frame_copy_max: int = FRAME_COPY_MAX,
+                 state: State = State.OPEN, head_limit: int = MAX_HEAD_BYTES,
+                 max_headers: int = MAX_HEADERS):
+        self.side = side
+        self.max_message_size = max_message_size
+        # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
+        self.message = MessageAssembler(max_message_size, max(min_fragments, max_message_size // 64))
+        self.frame_copy_max = frame_copy_max
+        self.mask_source = mask_source
+        self.state = state
+        self.handshake = Handshake(side, head_limit, max_headers) if state is State.CONNECTING else None
+        self._handshake_events: Deque[WsEvent] = collections.deque()
+        self._answered_http = False     # a plain HTTP answer (or a refused handshake) ends it
+        self.close_code: Optional[int] = None       # as received, or 1006
+        self.close_reason = ""
+        self.failure: Optional[ProtocolError] = None
+        self._buffer = bytearray()
+        self._out: List[bytes] = []
+        self._out_size = 0
+        # a text frame whose payload is still arriving: validated as it comes
+        self._partial_fed = 0
+
+    # --- output -------------------------------------------------------------
+
+    @property
+    def output_size(self) -> int:
+        return self._out_size
+
+    def data_to_send(self) -> List[bytes]:
+        out, self._out, self._out_size = self._out, [], 0
+        return out
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+
+    def _send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:
+        mask = self.mask_source(4) if self.side is Side.CLIENT else None
+        head, body = frame_parts(opcode, payload, fin, mask)
+        if len(body) > self.frame_copy_max:     # big payloads are not copied just to prepend a header
+            self._queue(head)
+            self._queue(body)
+        else:
+            self._queue(head + body)
+
+    def send_text(self, text: Union[str, bytes]) -> None:
+        self._check_open()
+        self._send_frame(Opcode.TEXT, text.encode("utf-8") if isinstance(text, str) else text)
+
+    def send_binary(self, data: bytes) -> None:
+        self._check_open()
+        self._send_frame(Opcode.BINARY, data)
+
+    def send_prebuilt_frames(self, frames: List[bytes]) -> None:
+        """Queue complete unmasked frames built once for many clients (server only)."""
+        assert self.side is Side.SERVER
+        self._check_open()
+        self._out.extend(frames)
+        self._out_size += sum(map(len, frames))
+
+    def ping(self, payload: bytes = b"") -> None:
+        self._check_open()
+        self._send_frame(Opcode.PING, payload)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (section 7.1.2). No data may follow."""
+        if self.state is not State.OPEN:
+            return
+        self._send_frame(Opcode.CLOSE, encode_close_payload(code, reason))
+        self.state = State.CLOSING
+
+    def _check_open(self) -> None:
+        if self.state is not State.OPEN:
+            raise RuntimeError("connection is %s" % self.state.value)
+
+    @property
+    def wants_transport_close(self) -> bool:
+        """The server closes TCP first once closed (section 7.1.1); a client waits."""
+        return self.state is State.CLOSED and (self.side is Side.SERVER or self.failure is not None
+                                               or self._answered_http)
+
+    # --- the opening handshake ------------------------------------------------
+
+    def send_request(self, host_header: str, target: str,
+                     extra_headers: Iterable[Tuple[str, str]] = ()) -> None:
+        """Client: queue the opening request (section 4.1), with a fresh key."""
+        assert self.handshake is not None and self.side is Side.CLIENT
+        key = base64.b64encode(self.mask_source(16)).decode("ascii")
+        self._queue(self.handshake.request(host_header, target, key, extra_headers))
+
+    def accept(self, key: str) -> None:
+        """Server: answer 101 (section 4.2.2); frames flow from here, the bytes after the head first."""
+        self._check_connecting()
+        self._queue(build_accept_response(key))
+        self.state = State.OPEN
+
+    def respond(self, response: bytes) -> None:
+        """Server: answer plain HTTP instead (the page, an error); nothing more is read."""
+        self._check_connecting()
+        self._queue(response)
+        self._end_handshake()
+
+    def reject(self, error: HandshakeError) -> None:
+        self.respond(build_error_response(error))
+
+    def _check_connecting(self) -> None:
+        if self.state is not State.CONNECTING or self.side is not Side.SERVER:
+            raise RuntimeError("connection is %s" % self.state.value)
+
+    def _end_handshake(self) -> None:
+        self.state = State.CLOSED
+        self._answered_http = True
+        self._buffer = bytearray()
+
+    def _receive_head(self, data: bytes) -> None:
+        assert self.handshake is not None
+        if self._handshake_events:          # a request waits for its answer: keep what follows
+            self._buffer += data
+            return
+        try:
+            done = self.handshake.receive(data)
+        except HandshakeError as exc:
+            if self.side is Side.SERVER:
+                self.reject(exc)            # the status that says what was wrong
+            else:
+                self._end_handshake()
+            self._handshake_events.append(HandshakeFailed(exc))
+            return
+        if done is not None:
+            event, rest = done
+            self._buffer += rest
+            self._handshake_events.append(event)
+            if isinstance(event, Opened):
+                self.state = State.OPEN
+
+    # --- input --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.CONNECTING:
+            self._receive_head(data)
+        elif self.state is not State.CLOSED:
+            self._buffer += data
+
+    def receive_eof(self) -> None:
+        """TCP closed by the peer: without a Close frame that is 1006."""
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            if self.close_code is None:
+                self.close_code = CloseCode.ABNORMAL
+        self._buffer = bytearray()
+
+    def next_event(self) -> Optional[WsEvent]:
+        """The next event, or None until more bytes arrive (or once closed)."""
+        if self._handshake_events:
+            return self._handshake_events.popleft()
+        while self.state is not State.CLOSED and self.state is not State.CONNECTING:
+            try:
+                frame = self._parse_frame()
+                if frame is None:
+                    return None
+                event = self._handle_frame(*frame)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return None
+            if event is not None:
+                return event
+        return None
+
+    def _fail(self, exc: ProtocolError) -> None:
+        """Section 7.1.7: send a Close if we may, then stop reading for good."""
+        self.failure = exc
+        if self.state is State.OPEN:
+            self._send_frame(Opcode.CLOSE, encode_close_payload(exc.close_code, str(exc)))
+        self.state = State.CLOSED
+        self.close_code, self.close_reason = exc.close_code, str(exc)
+        self._buffer = bytearray()
+
+    def _parse_frame(self) -> Optional[Tuple[bool, int, bytes, int]]:
+        """(fin, opcode, payload, length) of the next complete frame, checked, or None.
+
+        ``payload`` lacks the bytes already validated by ``MessageAssembler.validate_partial``.
+        """
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        fin, opcode, length = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
+        # Section 5.2: RSV1-3 MUST be 0 unless an extension defines them; we negotiate none.
+        if b0 & 0x70:
+            raise ProtocolError("reserved bits set")
+        if opcode not in KNOWN_OPCODES:
+            raise ProtocolError("reserved opcode %d" % opcode)
+        # Section 5.1: clients MUST mask, servers MUST NOT.
+        masked = bool(b1 & 0x80)
+        if masked != (self.side is Side.SERVER):
+            raise ProtocolError("unmasked client frame" if masked is False else "masked server frame")
+        if opcode in CONTROL_OPCODES:
+            # Section 5.5: control frames are never fragmented and carry at most 125 bytes.
+            if not fin:
+                raise ProtocolError("fragmented control frame")
+            if length > 125:
+                raise ProtocolError("control frame payload over 125 bytes")
+        head = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            length = int.from_bytes(buf[2:4], "big")
+            head = 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            length = int.from_bytes(buf[2:10], "big")
+            if length >> 63:
+                raise ProtocolError("64-bit length with the most significant bit set")
+            head = 10
+        if opcode not in CONTROL_OPCODES:
+            self.message.check_frame(opcode, length)
+        if masked and len(buf) < head + 4:
+            return None             # the mask key is still arriving, even for an empty payload
+        key = bytes(buf[head:head + 4]) if masked else b""
+        head += len(key)
+        available = len(buf) - head
+        if available < length:
+            if length and available > self._partial_fed and self.message.is_text(opcode):
+                piece = self._unmasked(buf, head + self._partial_fed, head + available, key,
+                                       self._partial_fed)
+                self.message.validate_partial(piece)
+                self._partial_fed = available
+            return None
+        # A text frame validated while it arrived: only its unseen rest is unmasked again.
+        fed, self._partial_fed = self._partial_fed, 0
+        payload = self._unmasked(buf, head + fed, head + length, key, fed)
+        del buf[:head + length]
+        return fin, opcode, payload, length
+
+    @staticmethod
+    def _unmasked(buf: bytearray, start: int, end: int, key: bytes, phase: int) -> bytes:
+        """Payload bytes ``buf[start:end]``, unmasked, copied once."""
+        with memoryview(buf) as view, view[start:end] as body:
+            return apply_mask(body, key, phase % 4) if key else bytes(body)
+
+    def _handle_frame(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
+        if opcode == Opcode.PING:
+            if self.state is State.OPEN:                 # section 5.5.2; nothing after our Close
+                self._send_frame(Opcode.PONG, payload)
+            return PingReceived(payload)
+        if opcode == Opcode.PONG:
+            return PongReceived(payload)
+        if opcode == Opcode.CLOSE:
+            return self._handle_close(payload)
+        if self.state is State.CLOSING:
+            return None           # section 5.5.1: data after our Close is not processed
+        return self.message.add(fin, opcode, payload, length)
+
+    def _handle_close(self, payload: bytes) -> CloseReceived:
+        code, reason = parse_close_payload(payload)
+        self.close_code, self.close_reason = code, reason
+        if self.state is State.OPEN:
+            # Section 5.5.1: answer with a Close, echoing the status code received.
+            echo = None if code == CloseCode.NO_STATUS else code
+            self._send_frame(Opcode.CLOSE, encode_close_payload(echo))
+        self.state = State.CLOSED
+        self._buffer = bytearray()
+        return CloseReceived(code, reason)
+
+
 # =============================================================================
 # Event loop: one selectors loop, non-blocking streams, timers, signals
 # =============================================================================
-
-
-class Timer:
-    __slots__ = ("when", "callback", "cancelled")
-
-    def __init__(self, when: float, callback: Callable[[], None]):
-        self.when, self.callback, self.cancelled = when, callback, False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class EventLoop:
@@ -2191,11 +2513,11 @@ class EventLoop:
     their callbacks between ticks, never inside a handler.
     """
 
-    def __init__(self, log: Optional[Log] = None):
+    def __init__(self, log: Optional[Log] = None, clock: Callable[[], float] = time.monotonic):
         self.log = log or Log()
+        self.clock = clock
         self.selector = selectors.DefaultSelector()
-        self._timers: List[Tuple[float, int, Timer]] = []
-        self._seq = 0
+        self.timers = TimerHeap()
         self._dirty: Dict["Stream", None] = {}
         self._signals: List[int] = []
         self._signal_callback: Optional[Callable[[int], None]] = None
@@ -2205,15 +2527,11 @@ class EventLoop:
         self._wake_writer.setblocking(False)
         self.register(self._wake_reader, selectors.EVENT_READ, self._drain_wakeups)
 
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    def time(self) -> float:
+        return self.clock()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback)
-        self._seq += 1
-        heapq.heappush(self._timers, (when, self._seq, timer))
-        return timer
+        return self.timers.add(when, callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return self.call_at(self.time() + delay, callback)
@@ -2241,7 +2559,7 @@ class EventLoop:
 
     def _drain_wakeups(self, mask: int) -> None:
         try:
-            while self._wake_reader.recv(4096):
+            while self._wake_reader.recv(WAKE_DRAIN_BYTES):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
@@ -2254,10 +2572,11 @@ class EventLoop:
         self.stopping = False
         while not self.stopping:
             timeout = None
+            first = self.timers.next_when()
             if self._dirty:
                 timeout = 0.0
-            elif self._timers:
-                timeout = max(0.0, self._timers[0][0] - self.time())
+            elif first is not None:
+                timeout = max(0.0, first - self.time())
             for key, mask in self.selector.select(timeout):
                 self._call(key.data, mask)
             while self._signals:
@@ -2270,10 +2589,11 @@ class EventLoop:
 
     def _run_timers(self) -> None:
         now = self.time()
-        while self._timers and self._timers[0][0] <= now:
-            timer = heapq.heappop(self._timers)[2]
-            if not timer.cancelled:
-                self._call(timer.callback)
+        while True:
+            timer = self.timers.pop_due(now)
+            if timer is None:
+                return
+            self._call(timer.payload)
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, {}
@@ -2323,10 +2643,12 @@ class Stream:
     almost always writable, and permanent write interest would spin the loop.
     """
 
-    def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol):
+    def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol,
+                 limits: Limits = DEFAULT_LIMITS):
         self.loop = loop
         self.sock = sock
         self.protocol = protocol
+        self.limits = limits
         self.closed = False
         self.bytes_sent = 0
         self._out: Deque[Any] = collections.deque()    # bytes or memoryviews, in order
@@ -2418,7 +2740,7 @@ class Stream:
 
     def _read(self) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(self.limits.recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -2448,7 +2770,7 @@ class Stream:
                 if len(out) == 1 or not self._gather:
                     sent = self.sock.send(out[0])
                 else:   # every pending frame in one system call
-                    sent = self.sock.sendmsg(list(itertools.islice(out, 0, SEND_GATHER_MAX)))
+                    sent = self.sock.sendmsg(list(itertools.islice(out, 0, self.limits.send_gather_max)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -2480,7 +2802,7 @@ class Stream:
 
         Closing a socket with unread input makes the kernel send RST, which can
         destroy our last bytes (a Close frame, an HTTP error) before the peer
-        reads them. So we half-close and wait, at most LINGER_TIMEOUT.
+        reads them. So we half-close and wait, at most ``linger_timeout``.
         """
         if not self._reading or self._lingering is not None:
             if self._lingering is None:
@@ -2491,7 +2813,7 @@ class Stream:
         except OSError:
             self.abort()
             return
-        self._lingering = self.loop.call_later(LINGER_TIMEOUT, self.abort)
+        self._lingering = self.loop.call_later(self.limits.linger_timeout, self.abort)
         self._set_interest()
 
     def _set_interest(self) -> None:
@@ -2518,14 +2840,15 @@ class TLSStream(Stream):
     """
 
     def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol,
-                 context: Any, server_side: bool, server_hostname: Optional[str] = None):
+                 context: Any, server_side: bool, server_hostname: Optional[str] = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                      server_hostname=server_hostname)
         self._handshaken = False
         self._plaintext: List[bytes] = []       # written before the handshake finished
         self._closing_tls = False
-        super().__init__(loop, sock, protocol)
+        super().__init__(loop, sock, protocol, limits)
         if not server_side:
             self._handshake()                   # the client speaks first
 
@@ -2570,7 +2893,7 @@ class TLSStream(Stream):
                 self._handshake()
             while self._handshaken and not self.closed:
                 try:
-                    plaintext = self._tls.read(RECV_SIZE)
+                    plaintext = self._tls.read(self.limits.recv_size)
                 except ssl.SSLWantReadError:
                     break
                 except ssl.SSLZeroReturnError:   # the peer's close_notify: an EOF
@@ -2599,8 +2922,43 @@ class TLSStream(Stream):
         super().close()
 
 
+def listen_socket(host: str, port: int, backlog: int, fatal: bool = True) -> socket.socket:
+    """A listening socket; OperationalError saying what to do (or the OSError, if not ``fatal``)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        if not fatal:
+            raise
+        raise OperationalError("cannot use --host %s: %s" % (host, exc.strerror or exc)) from None
+    try:
+        if os.name == "posix":      # rebind at once after a restart; never share a live port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if not fatal:
+            raise
+        if exc.errno == errno.EADDRINUSE:
+            raise OperationalError(
+                "port %d on %s is already in use (another claude_stream serve?); "
+                "pick another with --port" % (port, host)) from None
+        if exc.errno == errno.EACCES:
+            raise OperationalError("no permission to listen on port %d of %s"
+                                   % (port, host)) from None
+        raise OperationalError("cannot listen on %s port %d: %s"
+                               % (host, port, exc.strerror or exc)) from None
+    sock.setblocking(False)
+    return sock
+
+
 def open_connection(loop: EventLoop, host: str, port: int, protocol: Protocol,
-                    on_error: Callable[[OSError], None], tls: Any = None) -> None:
+                    on_error: Callable[[OSError], None], tls: Any = None,
+                    limits: Limits = DEFAULT_LIMITS) -> None:
     """Connect without blocking the loop, trying each address of ``host`` in turn.
 
     Name resolution itself is a blocking getaddrinfo() (the stdlib has no other);
@@ -2640,47 +2998,63 @@ def open_connection(loop: EventLoop, host: str, port: int, protocol: Protocol,
                 t.cancel()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if tls is None:
-                Stream(loop, sock, protocol)
+                Stream(loop, sock, protocol, limits)
             else:
-                TLSStream(loop, sock, protocol, tls, server_side=False, server_hostname=host)
+                TLSStream(loop, sock, protocol, tls, server_side=False, server_hostname=host,
+                          limits=limits)
 
         code = sock.connect_ex(address)
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
             give_up(OSError(code, os.strerror(code)))
             return
         loop.register(sock, selectors.EVENT_WRITE, on_writable)
-        timer.append(loop.call_later(CONNECT_TIMEOUT, lambda: give_up(
-            OSError(errno.ETIMEDOUT, "timed out after %gs" % CONNECT_TIMEOUT))))
+        timer.append(loop.call_later(limits.connect_timeout, lambda: give_up(
+            OSError(errno.ETIMEDOUT, "timed out after %gs" % limits.connect_timeout))))
 
     attempt()
 
 
 class WebSocketEndpoint(Protocol):
-    """A Connection driven over a Stream: output, keepalive and close deadlines.
+    """A Connection driven over a Stream, server or client alike: the opening
+    handshake and its one deadline, output, keepalive and close deadlines.
 
-    Subclasses do the opening handshake, then call ``start_websocket`` and get
-    ``on_message`` and ``on_closed``. Used by the server and by the client.
+    Subclasses get ``on_connect`` (a client sends its request), ``on_request``
+    (a server answers with ``accept``, ``respond`` or ``reject``),
+    ``on_handshake_failed``, ``on_message`` and ``on_closed``. With
+    ``handshake=False`` the connection starts open (a test peer, say).
     """
 
     side = Side.SERVER
-    max_message_size = MAX_CLIENT_MESSAGE
-    output_cap = LIVE_OUTPUT_CAP        # past this much unsent, the peer's input waits
 
-    def __init__(self, loop: EventLoop):
+    def __init__(self, loop: EventLoop, limits: Limits = DEFAULT_LIMITS, handshake: bool = True):
         self.loop = loop
+        self.limits = limits
+        self.handshake = handshake
+        self.max_message_size = limits.max_client_message if self.side is Side.SERVER \
+            else limits.max_server_message
+        self.output_cap = limits.live_output_cap    # past this much unsent, the peer's input waits
         self.stream: Optional[Stream] = None
         self.ws: Optional[Connection] = None
+        self.opened = False                 # the handshake completed: a WebSocket
         self._last_heard = 0.0
         self._ping_sent_at: Optional[float] = None
         self._delivered_at_ping = 0         # stream.bytes_delivered when the ping went out
         self._keepalive: Optional[Timer] = None
+        self._handshake_deadline: Optional[Timer] = None
         self._close_deadline: Optional[Timer] = None
         self.lost_reason: Optional[str] = None
 
     # --- to override ----------------------------------------------------------
 
-    def handshake_data(self, data: bytes) -> None:
-        raise NotImplementedError
+    def on_connect(self) -> None:
+        """The transport is up (a client sends its request here)."""
+
+    def on_request(self, request: HttpHead) -> None:
+        """Server: a complete request head; answer it."""
+        self.reject(HandshakeError(404, "nothing here"))
+
+    def on_handshake_failed(self, error: HandshakeError) -> None:
+        pass
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         pass
@@ -2688,17 +3062,58 @@ class WebSocketEndpoint(Protocol):
     def on_closed(self, code: int, reason: str) -> None:
         pass
 
-    # --- plumbing -------------------------------------------------------------
+    # --- the opening handshake -------------------------------------------------
+
+    @property
+    def handshake_timeout(self) -> float:
+        """A server waits this long for a whole request head; a client for the answer."""
+        return self.limits.request_head_timeout if self.side is Side.SERVER \
+            else self.limits.handshake_timeout
 
     def connection_made(self, stream: Stream) -> None:
         self.stream = stream
+        self.ws = Connection(self.side, self.max_message_size, min_fragments=self.limits.min_fragments,
+                             frame_copy_max=self.limits.frame_copy_max,
+                             state=State.CONNECTING if self.handshake else State.OPEN,
+                             head_limit=self.limits.max_head_bytes, max_headers=self.limits.max_headers)
+        if not self.handshake:
+            self._opened()
+            return
+        self._handshake_deadline = self.loop.call_later(self.handshake_timeout, self._handshake_expired)
+        self.on_connect()
+        self.sync()
 
-    def start_websocket(self, leftover: bytes) -> None:
-        self.ws = Connection(self.side, self.max_message_size)
+    def _handshake_expired(self) -> None:
+        if self.ws is not None and self.ws.state is State.CONNECTING and self.stream is not None:
+            self.lost_reason = ("no complete request within %gs" if self.side is Side.SERVER
+                                else "no handshake answer within %gs") % self.handshake_timeout
+            self.stream.abort()
+
+    def _opened(self) -> None:
+        self.opened = True
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
         self._last_heard = self.loop.time()
-        self._keepalive = self.loop.call_later(PING_INTERVAL, self._check_alive)
-        if leftover:
-            self.data_received(leftover)
+        self._keepalive = self.loop.call_later(self.limits.ping_interval, self._check_alive)
+
+    def accept(self, key: str) -> None:
+        assert self.ws is not None
+        self.ws.accept(key)
+        self._opened()
+        self.sync()
+
+    def respond(self, response: bytes) -> None:
+        """Answer plain HTTP (the page, /status) and close."""
+        assert self.ws is not None
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+        self.ws.respond(response)
+        self.sync()
+
+    def reject(self, error: HandshakeError) -> None:
+        self.respond(build_error_response(error))
+
+    # --- plumbing -------------------------------------------------------------
 
     @property
     def unsent(self) -> int:
@@ -2708,7 +3123,6 @@ class WebSocketEndpoint(Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.ws is None:
-            self.handshake_data(data)
             return
         self._last_heard = self.loop.time()
         self._ping_sent_at = None
@@ -2731,6 +3145,14 @@ class WebSocketEndpoint(Protocol):
                 break
             if isinstance(event, (TextMessage, BinaryMessage)):
                 self.on_message(event)
+            elif isinstance(event, RequestReceived):
+                self.on_request(event.request)
+            elif isinstance(event, Opened):
+                self._opened()
+            elif isinstance(event, HandshakeFailed):
+                if self._handshake_deadline is not None:
+                    self._handshake_deadline.cancel()
+                self.on_handshake_failed(event.error)
         self.sync()
 
     def output_drained(self) -> None:
@@ -2751,14 +3173,14 @@ class WebSocketEndpoint(Protocol):
         if ws is None or stream is None or stream.closed:
             return
         stream.writelines(ws.data_to_send())
-        if stream.pending_output > OUTPUT_HIGH_WATER:
-            self.lost_reason = "too slow: over %d MiB unsent" % (OUTPUT_HIGH_WATER >> 20)
+        if stream.pending_output > self.limits.output_high_water:
+            self.lost_reason = "too slow: over %d MiB unsent" % (self.limits.output_high_water >> 20)
             stream.abort()
         elif ws.wants_transport_close:
             stream.close()
-        elif ws.state is not State.OPEN and self._close_deadline is None:
+        elif ws.state in (State.CLOSING, State.CLOSED) and self._close_deadline is None:
             # Sections 7.1.1 and 7.1.2: do not wait for ever on the peer's part.
-            self._close_deadline = self.loop.call_later(CLOSE_TIMEOUT, stream.abort)
+            self._close_deadline = self.loop.call_later(self.limits.close_timeout, stream.abort)
 
     def send_text(self, text: Union[str, bytes]) -> None:
         if self.ws is not None and self.ws.state is State.OPEN:
@@ -2766,7 +3188,7 @@ class WebSocketEndpoint(Protocol):
             self.sync()
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        if self.ws is not None:
+        if self.opened and self.ws is not None:
             self.ws.close(code, reason)
             self.sync()
         elif self.stream is not None:
@@ -2777,11 +3199,11 @@ class WebSocketEndpoint(Protocol):
         ws = self.ws
         if ws is None or self.stream is None or self.stream.closed or ws.state is not State.OPEN:
             return
-        now = self.loop.time()
-        if self._ping_sent_at is not None and now - self._ping_sent_at >= PING_TIMEOUT:
+        now, interval, timeout = self.loop.time(), self.limits.ping_interval, self.limits.ping_timeout
+        if self._ping_sent_at is not None and now - self._ping_sent_at >= timeout:
             delivered = self.stream.bytes_delivered
             if delivered <= self._delivered_at_ping:
-                self.lost_reason = "no answer to a ping within %gs" % PING_TIMEOUT
+                self.lost_reason = "no answer to a ping within %gs" % timeout
                 self.stream.abort()
                 return
             # No pong, but the peer takes what we send: alive, only busy. A page
@@ -2789,23 +3211,23 @@ class WebSocketEndpoint(Protocol):
             # read the frames queued before it (browsers read at the pace of the
             # page's script). Wait on, and ask again.
             self._ping_sent_at, self._delivered_at_ping = now, delivered
-        if self._ping_sent_at is None and now - self._last_heard >= PING_INTERVAL:
-            ws.ping(os.urandom(4))
+        if self._ping_sent_at is None and now - self._last_heard >= interval:
+            ws.ping(os.urandom(self.limits.ping_payload_bytes))
             self._ping_sent_at = now
             self.sync()
             self._delivered_at_ping = self.stream.bytes_delivered
-        wake = (self._ping_sent_at + PING_TIMEOUT) if self._ping_sent_at is not None \
-            else self._last_heard + PING_INTERVAL
-        self._keepalive = self.loop.call_at(max(wake, now + 0.01), self._check_alive)
+        wake = (self._ping_sent_at + timeout) if self._ping_sent_at is not None \
+            else self._last_heard + interval
+        self._keepalive = self.loop.call_at(max(wake, now + self.limits.timer_slack), self._check_alive)
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
-        for timer in (self._keepalive, self._close_deadline):
+        for timer in (self._keepalive, self._close_deadline, self._handshake_deadline):
             if timer is not None:
                 timer.cancel()
         if exc is not None and self.lost_reason is None:
             self.lost_reason = str(exc)
         ws = self.ws
-        if ws is None:
+        if ws is None or not self.opened:
             self.on_closed(CloseCode.ABNORMAL, self.lost_reason or "closed before the handshake completed")
             return
         ws.receive_eof()
@@ -2813,47 +3235,8 @@ class WebSocketEndpoint(Protocol):
 
 
 # =============================================================================
-# Server application: routes, envelopes, filters, broadcast
+# Token files: where a local server keeps its token for the same user's clients
 # =============================================================================
-
-
-def default_roots() -> List[str]:
-    """``$CLAUDE_CONFIG_DIR/projects``, else ``~/.claude/projects`` and the XDG one."""
-    config_dir = os.environ.get("CLAUDE_CONFIG_DIR")
-    if config_dir:
-        return [os.path.join(os.path.expanduser(config_dir), "projects")]
-    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.join("~", ".config")
-    return [os.path.expanduser(os.path.join("~", ".claude", "projects")),
-            os.path.expanduser(os.path.join(xdg, "claude", "projects"))]
-
-
-_TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-EARLIEST_EPOCH = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()   # datetime's range, with a day's margin
-
-
-def parse_since(value: Any, now: float) -> Optional[float]:
-    """``since`` as epoch seconds: a duration (90s, 10m, 2h, 7d), an ISO time, or "all".
-
-    None means "no history". Raises ValueError with a usable message.
-    """
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ValueError("'since' must be a string such as '10m', '2026-01-02T03:04:05Z' or 'all'")
-    if value.strip().lower() == "all":
-        return float("-inf")
-    match = _DURATION_RE.match(value.lower())
-    if match:
-        start = now - float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        # Longer ago than datetime can say (or than float can hold) is everything.
-        return start if start >= EARLIEST_EPOCH else float("-inf")
-    when = parse_timestamp(value)
-    if when is None:
-        raise ValueError("cannot read %r as a duration (90s, 10m, 2h, 7d), an ISO time or 'all'"
-                         % value)
-    return when.timestamp()
 
 
 def token_folders() -> List[str]:
@@ -2947,6 +3330,314 @@ def read_token_file(port: int) -> Optional[str]:
     return found[0] if found else None
 
 
+# =============================================================================
+# Wire format: the transcript fields we read, every message kind, client messages
+# =============================================================================
+#
+# Server to client, one JSON object per text frame, ``kind`` first:
+#   hello       on connecting: server, version, protocol, roots, files, clients, time, filters
+#   subscribed  a subscribe message was applied: its filters, how many files are behind
+#   entry       a transcript line, byte for byte, with path, offset, next, project, session, agent
+#   malformed   a line that is not a JSON object, in its place, with the reason and an excerpt
+#   gap         bytes not sent (a line over the size limit, a file that cannot be read)
+#   reset       a file was truncated or replaced (or a cursor was stale): it restarts at 0
+#   live        the history asked for has been sent; what follows is live
+#   error       a client message was refused; the connection stays open
+# Client to server: {"kind": "subscribe", "project": [...], "session": [...],
+# "type": [...], "since": WHEN, "cursors": {path: offset}}; the same filters and
+# ``since`` (and ``hold``, ``token``) as query parameters of the request.
+# Every message is built here, once, as a complete frame shared by all clients.
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+EARLIEST_EPOCH = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()   # datetime's range, with a day's margin
+
+
+def parse_since(value: Any, now: float) -> Optional[float]:
+    """``since`` as epoch seconds: a duration (90s, 10m, 2h, 7d, 1.5w), an ISO time, or "all".
+
+    None means "no history". Raises ValueError with a usable message.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("'since' must be a string such as '10m', '2026-01-02T03:04:05Z' or 'all'")
+    if value.strip().lower() == "all":
+        return float("-inf")
+    match = _DURATION_RE.match(value.lower())
+    if match:
+        start = now - float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        # Longer ago than datetime can say (or than float can hold) is everything.
+        return start if start >= EARLIEST_EPOCH else float("-inf")
+    when = parse_timestamp(value)
+    if when is None:
+        raise ValueError("cannot read %r as a duration (90s, 10m, 2h, 7d), an ISO time or 'all'"
+                         % value)
+    return when.timestamp()
+
+
+def iso_now(wall: Callable[[], float]) -> str:
+    return datetime.fromtimestamp(wall(), timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# --- the transcript fields the server reads (the models read the rest) ---------
+
+_TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
+
+
+@dataclass
+class EntryFields:
+    """What routing, filters and history order need of one transcript line."""
+    session: Optional[str]          # the entry's sessionId, else the file's
+    agent: Optional[str]            # the file's sub-agent, else 1.0.x's inline agentId
+    type: str                       # "" when absent or not a string
+    cwd: Optional[str]
+    timestamp: str                  # raw ISO-8601 text ("" if none): UTC sorts as text
+
+    @classmethod
+    def read(cls, obj: Dict[str, Any], rec: FileRecord) -> "EntryFields":
+        session = obj.get("sessionId")
+        agent = rec.agent
+        if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
+            agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
+        kind, cwd, stamp = obj.get("type"), obj.get("cwd"), obj.get("timestamp")
+        return cls(session if isinstance(session, str) else rec.session, agent,
+                   kind if isinstance(kind, str) else "", cwd if isinstance(cwd, str) else None,
+                   stamp if isinstance(stamp, str) else "")
+
+
+def peek_timestamp(line: Optional[bytes]) -> str:
+    """The timestamp of a line not parsed yet (read ahead), or ""."""
+    match = _TIMESTAMP_BYTES_RE.search(line or b"")
+    return match.group(1).decode("ascii", "replace") if match else ""
+
+
+# --- filters and subscriptions (the client's messages) -------------------------
+
+
+@dataclass
+class MessageMeta:
+    """What filters look at, computed once per message, shared by all clients."""
+    project: str                    # the project folder, and the entry's cwd if any
+    ids: Tuple[str, ...]            # session ids (by path and by entry) and agent id
+    type: Optional[str]             # the entry's type; None for other kinds
+
+
+@dataclass
+class Filters:
+    """A client's subscription. Empty lists match everything.
+
+    ``projects``: case-insensitive substrings of the project folder name or of
+    the entry's working directory; ``sessions``: prefixes of a session or
+    sub-agent id (short ids work); ``types``: entry types, which filter entries
+    only, never notices.
+    """
+    projects: List[str] = field(default_factory=list)
+    sessions: List[str] = field(default_factory=list)
+    types: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_lists(cls, projects: List[str], sessions: List[str], types: List[str],
+                   limits: Limits = DEFAULT_LIMITS) -> "Filters":
+        """The filters, or ValueError past the limits: every line is matched against them."""
+        for name, values in (("project", projects), ("session", sessions), ("type", types)):
+            if len(values) > limits.max_filter_values:
+                raise ValueError("at most %d '%s' filters" % (limits.max_filter_values, name))
+            if any(len(v) > limits.max_filter_chars for v in values):
+                raise ValueError("a '%s' filter is longer than %d characters"
+                                 % (name, limits.max_filter_chars))
+        return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t])
+
+    def as_json(self) -> Dict[str, List[str]]:
+        return {"project": self.projects, "session": self.sessions, "type": self.types}
+
+    def match(self, meta: MessageMeta) -> bool:
+        if self.projects and not any(p in meta.project.lower() for p in self.projects):
+            return False
+        if self.sessions and not any(i.startswith(s) for s in self.sessions for i in meta.ids):
+            return False
+        if self.types and meta.type is not None and meta.type not in self.types:
+            return False
+        return True
+
+
+@dataclass
+class Subscription:
+    """What a client asks for: filters, history since a time, cursors to resume from."""
+    filters: Filters
+    since: Optional[float] = None               # epoch seconds; -inf for "all"
+    cursors: Dict[str, int] = field(default_factory=dict)   # path -> next offset
+    hold: bool = False                          # send nothing but hello until `subscribe`
+
+    QUERY_PARAMETERS = frozenset(("project", "session", "type", "since", "hold", "token"))
+
+    @classmethod
+    def from_query(cls, query: str, now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
+        params = parse_qs(query, keep_blank_values=False)
+        unknown = set(params) - cls.QUERY_PARAMETERS
+        if unknown:
+            raise ValueError("unknown query parameter(s): %s" % ", ".join(sorted(unknown)))
+
+        def values(name: str) -> List[str]:
+            return [v for raw in params.get(name, []) for v in raw.split(",")]
+        since = params.get("since", [None])[-1]
+        return cls(Filters.from_lists(values("project"), values("session"), values("type"), limits),
+                   parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""))
+
+    @classmethod
+    def from_message(cls, obj: Dict[str, Any], now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
+        lists = []
+        for name in ("project", "session", "type"):
+            value = obj.get(name, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("'%s' must be a string or a list of strings" % name)
+            lists.append(value)
+        cursors = obj.get("cursors", {})
+        if not isinstance(cursors, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in cursors.items()):
+            raise ValueError("'cursors' must map paths to byte offsets")
+        if any(k.endswith("/") and v != 0 for k, v in cursors.items()):
+            raise ValueError("a folder's cursor (a path ending in '/') must be 0")
+        return cls(Filters.from_lists(*lists, limits=limits), parse_since(obj.get("since"), now),
+                   dict(cursors))
+
+
+def client_message(text: str, now: float, limits: Limits = DEFAULT_LIMITS) -> Subscription:
+    """A client's message as a Subscription, or ValueError saying what is wrong with it."""
+    try:                            # the transcript lines' decoder: one depth limit
+        obj = decode_line(text.encode("utf-8"))
+    except MalformedLine as exc:
+        raise ValueError("a message must be a JSON object (%s)" % exc) from None
+    kind = obj.get("kind")
+    if kind != "subscribe":
+        raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
+    return Subscription.from_message(obj, now, limits)
+
+
+# --- server messages: one builder per kind ------------------------------------
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A whole unmasked text frame: what the server queues, built once for every client."""
+    return encode_frame(Opcode.TEXT, payload)
+
+
+_JSON_TEXT_CACHE: Dict[Optional[str], bytes] = {}
+
+
+def _json_text(value: Optional[str]) -> bytes:
+    """JSON for a short string (a path, a session id) or null, remembered: few distinct values."""
+    cached = _JSON_TEXT_CACHE.get(value)
+    if cached is None:
+        cached = json.dumps(value).encode("ascii")
+        if value is None or len(value) <= JSON_TEXT_CACHE_MAX_CHARS:    # ids, not content
+            if len(_JSON_TEXT_CACHE) >= JSON_TEXT_CACHE_SIZE:
+                _JSON_TEXT_CACHE.clear()
+            _JSON_TEXT_CACHE[value] = cached
+    return cached
+
+
+@dataclass
+class LineMessage:
+    """One message in a file's order (an entry, malformed or gap), built once for every client."""
+    offset: int
+    next: int                       # offset of the following line: the client's cursor
+    frame: bytes                    # the whole WebSocket frame, built once for every client
+    meta: MessageMeta
+    malformed: str = ""             # why the line is not an entry, if it is not
+    sort_key: str = ""              # the raw timestamp: ISO-8601 UTC sorts as text
+
+    # The parsed entry is not kept: thousands of parsed lines alive per tick
+    # made the garbage collector the biggest cost of a burst.
+
+    @property
+    def time(self) -> Optional[float]:
+        when = parse_timestamp(self.sort_key) if self.sort_key else None
+        return when.timestamp() if when is not None else None
+
+
+def file_notice(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
+    """A notice about one file (malformed, gap, reset): its frame and what filters see."""
+    fields = {"kind": kind, "path": rec.rel, "project": rec.project, "session": rec.session,
+              "agent": rec.agent}
+    fields.update(extra)
+    ids = tuple(i for i in (rec.session, rec.agent) if i)
+    return text_frame(_json(fields)), MessageMeta(rec.project, ids, None)
+
+
+def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMessage]:
+    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice."""
+    if not line.strip():
+        return None                 # a blank line carries nothing
+    after = offset + len(line) + 1
+    try:
+        obj = decode_line(line)
+    except MalformedLine as exc:
+        frame, meta = file_notice("malformed", rec, offset=offset, next=after,
+                                  reason=str(exc), excerpt=excerpt(line))
+        return LineMessage(offset, after, frame, meta, str(exc))
+    fields = EntryFields.read(obj, rec)
+    # The envelope, keys in this order, around the line's own bytes, and the
+    # frame header before it, in one join of cached pieces: json.dumps per line
+    # was a third of the cost, and the frame needs no second copy.
+    pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
+              b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
+              b',"session":', _json_text(fields.session), b',"agent":', _json_text(fields.agent),
+              b',"entry":', line, b"}"]
+    pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
+    meta = MessageMeta(rec.project + "\n" + fields.cwd if fields.cwd is not None else rec.project,
+                       tuple(filter(None, (rec.session, fields.session, fields.agent))), fields.type)
+    return LineMessage(offset, after, b"".join(pieces), meta, sort_key=fields.timestamp)
+
+
+def oversize_reason(limit: int) -> str:
+    return "line longer than %d MiB; skipped" % (limit >> 20)
+
+
+def gap_message(rec: FileRecord, offset: int, reason: str) -> LineMessage:
+    """A ``gap`` notice in its file's order: the bytes from ``offset`` are not sent.
+
+    It travels like a line (live, or from history at the same offset), so each
+    client gets it once; ``next`` moves the client's position just past it.
+    """
+    frame, meta = file_notice("gap", rec, offset=offset, next=None, reason=reason)
+    return LineMessage(offset, offset + 1, frame, meta)
+
+
+def reset_message(rec: FileRecord, reason: str) -> Tuple[bytes, MessageMeta]:
+    return file_notice("reset", rec, reason=reason, offset=0)
+
+
+def hello_message(status: Dict[str, Any], now: str, filters: Filters) -> bytes:
+    hello: Dict[str, Any] = {"kind": "hello"}
+    hello.update(status)
+    hello["time"] = now
+    hello["filters"] = filters.as_json()
+    return text_frame(_json(hello))
+
+
+def subscribed_message(filters: Filters, behind: int) -> bytes:
+    return text_frame(_json({"kind": "subscribed", "filters": filters.as_json(), "backlog": behind}))
+
+
+def error_message(error: str) -> bytes:
+    return text_frame(_json({"kind": "error", "error": error}))
+
+
+LIVE_MESSAGE = text_frame(_json({"kind": "live"}))
+
+
+# =============================================================================
+# Request policy: who may connect, and what each request gets (sans-I/O)
+# =============================================================================
+
+
 def request_target(target: str) -> Tuple[str, str]:
     """(path, query) of a request target, or 400: origin-form split by hand.
 
@@ -2977,186 +3668,809 @@ def request_token(request: HttpHead, query: str) -> Optional[str]:
 
 
 @dataclass
-class MessageMeta:
-    """What filters look at, computed once per message, shared by all clients."""
-    project: str                    # the project folder, and the entry's cwd if any
-    ids: Tuple[str, ...]            # session ids (by path and by entry) and agent id
-    type: Optional[str]             # the entry's type; None for other kinds
+class Upgrade:
+    """The request becomes a WebSocket client with this subscription."""
+    key: str
+    subscription: Subscription
 
 
 @dataclass
-class Filters:
-    """A client's subscription. Empty lists match everything.
+class Answer:
+    """The request gets this HTTP response, and the connection closes."""
+    response: bytes
 
-    ``projects``: case-insensitive substrings of the project folder name or of
-    the entry's working directory; ``sessions``: prefixes of a session or
-    sub-agent id (short ids work); ``types``: entry types, which filter entries
-    only, never notices.
+
+# What GET / serves to a browser: (headers, body) for the request's Host, or None.
+PageSource = Callable[[Optional[str], bool], Optional[Tuple[List[Tuple[str, str]], bytes]]]
+
+
+class RequestPolicy:
+    """Every rule a request meets before it is served, in the order they apply.
+
+    1. Host and Origin (browsers' rules: DNS rebinding, cross-site hijacking): 403.
+    2. The token: 401, so nothing below is reachable without it.
+    3. Routes: the WebSocket endpoint and the page at ``/``, ``/status``; 404, 405.
+    4. Capacity and the subscription in the query: 503, 400.
+    Errors are HandshakeErrors; ``build_error_response`` turns each into its status.
     """
-    projects: List[str] = field(default_factory=list)
-    sessions: List[str] = field(default_factory=list)
-    types: List[str] = field(default_factory=list)
 
-    @classmethod
-    def from_lists(cls, projects: List[str], sessions: List[str], types: List[str]) -> "Filters":
-        """The filters, or ValueError past the limits: every line is matched against them."""
-        for name, values in (("project", projects), ("session", sessions), ("type", types)):
-            if len(values) > MAX_FILTER_VALUES:
-                raise ValueError("at most %d '%s' filters" % (MAX_FILTER_VALUES, name))
-            if any(len(v) > MAX_FILTER_CHARS for v in values):
-                raise ValueError("a '%s' filter is longer than %d characters" % (name, MAX_FILTER_CHARS))
-        return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t])
+    def __init__(self, host: str, token: Optional[str], allowed_origins: Iterable[str] = (),
+                 secure: bool = False, page: Optional[PageSource] = None,
+                 limits: Limits = DEFAULT_LIMITS):
+        self.host = host
+        self.port = 0                   # set once listening (--port 0 picks one)
+        self.token = token              # None: --no-auth
+        self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
+        self.secure = secure
+        self.page = page
+        self.limits = limits
 
-    def as_json(self) -> Dict[str, List[str]]:
-        return {"project": self.projects, "session": self.sessions, "type": self.types}
+    def admit(self, request: HttpHead) -> Tuple[str, str]:
+        """Rules 1 and 2: (path, query) of a request that may be served; HandshakeError if not."""
+        path, query = request_target(request.start[1])
+        self.check_browser_rules(request, is_upgrade_request(request))
+        self.check_token(request, query)
+        return path, query
 
-    def match(self, meta: MessageMeta) -> bool:
-        if self.projects and not any(p in meta.project.lower() for p in self.projects):
-            return False
-        if self.sessions and not any(i.startswith(s) for s in self.sessions for i in meta.ids):
-            return False
-        if self.types and meta.type is not None and meta.type not in self.types:
-            return False
+    def route(self, request: HttpHead, path: str, query: str, clients: int,
+              status: Callable[[], Dict[str, Any]], now: float) -> Union[Upgrade, Answer]:
+        """Rules 3 and 4, for an admitted request: what it gets; HandshakeError for a refusal."""
+        method = request.start[0]
+        if is_upgrade_request(request):
+            key = check_upgrade_request(request)
+            if path != "/":
+                raise HandshakeError(404, "the WebSocket endpoint is /")
+            if clients >= self.limits.max_connections:
+                raise self.busy("too many clients (%d)" % self.limits.max_connections)
+            try:
+                return Upgrade(key, Subscription.from_query(query, now, self.limits))
+            except ValueError as exc:
+                raise HandshakeError(400, str(exc)) from None
+        if method not in ("GET", "HEAD"):
+            raise HandshakeError(405, "only GET is served here", [("Allow", "GET, HEAD")])
+        page = self.page(request.get("Host"), self.secure) if path == "/" and self.page else None
+        if page is not None:
+            headers, body = page
+            ctype = "text/html; charset=utf-8"
+        elif path == "/status":
+            headers, body, ctype = [], _json(status()) + b"\n", "application/json"
+        else:
+            raise HandshakeError(404, "nothing here; the page and the WebSocket endpoint are at /")
+        response = build_response(200, headers, body, ctype)
+        return Answer(response[:len(response) - len(body)] if method == "HEAD" else response)
+
+    def busy(self, why: str) -> HandshakeError:
+        return HandshakeError(503, why, [("Retry-After", str(self.limits.retry_after))])
+
+    def check_browser_rules(self, request: HttpHead, upgrade: bool) -> None:
+        """DNS rebinding and cross-site WebSocket hijacking, refused with 403.
+
+        Bound to loopback, the Host must name loopback (an attacker's domain that
+        resolves to 127.0.0.1 cannot). A WebSocket request from a browser must
+        come from our own page: its Origin must be http://<that Host>; any
+        other page, and "null", is refused. Programs send no Origin.
+        """
+        host = request.get("Host") or ""
+        if not host:
+            raise HandshakeError(400, "a Host header is required")
+        if self.host in LOOPBACK_HOSTS:
+            match = _HOST_RE.match(host)
+            name, port = (match.group(1).lower(), match.group(2)) if match else ("", None)
+            if name not in LOOPBACK_HOSTS or port not in (None, str(self.port)):
+                raise HandshakeError(403, "Host %r is not this machine (DNS rebinding protection)"
+                                     % host[:100])
+        origin = request.get("Origin")
+        scheme = "https" if self.secure else "http"
+        if upgrade and origin is not None and origin != scheme + "://" + host \
+                and origin not in self.allowed_origins:
+            raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
+                                 % origin[:100])
+
+    def check_token(self, request: HttpHead, query: str) -> None:
+        """401 before any upgrade unless the request carries our token.
+
+        Compared with hmac.compare_digest: constant time, so the answer's timing
+        says nothing about how much of a guess was right.
+        """
+        if self.token is None:
+            return
+        given = request_token(request, query)
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                    self.token.encode("utf-8")):
+            raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
+                                      "or ?token=TOKEN in a browser)",
+                                 [("WWW-Authenticate", 'Bearer realm="claude_stream"')])
+
+
+# =============================================================================
+# Per-client feed: one client's cursors, filters, backlog and phase (sans-I/O)
+# =============================================================================
+#
+# A client is a cursor per file. Live delivery is the case where that cursor is
+# at the end of what the tailer has read; history, resume and the catch-up of a
+# slow client are the cases where it is behind, and the file is read from disk
+# until the cursor reaches the end. The Feed is that rule, with no socket and no
+# clock: the server offers it lines and says how much is unsent; it answers
+# with the frames to send.
+
+
+def cursor_valid(rec: FileRecord, offset: int) -> bool:
+    """A cursor must point at a line start within what was read (not past a truncation)."""
+    if offset == 0:
         return True
+    if offset > rec.line_start:
+        return False
+    try:
+        with open_regular(rec.abspath, (rec.dev, rec.ino)) as fh:
+            fh.seek(offset - 1)
+            return fh.read(1) == b"\n"
+    except OSError:
+        return False
 
 
-@dataclass
-class Subscription:
-    """What a client asks for: filters, history since a time, cursors to resume from."""
-    filters: Filters
-    since: Optional[float] = None               # epoch seconds; -inf for "all"
-    cursors: Dict[str, int] = field(default_factory=dict)   # path -> next offset
-    hold: bool = False                          # send nothing but hello until `subscribe`
+class Backlog:
+    """One file a client is behind in, read from disk up to what the tailer delivered.
 
-    @classmethod
-    def from_query(cls, query: str, now: float) -> "Subscription":
-        params = parse_qs(query, keep_blank_values=False)
-        unknown = set(params) - {"project", "session", "type", "since", "hold", "token"}
-        if unknown:
-            raise ValueError("unknown query parameter(s): %s" % ", ".join(sorted(unknown)))
+    With ``since`` set, lines before the first entry of that time or later are
+    skipped (with the untimed lines right before it, e.g. a snapshot, kept).
+    ``ready`` holds the messages due next, in file order.
+    """
 
-        def values(name: str) -> List[str]:
-            return [v for raw in params.get(name, []) for v in raw.split(",")]
-        since = params.get("since", [None])[-1]
-        return cls(Filters.from_lists(values("project"), values("session"), values("type")),
-                   parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""))
+    def __init__(self, rec: FileRecord, offset: int, limits: Limits, since: Optional[float] = None):
+        self.rec = rec
+        self.reader = LineReader(rec, offset, limits.max_line_bytes)
+        self.limits = limits
+        self.since = since
+        self.held: List[LineMessage] = []       # untimed lines, fate pending
+        self.ready: Deque[LineMessage] = collections.deque()
+        self.last_key = ""                      # for merging files in time order
 
-    @classmethod
-    def from_message(cls, obj: Dict[str, Any], now: float) -> "Subscription":
-        lists = []
-        for name in ("project", "session", "type"):
-            value = obj.get(name, [])
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError("'%s' must be a string or a list of strings" % name)
-            lists.append(value)
-        cursors = obj.get("cursors", {})
-        if not isinstance(cursors, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                for k, v in cursors.items()):
-            raise ValueError("'cursors' must map paths to byte offsets")
-        if any(k.endswith("/") and v != 0 for k, v in cursors.items()):
-            raise ValueError("a folder's cursor (a path ending in '/') must be 0")
-        return cls(Filters.from_lists(*lists), parse_since(obj.get("since"), now), dict(cursors))
+    def prepare(self, log: Log) -> Tuple[int, bool]:
+        """Ready the next message(s), applying ``since``, reading at most one block.
+
+        Returns the bytes read and whether the file is read up to the live edge.
+        A file that cannot be read becomes one ``gap`` in its place in the
+        history, and the rest of the history goes on.
+        """
+        reader, limits = self.reader, self.limits
+        read = 0
+        while not self.ready:
+            if not reader.lines:
+                if read:
+                    return read, False      # one block per call: the tick stays short
+                limit = self.rec.delivered_end
+                try:
+                    read = reader.fill(limit, limits.catchup_block if reader.blocks
+                                       else limits.catchup_first_block)
+                except OSError as exc:
+                    log.warn("cannot read %s for a client's history: %s"
+                             % (self.rec.rel, exc.strerror or exc), key="files")
+                    self.ready.append(gap_message(self.rec, reader.line_start,
+                                                  "cannot read: %s" % (exc.strerror or exc)))
+                    reader.give_up(limit)
+                    return 0, False
+                if not read:
+                    if self.held and self.rec.mtime >= (self.since or 0):
+                        self.ready.extend(self.held)    # recent untimed lines at the end
+                    self.held = []
+                    return 0, not self.ready
+                continue
+            offset, line = reader.lines.popleft()
+            message = line_message(self.rec, offset, line) if line is not None \
+                else gap_message(self.rec, offset, oversize_reason(limits.max_line_bytes))
+            if message is not None:
+                self._window(message)
+        return read, False
+
+    def _window(self, message: LineMessage) -> None:
+        """Apply ``since``: hold untimed lines until a timed one says whether they are in."""
+        if self.since is None:
+            self.ready.append(message)
+            return
+        when = message.time
+        if when is None:
+            self.held.append(message)
+            del self.held[:-self.limits.max_held_lines]
+        elif when < self.since:
+            self.held = []
+        else:
+            self.since = None           # the window starts here; all that follows is sent
+            self.ready.extend(self.held)
+            self.ready.append(message)
+            self.held = []
+
+    def sort_key(self) -> str:
+        """The time the next message sorts by across files.
+
+        An untimed line (a mode, a title, a snapshot) sorts with its predecessor,
+        or, first in its file, with the next line that has a time.
+        """
+        key = self.ready[0].sort_key or self.last_key
+        if not key:
+            key = next((m.sort_key for m in self.ready if m.sort_key), "")
+        if not key:
+            ahead = itertools.islice(self.reader.lines, 0, self.limits.timestamp_lookahead)
+            key = next(filter(None, (peek_timestamp(line) for _, line in ahead)), "")
+        self.last_key = key
+        return key
 
 
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+class Phase(enum.Enum):
+    """Where a client is. Every transition is in Feed:
+
+    LIVE -> CATCHING_UP   a subscription asks for history, or live output overflows
+    CATCHING_UP -> LIVE   the backlog is empty and the output low (a ``live`` message)
+    any -> HELD           the request said hold=1; HELD -> CATCHING_UP on its subscribe
+    """
+    LIVE = "live"                   # matching lines are sent as the tailer reads them
+    CATCHING_UP = "catching up"     # files behind come from disk; their live lines wait there
+    HELD = "held"                   # nothing but notices until the client's subscribe
 
 
-_JSON_TEXT_CACHE: Dict[Optional[str], bytes] = {}
+class Feed:
+    """One client's part of the stream, and the exactly-once rule.
 
+    ``position`` holds, per file, the offset after the last line sent; a line
+    below it is never sent again. A file in ``backlog`` is served from disk,
+    never live, until its reader reaches what the tailer has delivered; then
+    live delivery takes over at exactly that offset. A new feed is live with
+    no filters: nothing is behind until a subscription asks for history.
+    """
 
-def _json_text(value: Optional[str]) -> bytes:
-    """JSON for a short string (a path, a session id) or null, remembered: few distinct values."""
-    cached = _JSON_TEXT_CACHE.get(value)
-    if cached is None:
-        cached = json.dumps(value).encode("ascii")
-        if value is None or len(value) <= JSON_TEXT_CACHE_MAX_CHARS:    # ids, not content
-            if len(_JSON_TEXT_CACHE) >= JSON_TEXT_CACHE_SIZE:
-                _JSON_TEXT_CACHE.clear()
-            _JSON_TEXT_CACHE[value] = cached
-    return cached
-
-
-def _file_fields(rec: FileRecord) -> Dict[str, Any]:
-    return {"path": rec.rel, "project": rec.project, "session": rec.session, "agent": rec.agent}
-
-
-@dataclass
-class LineMessage:
-    """One transcript line as a message, built once and shared by every client."""
-    offset: int
-    next: int                       # offset of the following line: the client's cursor
-    frame: bytes                    # the whole WebSocket frame, built once for every client
-    meta: MessageMeta
-    malformed: str = ""             # why the line is not an entry, if it is not
-    sort_key: str = ""              # the raw timestamp: ISO-8601 UTC sorts as text
-
-    # The parsed entry is not kept: thousands of parsed lines alive per tick
-    # made the garbage collector the biggest cost of a burst.
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, log: Optional[Log] = None):
+        self.limits = limits
+        self.log = log or Log()
+        self.filters = Filters()
+        self.phase = Phase.LIVE
+        self.position: Dict[str, int] = {}
+        self.backlog: Dict[str, Backlog] = {}
+        self._merge_seq = 0
 
     @property
-    def time(self) -> Optional[float]:
-        when = parse_timestamp(self.sort_key) if self.sort_key else None
-        return when.timestamp() if when is not None else None
+    def wants_steps(self) -> bool:
+        """Files to read from disk, and leave to do so (``step`` is due soon)."""
+        return bool(self.backlog) and self.phase is not Phase.HELD
+
+    def subscribe(self, sub: Subscription, files: Iterable[FileRecord], acknowledge: bool) -> List[bytes]:
+        """Apply filters, cursors and history; files behind go to the backlog."""
+        self.filters = sub.filters
+        if sub.hold:
+            self.phase = Phase.HELD
+            return []
+        out: List[bytes] = []
+        folders = [(k, v) for k, v in sub.cursors.items() if k.endswith("/")]
+        for rec in files:                   # filters apply per line (cwd included)
+            rel = rec.rel
+            start = sub.cursors.get(rel)
+            if start is None and folders:   # a folder's cursor: every file below without its own
+                start = next((v for k, v in folders if rel.startswith(k)), None)
+            if start is not None:
+                if not cursor_valid(rec, start):
+                    out.append(reset_message(rec, "cursor")[0])
+                    start = 0
+                self.backlog.pop(rel, None)
+                self.position[rel] = start
+                if start < rec.line_start:
+                    self.backlog[rel] = Backlog(rec, start, self.limits)
+            elif sub.since is not None and rec.mtime >= sub.since:
+                # History replaces any backlog already open for this file (one opened
+                # by a live line that came while the client was held, say): it reads
+                # from what was last sent, so it covers that backlog's lines too.
+                start = self.position.get(rel, 0)
+                if start < rec.line_start:
+                    self.backlog[rel] = Backlog(rec, start, self.limits, since=sub.since)
+        if self.phase is not Phase.LIVE or self.backlog:
+            self.phase = Phase.CATCHING_UP      # even with nothing behind: it ends with `live`
+        if acknowledge:
+            out.append(subscribed_message(sub.filters, len(self.backlog)))
+        return out
+
+    def offer(self, lines: List[Tuple[FileRecord, LineMessage]], unsent: int) -> List[bytes]:
+        """Live lines: the frames to send now; the rest are sent already, filtered out,
+        or left on disk for the backlog.
+
+        One call per batch of lines read in a tick, so the per-line work for
+        each client is a few dictionary lookups, and the frames go out together.
+        """
+        match, position, backlog = self.filters.match, self.position, self.backlog
+        room = self.limits.live_output_cap - unsent
+        frames = []
+        for rec, message in lines:
+            rel = rec.rel
+            if rel in backlog or message.offset < position.get(rel, 0) or not match(message.meta):
+                continue
+            if self.phase is not Phase.LIVE or room < 0:
+                # Too much unsent (or history still replaying): stop queueing live
+                # entries; this file is caught up from disk later, from this line on.
+                if self.phase is Phase.LIVE:
+                    self.log.debug("a client has %d KiB unsent; catching it up from disk"
+                                   % ((self.limits.live_output_cap - room) >> 10))
+                    self.phase = Phase.CATCHING_UP
+                backlog[rel] = Backlog(rec, message.offset, self.limits)
+                continue
+            frames.append(message.frame)
+            room -= len(message.frame)
+            position[rel] = message.next
+        return frames
+
+    def file_reset(self, rec: FileRecord, notice: Tuple[bytes, MessageMeta]) -> List[bytes]:
+        """The file restarts at 0: forget the cursor, restart its backlog, pass the notice on."""
+        rel = rec.rel
+        self.position.pop(rel, None)
+        if rel in self.backlog:
+            self.backlog[rel] = Backlog(rec, 0, self.limits)
+        return [notice[0]] if self.filters.match(notice[1]) else []
+
+    def file_removed(self, rec: FileRecord) -> None:
+        self.position.pop(rec.rel, None)
+        self.backlog.pop(rec.rel, None)
+
+    def step(self, budget: int, unsent: int) -> Tuple[List[bytes], int]:
+        """Catch up: (frames, bytes read and sent), the oldest line first across files.
+
+        Every file behind gets its next line ready before any line is sent, so
+        the merge is in time order across files; readying, like sending, is
+        bounded by ``budget`` (a file still scanning for its --since window
+        holds the merge until a later step). Sends while ``unsent`` is below the
+        low-water mark; at the end of the backlog, ``live``.
+        """
+        if self.phase is not Phase.CATCHING_UP:
+            return [], 0
+        frames: List[bytes] = []
+        used = 0
+        heads: List[Tuple[str, int, str]] = []      # (time key, tie-break, path)
+        complete = True
+        for rel, backlog in list(self.backlog.items()):
+            if used >= budget:
+                complete = False
+                break
+            read, scanning = self._refill(rel, backlog, heads)
+            used += read
+            complete = complete and not scanning
+        low_water = self.limits.catchup_low_water
+        while complete and heads and used < budget and unsent < low_water:
+            rel = heapq.heappop(heads)[2]
+            backlog = self.backlog[rel]
+            message = backlog.ready.popleft()
+            self.position[rel] = message.next
+            if self.filters.match(message.meta):
+                frames.append(message.frame)
+                used += len(message.frame)
+                unsent += len(message.frame)
+            read, scanning = self._refill(rel, backlog, heads)
+            used += read
+            complete = not scanning
+        if not self.backlog and unsent < low_water:
+            self.phase = Phase.LIVE
+            frames.append(LIVE_MESSAGE)
+        return frames, used
+
+    def _refill(self, rel: str, backlog: Backlog, heads: List[Tuple[str, int, str]]) -> Tuple[int, bool]:
+        """Ready the backlog's next line and push it on the merge heap; drop it when done.
+
+        Returns the bytes read and whether the file is still scanning for its window.
+        """
+        read, exhausted = backlog.prepare(self.log)
+        if backlog.ready:
+            self._merge_seq += 1
+            heapq.heappush(heads, (backlog.sort_key(), self._merge_seq, rel))
+            return read, False
+        if exhausted or backlog.rec.gone:
+            del self.backlog[rel]           # caught up: live delivery takes over
+            return read, False
+        return read, True
 
 
-def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMessage]:
-    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice."""
-    if not line.strip():
-        return None                 # a blank line carries nothing
-    after = offset + len(line) + 1
-    try:
-        obj = decode_line(line)
-    except MalformedLine as exc:
-        payload, meta = notice_message("malformed", rec, offset=offset, next=after,
-                                       reason=str(exc), excerpt=excerpt(line))
-        return LineMessage(offset, after, encode_frame(Opcode.TEXT, payload), meta, str(exc))
-    session = obj.get("sessionId")
-    session = session if isinstance(session, str) else rec.session
-    agent = rec.agent
-    if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
-        agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-    # The envelope, keys in this order, around the line's own bytes, and the
-    # frame header before it, in one join of cached pieces: json.dumps per line
-    # was a third of the cost, and the frame needs no second copy.
-    pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
-              b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
-              b',"session":', _json_text(session), b',"agent":', _json_text(agent),
-              b',"entry":', line, b"}"]
-    pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
-    frame = b"".join(pieces)
-    kind, cwd = obj.get("type"), obj.get("cwd")
-    meta = MessageMeta(rec.project + "\n" + cwd if isinstance(cwd, str) else rec.project,
-                       tuple(filter(None, (rec.session, session, agent))),
-                       kind if isinstance(kind, str) else "")
-    stamp = obj.get("timestamp")
-    return LineMessage(offset, after, frame, meta, sort_key=stamp if isinstance(stamp, str) else "")
+# =============================================================================
+# Broadcast: each message encoded once, offered to every client, with backpressure
+# =============================================================================
 
 
-def notice_message(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
-    fields = {"kind": kind}
-    fields.update(_file_fields(rec))
-    fields.update(extra)
-    ids = tuple(i for i in (rec.session, rec.agent) if i)
-    return _json(fields), MessageMeta(rec.project, ids, None)
+class Backpressure:
+    """Whether the tailer may read on, given what live clients have unsent.
 
-
-OVERSIZE_REASON = "line longer than %d MiB; skipped" % (MAX_LINE_BYTES >> 20)
-
-
-def gap_message(rec: FileRecord, offset: int, reason: str = OVERSIZE_REASON) -> LineMessage:
-    """A ``gap`` notice in its file's order: the bytes from ``offset`` are not sent.
-
-    It travels like a line (live, or from history at the same offset), so each
-    client gets it once; ``next`` moves the client's position just past it.
+    The lines stay on disk, so waiting loses nothing, while moving a client
+    to catch-up costs it a second, per-client pass over the same bytes. So
+    while live clients are more than half full the tailer waits. After
+    ``congestion_grace`` it reads on (tripping the laggards into catch-up) if
+    the congestion is theirs alone: some live client kept up, or one of them
+    barely moved. If every client is behind and all are moving, the
+    bottleneck is shared and the wait goes on.
     """
-    payload, meta = notice_message("gap", rec, offset=offset, next=None, reason=reason)
-    return LineMessage(offset, offset + 1, encode_frame(Opcode.TEXT, payload), meta)
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS):
+        self.limits = limits
+        self.congested_since: Optional[float] = None
+        self._marks: Dict[Any, int] = {}        # client -> bytes sent when the wait began
+
+    def may_read(self, now: float, live: List[Tuple[Any, int, int]]) -> bool:
+        """``live``: (client, unsent bytes, bytes sent so far) for each live client."""
+        congested = [(c, sent) for c, unsent, sent in live if unsent > self.limits.live_output_cap // 2]
+        if not congested:
+            self.congested_since = None
+            return True
+        if self.congested_since is None:
+            self._wait(now, congested)
+            return False
+        if now - self.congested_since < self.limits.congestion_grace:
+            return False
+        moved = [sent - self._marks.get(c, 0) for c, sent in congested]
+        if len(congested) < len(live) or min(moved) < self.limits.catchup_low_water:
+            self.congested_since = None
+            return True
+        self._wait(now, congested)              # everyone behind, everyone moving: keep waiting
+        return False
+
+    def _wait(self, now: float, congested: List[Tuple[Any, int]]) -> None:
+        self.congested_since = now
+        self._marks = dict(congested)
 
 
-# --- the live page (GET /) ----------------------------------------------------
+class Broadcast:
+    """Tail events to clients: envelope and frame each once, offer the same bytes to each feed.
+
+    A client is anything with a ``feed``, its ``unsent`` byte count,
+    ``send_frames`` and ``sync`` (a ServerSession; a list in tests).
+    """
+
+    def __init__(self, log: Log, limits: Limits = DEFAULT_LIMITS):
+        self.log, self.limits = log, limits
+        self.malformed_count = 0
+
+    def publish(self, events: List[TailEvent], clients: Iterable[Any]) -> None:
+        clients = list(clients)
+        touched: Dict[Any, None] = {}
+        lines: List[Tuple[FileRecord, LineMessage]] = []
+        for event in events:
+            if isinstance(event, (LineEvent, OversizeEvent)):
+                message = self._message(event)
+                if message is not None:
+                    lines.append((event.file, message))
+                continue
+            if lines:                       # lines before a notice go out before it
+                self._offer(lines, clients, touched)
+                lines = []
+            self._file_changed(event, clients, touched)
+        if lines:
+            self._offer(lines, clients, touched)
+        for client in touched:
+            client.sync()
+
+    def _message(self, event: Union[LineEvent, OversizeEvent]) -> Optional[LineMessage]:
+        rec = event.file
+        if isinstance(event, OversizeEvent):  # in the file's order, to whom the file's lines go
+            self.log.warn("skipped a line over %d MiB in %s at byte %d"
+                          % (self.limits.max_line_bytes >> 20, rec.rel, event.offset), key="files")
+            return gap_message(rec, event.offset, oversize_reason(self.limits.max_line_bytes))
+        message = line_message(rec, event.offset, event.data)
+        if message is not None and message.malformed:
+            self.malformed_count += 1
+            self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
+                          % (rec.rel, event.offset, message.malformed, self.malformed_count),
+                          key="malformed")
+        return message
+
+    @staticmethod
+    def _offer(lines: List[Tuple[FileRecord, LineMessage]], clients: List[Any],
+               touched: Dict[Any, None]) -> None:
+        for client in clients:
+            frames = client.feed.offer(lines, client.unsent)
+            if frames:
+                client.send_frames(frames)
+                touched[client] = None
+
+    def _file_changed(self, event: TailEvent, clients: List[Any], touched: Dict[Any, None]) -> None:
+        """A reset or removal: keep every client's cursors true, and tell those it concerns."""
+        rec = event.file
+        if isinstance(event, ResetEvent):
+            self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason),
+                          key="files")
+            notice = reset_message(rec, event.reason)
+            for client in clients:
+                frames = client.feed.file_reset(rec, notice)
+                if frames:
+                    client.send_frames(frames)
+                    touched[client] = None
+        else:
+            self.log.debug("%s is gone" % rec.rel)
+            for client in clients:
+                client.feed.file_removed(rec)
+
+
+# =============================================================================
+# Server: the policy, the feeds and the broadcast wired to the loop
+# =============================================================================
+
+
+class ServerSession(WebSocketEndpoint):
+    """One accepted connection: an HTTP request, then maybe a WebSocket client and its Feed."""
+
+    side = Side.SERVER
+
+    def __init__(self, server: "StreamServer"):
+        super().__init__(server.loop, server.limits)
+        self.server = server
+        self.feed = Feed(server.limits, server.log)
+        # (bytes sent, when) for the slow-client deadline: its clock starts now,
+        # so a client that has not yet read its first byte is not "too slow".
+        self.progress = (0, server.loop.time())
+        # each subscribe goes over the cursors of every file: a client gets a few a second
+        self.subscribes = RateLimit(server.limits.subscribe_burst, server.limits.subscribe_rate,
+                                    server.loop.time())
+
+    def on_request(self, request: HttpHead) -> None:
+        try:
+            self.server.route(self, request)
+        except HandshakeError as exc:
+            self.reject(exc)
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN and self.stream is not None \
+            and not self.stream.closed
+
+    def send_frames(self, frames: List[bytes]) -> None:
+        if self.open and frames:
+            assert self.ws is not None
+            self.ws.send_prebuilt_frames(frames)
+
+    def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
+        try:
+            self.server.client_message(self, message)
+        except Exception as exc:        # noqa: BLE001 - a bug costs this client, with a Close
+            self.server.log.internal_error(exc)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def on_closed(self, code: int, reason: str) -> None:
+        self.server.session_closed(self, code, reason)
+
+
+class StreamServer:
+    """Listens, accepts, polls the tailer and drives the broadcast and the feeds."""
+
+    def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
+                 token: Optional[str] = None, allowed_origins: Iterable[str] = (),
+                 tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
+                 limits: Limits = DEFAULT_LIMITS, page: Optional[PageSource] = None,
+                 wall: Callable[[], float] = time.time):
+        self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
+        self.limits, self.tls, self.wall = limits, tls, wall
+        self.policy = RequestPolicy(host, token, allowed_origins, tls is not None, page, limits)
+        self.broadcast = Broadcast(log, limits)
+        self.backpressure = Backpressure(limits)
+        self.requested_port = port
+        self.also_ipv6_loopback = also_ipv6_loopback
+        self.listeners: List[socket.socket] = []
+        self.sessions: Dict[ServerSession, None] = {}       # every open connection
+        self.pending: Dict[ServerSession, None] = {}        # ... not yet authenticated, oldest first
+        self.subscribers: Dict[ServerSession, None] = {}    # ... WebSocket clients
+        self._poll_timer: Optional[Timer] = None
+        self.shutting_down = False
+
+    @property
+    def url(self) -> str:
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s:%d/" % ("wss" if self.tls is not None else "ws", host, self.port)
+
+    def listen(self) -> None:
+        """Listen on --host; by default on both loopback addresses, 127.0.0.1 and ::1.
+
+        ``localhost`` resolves to ::1 first on many systems, so IPv4 alone
+        refused it. ::1 is a best effort (a machine may have no IPv6); with
+        port 0 both get the same port, chosen again if ::1 has it taken.
+        """
+        for attempt in range(self.limits.listen_attempts):
+            self.listeners = [listen_socket(self.host, self.port, self.limits.listen_backlog)]
+            self.port = self.policy.port = self.listeners[0].getsockname()[1]
+            if not self.also_ipv6_loopback:
+                break
+            try:
+                self.listeners.append(listen_socket("::1", self.port, self.limits.listen_backlog,
+                                                    fatal=False))
+                break
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    self.log.debug("IPv4 only: %s" % (exc.strerror or exc))
+                    break
+                if self.requested_port == 0 and attempt + 1 < self.limits.listen_attempts:
+                    self.listeners[0].close()
+                    self.port = 0
+                    continue
+                self.log.warn("port %d on ::1 is taken by another program: 'localhost' may "
+                              "reach it instead of this server; use 127.0.0.1" % self.port)
+                break
+        for listener in self.listeners:
+            self._listen_again(listener)
+
+    def start(self) -> None:
+        self.tailer.start()
+        if self.tailer.notify is not None:      # a change wakes the poller at once
+            self.loop.register(self.tailer.notify, selectors.EVENT_READ, lambda mask: self._poll())
+        self._schedule_poll()
+        self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
+
+    # --- connections ------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(self.limits.accepts_per_tick):   # bounded: the loop has other work too
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the connection stays in the kernel's queue and
+                    # the listener stays readable, so asking again at once would spin.
+                    # Rest a moment (as nginx does) and keep serving who we have.
+                    self.log.warn("cannot accept connections: %s; pausing %gs"
+                                  % (exc.strerror or exc, self.limits.accept_pause), key="accept")
+                    self.loop.unregister(listener)
+                    self.loop.call_later(self.limits.accept_pause, lambda: self._listen_again(listener))
+                return                  # others (a peer that already reset): next time
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = ServerSession(self)
+            if self.tls is None:
+                Stream(self.loop, sock, session, self.limits)
+            else:               # a failed TLS handshake is that connection's problem only
+                TLSStream(self.loop, sock, session, self.tls, server_side=True, limits=self.limits)
+            if self.shutting_down:
+                session.reject(self.policy.busy("shutting down"))
+                continue
+            self._add_pending(session)
+
+    def _add_pending(self, session: ServerSession) -> None:
+        if len(self.pending) >= self.limits.max_pending_connections:
+            # Room for those who can authenticate: the oldest connection that has not
+            # yet done so makes way, rather than every newcomer being refused.
+            oldest = next(iter(self.pending))
+            del self.pending[oldest]
+            if oldest.stream is not None:
+                oldest.lost_reason = "pushed out by newer connections before authenticating"
+                oldest.stream.abort()
+        self.sessions[session] = None
+        self.pending[session] = None
+
+    def _listen_again(self, listener: socket.socket) -> None:
+        if listener in self.listeners:
+            self.loop.register(listener, selectors.EVENT_READ, lambda mask: self._accept(listener))
+
+    def route(self, session: ServerSession, request: HttpHead) -> None:
+        path, query = self.policy.admit(request)
+        self.pending.pop(session, None)     # authenticated: no longer among those pushed out
+        decision = self.policy.route(request, path, query, len(self.subscribers), self.status,
+                                     self.wall())
+        if isinstance(decision, Answer):
+            session.respond(decision.response)
+            return
+        session.accept(decision.key)
+        self.subscribers[session] = None
+        session.send_frames([hello_message(self.status(), iso_now(self.wall),
+                                           decision.subscription.filters)])
+        self.subscribe(session, decision.subscription, acknowledge=False)
+        self.log.debug("client connected (%d now)" % len(self.subscribers))
+
+    def status(self) -> Dict[str, Any]:
+        return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION,
+                "watching": [r.path for r in self.tailer.roots if r.present],
+                "waiting": [r.path for r in self.tailer.roots if not r.present],
+                "files": len(self.tailer.files), "clients": len(self.subscribers),
+                "malformed": self.broadcast.malformed_count}
+
+    def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
+        if isinstance(message, BinaryMessage):
+            session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
+            return
+        try:
+            if not session.subscribes.allow(self.loop.time()):
+                raise ValueError("too many subscribe messages: at most %d at once, then %g a second"
+                                 % (self.limits.subscribe_burst, self.limits.subscribe_rate))
+            subscription = client_message(message.text, self.wall(), self.limits)
+        except ValueError as exc:
+            session.send_frames([error_message(str(exc))])
+            session.sync()
+            return
+        self.subscribe(session, subscription)
+
+    def subscribe(self, session: ServerSession, sub: Subscription, acknowledge: bool = True) -> None:
+        session.send_frames(session.feed.subscribe(sub, list(self.tailer.files.values()), acknowledge))
+        session.sync()
+        if session.feed.phase is Phase.CATCHING_UP:
+            self.catch_up()
+
+    def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
+        self.sessions.pop(session, None)
+        self.pending.pop(session, None)
+        if session in self.subscribers:
+            del self.subscribers[session]
+            self.log.debug("client gone: %d %s (%d left)" % (code, session.lost_reason or reason,
+                                                             len(self.subscribers)))
+        if self.shutting_down and not self.sessions:
+            self.loop.stop()
+
+    def _check_slow_clients(self) -> None:
+        """Close a client whose unsent output has not moved for ``slow_client_timeout``."""
+        now, timeout = self.loop.time(), self.limits.slow_client_timeout
+        for session in list(self.subscribers):
+            stream = session.stream
+            if stream is None or not session.open:
+                continue
+            if session.unsent == 0 or stream.bytes_sent != session.progress[0]:
+                session.progress = (stream.bytes_sent, now)
+            elif now - session.progress[1] >= timeout:
+                self.log.info("closing a client that read nothing for %gs" % timeout, key="clients")
+                session.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume from your cursors")
+        self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
+
+    # --- the stream -------------------------------------------------------------
+
+    def _schedule_poll(self) -> None:
+        now = self.loop.time()
+        due = self.tailer.next_due()
+        if self.backpressure.congested_since is not None:
+            due = now + self.limits.catchup_interval    # waiting for clients to drain, not for files
+        elif any(s.feed.wants_steps for s in self.subscribers):
+            due = min(due, now + self.limits.catchup_interval)
+        self._poll_timer = self.loop.call_at(due, self._poll)
+
+    def _poll(self) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()       # called early by a wake-up: one schedule at a time
+        try:
+            now = self.loop.time()
+            # Wake-ups are taken even while reads wait for slow clients: left
+            # unread, the inotify descriptor would keep the loop spinning.
+            events: List[TailEvent] = []
+            self.tailer.take_wakeups(now, events)
+            if self._may_read(now):
+                events += self.tailer.poll(now)
+            if events:
+                self.broadcast.publish(events, self.subscribers)
+            self.catch_up()
+        finally:
+            self._schedule_poll()
+
+    def _may_read(self, now: float) -> bool:
+        live = [(s, s.unsent, s.stream.bytes_sent) for s in self.subscribers
+                if s.feed.phase is Phase.LIVE and s.stream is not None]
+        return self.backpressure.may_read(now, live)
+
+    def catch_up(self) -> None:
+        """Step every client that is behind, a bounded amount per tick in all."""
+        budget = self.limits.catchup_tick_budget
+        for session in list(self.subscribers):
+            if session.feed.phase is not Phase.CATCHING_UP or not session.open:
+                continue
+            frames, used = session.feed.step(budget, session.unsent)
+            session.send_frames(frames)
+            session.sync()
+            budget -= used
+            if budget <= 0:
+                break
+
+    def shutdown(self) -> None:
+        """Close 1001 to every client, then stop (at the latest after ``shutdown_grace``)."""
+        if self.shutting_down:
+            self.loop.stop()        # a second Ctrl-C: stop now
+            return
+        self.shutting_down = True
+        for listener in self.listeners:
+            self.loop.unregister(listener)
+            listener.close()
+        self.listeners = []
+        for session in list(self.sessions):
+            if session.opened:
+                session.close(CloseCode.GOING_AWAY, "server shutting down")
+            elif session.stream is not None:
+                session.stream.abort()
+        if not self.sessions:
+            self.loop.stop()
+        self.loop.call_later(self.limits.shutdown_grace, self.loop.stop)
+
+
+# =============================================================================
+# The live page (GET /)
+# =============================================================================
 # One self-contained page: no external asset, nothing to build. Transcript text
 # only ever reaches the DOM through textContent, and the Content-Security-Policy
 # allows exactly this script and this style (by hash) and connections back here.
@@ -3884,736 +5198,9 @@ def page_headers(host: Optional[str], secure: bool) -> List[Tuple[str, str]]:
             ("X-Frame-Options", "DENY")]
 
 
-@dataclass
-class Backlog:
-    """A file one client is behind in, read from disk until it reaches the live edge.
-
-    History, resume and the catch-up of a slow client are all this: a reader
-    from the client's cursor up to what the tailer has delivered. With
-    ``since`` set, lines before the first entry of that time or later are
-    skipped (with the untimed lines right before it, e.g. a snapshot, kept).
-    """
-    rec: FileRecord
-    reader: LineReader
-    since: Optional[float] = None
-    held: List[LineMessage] = field(default_factory=list)   # untimed lines, fate pending
-    ready: Deque[LineMessage] = field(default_factory=collections.deque)
-    last_key: str = ""                  # for merging files in time order
-
-
-class ServerSession(WebSocketEndpoint):
-    """One accepted connection: an HTTP request, then maybe a WebSocket client.
-
-    Exactly-once rule: ``position`` holds, per file, the offset after the last
-    line this client was sent; a line below it is never sent again. A file in
-    ``backlog`` is served from disk, never live, until its reader reaches the
-    live edge; then live delivery takes over at exactly that offset.
-    """
-
-    side = Side.SERVER
-    max_message_size = MAX_CLIENT_MESSAGE
-
-    def __init__(self, server: "StreamServer"):
-        super().__init__(server.loop)
-        self.server = server
-        self.head = HeadReader()
-        self.filters = Filters()
-        self.replied = False
-        self.position: Dict[str, int] = {}
-        self.backlog: Dict[str, Backlog] = {}
-        self.catching_up = False        # live entries go to the backlog instead
-        self.held = False               # waiting for the client's subscribe message
-        # (bytes sent, when) for the slow-client deadline: its clock starts now,
-        # so a client that has not yet read its first byte is not "too slow".
-        self.progress = (0, server.loop.time())
-        # each subscribe goes over the cursors of every file: a client gets a few a second
-        self.subscribes = RateLimit(SUBSCRIBE_BURST, SUBSCRIBE_RATE, server.loop.time())
-        self._handshake_timer: Optional[Timer] = None
-
-    def connection_made(self, stream: Stream) -> None:
-        super().connection_made(stream)
-        self._handshake_timer = self.loop.call_later(REQUEST_HEAD_TIMEOUT, self._handshake_expired)
-
-    def _handshake_expired(self) -> None:
-        if self.ws is None and self.stream is not None:
-            self.lost_reason = "no complete request within %gs" % REQUEST_HEAD_TIMEOUT
-            self.stream.abort()
-
-    def handshake_data(self, data: bytes) -> None:
-        if self.replied:
-            return                  # an HTTP answer is on its way; nothing more is read
-        try:
-            done = self.head.feed(data)
-            if done is not None:
-                self.server.route(self, parse_head(done[0], request=True), done[1])
-        except HandshakeError as exc:
-            self.reply(build_error_response(exc))
-
-    def reply(self, response: bytes) -> None:
-        self.replied = True
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-        if self.stream is not None:
-            self.stream.write(response)
-            self.stream.close()
-
-    def accept(self, key: str, leftover: bytes) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-        assert self.stream is not None
-        self.stream.write(build_accept_response(key))
-        self.start_websocket(leftover)
-
-    @property
-    def open(self) -> bool:
-        return self.ws is not None and self.ws.state is State.OPEN and self.stream is not None \
-            and not self.stream.closed
-
-    def queue(self, payload: bytes) -> None:
-        if self.open:
-            assert self.ws is not None
-            self.ws.send_text(payload)
-
-    def queue_frames(self, frames: List[bytes]) -> None:
-        if self.open:
-            assert self.ws is not None
-            self.ws.send_prebuilt_frames(frames)
-
-    def offer(self, lines: List[Tuple[FileRecord, LineMessage]]) -> bool:
-        """Live lines: send each, leave it to the backlog, or skip it as already sent.
-
-        One call per batch of lines read in a tick, so the per-line work for
-        each client is a few dictionary lookups, and the frames go out together.
-        """
-        if not self.open:
-            return False
-        match, position, backlog = self.filters.match, self.position, self.backlog
-        room = LIVE_OUTPUT_CAP - self.unsent
-        frames = []
-        for rec, message in lines:
-            rel = rec.rel
-            if rel in backlog or message.offset < position.get(rel, 0) or not match(message.meta):
-                continue
-            if self.catching_up or room < 0:
-                # Too much unsent (or history still replaying): stop queueing live
-                # entries; this file is caught up from disk later, from this line on.
-                if not self.catching_up:
-                    self.server.log.debug("a client has %d KiB unsent; catching it up from disk"
-                                          % ((LIVE_OUTPUT_CAP - room) >> 10))
-                self.catching_up = True
-                backlog[rel] = Backlog(rec, LineReader(rec, message.offset))
-                continue
-            frames.append(message.frame)
-            room -= len(message.frame)
-            position[rel] = message.next
-        self.queue_frames(frames)
-        return bool(frames)
-
-    def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
-        try:
-            self.server.client_message(self, message)
-        except Exception as exc:        # noqa: BLE001 - a bug costs this client, with a Close
-            self.server.log.internal_error(exc)
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
-
-    def on_closed(self, code: int, reason: str) -> None:
-        self.server.session_closed(self, code, reason)
-
-
-class StreamServer:
-    """Accepts connections, polls the tailer, broadcasts, and catches clients up."""
-
-    def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
-                 token: Optional[str] = None, allowed_origins: Iterable[str] = (),
-                 tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False):
-        self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
-        self.token = token              # None: --no-auth
-        self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
-        self.tls = tls
-        self.scheme = "https" if tls is not None else "http"
-        self.requested_port = port
-        self.also_ipv6_loopback = also_ipv6_loopback
-        self.listeners: List[socket.socket] = []
-        self.sessions: Dict[ServerSession, None] = {}       # every open connection
-        self.pending: Dict[ServerSession, None] = {}        # ... not yet authenticated, oldest first
-        self.subscribers: Dict[ServerSession, None] = {}    # ... WebSocket clients
-        self.malformed_count = 0
-        self._poll_timer: Optional[Timer] = None
-        self._congested_since: Optional[float] = None
-        self._congestion_marks: Dict[ServerSession, int] = {}
-        self._merge_seq = 0
-        self.shutting_down = False
-
-    @property
-    def url(self) -> str:
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s://%s:%d/" % ("wss" if self.tls is not None else "ws", host, self.port)
-
-    def listen(self) -> None:
-        """Listen on --host; by default on both loopback addresses, 127.0.0.1 and ::1.
-
-        ``localhost`` resolves to ::1 first on many systems, so IPv4 alone
-        refused it. ::1 is a best effort (a machine may have no IPv6); with
-        port 0 both get the same port, chosen again if ::1 has it taken.
-        """
-        for attempt in range(LISTEN_ATTEMPTS):
-            self.listeners = [self._bind(self.host, self.port)]
-            self.port = self.listeners[0].getsockname()[1]
-            if not self.also_ipv6_loopback:
-                break
-            try:
-                self.listeners.append(self._bind("::1", self.port, fatal=False))
-                break
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    self.log.debug("IPv4 only: %s" % (exc.strerror or exc))
-                    break
-                if self.requested_port == 0 and attempt + 1 < LISTEN_ATTEMPTS:
-                    self.listeners[0].close()
-                    self.port = 0
-                    continue
-                self.log.warn("port %d on ::1 is taken by another program: 'localhost' may "
-                              "reach it instead of this server; use 127.0.0.1" % self.port)
-                break
-        for listener in self.listeners:
-            self._listen_again(listener)
-
-    def _bind(self, host: str, port: int, fatal: bool = True) -> socket.socket:
-        """A listening socket; OperationalError saying what to do (or the OSError, if not ``fatal``)."""
-        try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                        flags=socket.AI_PASSIVE)[0][0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError as exc:
-            if not fatal:
-                raise
-            raise OperationalError("cannot use --host %s: %s" % (host, exc.strerror or exc)) from None
-        try:
-            if os.name == "posix":      # rebind at once after a restart; never share a live port
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            if not fatal:
-                raise
-            if exc.errno == errno.EADDRINUSE:
-                raise OperationalError(
-                    "port %d on %s is already in use (another claude_stream serve?); "
-                    "pick another with --port" % (port, host)) from None
-            if exc.errno == errno.EACCES:
-                raise OperationalError("no permission to listen on port %d of %s"
-                                       % (port, host)) from None
-            raise OperationalError("cannot listen on %s port %d: %s"
-                                   % (host, port, exc.strerror or exc)) from None
-        sock.setblocking(False)
-        return sock
-
-    def start(self) -> None:
-        self.tailer.start()
-        if self.tailer.notify is not None:      # a change wakes the poller at once
-            self.loop.register(self.tailer.notify, selectors.EVENT_READ, lambda mask: self._poll())
-        self._schedule_poll()
-        self.loop.call_later(1.0, self._check_slow_clients)
-
-    # --- connections ------------------------------------------------------------
-
-    def _accept(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPTS_PER_TICK):   # bounded: the loop has other work too
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: the connection stays in the kernel's queue and
-                    # the listener stays readable, so asking again at once would spin.
-                    # Rest a moment (as nginx does) and keep serving who we have.
-                    self.log.warn("cannot accept connections: %s; pausing %gs"
-                                  % (exc.strerror or exc, ACCEPT_PAUSE), key="accept")
-                    self.loop.unregister(listener)
-                    self.loop.call_later(ACCEPT_PAUSE, lambda: self._listen_again(listener))
-                return                  # others (a peer that already reset): next time
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = ServerSession(self)
-            if self.tls is None:
-                Stream(self.loop, sock, session)
-            else:               # a failed TLS handshake is that connection's problem only
-                TLSStream(self.loop, sock, session, self.tls, server_side=True)
-            if self.shutting_down:
-                session.reply(build_error_response(HandshakeError(
-                    503, "shutting down", [("Retry-After", "5")])))
-                continue
-            if len(self.pending) >= MAX_PENDING_CONNECTIONS:
-                # Room for those who can authenticate: the oldest connection that has not
-                # yet done so makes way, rather than every newcomer being refused.
-                oldest = next(iter(self.pending))
-                del self.pending[oldest]
-                if oldest.stream is not None:
-                    oldest.lost_reason = "pushed out by newer connections before authenticating"
-                    oldest.stream.abort()
-            self.sessions[session] = None
-            self.pending[session] = None
-
-    def _listen_again(self, listener: socket.socket) -> None:
-        if listener in self.listeners:
-            self.loop.register(listener, selectors.EVENT_READ, lambda mask: self._accept(listener))
-
-    def _check_browser_rules(self, request: HttpHead, upgrade: bool) -> None:
-        """DNS rebinding and cross-site WebSocket hijacking, refused with 403.
-
-        Bound to loopback, the Host must name loopback (an attacker's domain that
-        resolves to 127.0.0.1 cannot). A WebSocket request from a browser must
-        come from our own page: its Origin must be http://<that Host>; any
-        other page, and "null", is refused. Programs send no Origin.
-        """
-        host = request.get("Host") or ""
-        if not host:
-            raise HandshakeError(400, "a Host header is required")
-        if self.host in LOOPBACK_HOSTS:
-            match = _HOST_RE.match(host)
-            name, port = (match.group(1).lower(), match.group(2)) if match else ("", None)
-            if name not in LOOPBACK_HOSTS or port not in (None, str(self.port)):
-                raise HandshakeError(403, "Host %r is not this machine (DNS rebinding protection)"
-                                     % host[:100])
-        origin = request.get("Origin")
-        if upgrade and origin is not None and origin != self.scheme + "://" + host \
-                and origin not in self.allowed_origins:
-            raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
-                                 % origin[:100])
-
-    def _check_token(self, request: HttpHead, query: str) -> None:
-        """401 before any upgrade unless the request carries our token.
-
-        Compared with hmac.compare_digest: constant time, so the answer's timing
-        says nothing about how much of a guess was right.
-        """
-        if self.token is None:
-            return
-        given = request_token(request, query)
-        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"),
-                                                    self.token.encode("utf-8")):
-            raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
-                                      "or ?token=TOKEN in a browser)",
-                                 [("WWW-Authenticate", 'Bearer realm="claude_stream"')])
-
-    def route(self, session: ServerSession, request: HttpHead, leftover: bytes) -> None:
-        method, target, _ = request.start
-        path, query = request_target(target)
-        upgrade = is_upgrade_request(request)
-        self._check_browser_rules(request, upgrade)
-        self._check_token(request, query)
-        self.pending.pop(session, None)     # authenticated: no longer among those pushed out
-        if upgrade:
-            key = check_upgrade_request(request)
-            if path != "/":
-                raise HandshakeError(404, "the WebSocket endpoint is /")
-            if len(self.subscribers) >= MAX_CONNECTIONS:
-                raise HandshakeError(503, "too many clients (%d)" % MAX_CONNECTIONS,
-                                     [("Retry-After", "5")])
-            try:
-                subscription = Subscription.from_query(query, time.time())
-            except ValueError as exc:
-                raise HandshakeError(400, str(exc)) from None
-            session.accept(key, leftover)
-            self.subscribers[session] = None
-            session.queue(self._hello(subscription.filters))
-            self.subscribe(session, subscription, acknowledge=False)
-            self.log.debug("client connected (%d now)" % len(self.subscribers))
-            return
-        if method not in ("GET", "HEAD"):
-            raise HandshakeError(405, "only GET is served here", [("Allow", "GET, HEAD")])
-        headers: List[Tuple[str, str]] = []
-        if path == "/":
-            body, ctype = PAGE_HTML, "text/html; charset=utf-8"
-            headers = page_headers(request.get("Host"), self.tls is not None)
-        elif path == "/status":
-            body, ctype = _json(self._status()) + b"\n", "application/json"
-        else:
-            raise HandshakeError(404, "nothing here; the page and the WebSocket endpoint are at /")
-        response = build_response(200, headers, body, ctype)
-        if method == "HEAD":
-            response = response[:len(response) - len(body)]
-        session.reply(response)
-
-    def _status(self) -> Dict[str, Any]:
-        return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION,
-                "watching": [r.path for r in self.tailer.roots if r.present],
-                "waiting": [r.path for r in self.tailer.roots if not r.present],
-                "files": len(self.tailer.files), "clients": len(self.subscribers),
-                "malformed": self.malformed_count}
-
-    def _hello(self, filters: Filters) -> bytes:
-        hello = {"kind": "hello"}
-        hello.update(self._status())
-        hello["time"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-        hello["filters"] = filters.as_json()
-        return _json(hello)
-
-    def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
-        if isinstance(message, BinaryMessage):
-            session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
-            return
-        try:
-            try:                            # the transcript lines' decoder: one depth limit
-                obj = decode_line(message.text.encode("utf-8"))
-            except MalformedLine as exc:
-                raise ValueError("a message must be a JSON object (%s)" % exc) from None
-            kind = obj.get("kind")
-            if kind != "subscribe":
-                raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
-            if not session.subscribes.allow(self.loop.time()):
-                raise ValueError("too many subscribe messages: at most %d at once, then %g a second"
-                                 % (SUBSCRIBE_BURST, SUBSCRIBE_RATE))
-            subscription = Subscription.from_message(obj, time.time())
-        except ValueError as exc:
-            session.queue(_json({"kind": "error", "error": str(exc)}))
-            session.sync()
-            return
-        self.subscribe(session, subscription)
-
-    def subscribe(self, session: ServerSession, sub: Subscription, acknowledge: bool = True) -> None:
-        """Apply filters, cursors and history; files behind go to the backlog."""
-        session.filters = sub.filters
-        if sub.hold:
-            session.held = session.catching_up = True
-            session.sync()
-            return
-        folders = [(k, v) for k, v in sub.cursors.items() if k.endswith("/")]
-        for rec in list(self.tailer.files.values()):   # filters apply per line (cwd included)
-            rel = rec.rel
-            start = sub.cursors.get(rel)
-            if start is None and folders:   # a folder's cursor: every file below without its own
-                start = next((v for k, v in folders if rel.startswith(k)), None)
-            if start is not None:
-                if not self._cursor_valid(rec, start):
-                    session.queue(notice_message("reset", rec, reason="cursor", offset=0)[0])
-                    start = 0
-                session.backlog.pop(rel, None)
-                session.position[rel] = start
-                if start < rec.line_start:
-                    session.backlog[rel] = Backlog(rec, LineReader(rec, start))
-            elif sub.since is not None and rec.mtime >= sub.since:
-                # History replaces any backlog already open for this file (one opened
-                # by a live line that came while the client was held, say): it reads
-                # from what was last sent, so it covers that backlog's lines too.
-                start = session.position.get(rel, 0)
-                if start < rec.line_start:
-                    session.backlog[rel] = Backlog(rec, LineReader(rec, start), since=sub.since)
-        session.held = False
-        session.catching_up = session.catching_up or bool(session.backlog)
-        if acknowledge:
-            session.queue(_json({"kind": "subscribed", "filters": sub.filters.as_json(),
-                                 "backlog": len(session.backlog)}))
-        session.sync()
-        if session.catching_up:
-            self.catch_up()
-
-    @staticmethod
-    def _cursor_valid(rec: FileRecord, offset: int) -> bool:
-        """A cursor must point at a line start within what was read (not past a truncation)."""
-        if offset == 0:
-            return True
-        if offset > rec.line_start:
-            return False
-        try:
-            with open_regular(rec.abspath, (rec.dev, rec.ino)) as fh:
-                fh.seek(offset - 1)
-                return fh.read(1) == b"\n"
-        except OSError:
-            return False
-
-    def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
-        self.sessions.pop(session, None)
-        self.pending.pop(session, None)
-        if session in self.subscribers:
-            del self.subscribers[session]
-            self.log.debug("client gone: %d %s (%d left)" % (code, session.lost_reason or reason,
-                                                             len(self.subscribers)))
-        if self.shutting_down and not self.sessions:
-            self.loop.stop()
-
-    def _check_slow_clients(self) -> None:
-        """Close a client whose unsent output has not moved for SLOW_CLIENT_TIMEOUT."""
-        now = self.loop.time()
-        for session in list(self.subscribers):
-            stream = session.stream
-            if stream is None or not session.open:
-                continue
-            if session.unsent == 0 or stream.bytes_sent != session.progress[0]:
-                session.progress = (stream.bytes_sent, now)
-            elif now - session.progress[1] >= SLOW_CLIENT_TIMEOUT:
-                self.log.info("closing a client that read nothing for %gs" % SLOW_CLIENT_TIMEOUT,
-                              key="clients")
-                session.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume from your cursors")
-        self.loop.call_later(1.0, self._check_slow_clients)
-
-    # --- the stream -------------------------------------------------------------
-
-    def _schedule_poll(self) -> None:
-        now = self.loop.time()
-        due = self.tailer.next_due()
-        if self._congested_since is not None:
-            due = now + CATCHUP_INTERVAL    # waiting for clients to drain, not for files
-        elif any(s.backlog and not s.held for s in self.subscribers):
-            due = min(due, now + CATCHUP_INTERVAL)
-        self._poll_timer = self.loop.call_at(due, self._poll)
-
-    def _poll(self) -> None:
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()       # called early by a wake-up: one schedule at a time
-        try:
-            now = self.loop.time()
-            # Wake-ups are taken even while reads wait for slow clients: left
-            # unread, the inotify descriptor would keep the loop spinning.
-            events: List[TailEvent] = []
-            self.tailer.take_wakeups(now, events)
-            if self._may_read(now):
-                events += self.tailer.poll(now)
-            if events:
-                self.publish(events)
-            self.catch_up()
-        finally:
-            self._schedule_poll()
-
-    def _may_read(self, now: float) -> bool:
-        """Backpressure: read on only when it will not push a live client over its cap.
-
-        The lines stay on disk, so waiting loses nothing, while moving a client
-        to catch-up costs it a second, per-client pass over the same bytes. So
-        while live clients are more than half full the tailer waits. After
-        CONGESTION_GRACE it reads on (tripping the laggards into catch-up) if
-        the congestion is theirs alone: some live client kept up, or one of
-        them barely moved. If every client is behind and all are moving, the
-        bottleneck is shared and the wait goes on.
-        """
-        live = [s for s in self.subscribers if not s.catching_up and s.stream is not None]
-        congested = [s for s in live if s.unsent > LIVE_OUTPUT_CAP // 2]
-        if not congested:
-            self._congested_since = None
-            return True
-        if self._congested_since is None:
-            self._congested_since = now
-            self._congestion_marks = {s: s.stream.bytes_sent for s in congested}  # type: ignore
-            return False
-        if now - self._congested_since < CONGESTION_GRACE:
-            return False
-        moved = [s.stream.bytes_sent - self._congestion_marks.get(s, 0) for s in congested]  # type: ignore
-        if len(congested) < len(live) or min(moved) < CATCHUP_LOW_WATER:
-            self._congested_since = None
-            return True
-        self._congested_since = now         # everyone behind, everyone moving: keep waiting
-        self._congestion_marks = {s: s.stream.bytes_sent for s in congested}  # type: ignore
-        return False
-
-    def publish(self, events: List[TailEvent]) -> None:
-        """Envelope and frame each event once; offer the same bytes to every match."""
-        touched: Dict[ServerSession, None] = {}
-        lines: List[Tuple[FileRecord, LineMessage]] = []
-
-        def offer_lines() -> None:
-            for session in self.subscribers:
-                if session.offer(lines):
-                    touched[session] = None
-            lines.clear()
-
-        for event in events:
-            rec = event.file
-            if isinstance(event, LineEvent):
-                message = line_message(rec, event.offset, event.data)
-                if message is not None:
-                    if message.malformed:
-                        self._count_malformed(rec, event.offset, message.malformed)
-                    lines.append((rec, message))
-                continue
-            if isinstance(event, OversizeEvent):  # in the file's order, to whom the file's lines go
-                self.log.warn("skipped a line over %d MiB in %s at byte %d"
-                              % (MAX_LINE_BYTES >> 20, rec.rel, event.offset), key="files")
-                lines.append((rec, gap_message(rec, event.offset)))
-                continue
-            if lines:                       # lines before a notice go out before it
-                offer_lines()
-            if isinstance(event, ResetEvent):
-                self.log.info("%s was %s; reading it again from the start" % (rec.rel, event.reason),
-                              key="files")
-                payload, meta = notice_message("reset", rec, reason=event.reason, offset=0)
-            else:
-                payload, meta = b"", MessageMeta(rec.project, (), None)
-                self.log.debug("%s is gone" % rec.rel)
-            for session in self.subscribers:
-                self._file_changed(session, event)
-                if payload and session.filters.match(meta):
-                    session.queue(payload)
-                    touched[session] = None
-        if lines:
-            offer_lines()
-        for session in touched:
-            session.sync()
-
-    @staticmethod
-    def _file_changed(session: ServerSession, event: TailEvent) -> None:
-        """Keep a client's cursors true when a file restarts or disappears."""
-        rel = event.file.rel
-        if isinstance(event, ResetEvent):
-            session.position.pop(rel, None)
-            if rel in session.backlog:
-                session.backlog[rel] = Backlog(event.file, LineReader(event.file, 0))
-        elif isinstance(event, RemovedEvent):
-            session.position.pop(rel, None)
-            session.backlog.pop(rel, None)
-
-    def _count_malformed(self, rec: FileRecord, offset: int, reason: str) -> None:
-        self.malformed_count += 1
-        self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
-                      % (rec.rel, offset, reason, self.malformed_count), key="malformed")
-
-    def catch_up(self) -> None:
-        """Serve backlogs from disk, a bounded amount per tick, in time order per client."""
-        budget = CATCHUP_TICK_BUDGET
-        for session in list(self.subscribers):
-            if session.held or not session.catching_up or not session.open:
-                continue
-            budget -= self._catch_up_session(session, budget)
-            if budget <= 0:
-                break
-
-    def _catch_up_session(self, session: ServerSession, budget: int) -> int:
-        """Send one client's backlog, oldest line first across its files.
-
-        Every file behind gets its next line ready before any line is sent, so
-        the merge is in time order across files; readying, like sending, is
-        bounded per tick (a file still scanning for its --since window holds
-        the merge until a later tick).
-        """
-        used = 0
-        heads: List[Tuple[str, int, str]] = []      # (time key, tie-break, path)
-        complete = True
-        for rel, backlog in list(session.backlog.items()):
-            if used >= budget:
-                complete = False
-                break
-            read, state = self._refill(session, rel, backlog, heads)
-            used += read
-            complete = complete and state != "scanning"
-        while complete and heads and used < budget and session.unsent < CATCHUP_LOW_WATER:
-            rel = heapq.heappop(heads)[2]
-            backlog = session.backlog[rel]
-            message = backlog.ready.popleft()
-            session.position[rel] = message.next
-            if session.filters.match(message.meta):
-                session.queue_frames([message.frame])
-                used += len(message.frame)
-            read, state = self._refill(session, rel, backlog, heads)
-            used += read
-            complete = state != "scanning"
-        if not session.backlog and session.unsent < CATCHUP_LOW_WATER:
-            session.catching_up = False
-            session.queue(_json({"kind": "live"}))
-        session.sync()
-        return used
-
-    def _refill(self, session: ServerSession, rel: str, backlog: Backlog,
-                heads: List[Tuple[str, int, str]]) -> Tuple[int, str]:
-        """Ready the backlog's next line and push it on the merge heap; drop it when done.
-
-        Returns the bytes read and "ready", "done" or "scanning".
-        """
-        read, exhausted = self._prepare(backlog)
-        if backlog.ready:
-            # An untimed line (a mode, a title, a snapshot) sorts with its predecessor,
-            # or, first in its file, with the next line that has a time.
-            key = backlog.ready[0].sort_key or backlog.last_key or self._next_stamp(backlog)
-            backlog.last_key = key
-            self._merge_seq += 1
-            heapq.heappush(heads, (key, self._merge_seq, rel))
-            return read, "ready"
-        if exhausted or backlog.rec.gone:
-            del session.backlog[rel]        # caught up: live delivery takes over
-            return read, "done"
-        return read, "scanning"
-
-    @staticmethod
-    def _next_stamp(backlog: Backlog) -> str:
-        for message in backlog.ready:
-            if message.sort_key:
-                return message.sort_key
-        for _, line in itertools.islice(backlog.reader.lines, 0, 50):
-            match = _TIMESTAMP_BYTES_RE.search(line or b"")
-            if match:
-                return match.group(1).decode("ascii", "replace")
-        return ""
-
-    def _prepare(self, backlog: Backlog) -> Tuple[int, bool]:
-        """Ready the next line(s) to send, applying ``since``, reading at most one block.
-
-        Returns the bytes read and whether the file is read up to the live edge.
-        A file that cannot be read becomes one ``gap`` in its place in the
-        history, and the rest of the history goes on.
-        """
-        reader = backlog.reader
-        read = 0
-        while not backlog.ready:
-            if not reader.lines:
-                if read:
-                    return read, False      # one block per call: the tick stays short
-                limit = backlog.rec.delivered_end
-                try:
-                    read = reader.fill(limit, CATCHUP_BLOCK if reader.blocks else CATCHUP_FIRST_BLOCK)
-                except OSError as exc:
-                    self.log.warn("cannot read %s for a client's history: %s"
-                                  % (backlog.rec.rel, exc.strerror or exc), key="files")
-                    backlog.ready.append(gap_message(backlog.rec, reader.line_start,
-                                                     "cannot read: %s" % (exc.strerror or exc)))
-                    reader.give_up(limit)
-                    return 0, False
-                if not read:
-                    if backlog.held and backlog.rec.mtime >= (backlog.since or 0):
-                        backlog.ready.extend(backlog.held)   # recent untimed lines at the end
-                    backlog.held = []
-                    return 0, not backlog.ready
-                continue
-            offset, line = reader.lines.popleft()
-            message = line_message(backlog.rec, offset, line) if line is not None \
-                else gap_message(backlog.rec, offset)
-            if message is None:
-                continue
-            if backlog.since is None:
-                backlog.ready.append(message)
-                continue
-            when = message.time
-            if when is None:
-                backlog.held.append(message)
-                del backlog.held[:-MAX_HELD_LINES]
-            elif when < backlog.since:
-                backlog.held = []
-            else:
-                backlog.since = None        # the window starts here; all that follows is sent
-                backlog.ready.extend(backlog.held)
-                backlog.ready.append(message)
-                backlog.held = []
-        return read, False
-
-    def shutdown(self) -> None:
-        """Close 1001 to every client, then stop (at the latest after a second)."""
-        if self.shutting_down:
-            self.loop.stop()        # a second Ctrl-C: stop now
-            return
-        self.shutting_down = True
-        for listener in self.listeners:
-            self.loop.unregister(listener)
-            listener.close()
-        self.listeners = []
-        for session in list(self.sessions):
-            if session.ws is not None:
-                session.close(CloseCode.GOING_AWAY, "server shutting down")
-            elif session.stream is not None:
-                session.stream.abort()
-        if not self.sessions:
-            self.loop.stop()
-        self.loop.call_later(1.0, self.loop.stop)
+def live_page(host: Optional[str], secure: bool) -> Tuple[List[Tuple[str, str]], bytes]:
+    """The PageSource that serve hands the request policy: this page, for any Host."""
+    return page_headers(host, secure), PAGE_HTML
 
 
 # =============================================================================
@@ -4866,10 +5453,9 @@ class ClientLink(WebSocketEndpoint):
     """One server the client follows: connect, handshake, receive, reconnect."""
 
     side = Side.CLIENT
-    max_message_size = MAX_SERVER_MESSAGE
 
     def __init__(self, app: "ClientApp", url: str):
-        super().__init__(app.loop)
+        super().__init__(app.loop, app.limits)
         self.app = app
         self.url = url
         self.host, self.port, self.resource, self.secure = parse_ws_url(url)
@@ -4882,16 +5468,12 @@ class ClientLink(WebSocketEndpoint):
         self.rejected: Optional[HandshakeError] = None
         self.token_file: Optional[str] = None   # where the token we sent came from, if a file
         self.tls_failure: Optional[BaseException] = None
-        self._key = ""
-        self._head = HeadReader(MAX_HEAD_BYTES)
-        self._handshake_timer: Optional[Timer] = None
 
     def connect(self) -> None:
         self.ws, self.stream, self.rejected, self.lost_reason = None, None, None, None
-        self.tls_failure = None
-        self._head = HeadReader(MAX_HEAD_BYTES)
+        self.tls_failure, self.opened = None, False
         open_connection(self.loop, self.host, self.port, self, self._connect_failed,
-                        self.app.tls if self.secure else None)
+                        self.app.tls if self.secure else None, self.limits)
 
     def _connect_failed(self, exc: OSError) -> None:
         reason = exc.strerror or str(exc)
@@ -4899,9 +5481,7 @@ class ClientLink(WebSocketEndpoint):
             reason = "connection refused (is 'claude_stream.py serve' running there?)"
         self.app.link_down(self, "cannot connect to %s: %s" % (self.url, reason), retryable=True)
 
-    def connection_made(self, stream: Stream) -> None:
-        super().connection_made(stream)
-        self._key = base64.b64encode(os.urandom(16)).decode("ascii")
+    def on_connect(self) -> None:
         host_header = self.host if ":" not in self.host else "[%s]" % self.host
         if self.port != 80:
             host_header += ":%d" % self.port
@@ -4914,28 +5494,13 @@ class ClientLink(WebSocketEndpoint):
             if found is not None:
                 token, self.token_file = found
         headers = [("Authorization", "Bearer " + token)] if token else []
-        stream.write(build_client_request(host_header, target, self._key, headers))
-        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        assert self.ws is not None
+        self.ws.send_request(host_header, target, headers)
 
-    def _handshake_expired(self) -> None:
-        if self.ws is None and self.stream is not None:
-            self.lost_reason = "no handshake answer within %gs" % HANDSHAKE_TIMEOUT
+    def on_handshake_failed(self, error: HandshakeError) -> None:
+        self.rejected = error
+        if self.stream is not None:
             self.stream.abort()
-
-    def handshake_data(self, data: bytes) -> None:
-        try:
-            done = self._head.feed(data)
-            if done is None:
-                return
-            check_upgrade_response(parse_head(done[0], request=False), self._key)
-        except HandshakeError as exc:
-            self.rejected = exc
-            if self.stream is not None:
-                self.stream.abort()
-            return
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-        self.start_websocket(done[1])
 
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.app.on_message(self, message)
@@ -4946,8 +5511,6 @@ class ClientLink(WebSocketEndpoint):
         super().connection_lost(exc)
 
     def on_closed(self, code: int, reason: str) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
         if isinstance(self.tls_failure, ssl.SSLCertVerificationError):
             self.app.link_down(self, "%s: %s (trust its certificate with --cafile, or skip the "
                                      "check with --insecure)" % (self.url, self.tls_failure.verify_message
@@ -4967,7 +5530,7 @@ class ClientLink(WebSocketEndpoint):
                     detail = ("the server wants its token: pass --token-file FILE or set $%s "
                               "(a server on this machine stores it in %s)" % (TOKEN_ENV, where))
             self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
-        elif self.ws is None:
+        elif not self.opened:
             self.app.link_down(self, "%s: no WebSocket handshake (%s)"
                                % (self.url, self.lost_reason or "the connection closed"),
                                retryable=True)
@@ -4988,8 +5551,10 @@ class ClientApp:
 
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
-                 token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None):
+                 token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self.loop = loop
+        self.limits = limits
         self.token = token
         self.tls = tls
         self.json_mode = json_mode
@@ -5029,7 +5594,7 @@ class ClientApp:
             return
         self.stopping = True
         for link in self.links:
-            if link.ws is not None and link.stream is not None and not link.stream.closed:
+            if link.opened and link.stream is not None and not link.stream.closed:
                 link.close(CloseCode.NORMAL, "client quit")
             elif link.stream is not None:
                 link.stream.abort()
@@ -5045,10 +5610,10 @@ class ClientApp:
             self.log.warn("%s sent a binary message; ignored" % link.url, key="peer")
             return
         try:
-            msg = json.loads(message.text)
-        except (ValueError, RecursionError):
+            msg = decode_line(message.text.encode("utf-8"))
+        except MalformedLine:
             msg = None
-        if not isinstance(msg, dict):
+        if msg is None:
             self.log.warn("%s sent a message that is not a JSON object; ignored" % link.url, key="peer")
             return
         kind = msg.get("kind")
@@ -5140,7 +5705,7 @@ class ClientApp:
                 self.loop.stop()
             return
         # Exponential backoff with full jitter, so restarted servers are not stampeded.
-        delay = min(RECONNECT_MAX, RECONNECT_MIN * 2 ** link.failures)
+        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
         delay = delay / 2 + random.random() * delay / 2
         link.failures += 1
         self.log.info("%s; reconnecting in %.1fs" % (description, delay))
@@ -5315,7 +5880,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only)
     server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
-                          args.allow_origin, tls, also_ipv6_loopback=args.host is None)
+                          args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page)
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None
@@ -5414,3 +5979,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -297,19 +297,19 @@ class TailerTestCase(unittest.TestCase):
         self.clock = FakeClock()
         self.log_lines = []
 
-    def make_tailer(self, roots=None):
+    def make_tailer(self, roots=None, limits=cs.DEFAULT_LIMITS):
         log = cs.Log(stream=_ListStream(self.log_lines))
         tailer = cs.Tailer(roots or [self.root], poll_interval=0.25, log=log, clock=self.clock,
-                           wakeups=self.wakeups)
+                           wakeups=self.wakeups, limits=limits)
         self.addCleanup(tailer.close)
         tailer.start()
         return tailer
 
-    def watch(self, content):
+    def watch(self, content, limits=cs.DEFAULT_LIMITS):
         """A transcript holding ``content`` before the tailer starts, and the tailer."""
         path = os.path.join(self.project, "s.jsonl")
         append(path, content)
-        return path, self.make_tailer()
+        return path, self.make_tailer(limits=limits)
 
     def poll(self, tailer):
         """Advance time past every schedule and collect events until quiet."""
@@ -456,10 +456,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual(got[1][1:], (len(big) + 1, b"{}"))
 
     def test_oversize_line_is_reported_and_the_next_line_arrives(self):
-        path, tailer = self.watch("")
-        original = cs.MAX_LINE_BYTES
-        cs.MAX_LINE_BYTES = 1000
-        self.addCleanup(setattr, cs, "MAX_LINE_BYTES", original)
+        path, tailer = self.watch("", cs.Limits(max_line_bytes=1000))
         append(path, "x" * 5000)
         events = self.poll(tailer)
         self.assertEqual([(type(e).__name__, e.offset) for e in events], [("OversizeEvent", 0)])
@@ -467,10 +464,7 @@ class TailerTests(TailerTestCase):
         self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 5101, b"ok")])
 
     def test_reads_are_bounded_per_tick_and_stay_in_order(self):
-        path, tailer = self.watch("")
-        original = cs.TICK_READ_BUDGET
-        cs.TICK_READ_BUDGET = 4096
-        self.addCleanup(setattr, cs, "TICK_READ_BUDGET", original)
+        path, tailer = self.watch("", cs.Limits(tick_read_budget=4096))
         append(path, "".join("line %05d\n" % i for i in range(2000)))
         self.clock.now += 120
         first = tailer.poll()
@@ -721,20 +715,20 @@ class ConnectionTests(unittest.TestCase):
     def test_a_message_that_never_ends_is_refused(self):
         # Issue 10.15: FIN=0 then endless empty continuations grew memory for ever.
         conn = server_conn(max_size=64 << 10)
-        self.assertEqual(conn.max_fragments, cs.MIN_FRAGMENTS)
+        self.assertEqual(conn.message.max_fragments, cs.MIN_FRAGMENTS)
         conn.receive_data(masked(cs.Opcode.TEXT, b"a", fin=False))
         empty = masked(cs.Opcode.CONT, b"", fin=False)
         for _ in range(cs.MIN_FRAGMENTS - 2):
             conn.receive_data(empty)
         self.assertEqual(events_of(conn), [])
-        self.assertLessEqual(len(conn._message_parts), 1)     # empty fragments keep nothing
+        self.assertLessEqual(len(conn.message.parts), 1)     # empty fragments keep nothing
         conn.receive_data(empty + empty)
         self.assertEqual(events_of(conn), [])
         self.assertEqual(conn.close_code, cs.CloseCode.MESSAGE_TOO_BIG)
         self.assertEqual(sent_frames(conn)[-1][0], cs.Opcode.CLOSE)
         client = cs.Connection(cs.Side.CLIENT, 1 << 20)       # a hostile server, the same rule
         client.receive_data(cs.encode_frame(cs.Opcode.BINARY, b"", fin=False)
-                            + cs.encode_frame(cs.Opcode.CONT, b"", fin=False) * client.max_fragments)
+                            + cs.encode_frame(cs.Opcode.CONT, b"", fin=False) * client.message.max_fragments)
         self.assertEqual(events_of(client), [])
         self.assertEqual(client.close_code, cs.CloseCode.MESSAGE_TOO_BIG)
         exact = server_conn(max_size=64 << 10)          # the limit itself is allowed
@@ -1626,11 +1620,9 @@ class NoLossTests(unittest.TestCase):
 class SlowClientTests(unittest.TestCase):
     """In process, with shortened limits: a client that stops reading."""
 
+    limits = cs.Limits(live_output_cap=16 << 10, catchup_low_water=4 << 10, slow_client_timeout=0.5)
+
     def setUp(self):
-        for name, value in (("LIVE_OUTPUT_CAP", 16 << 10), ("CATCHUP_LOW_WATER", 4 << 10),
-                            ("SLOW_CLIENT_TIMEOUT", 0.5)):
-            self.addCleanup(setattr, cs, name, getattr(cs, name))
-            setattr(cs, name, value)
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
         os.makedirs(os.path.join(self.tmp.name, "p"))
@@ -1646,17 +1638,17 @@ class SlowClientTests(unittest.TestCase):
         tailer = cs.Tailer([self.tmp.name], 0.02, log)
         self.addCleanup(tailer.close)
         require(self, "inotify", tailer.notify is not None, "inotify is Linux only")
-        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log, limits=self.limits)
         server.listen()
         server.start()
-        server._may_read = lambda now: False            # every client congested
+        server.backpressure.may_read = lambda now, live: False     # every client congested
         append(self.file, entry_line(1))
         loop.selector.get_key(tailer.notify).data(selectors.EVENT_READ)    # what the loop calls
         self.assertEqual(select.select([tailer.notify], [], [], 0)[0], [])    # drained: no spin
         rec = tailer.files[self.file]
         self.assertEqual(rec.line_start, 0)             # nothing read while reads wait ...
         self.assertLessEqual(rec.due, loop.time())      # ... but the file is due the moment they resume
-        del server._may_read
+        del server.backpressure.may_read
         self.assertEqual([e.data for e in tailer.poll() if isinstance(e, cs.LineEvent)], [entry_line(1)[:-1].encode()])
 
     def test_a_client_that_has_not_read_its_first_byte_yet_is_not_too_slow(self):
@@ -1667,13 +1659,13 @@ class SlowClientTests(unittest.TestCase):
         self.addCleanup(loop.close)
         tailer = cs.Tailer([self.tmp.name], 0.02, log, wakeups=False)
         self.addCleanup(tailer.close)
-        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log, limits=self.limits)
         server.listen()
         server.start()
         ours, theirs = socket.socketpair()
         self.addCleanup(theirs.close)
         session = cs.ServerSession(server)
-        cs.Stream(loop, ours, session)
+        cs.Stream(loop, ours, session, self.limits)
         server.sessions[session] = server.pending[session] = None
         session.data_received(cs.build_client_request("127.0.0.1", "/?since=all", "dGhlIHNhbXBsZSBub25jZQ=="))
         self.assertIn(session, server.subscribers)
@@ -1688,7 +1680,7 @@ class SlowClientTests(unittest.TestCase):
         self.addCleanup(loop.close)
         tailer = cs.Tailer([self.tmp.name], 0.02, log)
         self.addCleanup(tailer.close)
-        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log)
+        server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log, limits=self.limits)
         server.listen()
         server.start()
         stuck = socket.socket()
@@ -1716,7 +1708,7 @@ class SlowClientTests(unittest.TestCase):
         loop.run()
         session = state["closing"]
         self.assertIsNotNone(session, "the stuck client was never closed")
-        self.assertTrue(session.catching_up)      # it had been moved off the live path first
+        self.assertIs(session.feed.phase, cs.Phase.CATCHING_UP)   # moved off the live path first
         self.assertLess(server.sessions and max(s.unsent for s in server.sessions),
                         3 * (16 << 10) + 2 * len(line))   # bounded by the cap, not by what was written
         # Now the client reads again: it gets what was queued, then Close 4000.
@@ -1871,7 +1863,7 @@ class AuthTests(unittest.TestCase):
 
     def test_comparison_is_constant_time(self):
         import inspect
-        self.assertIn("hmac.compare_digest", inspect.getsource(cs.StreamServer._check_token))
+        self.assertIn("hmac.compare_digest", inspect.getsource(cs.RequestPolicy.check_token))
 
     def test_clients_find_the_token_or_say_what_to_do(self):
         server = ServerProcess(self, [self.root])
@@ -2968,26 +2960,20 @@ AUTOBAHN_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"
 AUTOBAHN_INFORMATIONAL = {"7.1.6", "7.13.1", "7.13.2"}
 
 
+ECHO_LIMITS = cs.Limits(max_client_message=ECHO_MAX_MESSAGE, max_server_message=ECHO_MAX_MESSAGE)
+
+
 class EchoSession(cs.WebSocketEndpoint):
     side = cs.Side.SERVER
-    max_message_size = ECHO_MAX_MESSAGE
 
     def __init__(self, loop):
-        super().__init__(loop)
-        self.head = cs.HeadReader()
+        super().__init__(loop, ECHO_LIMITS)
 
-    def handshake_data(self, data):
+    def on_request(self, request):
         try:
-            done = self.head.feed(data)
-            if done is None:
-                return
-            key = cs.check_upgrade_request(cs.parse_head(done[0], request=True))
+            self.accept(cs.check_upgrade_request(request))
         except cs.HandshakeError as exc:
-            self.stream.write(cs.build_error_response(exc))
-            self.stream.close()
-            return
-        self.stream.write(cs.build_accept_response(key))
-        self.start_websocket(done[1])
+            self.reject(exc)
 
     def on_message(self, message):
         if self.ws.state is cs.State.OPEN:
@@ -3008,7 +2994,7 @@ def run_echo_server(port):
     def accept(mask):
         sock, _ = listener.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cs.Stream(loop, sock, EchoSession(loop))
+        cs.Stream(loop, sock, EchoSession(loop), ECHO_LIMITS)
     loop.register(listener, selectors.EVENT_READ, accept)
     loop.handle_signals((signal.SIGTERM, signal.SIGINT), lambda signum: loop.stop())
     print("listening %d" % listener.getsockname()[1], flush=True)
@@ -3017,29 +3003,17 @@ def run_echo_server(port):
 
 class EchoClient(cs.WebSocketEndpoint):
     side = cs.Side.CLIENT
-    max_message_size = ECHO_MAX_MESSAGE
 
     def __init__(self, loop, host_header, resource, on_done):
-        super().__init__(loop)
+        super().__init__(loop, ECHO_LIMITS)
         self.host_header, self.resource, self.on_done = host_header, resource, on_done
-        self.head = cs.HeadReader()
-        self.key = base64.b64encode(os.urandom(16)).decode()
         self.messages = []
 
-    def connection_made(self, stream):
-        super().connection_made(stream)
-        stream.write(cs.build_client_request(self.host_header, self.resource, self.key))
+    def on_connect(self):
+        self.ws.send_request(self.host_header, self.resource)
 
-    def handshake_data(self, data):
-        try:
-            done = self.head.feed(data)
-            if done is None:
-                return
-            cs.check_upgrade_response(cs.parse_head(done[0], request=False), self.key)
-        except cs.HandshakeError:
-            self.stream.abort()
-            return
-        self.start_websocket(done[1])
+    def on_handshake_failed(self, error):
+        self.stream.abort()
 
     def on_message(self, message):
         self.messages.append(message)
@@ -3070,7 +3044,7 @@ def run_echo_client(base_url, agent):
             loop.stop()
             return
         client = EchoClient(loop, host_header, queue.pop(0), lambda c: loop.call_later(0, lambda: next_connection(c)))
-        cs.open_connection(loop, host, port, client, lambda exc: next_connection(client))
+        cs.open_connection(loop, host, port, client, lambda exc: next_connection(client), limits=ECHO_LIMITS)
     next_connection()
     loop.run()
     print("ran %s cases" % state["count"], flush=True)
@@ -3318,10 +3292,7 @@ class InteropTests(unittest.TestCase):
 
 
 class KeepaliveTests(unittest.TestCase):
-    def setUp(self):
-        for name, value in (("PING_INTERVAL", 0.05), ("PING_TIMEOUT", 0.1)):
-            self.addCleanup(setattr, cs, name, getattr(cs, name))
-            setattr(cs, name, value)
+    limits = cs.Limits(ping_interval=0.05, ping_timeout=0.1)
 
     def silent_peer(self, side):
         """An endpoint of ``side`` over a socketpair whose other end never answers."""
@@ -3336,9 +3307,8 @@ class KeepaliveTests(unittest.TestCase):
                 closed.append((code, self.lost_reason))
                 loop.stop()
         Endpoint.side = side
-        endpoint = Endpoint(loop)
+        endpoint = Endpoint(loop, self.limits, handshake=False)
         cs.Stream(loop, ours, endpoint)
-        endpoint.start_websocket(b"")
         loop.call_later(DEADLINE, loop.stop)
         return loop, theirs, endpoint, closed
 
