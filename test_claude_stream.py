@@ -1617,6 +1617,144 @@ class NoLossTests(unittest.TestCase):
                                           ["f-%d" % n for n in range(files)] + ["after"])
 
 
+class FeedClient:
+    """A client of a Feed, in process: what Broadcast offers to, and what a real client
+    keeps (a cursor per file, as ClientApp does), decoding the frames it is sent."""
+
+    def __init__(self, feed):
+        self.feed = feed
+        self.unsent = 0
+        self.cursors = {}
+        self.entries = {}               # path -> uuids received since its last reset
+        self.duplicates = []
+        self.kinds = []
+        self._decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+
+    def send_frames(self, frames):
+        for frame in frames:
+            self._decoder.receive_data(frame)
+            message = json.loads(self._decoder.next_event().text)
+            self.kinds.append(message["kind"])
+            path = message.get("path")
+            if message["kind"] == "reset":
+                self.cursors[path] = 0
+                self.entries[path] = []
+            elif message["kind"] == "entry":
+                if message["offset"] < self.cursors.get(path, 0):
+                    self.duplicates.append((path, message["offset"]))
+                self.cursors[path] = message["next"]
+                self.entries.setdefault(path, []).append(message["entry"]["uuid"])
+
+    def sync(self):
+        pass
+
+
+class FeedTests(TailerTestCase):
+    """The per-client feed in process: every interleaving of lines written and read,
+    congestion, catch-up steps, re-subscribes, a reset and a removal that a small
+    generator makes delivers each line exactly once, in file order."""
+
+    # write, tail, congestion on/off, step, hold, resume, history again, reset a, remove b
+    OPS = "wtcsurhxm"
+    LIMITS = cs.Limits(catchup_first_block=64, catchup_block=128, catchup_low_water=1 << 20)
+
+    def setUp(self):
+        super().setUp()
+        if os.path.isdir("/dev/shm"):   # thousands of small trees: in memory where we can
+            self.shm = tempfile.TemporaryDirectory(dir="/dev/shm")
+            self.addCleanup(self.shm.cleanup)
+
+    def run_ops(self, ops):
+        root = tempfile.mkdtemp(dir=self.shm.name if hasattr(self, "shm") else self.tmp.name)
+        os.makedirs(os.path.join(root, "p"))
+        a, b = os.path.join(root, "p", "a.jsonl"), os.path.join(root, "p", "b.jsonl")
+        written = {"p/a.jsonl": [], "p/b.jsonl": []}
+        counter = itertools.count()
+
+        def write(path, rel, n):
+            for _ in range(n):
+                uuid = "%s-%d" % (rel[2], next(counter))
+                append(path, json.dumps({"type": "user", "uuid": uuid}) + "\n")
+                written[rel].append(uuid)
+        write(a, "p/a.jsonl", 2)
+        write(b, "p/b.jsonl", 1)
+        tailer = self.make_tailer([root], self.LIMITS)
+        feed = cs.Feed(self.LIMITS, tailer.log)
+        client = FeedClient(feed)
+        broadcast = cs.Broadcast(tailer.log, self.LIMITS)
+
+        def tail():
+            broadcast.publish(self.poll(tailer), [client])
+
+        def step():
+            frames, _ = feed.step(1 << 20, client.unsent)
+            client.send_frames(frames)
+        client.send_frames(feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf")),
+                                          tailer.files.values(), acknowledge=True))
+        removed = False
+        for op in ops:
+            if op == "w":
+                write(a, "p/a.jsonl", 2)
+                if not removed:
+                    write(b, "p/b.jsonl", 1)
+            elif op == "t":
+                tail()
+            elif op == "c":
+                client.unsent = 0 if client.unsent else self.LIMITS.live_output_cap + 1
+            elif op == "s":
+                step()
+            elif op == "u":         # hold=1: nothing until the next subscribe
+                client.send_frames(feed.subscribe(cs.Subscription(cs.Filters(), hold=True),
+                                                  tailer.files.values(), acknowledge=False))
+            elif op == "r":         # a resume on the same feed, from the cursors the client holds
+                sub = cs.Subscription(cs.Filters(), cursors=dict(client.cursors))
+                client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
+            elif op == "h":         # all history again: only what was not sent yet may come
+                sub = cs.Subscription(cs.Filters(), since=float("-inf"))
+                client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
+            elif op == "x":         # truncated and written again
+                with open(a, "wb"):
+                    pass
+                tail()
+                written["p/a.jsonl"] = []
+                write(a, "p/a.jsonl", 1)
+            elif op == "m" and not removed:
+                os.unlink(b)
+                removed = True
+        client.unsent = 0
+        if feed.phase is cs.Phase.HELD:     # the held client subscribes, from its cursors
+            client.send_frames(feed.subscribe(cs.Subscription(cs.Filters(), cursors=dict(client.cursors)),
+                                              tailer.files.values(), acknowledge=True))
+        for _ in range(100):        # then the client drains: everything arrives
+            tail()
+            step()
+            if feed.phase is cs.Phase.LIVE and not feed.backlog and tailer.next_due() > self.clock.now:
+                break
+        return written, client, removed
+
+    def interleavings(self):
+        """Every sequence of up to four operations."""
+        for length in range(1, 5):
+            yield from itertools.product(self.OPS, repeat=length)
+
+    def test_every_interleaving_delivers_each_line_once_in_file_order(self):
+        runs = 0
+        for ops in self.interleavings():
+            ops = "".join(ops)
+            written, client, removed = self.run_ops(ops)
+            runs += 1
+            self.assertEqual(client.duplicates, [], ops)
+            self.assertEqual(client.entries.get("p/a.jsonl", []), written["p/a.jsonl"], ops)
+            got_b = client.entries.get("p/b.jsonl", [])
+            if removed:         # lines read before the removal, in order, each once
+                self.assertEqual(got_b, written["p/b.jsonl"][:len(got_b)], ops)
+            else:
+                self.assertEqual(got_b, written["p/b.jsonl"], ops)
+            self.assertIs(client.feed.phase, cs.Phase.LIVE, ops)     # caught up, and told so
+            self.assertIn("live", client.kinds, ops)
+        self.assertEqual(runs, sum(len(self.OPS) ** n for n in range(1, 5)))      # 7,380
+
+
 class SlowClientTests(unittest.TestCase):
     """In process, with shortened limits: a client that stops reading."""
 
