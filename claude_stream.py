@@ -4475,6 +4475,232 @@ class StreamServer:
 # only ever reaches the DOM through textContent, and the Content-Security-Policy
 # allows exactly this script and this style (by hash) and connections back here.
 
+# What the page must agree on with the server and the Python client, taken from
+# their constants so there is one of each: the reconnect backoff, the close
+# codes it explains, and parse_since's grammar for ?since= (its patterns, which
+# mean the same in JavaScript, its units, and datetime's range). Times are in
+# milliseconds, as the page's clock counts.
+PAGE_CONSTANTS = {
+    "RECONNECT_MIN": round(RECONNECT_MIN * 1000),
+    "RECONNECT_MAX": round(RECONNECT_MAX * 1000),
+    "CLOSE_GOING_AWAY": int(CloseCode.GOING_AWAY),
+    "CLOSE_ABNORMAL": int(CloseCode.ABNORMAL),
+    "CLOSE_TOO_SLOW": CLOSE_TOO_SLOW,
+    "DURATION_PATTERN": _DURATION_RE.pattern,
+    "DURATION_UNITS": {unit: seconds * 1000 for unit, seconds in _DURATION_UNITS.items()},
+    "TIMESTAMP_PATTERN": _TIMESTAMP_RE.pattern,
+    "EARLIEST_TIME": EARLIEST_EPOCH * 1000,
+    "YEARS": [datetime.min.year, datetime.max.year],
+}
+
+PAGE_LIB = ('"use strict";\n'
+            # one line of JSON, so the script (and so its CSP hash) is fixed at import
+            "const {%s} = %s;\n" % (", ".join(PAGE_CONSTANTS), json.dumps(PAGE_CONSTANTS)) + r'''
+// The page's pure part: functions of their arguments and the constants above,
+// with no DOM, socket or page state, so that node can require this part alone
+// and test it (PageScriptTests). In the browser it starts the page's script.
+const DURATION = new RegExp(DURATION_PATTERN), TIMESTAMP = new RegExp(TIMESTAMP_PATTERN), TEXT_LIMIT = 20000;
+
+// --- reconnecting -------------------------------------------------------------
+
+function reconnectDelay(failures, jitter) {  // ms; jitter in [0, 1) spreads out pages a restart dropped together
+  // The client's backoff. Any number of failures is safe: 2 ** 1100 is Infinity, capped.
+  return Math.min(RECONNECT_MAX, RECONNECT_MIN * 2 ** failures) * (0.5 + jitter / 2);
+}
+
+function closeReason(code) {
+  return code === CLOSE_GOING_AWAY ? "server restarting" : code === CLOSE_TOO_SLOW ? "too slow" :
+    code === CLOSE_ABNORMAL ? "connection lost" : "closed " + code;
+}
+
+// --- the history window -------------------------------------------------------
+
+function parseDuration(text) {      // parse_since's durations (90s, 1.5h, 2W) in ms, else null
+  const m = DURATION.exec(text.toLowerCase());
+  return m ? Number(m[1]) * DURATION_UNITS[m[2]] : null;
+}
+
+function parseTime(text) {          // parse_timestamp's ISO times as epoch ms, else null
+  const m = TIMESTAMP.exec(text);
+  if (!m) return null;
+  const [year, month, day, hour, minute, second] = m.slice(1, 7).map((v) => Number(v || 0));
+  const zone = m[8];
+  let offset = 0;                   // minutes east of UTC
+  if (zone && zone !== "Z" && zone !== "z") {
+    const digits = zone.slice(1).replace(":", "");
+    offset = (Number(digits.slice(0, 2)) * 60 + Number(digits.slice(2, 4) || 0)) * (zone[0] === "+" ? 1 : -1);
+  }
+  const date = new Date(0);
+  date.setUTCFullYear(year, month - 1, day);      // Date.UTC would read years below 100 as 19xx
+  date.setUTCHours(hour, minute, second);
+  // What Python's datetime refuses: a 13th month, 30 February, 24 h, 60 s, an offset of a day ...
+  if (year < YEARS[0] || date.getUTCMonth() !== month - 1 || date.getUTCDate() !== day || hour > 23 ||
+      minute > 59 || second > 59 || Math.abs(offset) >= 1440) return null;
+  const time = date.getTime() - offset * 6e4 + Number((m[7] || "").slice(0, 6).padEnd(6, "0")) / 1000;
+  const utcYear = new Date(Math.floor(time)).getUTCFullYear();
+  return utcYear >= YEARS[0] && utcYear <= YEARS[1] ? time : null;    // ... and a time outside its years in UTC
+}
+
+function absoluteSince(win, serverTime) {   // the subscribe's since, by the server's clock; null: none
+  if (!win || win === "live") return null;
+  if (win.trim().toLowerCase() === "all") return "all";
+  if (parseTime(win) !== null) return win;  // the server reads it with the same grammar
+  const back = parseDuration(win);
+  const base = Date.parse(serverTime);
+  if (back === null || isNaN(base)) return null;
+  // Longer ago than datetime can say is everything, as for parse_since.
+  return base - back >= EARLIEST_TIME ? new Date(base - back).toISOString() : "all";
+}
+
+// --- cursors ------------------------------------------------------------------
+// What the page knows of each file, in any object with these three (the page's
+// state is one): seen, "path\noffset" of every line shown, so nothing is shown
+// twice; next, path -> offset after the last line received (the cursor, sent
+// back on a resume); first, path -> lowest offset received (is there anything
+// earlier to load?).
+
+function newCursors() {
+  return {seen: new Set(), next: new Map(), first: new Map()};
+}
+
+function trackLine(cursors, msg) {  // an entry, malformed line or gap: false if had already
+  const key = msg.path + "\n" + msg.offset;
+  if (cursors.seen.has(key)) return false;
+  cursors.seen.add(key);
+  // A gap's next is null (where the skipped bytes end is not known): the cursor stays.
+  if (typeof msg.next === "number" && msg.next > (cursors.next.get(msg.path) || 0)) cursors.next.set(msg.path, msg.next);
+  if (!cursors.first.has(msg.path) || msg.offset < cursors.first.get(msg.path)) cursors.first.set(msg.path, msg.offset);
+  return true;
+}
+
+function forgetFile(cursors, path) {  // a reset: the file's lines start again from offset 0
+  cursors.next.set(path, 0);
+  cursors.first.delete(path);
+  for (const key of [...cursors.seen]) if (key.startsWith(path + "\n")) cursors.seen.delete(key);
+}
+
+function resumeCursors(cursors) {
+  const out = {};
+  for (const [path, offset] of cursors.next) out[path] = offset;
+  return out;
+}
+
+function earlierCursors(paths) {    // "load earlier": these files from their first byte
+  // The same cursors as a resume. The server sends them again from disk; lines
+  // already shown are skipped by (path, offset).
+  const cursors = {};
+  for (const p of paths) cursors[p] = 0;
+  // 2.1.x keeps a session's sub-agents in <project>/<session>/: a folder cursor
+  // brings those the page has not heard from yet.
+  for (const p of paths) {
+    const m = /^([^/]+)\/([^/]+)\.jsonl$/.exec(p);
+    if (m) cursors[m[1] + "/" + m[2] + "/"] = 0;
+  }
+  return cursors;
+}
+
+function hasEarlier(cursors, paths) {
+  return [...paths].some((p) => (cursors.first.get(p) || 0) > 0);
+}
+
+// --- tokens -------------------------------------------------------------------
+
+function countTokens(counted, e, msg) {   // what this line adds to its session's {in, out}
+  if (!(e.type === "assistant" && e.message && e.message.usage && typeof e.message.usage === "object")) return {in: 0, out: 0};
+  // Streaming writes one line per content block, each with the message's usage so
+  // far: a message counts once (by message id and request id), at its largest,
+  // which counted holds.
+  const id = e.message.id || e.requestId ? (e.message.id || "") + "|" + (e.requestId || "") : msg.path + "\n" + msg.offset;
+  const u = e.message.usage;
+  const now = {in: (u.input_tokens || 0) + (u.cache_creation_input_tokens || 0) + (u.cache_read_input_tokens || 0),
+               out: u.output_tokens || 0};
+  const was = counted.get(id) || {in: 0, out: 0};
+  const best = {in: Math.max(was.in, now.in), out: Math.max(was.out, now.out)};
+  counted.set(id, best);
+  return {in: best.in - was.in, out: best.out - was.out};
+}
+
+// --- rendering ----------------------------------------------------------------
+
+function before(a, b) {       // a file's own lines keep file order; files interleave by time
+  return a.path === b.path ? a.offset < b.offset : a.t < b.t;
+}
+
+function projectName(s) {
+  if (s.cwd) return s.cwd.split(/[\\/]/).filter(Boolean).pop() || s.cwd;
+  return s.project;
+}
+
+function compact(n) {
+  return n >= 1e6 ? (n / 1e6).toFixed(1) + "M" : n >= 1e3 ? (n / 1e3).toFixed(1) + "k" : String(n);
+}
+
+function size(n) {
+  return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : n >= 1024 ? (n / 1024).toFixed(1) + " KB" : n + " B";
+}
+
+function ago(t, now) {
+  if (!t) return "";
+  const s = Math.max(0, (now - t) / 1000);
+  return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" :
+    s < 86400 ? Math.floor(s / 3600) + " h ago" : new Date(t).toLocaleDateString();
+}
+
+function clip(text) {
+  text = String(text);
+  return text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) + "\n… (" + (text.length - TEXT_LIMIT) + " more characters)" : text;
+}
+
+function plain(content) {
+  if (typeof content === "string") return content;
+  if (!Array.isArray(content)) return "";
+  return content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n");
+}
+
+function promptText(e) {
+  const text = plain(e.message && e.message.content).trim();
+  if (!text || text.startsWith("<command-") || text.startsWith("<local-command") || text.startsWith("Caveat:")) return "";
+  return text.slice(0, 200);
+}
+
+function commandOf(content) {     // a slash command or its output, as Claude Code records them
+  const text = plain(content);
+  const name = /<command-name>([^<]*)<\/command-name>/.exec(text);
+  if (name) {
+    const args = /<command-args>([^<]*)<\/command-args>/.exec(text);
+    return name[1] + (args && args[1] ? " " + args[1] : "");
+  }
+  const out = /^<local-command-(?:stdout|stderr)>([\s\S]*?)<\/local-command-(?:stdout|stderr)>$/.exec(text.trim());
+  return out ? clip(out[1].trim() || "(no output)") : null;
+}
+
+function systemText(e) {
+  const sub = typeof e.subtype === "string" ? e.subtype : "";
+  if (sub === "turn_duration" && typeof e.durationMs === "number") return "turn took " + (e.durationMs / 1000).toFixed(1) + " s";
+  if (sub === "stop_hook_summary") return "stop hooks ran: " + (e.hookCount || (e.hookInfos || []).length || 0);
+  if (sub === "compact_boundary") return "conversation compacted";
+  const text = typeof e.content === "string" ? e.content : e.content ? JSON.stringify(e.content) : "";
+  return (sub ? sub.replace(/_/g, " ") + ": " : "") + clip(text || e.level || "");
+}
+
+function isToolResults(content) {
+  return Array.isArray(content) && content.length > 0 && content.every((b) => b && b.type === "tool_result");
+}
+
+function resultText(b) {            // a tool result's text, images named
+  if (typeof b.content === "string") return b.content;
+  if (!Array.isArray(b.content)) return "";
+  return b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
+}
+
+if (typeof module !== "undefined") {
+  module.exports = {reconnectDelay, closeReason, parseDuration, parseTime,
+    absoluteSince, newCursors, trackLine, forgetFile, resumeCursors, earlierCursors, hasEarlier, countTokens,
+    before, projectName, compact, size, ago, clip, plain, promptText, commandOf, systemText, isToolResults,
+    resultText};
+}
+''')
+
 PAGE_STYLE = r'''
 :root{--bg:#fbfbfa;--fg:#1d1d1f;--muted:#6e6e73;--line:#e3e3e0;--panel:#fff;--accent:#b4532a;
 --you:#eef4ff;--tool:#f5f3ee;--err:#c62828;--ok:#2e7d32;--add:#e6f4ea;--del:#fdecea;--sel:#f3e9e2;
@@ -4548,22 +4774,19 @@ PAGE_BODY = r'''
 </main>
 '''
 
-PAGE_SCRIPT = r'''
-"use strict";
+PAGE_SCRIPT = PAGE_LIB + r'''
 // claude_stream live page. Everything from a transcript is shown with
 // textContent, never parsed as HTML; the Content-Security-Policy allows this
 // script alone (by hash), and connections to this server alone.
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const token = params.get("token") || "";
-const BACKOFF_MIN = 500, BACKOFF_MAX = 15000, TEXT_LIMIT = 20000, DIFF_LINES = 400, TICK = 5000, WAKE_GAP = 30000;
+const DIFF_LINES = 400, TICK = 5000, WAKE_GAP = 30000;
 
 const state = {
   ws: null, retry: null, epoch: null, since: null, resuming: false, failures: 0,
   window: params.get("since") || "1h",
-  seen: new Set(),            // "path\noffset" of every line shown: nothing twice
-  next: new Map(),            // path -> offset after the last line received (the cursor)
-  first: new Map(),           // path -> lowest offset received (is there anything earlier?)
+  ...newCursors(),            // seen, next, first: what is known of each file
   lastTime: new Map(),        // path -> time of its latest timed entry (for untimed ones)
   sessions: new Map(),        // session id -> session record
   toolNames: new Map(),       // tool_use id -> tool name, to label results
@@ -4580,16 +4803,6 @@ function setState(kind, text) {
   el.textContent = text;
 }
 
-function absoluteSince(win, serverTime) {
-  if (!win || win === "live") return null;
-  if (win === "all") return "all";
-  const m = /^(\d+)([smhd])$/.exec(win);
-  const base = Date.parse(serverTime);
-  if (!m || isNaN(base)) return null;
-  const unit = {s: 1e3, m: 6e4, h: 36e5, d: 864e5}[m[2]];
-  return new Date(base - Number(m[1]) * unit).toISOString();
-}
-
 function connect() {
   clearTimeout(state.retry);
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
@@ -4603,10 +4816,8 @@ function connect() {
     if (ws !== state.ws) return;
     state.ws = null;
     state.failures += 1;
-    const delay = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** Math.min(state.failures, 6)) * (0.5 + Math.random() / 2);
-    const why = ev.code === 1001 ? "server restarting" : ev.code === 4000 ? "too slow" :
-      ev.code === 1006 ? "connection lost" : "closed " + ev.code;
-    setState("down", why + "; retrying in " + Math.round(delay / 1000) + " s");
+    const delay = reconnectDelay(state.failures, Math.random());
+    setState("down", closeReason(ev.code) + "; retrying in " + Math.round(delay / 1000) + " s");
     state.retry = setTimeout(connect, delay);
     if (!opened) explainRefusal(delay);
   };
@@ -4646,12 +4857,6 @@ function subscribe(extra) {
   state.ws.send(JSON.stringify(msg));
 }
 
-function resumeCursors() {
-  const cursors = {};
-  for (const [path, offset] of state.next) cursors[path] = offset;
-  return cursors;
-}
-
 function receive(msg) {
   switch (msg.kind) {
     case "hello":
@@ -4666,7 +4871,7 @@ function receive(msg) {
         // Resuming: files we hold a cursor for go on from it; files we never heard
         // of are asked for since our window began (or since we first connected).
         state.resuming = true;
-        subscribe({since: state.since || state.epoch, cursors: resumeCursors()});
+        subscribe({since: state.since || state.epoch, cursors: resumeCursors(state)});
       }
       setState("catching", "catching up…");
       return;
@@ -4687,9 +4892,7 @@ function receive(msg) {
 }
 
 function forget(path) {
-  state.next.set(path, 0);
-  state.first.delete(path);
-  for (const key of [...state.seen]) if (key.startsWith(path + "\n")) state.seen.delete(key);
+  forgetFile(state, path);
   for (const s of state.sessions.values()) {
     if (!s.paths.has(path)) continue;
     for (const item of s.entries) {
@@ -4722,11 +4925,7 @@ function sessionFor(msg) {
 }
 
 function line(msg) {
-  const key = msg.path + "\n" + msg.offset;
-  if (state.seen.has(key)) { state.duplicates += 1; return; }
-  state.seen.add(key);
-  if (typeof msg.next === "number" && msg.next > (state.next.get(msg.path) || 0)) state.next.set(msg.path, msg.next);
-  if (!state.first.has(msg.path) || msg.offset < state.first.get(msg.path)) state.first.set(msg.path, msg.offset);
+  if (!trackLine(state, msg)) { state.duplicates += 1; return; }
   const s = sessionFor(msg);
   s.paths.add(msg.path);
   const e = msg.entry && typeof msg.entry === "object" ? msg.entry : null;
@@ -4752,10 +4951,6 @@ function line(msg) {
   if (state.selected === s.id) show(s, item, i);
 }
 
-function before(a, b) {       // a file's own lines keep file order; files interleave by time
-  return a.path === b.path ? a.offset < b.offset : a.t < b.t;
-}
-
 function learn(s, e, msg, t) {
   if (typeof e.cwd === "string" && !s.cwd) s.cwd = e.cwd;
   if (e.type === "custom-title" && typeof e.customTitle === "string") s.title = e.customTitle, s.titleRank = 3;
@@ -4769,25 +4964,9 @@ function learn(s, e, msg, t) {
   if (Array.isArray(content)) {
     for (const b of content) if (b && b.type === "tool_use" && typeof b.id === "string") state.toolNames.set(b.id, b.name);
   }
-  if (e.type === "assistant" && e.message && e.message.usage && typeof e.message.usage === "object") {
-    // Streaming writes one line per content block, each with the message's usage so
-    // far: a message counts once (by message id and request id), at its largest.
-    const id = e.message.id || e.requestId ? (e.message.id || "") + "|" + (e.requestId || "") : msg.path + "\n" + msg.offset;
-    const u = e.message.usage;
-    const now = {in: (u.input_tokens || 0) + (u.cache_creation_input_tokens || 0) + (u.cache_read_input_tokens || 0),
-                 out: u.output_tokens || 0};
-    const was = s.usage.get(id) || {in: 0, out: 0};
-    const best = {in: Math.max(was.in, now.in), out: Math.max(was.out, now.out)};
-    s.usage.set(id, best);
-    s.tokensIn += best.in - was.in;
-    s.tokensOut += best.out - was.out;
-  }
-}
-
-function promptText(e) {
-  const text = plain(e.message && e.message.content).trim();
-  if (!text || text.startsWith("<command-") || text.startsWith("<local-command") || text.startsWith("Caveat:")) return "";
-  return text.slice(0, 200);
+  const added = countTokens(s.usage, e, msg);
+  s.tokensIn += added.in;
+  s.tokensOut += added.out;
 }
 
 // --- the session list -------------------------------------------------------
@@ -4795,22 +4974,6 @@ function promptText(e) {
 let listPending = false;
 function scheduleList() {
   if (!listPending) { listPending = true; requestAnimationFrame(() => { listPending = false; drawList(); }); }
-}
-
-function projectName(s) {
-  if (s.cwd) return s.cwd.split(/[\\/]/).filter(Boolean).pop() || s.cwd;
-  return s.project;
-}
-
-function compact(n) {
-  return n >= 1e6 ? (n / 1e6).toFixed(1) + "M" : n >= 1e3 ? (n / 1e3).toFixed(1) + "k" : String(n);
-}
-
-function ago(t) {
-  if (!t) return "";
-  const s = Math.max(0, (Date.now() - t) / 1000);
-  return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" :
-    s < 86400 ? Math.floor(s / 3600) + " h ago" : new Date(t).toLocaleDateString();
 }
 
 function el(tag, cls, text) {
@@ -4847,7 +5010,7 @@ function drawList() {
     li.setAttribute("aria-selected", String(state.selected === s.id));
     li.append(el("div", "title", title));
     const sub = el("div", "sub");
-    sub.append(el("span", "project", name), el("span", "when", ago(s.last)),
+    sub.append(el("span", "project", name), el("span", "when", ago(s.last, Date.now())),
       el("span", "tokens", compact(s.tokensIn) + " in · " + compact(s.tokensOut) + " out"));
     li.append(sub);
     if (s.agents.size) {
@@ -4943,15 +5106,6 @@ function node(item) {
   return item.el;
 }
 
-function clip(text) {
-  text = String(text);
-  return text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) + "\n… (" + (text.length - TEXT_LIMIT) + " more characters)" : text;
-}
-
-function size(n) {
-  return n >= 1048576 ? (n / 1048576).toFixed(1) + " MB" : n >= 1024 ? (n / 1024).toFixed(1) + " KB" : n + " B";
-}
-
 function render(item) {
   const {msg, e} = item;
   const li = el("li", "entry");
@@ -4994,40 +5148,10 @@ function render(item) {
   return li;
 }
 
-function plain(content) {
-  if (typeof content === "string") return content;
-  if (!Array.isArray(content)) return "";
-  return content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n");
-}
-
-function commandOf(content) {     // a slash command or its output, as Claude Code records them
-  const text = plain(content);
-  const name = /<command-name>([^<]*)<\/command-name>/.exec(text);
-  if (name) {
-    const args = /<command-args>([^<]*)<\/command-args>/.exec(text);
-    return name[1] + (args && args[1] ? " " + args[1] : "");
-  }
-  const out = /^<local-command-(?:stdout|stderr)>([\s\S]*?)<\/local-command-(?:stdout|stderr)>$/.exec(text.trim());
-  return out ? clip(out[1].trim() || "(no output)") : null;
-}
-
 function firstOfAgent(item) {
   const s = state.sessions.get(item.msg.session || item.msg.path);
   const a = s && s.agents.get(item.agent);
   return Boolean(a) && a.first === item;
-}
-
-function systemText(e) {
-  const sub = typeof e.subtype === "string" ? e.subtype : "";
-  if (sub === "turn_duration" && typeof e.durationMs === "number") return "turn took " + (e.durationMs / 1000).toFixed(1) + " s";
-  if (sub === "stop_hook_summary") return "stop hooks ran: " + (e.hookCount || (e.hookInfos || []).length || 0);
-  if (sub === "compact_boundary") return "conversation compacted";
-  const text = typeof e.content === "string" ? e.content : e.content ? JSON.stringify(e.content) : "";
-  return (sub ? sub.replace(/_/g, " ") + ": " : "") + clip(text || e.level || "");
-}
-
-function isToolResults(content) {
-  return Array.isArray(content) && content.length > 0 && content.every((b) => b && b.type === "tool_result");
 }
 
 function blocks(li, content) {
@@ -5090,9 +5214,7 @@ function toolUse(b) {
 }
 
 function toolResult(b) {
-  let text = "";
-  if (typeof b.content === "string") text = b.content;
-  else if (Array.isArray(b.content)) text = b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
+  const text = resultText(b);
   const name = state.toolNames.get(b.tool_use_id);
   return collapsed("result" + (b.is_error ? " error" : ""),
     (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length), text);
@@ -5124,23 +5246,13 @@ function applyFilters() {
 
 function updateEarlier() {
   const s = state.sessions.get(state.selected);
-  $("earlier").hidden = !s || ![...s.paths].some((p) => (state.first.get(p) || 0) > 0);
+  $("earlier").hidden = !s || !hasEarlier(state, s.paths);
 }
 
 function loadEarlier() {
   const s = state.sessions.get(state.selected);
   if (!s || !state.ws || state.ws.readyState !== 1) return;
-  // The same cursors as a resume: these files from their first byte. The server
-  // sends them again from disk; lines we already show are skipped by (path, offset).
-  const cursors = {};
-  for (const p of s.paths) cursors[p] = 0;
-  // 2.1.x keeps a session's sub-agents in <project>/<session>/: a folder cursor
-  // brings those the page has not heard from yet.
-  for (const p of s.paths) {
-    const m = /^([^/]+)\/([^/]+)\.jsonl$/.exec(p);
-    if (m) cursors[m[1] + "/" + m[2] + "/"] = 0;
-  }
-  subscribe({cursors});
+  subscribe({cursors: earlierCursors(s.paths)});
   setState("catching", "loading earlier…");
 }
 

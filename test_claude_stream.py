@@ -2496,6 +2496,20 @@ class PageTests(ProjectTreeTestCase):
         self.assertEqual(browser.js("document.getElementById('entries').scrollTop"), 0)
         self.assertFalse(browser.js("document.getElementById('jump').hidden"))
 
+    def test_the_history_window_in_the_url_reads_as_the_server_reads_since(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        recent = datetime.now(timezone.utc).isoformat()
+        append(path, entry_line(0, "s1", timestamp="2020-01-01T00:00:00Z") + entry_line(1, "s1", timestamp=recent))
+        server = self.server()
+        browser = Chromium(self)
+        # Weeks, decimals, upper case and ISO times were once "from now on" on the page alone.
+        for since, shown in (("2W", 1), ("1.5h", 1), ("2019-06-01T00:00:00Z", 2), ("99999999999w", 2),
+                             ("soon", 0)):
+            browser.open(self.page_url(server, since))
+            # live comes after the history: by then every line of it has been received
+            browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+            self.assertEqual(browser.js("claudeStream.seen.size"), shown, since)
+
     def test_a_server_started_again_with_another_token_is_explained(self):
         port = free_port()
         server = self.server(port)
@@ -2533,6 +2547,265 @@ class PageTests(ProjectTreeTestCase):
         # (the header follows at the page's next frame).
         browser.wait("document.getElementById('convo-title').textContent === 'line 0'",
                      "the title to become the first prompt")
+
+
+NODE_PAGE_TESTS = r'''
+"use strict";
+// The page's pure functions (PAGE_LIB), under node's own test runner.
+const test = require("node:test");
+const assert = require("node:assert/strict");
+const lib = require("./page_lib.cjs");
+const {serverTime, cases} = require("./since_cases.json");   // what Python's parse_since makes of each
+
+const MAIN = "-home-u-proj/0d3a8e6f.jsonl", AGENT = "-home-u-proj/0d3a8e6f/subagents/agent-a1.jsonl";
+
+test("durations: parse_since's grammar, in milliseconds", () => {
+  const h = 3600e3;
+  assert.equal(lib.parseDuration("90s"), 90e3);
+  assert.equal(lib.parseDuration("10m"), 600e3);
+  assert.equal(lib.parseDuration("1.5h"), 1.5 * h);
+  assert.equal(lib.parseDuration("7d"), 7 * 24 * h);
+  assert.equal(lib.parseDuration("2w"), 14 * 24 * h);
+  assert.equal(lib.parseDuration("2W"), 14 * 24 * h);
+  assert.equal(lib.parseDuration(" 3 H\n"), 3 * h);
+  assert.equal(lib.parseDuration("0s"), 0);
+  for (const bad of ["", "h", "1.5", "1x", "-1h", "+1h", ".5h", "1.h", "1e3s", "1,5h", "10 min", "1h1m", "all", "live"]) {
+    assert.equal(lib.parseDuration(bad), null, JSON.stringify(bad));
+  }
+});
+
+test("the history window: exactly what parse_since accepts, by the server's clock", () => {
+  for (const [text, expected] of cases) {
+    const got = lib.absoluteSince(text, serverTime);
+    const what = JSON.stringify(text) + " gave " + JSON.stringify(got);
+    if (expected === null || expected === "all") assert.equal(got, expected, what);
+    else {
+      assert.equal(typeof got, "string", what);
+      assert.ok(Math.abs(lib.parseTime(got) - expected) < 1, what + ", not " + new Date(expected).toISOString());
+    }
+  }
+  assert.equal(lib.absoluteSince("live", serverTime), null);
+  assert.equal(lib.absoluteSince(null, serverTime), null);
+  assert.equal(lib.absoluteSince("1.5h", "2026-01-02T03:04:05.500Z"), "2026-01-02T01:34:05.500Z");
+  assert.equal(lib.absoluteSince("2026-01-02 03:04", serverTime), "2026-01-02 03:04");   // as given, for the server
+  assert.equal(lib.absoluteSince("1h", "not a time"), null);
+});
+
+test("ISO times: parse_timestamp's grammar and datetime's range", () => {
+  assert.equal(lib.parseTime("2026-01-02T03:04:05Z"), Date.UTC(2026, 0, 2, 3, 4, 5));
+  assert.equal(lib.parseTime("2026-01-02T03:04:05.123456789+01:30"), Date.UTC(2026, 0, 2, 1, 34, 5) + 123.456);
+  assert.equal(lib.parseTime("2026-01-02"), Date.UTC(2026, 0, 2));
+  assert.equal(lib.parseTime("0099-03-01T00:00:00Z"), -59037897600000);      // not 1999
+  for (const bad of ["2026-13-01", "2026-02-29", "2026-01-02T24:00:00Z", "2026-01-02T03:60", "0000-01-01",
+                     "0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-01:00", "2026-01-02T03:04:05+24:00",
+                     "2026-1-2", "yesterday", ""]) {
+    assert.equal(lib.parseTime(bad), null, JSON.stringify(bad));
+  }
+});
+
+test("reconnecting: the client's backoff and the server's close codes", () => {
+  assert.equal(lib.reconnectDelay(1, 0), 500);             // the first retry: RECONNECT_MIN * 2, halved at worst
+  assert.equal(lib.reconnectDelay(5, 0.5), 12000);
+  assert.equal(lib.reconnectDelay(6, 0), 15000);           // capped at RECONNECT_MAX (30 s), halved
+  assert.equal(lib.reconnectDelay(2000, 0.5), 22500);      // 2 ** 2000 is Infinity: still the cap
+  assert.equal(lib.closeReason(4000), "too slow");
+  assert.equal(lib.closeReason(1001), "server restarting");
+  assert.equal(lib.closeReason(1006), "connection lost");
+  assert.equal(lib.closeReason(1011), "closed 1011");
+});
+
+test("cursors: each line once, the cursor after the last, a reset starts the file again", () => {
+  const c = lib.newCursors();
+  const took = (msg) => lib.trackLine(c, msg);
+  assert.equal(took({kind: "entry", path: MAIN, offset: 0, next: 120}), true);
+  assert.equal(took({kind: "entry", path: MAIN, offset: 120, next: 250}), true);
+  assert.equal(took({kind: "entry", path: AGENT, offset: 0, next: 80}), true);
+  assert.equal(took({kind: "entry", path: MAIN, offset: 120, next: 250}), false);        // sent again: a duplicate
+  assert.deepEqual(lib.resumeCursors(c), {[MAIN]: 250, [AGENT]: 80});
+  assert.equal(took({kind: "gap", path: MAIN, offset: 250, next: null}), true);         // shown once ...
+  assert.equal(took({kind: "gap", path: MAIN, offset: 250, next: null}), false);
+  assert.equal(c.next.get(MAIN), 250);                                                    // ... the cursor stays
+  assert.equal(took({kind: "malformed", path: MAIN, offset: 250, next: 300}), false);    // same (path, offset)
+  lib.forgetFile(c, MAIN);                                                                // reset: truncated
+  assert.deepEqual(lib.resumeCursors(c), {[MAIN]: 0, [AGENT]: 80});
+  assert.equal(took({kind: "entry", path: MAIN, offset: 0, next: 90}), true);            // the new content, shown
+  assert.equal(took({kind: "entry", path: AGENT, offset: 0, next: 80}), false);          // the other file kept its own
+  assert.deepEqual(lib.resumeCursors(c), {[MAIN]: 90, [AGENT]: 80});
+});
+
+test("cursors: a resume and a load earlier show every line exactly once, in file order", () => {
+  const lines = Array.from({length: 10}, (_, i) => ({kind: "entry", path: MAIN, offset: i * 100, next: i * 100 + 100}));
+  const c = lib.newCursors(), shown = [];
+  const deliver = (msg) => { if (lib.trackLine(c, msg)) shown.push(msg.offset); };
+  lines.slice(5, 7).forEach(deliver);                       // the page opened on a live session
+  assert.equal(lib.hasEarlier(c, [MAIN]), true);
+  lines.slice(7, 8).forEach(deliver);                       // the connection drops after this one ...
+  const from = lib.resumeCursors(c)[MAIN];
+  assert.equal(from, 800);
+  lines.filter((m) => m.offset >= from).forEach(deliver);   // ... and the server goes on from the cursor
+  assert.deepEqual(lib.earlierCursors(new Set([MAIN, AGENT])), {[MAIN]: 0, [AGENT]: 0, "-home-u-proj/0d3a8e6f/": 0});
+  lines.forEach(deliver);                                   // "load earlier": the whole file again
+  assert.deepEqual(shown.sort((a, b) => a - b), lines.map((m) => m.offset));
+  assert.equal(shown.length, 10);
+  assert.equal(lib.hasEarlier(c, [MAIN]), false);
+});
+
+test("tokens: a streamed message counts once, at its largest usage", () => {
+  const usage = (output) => ({input_tokens: 4, cache_creation_input_tokens: 1532, cache_read_input_tokens: 18312,
+                              output_tokens: output, service_tier: "standard"});
+  const streamed = (content, output) => ({
+    parentUuid: "6a1c", isSidechain: false, userType: "external", cwd: "/home/u/proj", sessionId: "0d3a8e6f",
+    version: "2.0.14", gitBranch: "main", type: "assistant", uuid: "b2f0", timestamp: "2026-01-02T03:04:05.678Z",
+    requestId: "req_011CTxyz", message: {id: "msg_01AbC", type: "message", role: "assistant",
+      model: "claude-sonnet-4-5-20250929", content, stop_reason: null, stop_sequence: null, usage: usage(output)}});
+  const counted = new Map();
+  const count = (e, offset) => lib.countTokens(counted, e, {path: MAIN, offset});
+  assert.deepEqual(count(streamed([{type: "thinking", thinking: "…"}], 8), 0), {in: 19848, out: 8});
+  assert.deepEqual(count(streamed([{type: "text", text: "Done."}], 8), 900), {in: 0, out: 0});
+  assert.deepEqual(count(streamed([{type: "tool_use", id: "toolu_1", name: "Bash", input: {}}], 412), 1400),
+                   {in: 0, out: 404});
+  assert.deepEqual(count(streamed([{type: "text", text: "Done."}], 8), 900), {in: 0, out: 0});     // an earlier line late
+  const other = streamed([{type: "text", text: "Next."}], 30);
+  other.message.id = "msg_01XyZ";
+  assert.deepEqual(count(other, 2000), {in: 19848, out: 30});
+  const unnamed = {type: "assistant", message: {usage: {input_tokens: 10, output_tokens: 2}}};
+  assert.deepEqual(count(unnamed, 3000), {in: 10, out: 2});          // no ids: the line is the message
+  assert.deepEqual(count(unnamed, 3000), {in: 0, out: 0});
+  assert.deepEqual(count(unnamed, 3100), {in: 10, out: 2});
+  assert.deepEqual(count({type: "user", message: {role: "user", content: "hi", usage: usage(5)}}, 4000), {in: 0, out: 0});
+  assert.deepEqual(count({type: "assistant", message: {usage: 7}}, 4100), {in: 0, out: 0});
+});
+
+test("rendering helpers", () => {
+  assert.deepEqual([999, 1500, 19848, 2500000].map(lib.compact), ["999", "1.5k", "19.8k", "2.5M"]);
+  assert.deepEqual([512, 2048, 3 * 1048576].map(lib.size), ["512 B", "2.0 KB", "3.0 MB"]);
+  const now = Date.UTC(2026, 0, 2, 12);
+  assert.equal(lib.ago(0, now), "");
+  assert.equal(lib.ago(now - 5e3, now), "just now");
+  assert.equal(lib.ago(now + 5e3, now), "just now");                 // a clock ahead of ours
+  assert.equal(lib.ago(now - 5 * 60e3, now), "5 min ago");
+  assert.equal(lib.ago(now - 3 * 3600e3, now), "3 h ago");
+  assert.equal(lib.ago(now - 2 * 86400e3, now), new Date(now - 2 * 86400e3).toLocaleDateString());
+  assert.equal(lib.clip("short"), "short");
+  assert.equal(lib.clip(42), "42");
+  assert.equal(lib.clip("x".repeat(20005)), "x".repeat(20000) + "\n… (5 more characters)");
+  assert.equal(lib.plain([{type: "text", text: "a"}, {type: "image"}, null, {type: "text", text: "b"}]), "a\n\n\nb");
+  assert.equal(lib.plain({}), "");
+  const user = (content) => ({type: "user", message: {role: "user", content}});
+  assert.equal(lib.promptText(user("  fix the tests  ")), "fix the tests");
+  assert.equal(lib.promptText(user([{type: "text", text: "y".repeat(300)}])), "y".repeat(200));
+  assert.equal(lib.promptText(user("<command-name>/clear</command-name>")), "");
+  assert.equal(lib.promptText(user("Caveat: The messages below were generated by the user")), "");
+  assert.equal(lib.promptText({type: "user"}), "");
+  assert.equal(lib.commandOf("<command-message>model</command-message>\n<command-name>/model</command-name>\n" +
+                             "<command-args>opus</command-args>"), "/model opus");
+  assert.equal(lib.commandOf("<command-name>/clear</command-name>\n<command-args></command-args>"), "/clear");
+  assert.equal(lib.commandOf("<local-command-stdout>Set model to opus</local-command-stdout>"), "Set model to opus");
+  assert.equal(lib.commandOf("<local-command-stderr>  </local-command-stderr>"), "(no output)");
+  assert.equal(lib.commandOf("an ordinary prompt"), null);
+  assert.equal(lib.systemText({type: "system", subtype: "turn_duration", durationMs: 12345}), "turn took 12.3 s");
+  assert.equal(lib.systemText({subtype: "stop_hook_summary", hookCount: 2}), "stop hooks ran: 2");
+  assert.equal(lib.systemText({subtype: "stop_hook_summary", hookInfos: [{}, {}, {}]}), "stop hooks ran: 3");
+  assert.equal(lib.systemText({subtype: "compact_boundary", content: "Conversation compacted"}), "conversation compacted");
+  assert.equal(lib.systemText({subtype: "api_error", content: "Overloaded", level: "error"}), "api error: Overloaded");
+  assert.equal(lib.systemText({content: {a: 1}}), '{"a":1}');
+  assert.equal(lib.systemText({level: "info"}), "info");
+  assert.equal(lib.isToolResults([{type: "tool_result", tool_use_id: "t1", content: "ok"}]), true);
+  assert.equal(lib.isToolResults([{type: "tool_result"}, {type: "text", text: "and"}]), false);
+  assert.equal(lib.isToolResults([]), false);
+  assert.equal(lib.isToolResults("text"), false);
+  assert.equal(lib.resultText({content: "ok"}), "ok");
+  assert.equal(lib.resultText({content: [{type: "text", text: "a"}, {type: "image"}, {type: "text", text: "b"}]}), "a\n[image]\nb");
+  assert.equal(lib.resultText({}), "");
+  assert.equal(lib.projectName({cwd: "/home/u/proj/", project: "-home-u-proj"}), "proj");
+  assert.equal(lib.projectName({cwd: "C:\\Users\\u\\app", project: "C--Users-u-app"}), "app");
+  assert.equal(lib.projectName({cwd: "", project: "-home-u-proj"}), "-home-u-proj");
+  const at = (path, offset, t) => ({path, offset, t});
+  assert.equal(lib.before(at(MAIN, 10, 9), at(MAIN, 20, 1)), true);      // a file keeps its order ...
+  assert.equal(lib.before(at(AGENT, 10, 9), at(MAIN, 20, 1)), false);    // ... files interleave by time
+});
+'''
+
+# Inputs for the page's history window, read by parse_since to say what the page must make of them.
+SINCE_INPUTS = ["90s", "10m", "1.5h", "2h", "7d", "2w", "2W", "1.5H", " 3 h ", "1h\n", "\t2d", "0s", "0.25m",
+                "1e3s", ".5h", "1.h", "-1h", "+1h", "1x", "1,5h", "h", "", "  ", "live", "yesterday",
+                "all", "ALL", " All ", "99999999999w", "1" * 400 + "s",
+                "2026-01-02T03:04:05Z", "2026-01-02t03:04:05z", "2026-01-02T03:04:05.123456789+01:30",
+                "2026-01-02T03:04:05,5-0700", "2026-01-02 03:04", "2026-01-02T03", "2026-01-02", " 2026-01-02 ",
+                "2026-01-02T03:04:05+00:99", "2026-01-02T03:04:05+24:00", "2026-13-01", "2026-02-30",
+                "2028-02-29", "2026-01-02T24:00:00Z", "2026-01-02T03:04:60Z", "0000-01-01", "2026-1-2",
+                "0001-01-01T00:00:00+01:00", "0001-01-01T00:00:00-01:00", "9999-12-31T23:00:00-01:00",
+                "0001-01-01T00:00:59.9999+00:01", "0099-03-01T00:00:00Z"]
+
+
+class PageScriptTests(unittest.TestCase):
+    """The page's script: its constants are Python's, its syntax parses, its pure part passes node --test."""
+
+    def node(self):
+        node = shutil.which("node")
+        require(self, "node", bool(node), "needs node to test the page's script")
+        return node
+
+    def run_node(self, *args, cwd):
+        done = subprocess.run([self.node()] + list(args), cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=120)
+        self.assertEqual(done.returncode, 0, "node %s:\n%s" % (" ".join(args), done.stdout.decode(errors="replace")))
+
+    def folder(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        return tmp.name
+
+    def test_its_constants_are_the_servers_and_the_clients(self):
+        line = cs.PAGE_SCRIPT.splitlines()[1]
+        match = re.match(r"const \{([\w, ]+)\} = (\{.*\});$", line)
+        self.assertIsNotNone(match, line)
+        names, values = match.group(1).split(", "), json.loads(match.group(2))
+        self.assertEqual(names, list(values))
+        self.assertEqual(values["RECONNECT_MIN"], cs.RECONNECT_MIN * 1000)
+        self.assertEqual(values["RECONNECT_MAX"], cs.RECONNECT_MAX * 1000)
+        self.assertEqual(values["RECONNECT_MAX"], 30000)
+        self.assertEqual(values["CLOSE_TOO_SLOW"], cs.CLOSE_TOO_SLOW)
+        self.assertEqual(values["CLOSE_GOING_AWAY"], cs.CloseCode.GOING_AWAY)
+        self.assertEqual(values["CLOSE_ABNORMAL"], cs.CloseCode.ABNORMAL)
+        self.assertEqual(values["DURATION_PATTERN"], cs._DURATION_RE.pattern)
+        self.assertEqual(values["DURATION_UNITS"], {u: s * 1000 for u, s in cs._DURATION_UNITS.items()})
+        self.assertEqual(sorted(values["DURATION_UNITS"]), sorted("smhdw"))
+        self.assertEqual(values["TIMESTAMP_PATTERN"], cs._TIMESTAMP_RE.pattern)
+        self.assertEqual(values["EARLIEST_TIME"], cs.EARLIEST_EPOCH * 1000)
+        # No second copy of them further down, as the page once had its own backoff and codes.
+        rest = cs.PAGE_SCRIPT.replace(line, "")
+        self.assertNotRegex(rest, r"\b(1001|1006|4000|15000)\b|BACKOFF|\[smhd")
+        self.assertTrue(cs.PAGE_SCRIPT.startswith(cs.PAGE_LIB))
+
+    def test_the_whole_script_parses(self):
+        names = re.findall(r"^function (\w+)\(", cs.PAGE_SCRIPT, re.M)
+        self.assertEqual(sorted(n for n in set(names) if names.count(n) > 1), [],
+                         "a function of the page would silently replace one of PAGE_LIB")
+        folder = self.folder()
+        with open(os.path.join(folder, "page.js"), "w", encoding="utf-8") as fh:
+            fh.write(cs.PAGE_SCRIPT)
+        self.run_node("--check", "page.js", cwd=folder)
+
+    def test_its_pure_functions_under_node_test(self):
+        folder = self.folder()
+        server_time = "2026-01-02T03:04:05.500Z"
+        now = cs.parse_timestamp(server_time).timestamp()
+        cases = []
+        for text in SINCE_INPUTS:
+            try:
+                start = cs.parse_since(text, now)
+            except ValueError:
+                start = None                # refused: the page shows no history, as for "live"
+            cases.append([text, None if start is None else "all" if start == float("-inf") else start * 1000])
+        self.assertIn("all", [c[1] for c in cases])
+        self.assertGreater(len([c for c in cases if c[1] is None]), 10)
+        files = {"page_lib.cjs": cs.PAGE_LIB, "page_test.cjs": NODE_PAGE_TESTS,
+                 "since_cases.json": json.dumps({"serverTime": server_time, "cases": cases})}
+        for name, text in files.items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
+                fh.write(text)
+        self.run_node("--test", "page_test.cjs", cwd=folder)
 
 
 class CommandLineTests(unittest.TestCase):
