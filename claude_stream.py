@@ -21,9 +21,10 @@ Wire format (server to client, one JSON object per text frame, ``kind`` first):
      "project": "<project folder>", "session": "<id>", "agent": "<id>|null",
      "entry": {...the transcript line, byte for byte...}}
 
-``(path, offset)`` names a line for ever: it is the cursor. Other kinds:
-``hello``, ``subscribed``, ``live``, ``malformed``, ``gap``, ``reset``,
-``error``; README.md documents them all.
+``(path, offset)`` names a line for ever: it is the cursor. Every kind
+(``hello``, ``subscribed``, ``entry``, ``malformed``, ``gap``, ``reset``,
+``live``, ``error``) and the client's ``subscribe`` are listed in the
+"Wire format" section below, where each is built; README.md documents them.
 
 Security model: the server binds to 127.0.0.1 and ::1 by default; a random
 token (or one from --token-file) is required (Bearer header or ``?token=``);
@@ -35,7 +36,30 @@ any peer can make the server hold is bounded, before and after it
 authenticates. Nothing from a transcript and no token is ever written to the
 server's own log.
 
-Limits: every limit and default is a named constant just below.
+Limits: every limit and default is a named constant just below; ``Limits``
+gathers them into one frozen value that the tailer, the server and each
+endpoint are given (``dataclasses.replace(DEFAULT_LIMITS, ...)`` to change one).
+
+Map, top to bottom, each part using only those above it:
+  constants, Limits, Timer/TimerHeap, Log
+  Log models            dataclasses for entries and blocks; decode_line, the one JSON decoder
+  Tailer                FileRecord, split_lines (the one splitter), Discovery (roots,
+                        folders, inotify), Tailer (schedule, reads), LineReader (history)
+  WebSocket protocol    frames, the opening handshake, MessageAssembler, Connection
+  Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
+  Token files
+  Wire format           entry_fields, Filters, Subscription, one builder per message kind
+  Request policy        Host, Origin, token, routes, statuses
+  Per-client feed       Backlog, Phase, Feed: live, history, resume and catch-up alike
+  Broadcast             Backpressure, Broadcast
+  Server                ServerSession, StreamServer
+  The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
+  Client                Renderer, ClientLink, ClientApp
+  Command line          argparse, run_serve, run_client, main
+A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
+line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
+Connection -> WebSocketEndpoint.sync -> Stream.writelines -> EventLoop._flush ->
+Stream.flush (sendmsg).
 """
 
 import argparse
@@ -111,6 +135,7 @@ TICK_READ_BUDGET = 128 << 10         # bytes read from all files per loop tick; 
                                     # LIVE_OUTPUT_CAP, so one tick never trips a fast client
 MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
 MAX_JSON_DEPTH = 200                # deeper nesting is malformed (real entries nest < 20)
+ENVELOPE_DEPTH = 1                  # the levels a message adds around its entry (for the client)
 JSON_TEXT_CACHE_SIZE = 4096         # encoded paths and ids kept for envelopes
 JSON_TEXT_CACHE_MAX_CHARS = 256     # ... if they are no longer than this
 MAX_OPEN_FILES = 256                # hot files kept open; others reopened per read
@@ -226,7 +251,7 @@ class Limits:
     max_head_bytes: int = MAX_HEAD_BYTES
     max_headers: int = MAX_HEADERS
     max_client_message: int = MAX_CLIENT_MESSAGE
-    max_server_message: int = MAX_SERVER_MESSAGE
+    max_server_message: int = None      # type: ignore[assignment] # derived: see __post_init__
     min_fragments: int = MIN_FRAGMENTS
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     request_head_timeout: float = REQUEST_HEAD_TIMEOUT
@@ -238,7 +263,7 @@ class Limits:
     linger_timeout: float = LINGER_TIMEOUT
     connect_timeout: float = CONNECT_TIMEOUT
     live_output_cap: int = LIVE_OUTPUT_CAP
-    output_high_water: int = OUTPUT_HIGH_WATER
+    output_high_water: int = None       # type: ignore[assignment] # derived: see __post_init__
     recv_size: int = RECV_SIZE
     send_gather_max: int = SEND_GATHER_MAX
     frame_copy_max: int = FRAME_COPY_MAX
@@ -266,6 +291,15 @@ class Limits:
     listen_attempts: int = LISTEN_ATTEMPTS
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
+
+    def __post_init__(self) -> None:
+        """The limits that follow from the longest line, unless given: a shorter
+        ``max_line_bytes`` shrinks what a client accepts and what a server holds."""
+        derived = {"max_server_message": self.max_line_bytes + (MAX_SERVER_MESSAGE - MAX_LINE_BYTES),
+                   "output_high_water": self.max_line_bytes * (OUTPUT_HIGH_WATER // MAX_LINE_BYTES)}
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)      # frozen: filled in once, here
 
 
 DEFAULT_LIMITS = Limits()
@@ -834,7 +868,7 @@ def _json_depth(data: bytes) -> int:
     return deepest
 
 
-def decode_line(data: bytes) -> Dict[str, Any]:
+def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
     """The JSON object on one line, or MalformedLine saying briefly why not.
 
     UTF-8 is checked strictly first: ``json.loads(bytes)`` would accept
@@ -844,11 +878,11 @@ def decode_line(data: bytes) -> Dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
-    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _json_depth(data) > MAX_JSON_DEPTH:
+    if data.count(b"[") + data.count(b"{") > max_depth and _json_depth(data) > max_depth:
         # Python's own limit depends on its version (3.13 parses what 3.8 cannot):
         # one fixed limit, so every client can read what the server forwards. It
         # also keeps the decoders below from ever recursing too deep.
-        raise MalformedLine("invalid JSON: nested deeper than %d levels" % MAX_JSON_DEPTH)
+        raise MalformedLine("invalid JSON: nested deeper than %d levels" % max_depth)
     try:                            # the common case in one C call, no whitespace handling
         obj, end = _LINE_DECODER.scan_once(text, 0)
         if end == len(text) and isinstance(obj, dict):
@@ -1167,6 +1201,9 @@ def split_lines(state: Any, chunk: bytes, limit: int) -> List[Tuple[int, Optiona
     return out
 
 
+# --- discovery: which files there are ----------------------------------------
+
+
 def nearest_folder(path: str) -> str:
     """The nearest folder above ``path`` that exists."""
     parent = os.path.dirname(path)
@@ -1399,6 +1436,9 @@ class Discovery:
             self.notify.close()
 
 
+# --- the tailer: when each file is looked at, and what it gained ----------------
+
+
 class Tailer:
     """Follows every file Discovery finds and turns appended bytes into TailEvents.
 
@@ -1420,22 +1460,6 @@ class Tailer:
         self._schedule_heap = TimerHeap()       # each file's next stat
         self._slowdown = self.discovery.slowdown    # the rate the schedule was made for
         self._open_files = 0
-
-    @property
-    def roots(self) -> List[RootState]:
-        return self.discovery.roots
-
-    @property
-    def dirs(self) -> Dict[str, DirState]:
-        return self.discovery.dirs
-
-    @property
-    def notify(self) -> Optional[Inotify]:
-        return self.discovery.notify
-
-    @property
-    def slowdown(self) -> int:
-        return self.discovery.slowdown
 
     # --- scheduling ---------------------------------------------------------
 
@@ -1535,7 +1559,7 @@ class Tailer:
         for path in gone:
             rec = self.files.get(path)
             if rec is not None:
-                self._forget(rec, events)
+                self._forget(rec, events, listed=False)     # Discovery has let go of it already
         if self.discovery.slowdown != self._slowdown:
             self._rate_changed(now)
         wall = self.wall()
@@ -1574,14 +1598,20 @@ class Tailer:
         else:
             self._schedule(rec, now)
 
-    def _forget(self, rec: FileRecord, events: List[TailEvent]) -> None:
+    def _forget(self, rec: FileRecord, events: List[TailEvent], listed: bool = True) -> None:
+        """Stop following ``rec``; ``listed``: its folder's listing still names it.
+
+        A path Discovery reported gone may already be in the listing of a new
+        folder of the same name (deleted and made again): that one stays.
+        """
         rec.gone = True
         if rec.timer is not None:
             rec.timer.cancel()
             rec.timer = None
         self._close(rec)
         self.files.pop(rec.abspath, None)
-        self.discovery.file_gone(rec.abspath)
+        if listed:
+            self.discovery.file_gone(rec.abspath)
         events.append(RemovedEvent(rec))
 
     # --- reading --------------------------------------------------------------
@@ -1699,6 +1729,9 @@ class Tailer:
             rec.pending = bytearray(fh.read(end - start))
         rec.boundary_known = True
 
+
+
+# --- history: one client's reader of one file ----------------------------------
 
 
 class LineReader:
@@ -2328,6 +2361,7 @@ class Connection:
         self._check_connecting()
         self._queue(build_accept_response(key))
         self.state = State.OPEN
+        self.handshake = None           # its buffer too
 
     def respond(self, response: bytes) -> None:
         """Server: answer plain HTTP instead (the page, an error); nothing more is read."""
@@ -2346,6 +2380,7 @@ class Connection:
         self.state = State.CLOSED
         self._answered_http = True
         self._buffer = bytearray()
+        self.handshake = None
 
     def _receive_head(self, data: bytes) -> None:
         assert self.handshake is not None
@@ -2367,6 +2402,7 @@ class Connection:
             self._handshake_events.append(event)
             if isinstance(event, Opened):
                 self.state = State.OPEN
+                self.handshake = None
 
     # --- input --------------------------------------------------------------
 
@@ -3224,6 +3260,8 @@ class WebSocketEndpoint(Protocol):
         for timer in (self._keepalive, self._close_deadline, self._handshake_deadline):
             if timer is not None:
                 timer.cancel()
+        # A client's next connection uses this endpoint again: every deadline afresh.
+        self._keepalive = self._close_deadline = self._handshake_deadline = None
         if exc is not None and self.lost_reason is None:
             self.lost_reason = str(exc)
         ws = self.ws
@@ -3385,25 +3423,21 @@ def iso_now(wall: Callable[[], float]) -> str:
 _TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
 
 
-@dataclass
-class EntryFields:
-    """What routing, filters and history order need of one transcript line."""
-    session: Optional[str]          # the entry's sessionId, else the file's
-    agent: Optional[str]            # the file's sub-agent, else 1.0.x's inline agentId
-    type: str                       # "" when absent or not a string
-    cwd: Optional[str]
-    timestamp: str                  # raw ISO-8601 text ("" if none): UTC sorts as text
-
-    @classmethod
-    def read(cls, obj: Dict[str, Any], rec: FileRecord) -> "EntryFields":
-        session = obj.get("sessionId")
-        agent = rec.agent
-        if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
-            agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-        kind, cwd, stamp = obj.get("type"), obj.get("cwd"), obj.get("timestamp")
-        return cls(session if isinstance(session, str) else rec.session, agent,
-                   kind if isinstance(kind, str) else "", cwd if isinstance(cwd, str) else None,
-                   stamp if isinstance(stamp, str) else "")
+def entry_fields(obj: Dict[str, Any], rec: FileRecord) -> Tuple[Optional[str], Optional[str], str,
+                                                                 Optional[str], str]:
+    """What routing, filters and history order need of one line: (session, agent, type,
+    cwd, timestamp). The session is the entry's sessionId, else the file's; the agent
+    the file's sub-agent, else 1.0.x's inline agentId; type "" when absent; the
+    timestamp is the raw ISO-8601 text, "" if none (UTC sorts as text). A tuple, not
+    an object: this runs for every line, and an object per line cost a tenth of it.
+    """
+    session, kind, cwd, stamp = obj.get("sessionId"), obj.get("type"), obj.get("cwd"), obj.get("timestamp")
+    agent = rec.agent
+    if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
+        agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
+    return (session if isinstance(session, str) else rec.session, agent,
+            kind if isinstance(kind, str) else "", cwd if isinstance(cwd, str) else None,
+            stamp if isinstance(stamp, str) else "")
 
 
 def peek_timestamp(line: Optional[bytes]) -> str:
@@ -3504,8 +3538,8 @@ class Subscription:
                    dict(cursors))
 
 
-def client_message(text: str, now: float, limits: Limits = DEFAULT_LIMITS) -> Subscription:
-    """A client's message as a Subscription, or ValueError saying what is wrong with it."""
+def client_message(text: str) -> Dict[str, Any]:
+    """A client's message, a ``subscribe``, or ValueError saying what is wrong with it."""
     try:                            # the transcript lines' decoder: one depth limit
         obj = decode_line(text.encode("utf-8"))
     except MalformedLine as exc:
@@ -3513,7 +3547,7 @@ def client_message(text: str, now: float, limits: Limits = DEFAULT_LIMITS) -> Su
     kind = obj.get("kind")
     if kind != "subscribe":
         raise ValueError("unknown message kind %r; expected 'subscribe'" % (kind,))
-    return Subscription.from_message(obj, now, limits)
+    return obj
 
 
 # --- server messages: one builder per kind ------------------------------------
@@ -3582,18 +3616,18 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
         frame, meta = file_notice("malformed", rec, offset=offset, next=after,
                                   reason=str(exc), excerpt=excerpt(line))
         return LineMessage(offset, after, frame, meta, str(exc))
-    fields = EntryFields.read(obj, rec)
+    session, agent, kind, cwd, stamp = entry_fields(obj, rec)
     # The envelope, keys in this order, around the line's own bytes, and the
     # frame header before it, in one join of cached pieces: json.dumps per line
     # was a third of the cost, and the frame needs no second copy.
     pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
               b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
-              b',"session":', _json_text(fields.session), b',"agent":', _json_text(fields.agent),
+              b',"session":', _json_text(session), b',"agent":', _json_text(agent),
               b',"entry":', line, b"}"]
     pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
-    meta = MessageMeta(rec.project + "\n" + fields.cwd if fields.cwd is not None else rec.project,
-                       tuple(filter(None, (rec.session, fields.session, fields.agent))), fields.type)
-    return LineMessage(offset, after, b"".join(pieces), meta, sort_key=fields.timestamp)
+    meta = MessageMeta(rec.project + "\n" + cwd if cwd is not None else rec.project,
+                       tuple(filter(None, (rec.session, session, agent))), kind)
+    return LineMessage(offset, after, b"".join(pieces), meta, sort_key=stamp)
 
 
 def oversize_reason(limit: int) -> str:
@@ -4109,8 +4143,8 @@ class Backpressure:
 class Broadcast:
     """Tail events to clients: envelope and frame each once, offer the same bytes to each feed.
 
-    A client is anything with a ``feed``, its ``unsent`` byte count,
-    ``send_frames`` and ``sync`` (a ServerSession; a list in tests).
+    A client is anything with a ``feed``, ``open``, its ``unsent`` byte count,
+    ``send_frames`` and ``sync`` (a ServerSession; FeedClient in the tests).
     """
 
     def __init__(self, log: Log, limits: Limits = DEFAULT_LIMITS):
@@ -4154,6 +4188,8 @@ class Broadcast:
     def _offer(lines: List[Tuple[FileRecord, LineMessage]], clients: List[Any],
                touched: Dict[Any, None]) -> None:
         for client in clients:
+            if not client.open:         # closing: nothing more for it, not even its cursors
+                continue
             frames = client.feed.offer(lines, client.unsent)
             if frames:
                 client.send_frames(frames)
@@ -4231,9 +4267,14 @@ class StreamServer:
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
                  token: Optional[str] = None, allowed_origins: Iterable[str] = (),
                  tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
-                 limits: Limits = DEFAULT_LIMITS, page: Optional[PageSource] = None,
+                 limits: Optional[Limits] = None, page: Optional[PageSource] = None,
                  wall: Callable[[], float] = time.time):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
+        # One Limits for the tailer and the feeds: live reads and history must agree
+        # on which lines are too long, or a line could be sent twice or never.
+        if limits is not None and limits.max_line_bytes != tailer.limits.max_line_bytes:
+            raise ValueError("the server's and the tailer's max_line_bytes differ")
+        limits = limits or tailer.limits
         self.limits, self.tls, self.wall = limits, tls, wall
         self.policy = RequestPolicy(host, token, allowed_origins, tls is not None, page, limits)
         self.broadcast = Broadcast(log, limits)
@@ -4284,8 +4325,8 @@ class StreamServer:
 
     def start(self) -> None:
         self.tailer.start()
-        if self.tailer.notify is not None:      # a change wakes the poller at once
-            self.loop.register(self.tailer.notify, selectors.EVENT_READ, lambda mask: self._poll())
+        if self.tailer.discovery.notify is not None:      # a change wakes the poller at once
+            self.loop.register(self.tailer.discovery.notify, selectors.EVENT_READ, lambda mask: self._poll())
         self._schedule_poll()
         self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
 
@@ -4352,8 +4393,8 @@ class StreamServer:
 
     def status(self) -> Dict[str, Any]:
         return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION,
-                "watching": [r.path for r in self.tailer.roots if r.present],
-                "waiting": [r.path for r in self.tailer.roots if not r.present],
+                "watching": [r.path for r in self.tailer.discovery.roots if r.present],
+                "waiting": [r.path for r in self.tailer.discovery.roots if not r.present],
                 "files": len(self.tailer.files), "clients": len(self.subscribers),
                 "malformed": self.broadcast.malformed_count}
 
@@ -4362,10 +4403,11 @@ class StreamServer:
             session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
             return
         try:
+            obj = client_message(message.text)
             if not session.subscribes.allow(self.loop.time()):
                 raise ValueError("too many subscribe messages: at most %d at once, then %g a second"
                                  % (self.limits.subscribe_burst, self.limits.subscribe_rate))
-            subscription = client_message(message.text, self.wall(), self.limits)
+            subscription = Subscription.from_message(obj, self.wall(), self.limits)
         except ValueError as exc:
             session.send_frames([error_message(str(exc))])
             session.sync()
@@ -5710,7 +5752,7 @@ class ClientApp:
                 link.close(CloseCode.NORMAL, "client quit")
             elif link.stream is not None:
                 link.stream.abort()
-        self.loop.call_later(1.0, self.loop.stop)
+        self.loop.call_later(self.limits.shutdown_grace, self.loop.stop)
         self._maybe_stop()
 
     def _maybe_stop(self) -> None:
@@ -5722,7 +5764,7 @@ class ClientApp:
             self.log.warn("%s sent a binary message; ignored" % link.url, key="peer")
             return
         try:
-            msg = decode_line(message.text.encode("utf-8"))
+            msg = decode_line(message.text.encode("utf-8"), MAX_JSON_DEPTH + ENVELOPE_DEPTH)
         except MalformedLine:
             msg = None
         if msg is None:
@@ -5857,10 +5899,16 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Watch Claude Code sessions live.")
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
     commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
+    add_serve_arguments(commands.add_parser(
+        "serve", help="tail the transcripts and serve WebSocket clients",
+        description="Tail every Claude Code transcript and stream new entries to WebSocket clients."))
+    add_client_arguments(commands.add_parser(
+        "client", help="show the stream of a server",
+        description="Connect to claude_stream servers and show their entries as they are written."))
+    return parser
 
-    serve = commands.add_parser("serve", help="tail the transcripts and serve WebSocket clients",
-                                description="Tail every Claude Code transcript and stream new "
-                                            "entries to WebSocket clients.")
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--root", action="append", metavar="DIR",
                        help="a projects folder to watch (repeatable; default: "
                             "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and "
@@ -5894,9 +5942,8 @@ def build_parser() -> ArgumentParser:
                       help="accept clients without a token (anyone who can connect reads everything)")
     serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
 
-    client = commands.add_parser("client", help="show the stream of a server",
-                                 description="Connect to claude_stream servers and show their "
-                                             "entries as they are written.")
+
+def add_client_arguments(client: argparse.ArgumentParser) -> None:
     client.add_argument("urls", nargs="*", metavar="URL",
                         help="server to follow (repeatable; default %s)" % DEFAULT_URL)
     client.add_argument("--json", action="store_true",
@@ -5926,7 +5973,6 @@ def build_parser() -> ArgumentParser:
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection fails or drops")
     client.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    return parser
 
 
 def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optional[ssl.SSLContext]:
@@ -6013,13 +6059,13 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     # the whole run: keep the garbage collector from walking it again in every
     # full collection during a burst (a quarter of the CPU of a 100k-line burst).
     gc.freeze()
-    watching = ["%s" % r.path for r in tailer.roots if r.present]
-    waiting = [r.path for r in tailer.roots if not r.present]
+    watching = ["%s" % r.path for r in tailer.discovery.roots if r.present]
+    waiting = [r.path for r in tailer.discovery.roots if not r.present]
     page = ("https" if tls else "http") + server.url[server.url.index(":"):] + (
         "?token=" + quote(token, safe="") if token else "")
     line = "%s %s serving %s (page: %s), watching %s (%d transcripts, %s)" % (
         PROG, __version__, server.url, page, ", ".join(watching) or "nothing yet", len(tailer.files),
-        "polling" if tailer.notify is None else "inotify wake-ups")
+        "polling" if tailer.discovery.notify is None else "inotify wake-ups")
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)
     print(visible(line), flush=True)

@@ -409,7 +409,33 @@ class TailerTests(TailerTestCase):
         self.assertEqual(sorted(e.file.rel for e in events if isinstance(e, cs.RemovedEvent)),
                          ["-home-u-proj/a.jsonl", "-home-u-proj/sess/subagents/agent-x.jsonl"])
         self.assertEqual(tailer.files, {})
-        self.assertEqual([p for p in tailer.dirs if "sess" in p], [])
+        self.assertEqual([p for p in tailer.discovery.dirs if "sess" in p], [])
+
+    def test_a_folder_made_again_is_followed_and_forgotten_like_the_first(self):
+        # Review of issue 11: forgetting the old folder's file took the new folder's
+        # file of the same name out of its listing, so deleting it again went unseen.
+        sess = os.path.join(self.project, "sess")
+        os.makedirs(sess)
+        path = os.path.join(sess, "agent-x.jsonl")
+        append(path, "1\n")
+        tailer = self.make_tailer()
+        made_again = sess + ".new"      # made while the old one exists: other inodes for sure
+        os.makedirs(made_again)
+        append(os.path.join(made_again, "agent-x.jsonl"), "2\n")
+        shutil.rmtree(sess)
+        os.rename(made_again, sess)
+        self.clock.now += 120
+        events = tailer.poll()  # one poll sees the folder replaced ...
+        self.assertIn(path, tailer.discovery.dirs[sess].files)
+        self.assertEqual(self.lines(events + self.poll(tailer)), [("-home-u-proj/sess/agent-x.jsonl", 0, b"2")])
+        shutil.rmtree(sess)     # ... and the next removal is seen too
+        self.clock.now += 2
+        # The folders' check must see it, not the file's own stat (not due for a while).
+        tailer.discovery.next_dir_check = tailer.discovery.next_listing = 0.0
+        events = tailer.poll()
+        self.assertEqual([e.file.rel for e in events if isinstance(e, cs.RemovedEvent)],
+                         ["-home-u-proj/sess/agent-x.jsonl"])
+        self.assertEqual(tailer.files, {})
 
     def test_files_and_folders_created_later_are_read_from_their_first_byte(self):
         # Seed failure: "only content written after start". Content written before
@@ -433,7 +459,7 @@ class TailerTests(TailerTestCase):
     def test_missing_root_is_picked_up_when_it_appears(self):
         later = os.path.join(self.tmp.name, "later", "projects")
         tailer = self.make_tailer([later])
-        self.assertFalse(tailer.roots[0].present)
+        self.assertFalse(tailer.discovery.roots[0].present)
         self.assertEqual(self.poll(tailer), [])
         os.makedirs(os.path.join(later, "p"))
         append(os.path.join(later, "p", "s.jsonl"), "hello\n")
@@ -508,7 +534,7 @@ class WakeupTests(TailerTestCase):
     def settled(self, content=""):
         path, tailer = self.watch(content)
         self.poll(tailer)                   # quiet, every file scheduled in the future
-        self.assertEqual(tailer.notify is not None, self.wakeups)
+        self.assertEqual(tailer.discovery.notify is not None, self.wakeups)
         return path, tailer
 
     def test_an_append_is_read_at_once_not_at_its_next_poll(self):
@@ -543,22 +569,22 @@ class WakeupTests(TailerTestCase):
 
     def test_a_refused_watch_means_polling_at_the_full_rate_from_now(self):
         path, tailer = self.settled()
-        tailer.notify.watch = lambda path: errno.ENOSPC     # out of inotify watches
+        tailer.discovery.notify.watch = lambda path: errno.ENOSPC     # out of inotify watches
         os.makedirs(os.path.join(self.project, "more"))
         tailer.poll()
         tailer.poll()
-        self.assertEqual(tailer.slowdown, 1)
+        self.assertEqual(tailer.discovery.slowdown, 1)
         self.assertTrue(any("polling every file at the full rate" in l for l in self.log_lines))
         rec = tailer.files[path]
         self.assertLessEqual(rec.due, self.clock.now + tailer._interval(rec, self.clock.now))
 
     def test_a_folder_gone_before_its_watch_changes_nothing(self):
         _, tailer = self.settled()
-        tailer.notify.watch = lambda path: errno.ENOENT
+        tailer.discovery.notify.watch = lambda path: errno.ENOENT
         os.makedirs(os.path.join(self.project, "brief"))
         tailer.poll()
         tailer.poll()
-        self.assertEqual(tailer.slowdown, cs.WAKEUP_FACTOR)
+        self.assertEqual(tailer.discovery.slowdown, cs.WAKEUP_FACTOR)
         self.assertEqual(self.log_lines, [])
 
     def test_a_folder_deleted_and_made_again_or_renamed_is_watched_again(self):
@@ -1621,6 +1647,8 @@ class FeedClient:
     """A client of a Feed, in process: what Broadcast offers to, and what a real client
     keeps (a cursor per file, as ClientApp does), decoding the frames it is sent."""
 
+    open = True
+
     def __init__(self, feed):
         self.feed = feed
         self.unsent = 0
@@ -1775,14 +1803,14 @@ class SlowClientTests(unittest.TestCase):
         self.addCleanup(loop.close)
         tailer = cs.Tailer([self.tmp.name], 0.02, log)
         self.addCleanup(tailer.close)
-        require(self, "inotify", tailer.notify is not None, "inotify is Linux only")
+        require(self, "inotify", tailer.discovery.notify is not None, "inotify is Linux only")
         server = cs.StreamServer(loop, tailer, "127.0.0.1", 0, log, limits=self.limits)
         server.listen()
         server.start()
         server.backpressure.may_read = lambda now, live: False     # every client congested
         append(self.file, entry_line(1))
-        loop.selector.get_key(tailer.notify).data(selectors.EVENT_READ)    # what the loop calls
-        self.assertEqual(select.select([tailer.notify], [], [], 0)[0], [])    # drained: no spin
+        loop.selector.get_key(tailer.discovery.notify).data(selectors.EVENT_READ)    # what the loop calls
+        self.assertEqual(select.select([tailer.discovery.notify], [], [], 0)[0], [])    # drained: no spin
         rec = tailer.files[self.file]
         self.assertEqual(rec.line_start, 0)             # nothing read while reads wait ...
         self.assertLessEqual(rec.due, loop.time())      # ... but the file is due the moment they resume
@@ -2989,6 +3017,23 @@ class TerminalSafetyTests(unittest.TestCase):
         self.assertIn("\u241b]52;c;", cs.Renderer().render(hostile_messages()[0]))
         self.assertIn("\\x9b31m", cs.Renderer().render(hostile_messages()[0]))
 
+    def test_the_client_writes_an_entry_as_deep_as_the_server_forwards(self):
+        # Review of issue 11: the client read messages with the lines' depth limit,
+        # and the envelope's own level made a 200-deep entry one too deep.
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        out = io.StringIO()
+        app = cs.ClientApp(loop, [cs.DEFAULT_URL], True, cs.Filters(), False,
+                           cs.Log(stream=io.StringIO()), out=out)
+        line = b'{"type":"user","x":' + b"[" * (cs.MAX_JSON_DEPTH - 1) + b"]" * (cs.MAX_JSON_DEPTH - 1) + b"}"
+        cs.decode_line(line)                        # the server forwards it as an entry
+        rec = cs.FileRecord("/r", "p/s.jsonl", "/r/p/s.jsonl", "p", "s", None, 0, 0, 0, 0, 0.0)
+        frame = cs.line_message(rec, 0, line).frame
+        peer = cs.Connection(cs.Side.CLIENT, 1 << 20)
+        peer.receive_data(frame)
+        app.on_message(app.links[0], peer.next_event())
+        self.assertEqual(json.loads(out.getvalue())["entry"], json.loads(line))
+
     def test_a_timestamp_out_of_range_is_shown_not_raised(self):
         renderer = cs.Renderer()
         for stamp in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z", "2026-01-02T03:04:05+99:00"):
@@ -3762,6 +3807,22 @@ class KeepaliveTests(unittest.TestCase):
         self.assertEqual(closed, [(1006, "no answer to a ping within 0.1s")])
         self.assertGreater(time.monotonic() - started, 2.0)    # not while it was reading
         self.assertGreater(taken[0], 4 << 20)                  # it had read past the ping
+
+    def test_an_endpoint_used_again_gets_its_close_deadline_again(self):
+        # Review of issue 11: a cancelled close deadline was kept, so a client's next
+        # connection on the same endpoint never got one and could wait for ever.
+        loop, theirs, endpoint, closed = self.silent_peer(cs.Side.CLIENT)
+        endpoint.limits = cs.Limits(ping_interval=60, ping_timeout=60, close_timeout=0.05)
+        for attempt in range(2):
+            endpoint.close(cs.CloseCode.NORMAL, "bye")      # the peer never answers it
+            loop.run()
+            self.assertEqual(len(closed), attempt + 1)
+            self.assertEqual(closed[-1][0], 1006)
+            ours, theirs = socket.socketpair()               # the next connection, as a reconnect
+            self.addCleanup(theirs.close)
+            endpoint.opened = False
+            loop.call_later(DEADLINE, loop.stop)
+            cs.Stream(loop, ours, endpoint, endpoint.limits)
 
     def test_a_peer_that_answers_stays(self):
         loop, theirs, endpoint, closed = self.silent_peer(cs.Side.SERVER)
