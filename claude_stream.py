@@ -82,7 +82,6 @@ import re
 import secrets
 import select
 import selectors
-import shutil
 import signal
 import socket
 import ssl
@@ -96,6 +95,7 @@ except ImportError:                 # pragma: no cover - Windows
     pass
 import time
 import traceback
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
@@ -778,14 +778,6 @@ METADATA_FIELDS: Dict[str, Tuple[str, ...]] = {
     "pr-link": ("prUrl", "prNumber"),
     "bridge-session": ("bridgeSessionId",),
 }
-
-# How the terminal client labels the small metadata kinds (labels are 9 columns).
-METADATA_LABELS = {
-    "permission-mode": "mode", "last-prompt": "prompt", "ai-title": "title",
-    "custom-title": "title", "agent-name": "agent", "agent-setting": "agent",
-    "bridge-session": "bridge",
-}
-
 
 def _text_of(value: Any) -> str:
     """Plain text of a string or a list of content blocks."""
@@ -3375,8 +3367,8 @@ def read_token_file(port: int) -> Optional[str]:
 #   live        the history asked for has been sent; what follows is live
 #   error       a client message was refused; the connection stays open
 # Client to server: {"kind": "subscribe", "project": [...], "session": [...],
-# "type": [...], "since": WHEN, "cursors": {path: offset}}; the same filters and
-# ``since`` (and ``hold``, ``token``) as query parameters of the request.
+# "type": [...], "exclude_type": [...], "since": WHEN, "cursors": {path: offset}};
+# the same filters and ``since`` (and ``hold``, ``token``) as query parameters.
 # Every message is built here, once, as a complete frame shared by all clients.
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -3456,34 +3448,41 @@ class Filters:
 
     ``projects``: case-insensitive substrings of the project folder name or of
     the entry's working directory; ``sessions``: prefixes of a session or
-    sub-agent id (short ids work); ``types``: entry types, which filter entries
-    only, never notices.
+    sub-agent id (short ids work); ``types``: entry types, and
+    ``exclude_types`` entry types not wanted; both filter entries only, never
+    notices.
     """
     projects: List[str] = field(default_factory=list)
     sessions: List[str] = field(default_factory=list)
     types: List[str] = field(default_factory=list)
+    exclude_types: List[str] = field(default_factory=list)
 
     @classmethod
     def from_lists(cls, projects: List[str], sessions: List[str], types: List[str],
-                   limits: Limits = DEFAULT_LIMITS) -> "Filters":
+                   limits: Limits = DEFAULT_LIMITS, exclude_types: Iterable[str] = ()) -> "Filters":
         """The filters, or ValueError past the limits: every line is matched against them."""
-        for name, values in (("project", projects), ("session", sessions), ("type", types)):
+        exclude_types = list(exclude_types)
+        for name, values in (("project", projects), ("session", sessions), ("type", types),
+                             ("exclude_type", exclude_types)):
             if len(values) > limits.max_filter_values:
                 raise ValueError("at most %d '%s' filters" % (limits.max_filter_values, name))
             if any(len(v) > limits.max_filter_chars for v in values):
                 raise ValueError("a '%s' filter is longer than %d characters"
                                  % (name, limits.max_filter_chars))
-        return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t])
+        return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t],
+                   [t for t in exclude_types if t])
 
     def as_json(self) -> Dict[str, List[str]]:
-        return {"project": self.projects, "session": self.sessions, "type": self.types}
+        return {"project": self.projects, "session": self.sessions, "type": self.types,
+                "exclude_type": self.exclude_types}
 
     def match(self, meta: MessageMeta) -> bool:
         if self.projects and not any(p in meta.project.lower() for p in self.projects):
             return False
         if self.sessions and not any(i.startswith(s) for s in self.sessions for i in meta.ids):
             return False
-        if self.types and meta.type is not None and meta.type not in self.types:
+        if meta.type is not None and ((self.types and meta.type not in self.types)
+                                      or meta.type in self.exclude_types):
             return False
         return True
 
@@ -3496,7 +3495,7 @@ class Subscription:
     cursors: Dict[str, int] = field(default_factory=dict)   # path -> next offset
     hold: bool = False                          # send nothing but hello until `subscribe`
 
-    QUERY_PARAMETERS = frozenset(("project", "session", "type", "since", "hold", "token"))
+    QUERY_PARAMETERS = frozenset(("project", "session", "type", "exclude_type", "since", "hold", "token"))
 
     @classmethod
     def from_query(cls, query: str, now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
@@ -3508,13 +3507,14 @@ class Subscription:
         def values(name: str) -> List[str]:
             return [v for raw in params.get(name, []) for v in raw.split(",")]
         since = params.get("since", [None])[-1]
-        return cls(Filters.from_lists(values("project"), values("session"), values("type"), limits),
+        return cls(Filters.from_lists(values("project"), values("session"), values("type"), limits,
+                                      values("exclude_type")),
                    parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""))
 
     @classmethod
     def from_message(cls, obj: Dict[str, Any], now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
         lists = []
-        for name in ("project", "session", "type"):
+        for name in ("project", "session", "type", "exclude_type"):
             value = obj.get(name, [])
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -3527,8 +3527,8 @@ class Subscription:
             raise ValueError("'cursors' must map paths to byte offsets")
         if any(k.endswith("/") and v != 0 for k, v in cursors.items()):
             raise ValueError("a folder's cursor (a path ending in '/') must be 0")
-        return cls(Filters.from_lists(*lists, limits=limits), parse_since(obj.get("since"), now),
-                   dict(cursors))
+        return cls(Filters.from_lists(*lists[:3], limits=limits, exclude_types=lists[3]),
+                   parse_since(obj.get("since"), now), dict(cursors))
 
 
 def client_message(text: str) -> Dict[str, Any]:
@@ -5368,6 +5368,30 @@ ANSI = {"dim": "2", "bold": "1", "red": "31", "green": "32", "yellow": "33", "bl
         "magenta": "35", "cyan": "36"}
 _COMMAND_RE = re.compile(r"<command-name>\s*(.*?)\s*</command-name>.*?"
                          r"(?:<command-args>(.*?)</command-args>)?", re.S)
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+# Claude Code's bookkeeping: records for itself (request shapes, caches, snapshots,
+# the prompt to offer on resume), a third of a 2.1.x session's lines. The readable
+# client asks the server to leave them out unless --all (or --type names one).
+BOOKKEEPING_TYPES = ("api-request", "api-request-blob", "api-request-shape", "atis-latch",
+                     "tools-used", "cost-state", "attachment", "file-history-snapshot",
+                     "last-prompt", "progress")
+# The label of each type that is not a conversation turn (labels are 10 columns).
+TYPE_LABELS = {
+    "api-request": "api-call", "api-request-blob": "api-blob", "api-request-shape": "api-shape",
+    "atis-latch": "atis", "tools-used": "tools", "cost-state": "cost", "attachment": "attach",
+    "file-history-snapshot": "snapshot", "last-prompt": "lastprompt", "progress": "progress",
+    "permission-mode": "permission", "mode": "mode", "ai-title": "title", "custom-title": "title",
+    "agent-name": "agent", "agent-setting": "agent", "bridge-session": "bridge", "pr-link": "pr",
+    "summary": "summary", "queue-operation": "queue",
+}
+# Kinds that state a setting again and again: shown when the value changes.
+SETTING_TYPES = frozenset(("mode", "permission-mode", "agent-setting"))
+# Tools whose key argument is a path: shortened from the left, to keep the file name.
+PATH_TOOLS = frozenset(("Read", "Write", "Edit", "MultiEdit", "NotebookEdit", "NotebookRead", "LS"))
+HELD_LINES_MAX = 100                # untimed lines held per file for the time of the next one
+PROJECT_NAME_JOIN = 4               # parts of a project folder's name tried as one path component
+HOLD_UNTIMED_SECONDS = 0.5          # ... at most this long; then shown without a time
 
 
 def human_size(size: int) -> str:
@@ -5382,107 +5406,346 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-class Renderer:
-    """Turns server messages into one readable line each, for a terminal."""
+def char_width(ch: str) -> int:
+    """Terminal columns of one character: 2 for East Asian wide, 0 for combining marks."""
+    if ch < "\u0300":
+        return 1
+    if unicodedata.combining(ch) or ch in "\u200b\u200c\u200d\ufeff":
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
-    def __init__(self, color: bool = False, width: Optional[int] = None):
+
+def display_width(text: str) -> int:
+    return len(text) if text.isascii() else sum(map(char_width, text))
+
+
+def fit(text: str, columns: int) -> str:
+    """``text`` cut to ``columns`` terminal columns, an ellipsis marking the cut."""
+    if (len(text) <= columns and text.isascii()) or display_width(text) <= columns:
+        return text
+    out, used = [], 0
+    for ch in text:
+        width = char_width(ch)
+        if used + width > columns - 1:
+            break
+        out.append(ch)
+        used += width
+    return "".join(out) + "\u2026"
+
+
+def pad(text: str, columns: int) -> str:
+    """``text`` fitted and padded to exactly ``columns`` terminal columns."""
+    text = fit(text, columns)
+    return text + " " * (columns - display_width(text))
+
+
+def shorten_path(path: str, columns: int, cwd: Optional[str] = None) -> str:
+    """A path within ``columns``, relative to ``cwd`` when inside it, cut from the left:
+    the file name is what says what a call touched."""
+    if cwd and path.startswith(cwd.rstrip("/") + "/"):
+        path = path[len(cwd.rstrip("/")) + 1:]
+    if display_width(path) <= columns:
+        return path
+    tail = path
+    while tail and display_width(tail) > columns - 1:
+        cut = tail.find("/", 1)
+        tail = tail[cut:] if cut > 0 else tail[1:]
+    return "\u2026" + tail
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The prefix of a line for a terminal width: narrower terminals get a shorter one
+    (at 60 columns 35 remain for the text). ``width`` None: a pipe, nothing cut."""
+    width: Optional[int]
+    time: int = 8                   # HH:MM:SS, or HH:MM when narrow
+    project: int = 14               # 0: not shown
+    session: int = 15               # session id (8) and /sub-agent id (6)
+    label: int = 10
+
+    @classmethod
+    def for_width(cls, width: Optional[int]) -> "Columns":
+        if width is None or width >= 120:
+            return cls(width)
+        if width >= 90:
+            return cls(width, project=10)
+        return cls(width, time=5, project=0, session=7)
+
+    @property
+    def prefix(self) -> int:
+        return sum(n + 1 for n in (self.time, self.project, self.session, self.label) if n)
+
+    @property
+    def room(self) -> Optional[int]:
+        """Columns left for the text (at least 10), or None when nothing is cut."""
+        return None if self.width is None else max(10, self.width - self.prefix)
+
+
+def _joins(tokens: List[str]) -> Iterable[str]:
+    """Every name ``tokens`` may have been before each "-", "." and "_" became "-"."""
+    if len(tokens) == 1:
+        yield tokens[0]
+        return
+    for rest in _joins(tokens[1:]):
+        for separator in "-._":
+            yield tokens[0] + separator + rest
+
+
+def project_label(folder: str) -> str:
+    """A project folder's name, best effort, until an entry's cwd says it exactly.
+
+    The folder is the cwd with every character but letters and digits made "-",
+    which cannot be undone by itself; when that very path exists here, walking
+    down it finds the real name (a few dozen stat()s, once per project folder).
+    Elsewhere, the last part.
+    """
+    tokens = folder.split("-")
+    if tokens and tokens[0] == "":
+        tokens = tokens[1:]             # the root's "/"
+    fallback = next((t for t in reversed(tokens) if t), folder or "-")
+    path, i = os.sep, 0
+    while i < len(tokens):
+        for k in range(1, min(PROJECT_NAME_JOIN, len(tokens) - i) + 1):
+            name = next((n for n in _joins(tokens[i:i + k]) if os.path.isdir(os.path.join(path, n))), None)
+            if name is not None:
+                path, i = os.path.join(path, name), i + k
+                break
+        else:
+            return fallback
+    return os.path.basename(path) or fallback
+
+
+class FileView:
+    """What the renderer keeps of one transcript file: its project's name (fixed by
+    the first cwd seen), the time of its last timed line, and untimed lines waiting
+    for the time of the next."""
+
+    def __init__(self, project: str):
+        self.project = project
+        self.project_fixed = False
+        self.cwd: Optional[str] = None
+        self.last_time: Optional[datetime] = None
+        self.held: List[Tuple[Dict[str, Any], Tuple[str, str, str]]] = []
+        self.held_since = 0.0
+
+
+class Renderer:
+    """Turns server messages into one readable line each, for a terminal.
+
+    ``render`` draws one message now; ``feed`` is the stream: an untimed line in a
+    file with no timed line yet waits (at most HOLD_UNTIMED_SECONDS) for the
+    time of the next, so times never come from the wall clock and never run back.
+    """
+
+    def __init__(self, color: bool = False, width: Optional[int] = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.color = color
-        self.width = width
-        self.tool_names: Dict[str, str] = {}     # tool_use id -> tool name, bounded
-        self.project_names: Dict[str, str] = {}  # project folder -> basename of its cwd
-        self.last_time: Dict[str, datetime] = {}  # path -> time of its last timed entry
+        self.clock = clock
+        self.columns = Columns.for_width(width)
+        self.calls: Dict[str, Tuple[str, str]] = {}     # tool_use id -> (name, key argument)
+        self.files: Dict[str, FileView] = {}            # path -> its view, bounded
+        self.project_names: Dict[str, str] = {}         # project folder -> name
+        self.settings: Dict[Tuple[str, str], str] = {}  # (session, type) -> value last shown
+
+    @property
+    def width(self) -> Optional[int]:
+        return self.columns.width
+
+    def resize(self, width: Optional[int]) -> None:
+        self.columns = Columns.for_width(width)
 
     def paint(self, style: str, text: str) -> str:
-        return "\x1b[%sm%s\x1b[0m" % (ANSI[style], text) if self.color and text else text
+        return "\x1b[%sm%s\x1b[0m" % (ANSI[style], text) if self.color and text.strip() else text
+
+    # --- the stream -------------------------------------------------------------
+
+    def feed(self, msg: Dict[str, Any]) -> List[str]:
+        """The lines to write for one message, held ones of its file first."""
+        described = self._describe_message(msg)
+        if described is None:
+            return []
+        view = self._view(msg)
+        when = self._time_of(msg)
+        if when is None and view.last_time is None and msg.get("kind") == "entry":
+            if not view.held:
+                view.held_since = self.clock()
+            view.held.append((msg, described))
+            return [] if len(view.held) <= HELD_LINES_MAX else self._release(view, None)
+        out = self._release(view, when) if view.held else []
+        out.append(self._line(msg, when or view.last_time, described))
+        return out
+
+    def flush(self, force: bool = False) -> List[str]:
+        """Held lines that waited long enough (all with ``force``), without a time."""
+        now, out = self.clock(), []
+        for view in self.files.values():
+            if view.held and (force or now - view.held_since >= HOLD_UNTIMED_SECONDS):
+                out += self._release(view, None)
+        return out
+
+    @property
+    def holding(self) -> bool:
+        return any(view.held for view in self.files.values())
+
+    def _release(self, view: FileView, when: Optional[datetime]) -> List[str]:
+        held, view.held = view.held, []
+        return [self._line(msg, when, described) for msg, described in held]
 
     def render(self, msg: Dict[str, Any]) -> Optional[str]:
+        """One message as one line, now (an untimed first line shows no time)."""
+        described = self._describe_message(msg)
+        if described is None:
+            return None
+        view = self._view(msg)
+        return self._line(msg, self._time_of(msg) or view.last_time, described)
+
+    # --- per file -----------------------------------------------------------------
+
+    def _view(self, msg: Dict[str, Any]) -> FileView:
+        path = str(msg.get("path"))
+        view = self.files.get(path)
+        if view is None:
+            if len(self.files) >= TOOL_NAME_MEMORY:
+                del self.files[next(iter(self.files))]
+            folder = str(msg.get("project") or "-")
+            name = self.project_names.get(folder)
+            if name is None:
+                if len(self.project_names) >= TOOL_NAME_MEMORY:
+                    del self.project_names[next(iter(self.project_names))]
+                name = self.project_names[folder] = project_label(folder)
+            view = self.files[path] = FileView(name)
+        entry = msg.get("entry")
+        cwd = entry.get("cwd") if isinstance(entry, dict) else None
+        if isinstance(cwd, str) and cwd.strip("\\/") and not view.project_fixed:
+            # The first cwd names the project for good; a later `cd` does not rename it.
+            view.project = re.split(r"[\\/]", cwd.rstrip("\\/"))[-1]
+            view.project_fixed = True
+            view.cwd = cwd
+            self.project_names[str(msg.get("project") or "-")] = view.project
+        return view
+
+    def _time_of(self, msg: Dict[str, Any]) -> Optional[datetime]:
+        """The line's own time (a snapshot's inside it); remembered for untimed ones."""
+        raw = msg.get("entry")
+        if msg.get("kind") != "entry" or not isinstance(raw, dict):
+            return None
+        when = parse_timestamp(raw.get("timestamp"))
+        if when is None and raw.get("type") == "file-history-snapshot":
+            when = parse_timestamp(_dict(raw, "snapshot").get("timestamp"))
+        if when is not None:
+            self._view(msg).last_time = when
+        return when
+
+    # --- one line -----------------------------------------------------------------
+
+    def _describe_message(self, msg: Dict[str, Any]) -> Optional[Tuple[str, str, str]]:
         kind = msg.get("kind")
         if kind == "entry" and isinstance(msg.get("entry"), dict):
             entry = parse_entry(msg["entry"])
-            if entry.cwd and msg.get("project") not in self.project_names:
-                # The folder name cannot be decoded (it is lossy); the cwd names the project.
-                self.project_names[str(msg.get("project"))] = re.split(r"[\\/]", entry.cwd.rstrip("\\/"))[-1]
-            label, style, text = self.describe(entry)
-            return self._line(msg, self._time_of(entry, str(msg.get("path"))), label, style, text)
+            if entry.type in SETTING_TYPES and not self._setting_changed(msg, entry):
+                return None
+            return self.describe(entry, self._view(msg).cwd)
         name = str(msg.get("path", "")).rsplit("/", 1)[-1]
         if kind == "malformed":
-            return self._line(msg, None, "malformed", "red", "%s byte %s: %s  %s" % (
-                name, msg.get("offset"), msg.get("reason"), msg.get("excerpt") or ""))
+            return "malformed", "red", "%s byte %s: %s  %s" % (
+                name, msg.get("offset"), msg.get("reason"), msg.get("excerpt") or "")
         if kind == "reset":
-            return self._line(msg, None, "reset", "red", "%s was %s; reading it again from the start"
-                              % (name, msg.get("reason")))
+            return "reset", "red", "%s was %s; reading it again from the start" % (name, msg.get("reason"))
         if kind == "gap":
-            return self._line(msg, None, "gap", "red", "%s: skipped from byte %s: %s"
-                              % (name, msg.get("offset"), msg.get("reason")))
+            return "gap", "red", "%s: skipped from byte %s: %s" % (name, msg.get("offset"), msg.get("reason"))
         return None
 
-    def _time_of(self, entry: Entry, path: str) -> Optional[datetime]:
-        """The entry's time; for untimed kinds, a snapshot's own or the file's last one."""
-        when = entry.timestamp
-        if when is None and isinstance(entry, FileHistorySnapshotEntry):
-            when = parse_timestamp(_dict(entry.raw, "snapshot").get("timestamp"))
+    def _setting_changed(self, msg: Dict[str, Any], entry: Entry) -> bool:
+        """A mode is written again every turn: only a change is news (the first is one)."""
+        key = (str(msg.get("session") or msg.get("path")), entry.type)
+        value = entry.value if isinstance(entry, MetadataEntry) else ""
+        if self.settings.get(key) == value:
+            return False
+        if len(self.settings) >= TOOL_NAME_MEMORY:
+            del self.settings[next(iter(self.settings))]
+        self.settings[key] = value
+        return True
+
+    def _line(self, msg: Dict[str, Any], when: Optional[datetime],
+              described: Tuple[str, str, str]) -> str:
+        label, style, text = described
+        cols = self.columns
+        stamp = ""
         if when is not None:
-            self.last_time[path] = when
-            return when
-        return self.last_time.get(path)
-
-    def _line(self, msg: Dict[str, Any], when: Optional[datetime], label: str, style: str,
-              text: str) -> str:
-        when = when or datetime.now(timezone.utc)
-        try:
-            local = when.astimezone()
-        except (OverflowError, ValueError, OSError):    # year 1 or 9999 in this time zone
-            local = when
+            try:
+                local = when.astimezone()
+            except (OverflowError, ValueError, OSError):    # year 1 or 9999 in this time zone
+                local = when
+            stamp = local.strftime("%H:%M:%S" if cols.time == 8 else "%H:%M")
         # Every piece below can come from a transcript or the server: shown, never obeyed.
-        session = visible(str(msg.get("session") or "-")[:8])
-        if msg.get("agent"):
-            session += "/" + visible(str(msg["agent"]))
-        project = str(msg.get("project") or "-")
-        project = self.project_names.get(project) or project.strip("-").rsplit("-", 1)[-1] or project
-        project = visible(project)
-        if len(project) > 14:
-            project = project[:13] + "\u2026"
-        label = visible(label)
-        prefix_plain = "%s %-14s %-19s %-9s " % (local.strftime("%H:%M:%S"), project, session, label)
+        session = visible(str(msg.get("session") or "-"))
+        agent = visible(str(msg.get("agent") or ""))
+        if cols.session >= 15:
+            session = session[:8] + ("/" + agent[:6] if agent else "")
+        elif agent:
+            session = "\u21b3" + agent[:cols.session - 1]      # a sub-agent's line
+        else:
+            session = session[:cols.session]
+        pieces = [self.paint("dim", pad(stamp, cols.time))]
+        if cols.project:
+            pieces.append(self.paint("cyan", pad(visible(self._view(msg).project), cols.project)))
+        pieces.append(self.paint("dim", pad(session, cols.session)))
+        pieces.append(self.paint(style, pad(visible(label), cols.label)))
         text = visible(one_line(text))
-        if self.width:
-            room = max(10, self.width - len(prefix_plain))
-            if len(text) > room:
-                text = text[:room - 1] + "\u2026"
-        return "%s %s %s %s %s" % (
-            self.paint("dim", local.strftime("%H:%M:%S")),
-            self.paint("cyan", "%-14s" % project), self.paint("dim", "%-19s" % session),
-            self.paint(style, "%-9s" % label), text)
+        pieces.append(text if cols.room is None else fit(text, cols.room))
+        return " ".join(pieces)
 
-    def describe(self, entry: Entry) -> Tuple[str, str, str]:
-        """(label, colour, text) for one entry."""
+    def describe(self, entry: Entry, cwd: Optional[str] = None) -> Tuple[str, str, str]:
+        """(label, colour, text) for one entry; paths relative to ``cwd`` when inside it."""
         if isinstance(entry, AssistantEntry):
-            return self._assistant(entry)
+            return self._assistant(entry, cwd)
         if isinstance(entry, UserEntry):
-            return self._user(entry)
+            return self._user(entry, cwd)
         if isinstance(entry, SystemEntry):
             return self._system(entry)
+        label = TYPE_LABELS.get(entry.type or "", "")
         if isinstance(entry, SummaryEntry):
-            return "summary", "magenta", entry.summary
+            return label, "magenta", entry.summary
         if isinstance(entry, FileHistorySnapshotEntry):
-            return "snapshot", "dim", "%d tracked file%s" % (
+            return label, "dim", "%d tracked file%s" % (
                 entry.tracked_files, "" if entry.tracked_files == 1 else "s")
         if isinstance(entry, QueueOperationEntry):
-            return "queue", "dim", ("%s: %s" % (entry.operation, entry.content)).rstrip(": ")
+            return label, "dim", ("%s: %s" % (entry.operation, entry.content)).rstrip(": ")
         if isinstance(entry, ProgressEntry):
             data = entry.data
             detail = data.get("hookName") or data.get("agentId") or data.get("command") or ""
-            return "progress", "dim", "%s %s" % (entry.data_type, detail if isinstance(detail, str) else "")
+            return label, "dim", "%s %s" % (entry.data_type, detail if isinstance(detail, str) else "")
         if isinstance(entry, AttachmentEntry):
             att = entry.attachment
             detail = att.get("hookName") or att.get("prompt") or att.get("filename") or ""
-            return "attach", "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
+            return label, "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
         if isinstance(entry, MetadataEntry):
-            return METADATA_LABELS.get(entry.type, entry.type), "dim", entry.value
+            if entry.type == "last-prompt":
+                return label, "dim", "last prompt, offered on resume: %s" % entry.value
+            return label or "meta", "dim", entry.value
+        if label:
+            return label, "dim", self._bookkeeping_text(entry)
         keys = ", ".join(sorted(k for k in entry.raw if k != "type"))[:200]
-        return (entry.type or "?")[:9], "dim", "(unknown entry type) %s" % keys
+        return "unknown", "dim", "%s (fields: %s)" % (entry.type or "no type", keys)
 
-    def _assistant(self, entry: AssistantEntry) -> Tuple[str, str, str]:
+    @staticmethod
+    def _bookkeeping_text(entry: Entry) -> str:
+        raw = entry.raw
+        if entry.type == "cost-state":
+            cost = raw.get("totalCostUSD")
+            lines = (raw.get("totalLinesAdded"), raw.get("totalLinesRemoved"))
+            text = "$%.4f so far" % cost if isinstance(cost, (int, float)) else "cost so far"
+            if all(isinstance(n, int) for n in lines):
+                text += ", lines +%d -%d" % lines
+            return text
+        if entry.type == "tools-used" and isinstance(raw.get("tools"), list):
+            return ", ".join(str(t) for t in raw["tools"])
+        for key in ("querySource", "shapeHash", "hash", "atis"):
+            if isinstance(raw.get(key), str):
+                return "%s %s" % (key, raw[key] or "(empty)")
+        return entry.type or ""
+
+    def _assistant(self, entry: AssistantEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
         if entry.is_api_error:
             return "api-error", "red", " ".join(b.text for b in entry.message.content
                                                  if isinstance(b, TextBlock))
@@ -5496,18 +5759,23 @@ class Renderer:
             elif isinstance(block, RedactedThinkingBlock):
                 parts.append(("thinking", "dim", "\u2026 (redacted)"))
             elif isinstance(block, ToolUseBlock):
-                self._remember_tool(block)
-                parts.append(("tool", "yellow", "%s %s" % (block.name, self.key_argument(block))))
+                call = self._remember_call(block, cwd)
+                parts.append(("tool", "yellow", ("%s %s" % call).rstrip()))
             else:
                 parts.append(("claude", "blue", "[%s]" % (block.type or "block")))
         if not parts:
             return "claude", "blue", ""
         return parts[0][0], parts[0][1], "  \u00b7  ".join(p[2] for p in parts)
 
-    def _remember_tool(self, block: ToolUseBlock) -> None:
-        if len(self.tool_names) >= TOOL_NAME_MEMORY:
-            del self.tool_names[next(iter(self.tool_names))]
-        self.tool_names[block.id] = block.name
+    def _remember_call(self, block: ToolUseBlock, cwd: Optional[str]) -> Tuple[str, str]:
+        argument = self.key_argument(block)
+        if block.name in PATH_TOOLS:
+            room = self.columns.room
+            argument = shorten_path(argument, (room or 10 ** 6) - len(block.name) - 1, cwd)
+        if len(self.calls) >= TOOL_NAME_MEMORY:
+            del self.calls[next(iter(self.calls))]
+        self.calls[block.id] = (block.name, argument)
+        return block.name, argument
 
     @staticmethod
     def key_argument(block: ToolUseBlock) -> str:
@@ -5519,14 +5787,37 @@ class Renderer:
             value = next((v for v in tool_input.values() if isinstance(v, str)), "")
         return value
 
-    def _user(self, entry: UserEntry) -> Tuple[str, str, str]:
+    def _answered_call(self, block: ToolResultBlock, entry: UserEntry, cwd: Optional[str]) -> str:
+        """Which call a result answers: its tool and key argument, when the call was seen,
+        else what the result itself says (--type user), else the call's short id."""
+        known = self.calls.get(block.tool_use_id)
+        if known is not None:
+            name, argument = known
+            room = self.columns.room
+            if name in PATH_TOOLS and room is not None:
+                argument = shorten_path(argument, max(12, room // 3), cwd)
+            return ("%s %s" % (name, fit(one_line(argument), 40))).rstrip()
+        result = entry.raw.get("toolUseResult")
+        result = result if isinstance(result, dict) else {}
+        file_info = result.get("file") if isinstance(result.get("file"), dict) else {}
+        path = file_info.get("filePath") or result.get("filePath")
+        if isinstance(path, str):
+            name = "Read" if file_info else ("Write" if "content" in result else "Edit")
+            return "%s %s" % (name, shorten_path(path, 30, cwd))
+        if "stdout" in result or "stderr" in result:
+            return "Bash"
+        if "agentId" in result:
+            return "Agent %s" % fit(one_line(str(result.get("description") or "")), 30)
+        return "call \u2026%s" % block.tool_use_id[-6:] if block.tool_use_id else "tool"
+
+    def _user(self, entry: UserEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
         parts: List[str] = []
         for block in entry.message.content:
             if isinstance(block, ToolResultBlock):
-                name = self.tool_names.get(block.tool_use_id, "tool")
                 state, style = ("error", "red") if block.is_error else ("ok", "green")
                 first = block.text.strip().split("\n", 1)[0] if block.text else ""
-                return "result", style, "%s %s %s  %s" % (name, state, human_size(block.size), first)
+                return "result", style, "%s %s %s  %s" % (
+                    self._answered_call(block, entry, cwd), state, human_size(block.size), first)
             if isinstance(block, TextBlock):
                 parts.append(self._prompt_text(block.text))
             elif isinstance(block, (ImageBlock, DocumentBlock)):
@@ -5536,6 +5827,8 @@ class Renderer:
             return "compacted", "magenta", text
         if entry.is_meta:
             return "meta", "dim", text
+        if entry.is_sidechain:
+            return "task", "green", text        # 1.0.x: the prompt a sub-agent was given
         return "user", "green", text
 
     @staticmethod
@@ -5543,7 +5836,7 @@ class Renderer:
         command = _COMMAND_RE.search(text)
         if command:
             return ("%s %s" % (command.group(1), command.group(2) or "")).strip()
-        return text
+        return _ANSI_RE.sub("", text)
 
     @staticmethod
     def _system(entry: SystemEntry) -> Tuple[str, str, str]:
@@ -5558,8 +5851,9 @@ class Renderer:
                 meta.get("trigger", "?"), meta.get("preTokens", "?"))
         if subtype == "stop_hook_summary":
             return "system", style, "stop hooks ran: %s" % raw.get("hookCount", "?")
-        text = entry.content or ""
-        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)   # hook lines carry ANSI colours
+        if subtype == "away_summary":
+            return "away", "dim", _ANSI_RE.sub("", entry.content or "")
+        text = _ANSI_RE.sub("", entry.content or "")    # hook lines carry ANSI colours
         return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
 
 
@@ -5710,13 +6004,24 @@ class ClientApp:
         self.reconnect = reconnect
         self.log = log
         self.out = out if out is not None else sys.stdout
-        width = shutil.get_terminal_size((120, 24)).columns if self.out.isatty() else None
         color = self.out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-        self.renderer = Renderer(color=color, width=width)
+        self.renderer = Renderer(color=color, width=self.terminal_width(), clock=loop.time)
+        self._flush_timer: Optional[Timer] = None
         self.links = [ClientLink(self, url) for url in urls]
         self.finished: Dict[ClientLink, None] = {}
         self.exit_code = EXIT_OK
         self.stopping = False
+
+    def terminal_width(self) -> Optional[int]:
+        """Columns of the terminal we write to, or None for a pipe or file (nothing cut)."""
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns if self.out.isatty() else None
+        except (AttributeError, ValueError, OSError):
+            return None
+
+    def resized(self) -> None:
+        """SIGWINCH: lines from now on fit the new width."""
+        self.renderer.resize(self.terminal_width())
 
     def subscribe_message(self, link: ClientLink) -> bytes:
         """Filters, plus where to start: --since first, then the cursors we hold.
@@ -5740,6 +6045,8 @@ class ClientApp:
             self.loop.stop()
             return
         self.stopping = True
+        if not self.json_mode:
+            self._write_lines(self.renderer.flush(force=True))
         for link in self.links:
             if link.opened and link.stream is not None and not link.stream.closed:
                 link.close(CloseCode.NORMAL, "client quit")
@@ -5785,9 +6092,18 @@ class ClientApp:
             link.failures = 0       # a working connection, not just a handshake: reset the backoff
             self.log.info("%s: caught up, following live" % link.url)
         if not self.json_mode:
-            line = self.renderer.render(msg)
-            if line is not None:
-                self._write((line + "\n").encode("utf-8", "replace"))
+            self._write_lines(self.renderer.feed(msg))
+
+    def _write_lines(self, lines: List[str]) -> None:
+        if lines:
+            self._write("".join(line + "\n" for line in lines).encode("utf-8", "replace"))
+        if self.renderer.holding and self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(HOLD_UNTIMED_SECONDS, self._flush_held)
+
+    def _flush_held(self) -> None:
+        """Untimed lines whose file has not told their time within HOLD_UNTIMED_SECONDS."""
+        self._flush_timer = None
+        self._write_lines(self.renderer.flush())
 
     @staticmethod
     def _track(link: ClientLink, msg: Dict[str, Any]) -> bool:
@@ -5950,6 +6266,12 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
                         help="only sessions or sub-agents whose id starts with ID (repeatable)")
     client.add_argument("--type", action="append", default=[], metavar="TYPE",
                         help="only entries of this type, e.g. user, assistant (repeatable)")
+    client.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
+                        help="no entries of this type (repeatable)")
+    client.add_argument("--all", action="store_true",
+                        help="also show Claude Code's bookkeeping records (%s), which the "
+                             "readable output leaves out; --json always has everything"
+                             % ", ".join(BOOKKEEPING_TYPES))
     client_auth = client.add_mutually_exclusive_group()
     client_auth.add_argument("--token-file", metavar="FILE",
                              help="read the server's token from the first line of FILE (default: "
@@ -6077,8 +6399,11 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     secure = any(parse_ws_url(url)[3] for url in urls)   # a bad URL is a usage error now
     tls = client_tls_context(args.cafile, args.insecure, log) if secure else None
     loop = EventLoop(log)
+    exclude = list(args.exclude_type)
+    if not (args.json or args.all):     # bookkeeping left out of what a person reads
+        exclude += [t for t in BOOKKEEPING_TYPES if t not in args.type and t not in exclude]
     try:
-        filters = Filters.from_lists(args.project, args.session, args.type)
+        filters = Filters.from_lists(args.project, args.session, args.type, exclude_types=exclude)
     except ValueError as exc:
         raise UsageError("client: %s" % exc) from None
     if args.since is not None:
@@ -6090,7 +6415,9 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
             raise UsageError("client: --since: %s" % exc) from None
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since,
                     token=given_token(args, log, "client"), tls=tls)
-    loop.handle_signals(STOP_SIGNALS, lambda signum: app.stop())
+    resize = (signal.SIGWINCH,) if hasattr(signal, "SIGWINCH") else ()
+    loop.handle_signals(STOP_SIGNALS + resize,
+                        lambda signum: app.resized() if signum in resize else app.stop())
     app.start()
     try:
         loop.run()

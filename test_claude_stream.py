@@ -17,6 +17,7 @@ Environment:
 import ast
 import base64
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
@@ -30,9 +31,11 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import unittest
 from datetime import datetime, timezone
@@ -1245,8 +1248,9 @@ class EndToEndTests(ProjectTreeTestCase):
             append(path, json.dumps(obj) + "\n")
         client.stdout.wait_count(5)
         text = "\n".join(client.stdout.lines)
-        for needle in ("user      fix the bug", "tool      Bash pytest -q", "result    Bash ok 8 B 3 passed",
-                       "thinking  \u2026 (thinking)", "system    turn took 4.2s", "abcdef12"):
+        for needle in ("user       fix the bug", "tool       Bash pytest -q",
+                       "result     Bash pytest -q ok 8 B 3 passed",      # says which call it answers
+                       "thinking   \u2026 (thinking)", "system     turn took 4.2s", "abcdef12"):
             self.assertIn(needle, text)
         self.assertNotIn("\x1b[", text)          # no colours when stdout is not a terminal
 
@@ -1272,7 +1276,8 @@ class EndToEndTests(ProjectTreeTestCase):
         server = ServerProcess(self, [self.root])
         raw = RawClient(server.port, "/?project=PROJ&type=assistant&session=aaaa")
         hello = raw.message()
-        self.assertEqual(hello["filters"], {"project": ["proj"], "session": ["aaaa"], "type": ["assistant"]})
+        self.assertEqual(hello["filters"], {"project": ["proj"], "session": ["aaaa"], "type": ["assistant"],
+                                            "exclude_type": []})
         other = {"cwd": "/home/u/other"}
         append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(1, "aaaa1", "assistant", **other))
         append(os.path.join(self.project, "bbbb1.jsonl"), entry_line(2, "bbbb1", "assistant"))
@@ -1284,6 +1289,12 @@ class EndToEndTests(ProjectTreeTestCase):
         self.assertEqual(raw.message()["kind"], "subscribed")
         append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(5, "aaaa1", "user", **other))
         self.assertEqual(raw.message()["entry"]["uuid"], "u-5")
+        raw.conn.send_text(json.dumps({"kind": "subscribe", "exclude_type": "user"}))     # issue 12
+        raw.flush()
+        self.assertEqual(raw.message()["filters"]["exclude_type"], ["user"])
+        append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(6, "aaaa2", "user"))
+        append(os.path.join(self.project, "aaaa2.jsonl"), entry_line(7, "aaaa2", "assistant"))
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-7")
         raw.conn.send_text("{nope")
         raw.flush()
         self.assertEqual(raw.message()["kind"], "error")
@@ -2999,6 +3010,251 @@ def hostile_messages():
         dict(envelope, kind="reset", reason="truncated" + e),
         dict(envelope, kind="gap", reason="long" + e, offset=e),
     ]
+
+
+def replay_messages(path, root):
+    """A transcript's lines as the server sends them (entry messages in file order)."""
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
+    project, session, agent = cs.classify_path(rel)
+    offset = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            data = line.rstrip(b"\n")
+            try:
+                obj = cs.decode_line(data)
+            except cs.MalformedLine:
+                obj = None
+            if obj is not None:
+                sess = obj.get("sessionId") if isinstance(obj.get("sessionId"), str) else session
+                yield {"kind": "entry", "path": rel, "offset": offset, "next": offset + len(line),
+                       "project": project, "session": sess, "agent": agent, "entry": obj}
+            offset += len(line)
+
+
+def realclaude_files(test):
+    folder = os.environ.get("CLAUDE_STREAM_REALCLAUDE", "")
+    require(test, "realclaude", os.path.isdir(folder),
+            "set CLAUDE_STREAM_REALCLAUDE to the projects folder of a ../shared/realclaude run "
+            "(.ci/setup makes one)")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if f.endswith(".jsonl"))
+    return folder, files
+
+
+LINE_RE = re.compile(r"^(\S*)\s")        # the time column
+
+
+def typed_prompts(path):
+    """How many of a transcript's entries are prompts a person typed."""
+    count = 0
+    for msg in replay_messages(path, os.path.dirname(path)):
+        entry = cs.parse_entry(msg["entry"])
+        if isinstance(entry, cs.UserEntry) and not (entry.is_meta or entry.is_sidechain
+                                                    or entry.is_compact_summary):
+            blocks = entry.message.content
+            if blocks and not any(isinstance(b, cs.ToolResultBlock) for b in blocks) \
+                    and any(isinstance(b, cs.TextBlock) and b.text.strip() for b in blocks):
+                count += 1
+    return count
+
+
+class TerminalClientTests(unittest.TestCase):
+    """Issue 12, the terminal: labels, noise, a stable project column, times, layout."""
+
+    @staticmethod
+    def render_file(path, root, width=None, show_all=False):
+        """(message, line) for each line the readable client writes for a replayed file."""
+        renderer = cs.Renderer(width=width, clock=lambda: 0.0)
+        out = []
+        for msg in replay_messages(path, root):
+            if show_all or msg["entry"].get("type") not in cs.BOOKKEEPING_TYPES:  # as the server filters
+                out += [(msg, line) for line in renderer.feed(msg)]
+        return out + [(None, line) for line in renderer.flush(force=True)]
+
+    def check_file(self, path, root):
+        lines = self.render_file(path, root, width=120)
+        text = [line for _, line in lines]
+        self.assertEqual([l for l in text if " unknown " in l], [], path)    # every type has a label
+        # a prompt shows once, as typed: last-prompt's copies never read as "user"
+        self.assertEqual(len([l for l in text if l[40:51] == "user       "]), typed_prompts(path), path)
+        # one project name per file from its first cwd on
+        names, seen_cwd = set(), False
+        for msg, line in lines:
+            seen_cwd = seen_cwd or (msg is not None and isinstance(msg["entry"].get("cwd"), str))
+            if seen_cwd:
+                names.add(line[9:23])
+        self.assertLessEqual(len(names), 1, (path, names))
+        # times never from the clock: every line shows one of its file's own times
+        known = {w.astimezone().strftime("%H:%M:%S") for w in (
+            cs.parse_timestamp(m["entry"].get("timestamp")) for m in replay_messages(path, root))
+            if w is not None}
+        snapshots = {w.astimezone().strftime("%H:%M:%S") for w in (
+            cs.parse_timestamp(cs._dict(m["entry"], "snapshot").get("timestamp"))
+            for m in replay_messages(path, root)) if w is not None}
+        for line in text:
+            stamp = LINE_RE.match(line).group(1)
+            self.assertTrue(stamp in known | snapshots or (stamp == "" and not known), (path, line))
+        return text
+
+    def test_real_transcripts_read_well(self):
+        files = transcript_files(self)
+        root = os.path.dirname(files[0])
+        for path in files:
+            self.check_file(path, root)
+
+    def test_claude_code_2_1_332_sessions_read_well(self):
+        root, files = realclaude_files(self)
+        self.assertTrue(files)
+        for path in files:
+            text = self.check_file(path, root)
+            self.assertEqual([l for l in text if "(fields:" in l], [], path)
+            modes = [l for l in text if l[40:51] in ("mode       ", "permission ")]
+            self.assertLessEqual(len(modes), 2, modes)      # each shown once, not every turn
+        everything = [l for p in files for _, l in self.render_file(p, root, width=120, show_all=True)]
+        self.assertTrue(any(l[40:51] == "lastprompt " and "last prompt, offered on resume" in l
+                            for l in everything))
+        self.assertEqual([l for l in everything if " unknown " in l], [])
+
+    @staticmethod
+    def cjk_message(agent="a2271d1a2271d1a2271d1"):
+        return {"kind": "entry", "path": "p/s.jsonl", "offset": 0, "project": "-home-u-p",
+                "session": "29ccd257-68b1-427f", "agent": agent,
+                "entry": {"type": "user", "timestamp": "2026-01-02T03:04:05Z",
+                          "message": {"content": "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8" * 20}}}
+
+    def test_narrow_terminals_keep_35_columns_of_text(self):
+        for width in (60, 80, 100, 120, 200):
+            self.assertGreaterEqual(cs.Columns.for_width(width).room, 35, width)
+            renderer = cs.Renderer(width=width)
+            for msg in hostile_messages() + [self.cjk_message()]:
+                line = renderer.render(msg)
+                self.assertLessEqual(cs.display_width(line), width, (width, line))
+
+    def test_wide_characters_count_two_columns_and_ids_keep_their_width(self):
+        self.assertEqual(cs.display_width("\u65e5\u672c"), 4)
+        self.assertEqual(cs.display_width("e\u0301"), 1)              # a combining accent
+        self.assertEqual(cs.fit("\u65e5" * 50, 9), "\u65e5" * 4 + "\u2026")    # 4 x 2 columns + 1
+        for width in (60, 120):
+            renderer = cs.Renderer(width=width)
+            short = renderer.render(self.cjk_message(agent="a1"))
+            long = renderer.render(self.cjk_message())
+            self.assertEqual(cs.display_width(short), width)
+            self.assertEqual(cs.display_width(long), width)
+            self.assertEqual(short.index(" user "), long.index(" user "))   # columns aligned
+
+    def test_a_long_path_keeps_its_file_name_and_is_relative_to_the_cwd(self):
+        self.assertEqual(cs.shorten_path("/home/u/proj/src/app/main.py", 80, "/home/u/proj"),
+                         "src/app/main.py")
+        cut = cs.shorten_path("/very/long/" + "d" * 100 + "/deep/main.py", 30)
+        self.assertTrue(cut.endswith("/deep/main.py") and cs.display_width(cut) <= 30, cut)
+        renderer = cs.Renderer(width=80)
+        call = {"kind": "entry", "path": "p/s.jsonl", "project": "p", "session": "s",
+                "entry": {"type": "assistant", "cwd": "/home/u/proj", "timestamp": "2026-01-02T03:04:05Z",
+                          "message": {"content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {
+                              "file_path": "/home/u/proj/" + "pkg/" * 30 + "notes.txt"}}]}}}
+        line = renderer.render(call)
+        self.assertTrue(line.endswith("pkg/notes.txt"), line)
+        self.assertNotIn("/home/u/proj", line)
+        self.assertLessEqual(cs.display_width(line), 80)
+
+    def test_results_say_which_call_they_answer(self):
+        renderer = cs.Renderer()
+        base = {"kind": "entry", "path": "p/s.jsonl", "project": "p", "session": "s"}
+        call = dict(base, entry={"type": "assistant", "timestamp": "2026-01-02T03:04:05Z", "message": {
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "make test"}},
+                        {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "a.py"}}]}})
+        result = dict(base, entry={"type": "user", "timestamp": "2026-01-02T03:04:06Z", "message": {
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "x = 1"}]}})
+        renderer.render(call)
+        self.assertIn("result     Read a.py ok 5 B x = 1", renderer.render(result))   # the parallel one
+        # --type user: the calls never arrive; the result still says what it answers
+        alone = cs.Renderer()
+        read = dict(result, entry=dict(result["entry"], toolUseResult={"type": "text", "file": {
+            "filePath": "/w/notes.txt", "content": "x"}}))
+        self.assertIn("result     Read /w/notes.txt ok", alone.render(read))
+        bash = dict(result, entry=dict(result["entry"], toolUseResult={"stdout": "ok", "stderr": ""}))
+        self.assertIn("result     Bash ok", alone.render(bash))
+        self.assertIn("result     call \u2026oolu_2 ok", alone.render(result))
+
+    def test_modes_show_when_they_change_and_unknown_types_by_their_name(self):
+        renderer = cs.Renderer()
+        base = {"kind": "entry", "path": "p/s.jsonl", "project": "p", "session": "s"}
+        shown = [renderer.render(dict(base, entry=e)) for e in (
+            {"type": "permission-mode", "permissionMode": "default"},
+            {"type": "mode", "mode": "normal"},
+            {"type": "permission-mode", "permissionMode": "default"},
+            {"type": "mode", "mode": "normal"},
+            {"type": "permission-mode", "permissionMode": "acceptEdits"},
+            {"type": "brand-new-kind-of-record", "x": 1})]
+        self.assertEqual([l is not None for l in shown], [True, True, False, False, True, True])
+        self.assertIn("permission default", shown[0])
+        self.assertIn("mode       normal", shown[1])
+        self.assertIn("brand-new-kind-of-record (fields: x)", shown[5])
+
+    def test_untimed_lines_take_the_time_of_their_file_not_of_the_clock(self):
+        now = [0.0]
+        renderer = cs.Renderer(clock=lambda: now[0])
+        base = {"kind": "entry", "path": "p/s.jsonl", "project": "p", "session": "s"}
+        self.assertEqual(renderer.feed(dict(base, entry={"type": "mode", "mode": "normal"})), [])
+        when = "2026-01-02T03:04:05Z"
+        lines = renderer.feed(dict(base, entry={"type": "user", "timestamp": when,
+                                                "message": {"content": "hi"}}))
+        stamp = cs.parse_timestamp(when).astimezone().strftime("%H:%M:%S")
+        self.assertEqual([l[:8] for l in lines], [stamp, stamp])   # the held line first, with its time
+        self.assertIn("mode", lines[0])
+        later = renderer.feed(dict(base, entry={"type": "system", "subtype": "turn_duration",
+                                                "durationMs": 1000}))
+        self.assertEqual(later[0][:8], stamp)                   # after a timed line: that time
+        other = dict(base, path="p/t.jsonl")
+        self.assertEqual(renderer.feed(dict(other, entry={"type": "mode", "mode": "plan"})), [])
+        self.assertEqual(renderer.flush(), [])                  # not due yet
+        now[0] = cs.HOLD_UNTIMED_SECONDS
+        self.assertTrue(renderer.flush()[0].startswith(" " * 9))    # no time rather than a wrong one
+
+    def test_the_project_name_is_decoded_from_the_folder_when_that_path_exists_here(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            real = os.path.join(os.path.realpath(tmp), "my-app.v2")
+            os.makedirs(real)
+            self.assertEqual(cs.project_label(re.sub(r"[^A-Za-z0-9]", "-", real)), "my-app.v2")
+        self.assertEqual(cs.project_label("-nowhere-on-this-machine-proj"), "proj")
+
+    def test_the_width_follows_the_terminal(self):
+        import pty
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        os.makedirs(os.path.join(root, "p"))
+        server = ServerProcess(self, [root])
+        proc = subprocess.Popen([sys.executable, MODULE, "client", server.url, "--no-reconnect"],
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+                                env=dict(os.environ, NO_COLOR="1"))
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(os.close, slave)
+        Output(proc.stderr).wait_line(lambda l: "connected to" in l, what="the client to connect")
+        got = bytearray()
+
+        def next_line(n):
+            """Write line n and return the terminal's next line."""
+            append(path, entry_line(n, message={"content": "word " * 60}))
+            count = got.count(b"\n") + 1
+
+            def arrived():
+                if select.select([master], [], [], 0.05)[0]:
+                    got.extend(os.read(master, 65536))
+                return got.count(b"\n") >= count
+            wait_for(arrived, interval=0, message="line %d on the terminal" % n)
+            return got.decode("utf-8", "replace").splitlines()[count - 1].rstrip("\r")
+        path = os.path.join(root, "p", "s.jsonl")
+        first = next_line(1)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+        proc.send_signal(signal.SIGWINCH)
+        # The signal is handled between two loop ticks: a line after it fits the new width.
+        widths = [cs.display_width(next_line(n)) for n in range(2, 4)]
+        self.assertEqual(cs.display_width(first), 120)
+        self.assertEqual(widths[-1], 60, widths)
 
 
 class TerminalSafetyTests(unittest.TestCase):
