@@ -5529,6 +5529,176 @@ class FileView:
         self.held_since = 0.0
 
 
+class EntryText:
+    """(label, colour, text) for each entry: what a line says. Remembers the calls,
+    so that a result can say which one it answers; paths fit ``room()`` columns."""
+
+    def __init__(self, room: Callable[[], Optional[int]]):
+        self.room = room
+        self.calls: Dict[str, Tuple[str, str]] = {}     # tool_use id -> (name, key argument)
+
+    def describe(self, entry: Entry, cwd: Optional[str] = None) -> Tuple[str, str, str]:
+        """(label, colour, text) for one entry; paths relative to ``cwd`` when inside it."""
+        if isinstance(entry, AssistantEntry):
+            return self._assistant(entry, cwd)
+        if isinstance(entry, UserEntry):
+            return self._user(entry, cwd)
+        if isinstance(entry, SystemEntry):
+            return self._system(entry)
+        label = TYPE_LABELS.get(entry.type or "", "")
+        if isinstance(entry, SummaryEntry):
+            return label, "magenta", entry.summary
+        if isinstance(entry, FileHistorySnapshotEntry):
+            return label, "dim", "%d tracked file%s" % (
+                entry.tracked_files, "" if entry.tracked_files == 1 else "s")
+        if isinstance(entry, QueueOperationEntry):
+            return label, "dim", ("%s: %s" % (entry.operation, entry.content)).rstrip(": ")
+        if isinstance(entry, ProgressEntry):
+            data = entry.data
+            detail = data.get("hookName") or data.get("agentId") or data.get("command") or ""
+            return label, "dim", "%s %s" % (entry.data_type, detail if isinstance(detail, str) else "")
+        if isinstance(entry, AttachmentEntry):
+            att = entry.attachment
+            detail = att.get("hookName") or att.get("prompt") or att.get("filename") or ""
+            return label, "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
+        if isinstance(entry, MetadataEntry):
+            if entry.type == "last-prompt":
+                return label, "dim", "last prompt, offered on resume: %s" % entry.value
+            return label or "meta", "dim", entry.value
+        if label:
+            return label, "dim", self._bookkeeping_text(entry)
+        keys = ", ".join(sorted(k for k in entry.raw if k != "type"))[:200]
+        return "unknown", "dim", "%s (fields: %s)" % (entry.type or "no type", keys)
+
+    @staticmethod
+    def _bookkeeping_text(entry: Entry) -> str:
+        raw = entry.raw
+        if entry.type == "cost-state":
+            cost = raw.get("totalCostUSD")
+            lines = (raw.get("totalLinesAdded"), raw.get("totalLinesRemoved"))
+            text = "$%.4f so far" % cost if isinstance(cost, (int, float)) else "cost so far"
+            if all(isinstance(n, int) for n in lines):
+                text += ", lines +%d -%d" % lines
+            return text
+        if entry.type == "tools-used" and isinstance(raw.get("tools"), list):
+            return ", ".join(str(t) for t in raw["tools"])
+        for key in ("querySource", "shapeHash", "hash", "atis"):
+            if isinstance(raw.get(key), str):
+                return "%s %s" % (key, raw[key] or "(empty)")
+        return entry.type or ""
+
+    def _assistant(self, entry: AssistantEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
+        if entry.is_api_error:
+            return "api-error", "red", " ".join(b.text for b in entry.message.content
+                                                 if isinstance(b, TextBlock))
+        parts: List[Tuple[str, str, str]] = []
+        for block in entry.message.content:
+            if isinstance(block, TextBlock):
+                parts.append(("claude", "blue", block.text))
+            elif isinstance(block, ThinkingBlock):
+                parts.append(("thinking", "dim", "\u2026 %s" % block.thinking if block.thinking
+                              else "\u2026 (thinking)"))
+            elif isinstance(block, RedactedThinkingBlock):
+                parts.append(("thinking", "dim", "\u2026 (redacted)"))
+            elif isinstance(block, ToolUseBlock):
+                call = self._remember_call(block, cwd)
+                parts.append(("tool", "yellow", ("%s %s" % call).rstrip()))
+            else:
+                parts.append(("claude", "blue", "[%s]" % (block.type or "block")))
+        if not parts:
+            return "claude", "blue", ""
+        return parts[0][0], parts[0][1], "  \u00b7  ".join(p[2] for p in parts)
+
+    def _remember_call(self, block: ToolUseBlock, cwd: Optional[str]) -> Tuple[str, str]:
+        argument = self.key_argument(block)
+        if block.name in PATH_TOOLS:
+            room = self.room()
+            argument = shorten_path(argument, (room or 10 ** 6) - len(block.name) - 1, cwd)
+        if len(self.calls) >= TOOL_NAME_MEMORY:
+            del self.calls[next(iter(self.calls))]
+        self.calls[block.id] = (block.name, argument)
+        return block.name, argument
+
+    @staticmethod
+    def key_argument(block: ToolUseBlock) -> str:
+        tool_input = block.input
+        if block.name == "TodoWrite" and isinstance(tool_input.get("todos"), list):
+            return "%d todos" % len(tool_input["todos"])
+        value = tool_input.get(TOOL_KEY_ARGUMENTS.get(block.name, ""))
+        if not isinstance(value, str):
+            value = next((v for v in tool_input.values() if isinstance(v, str)), "")
+        return value
+
+    def _answered_call(self, block: ToolResultBlock, entry: UserEntry, cwd: Optional[str]) -> str:
+        """Which call a result answers: its tool and key argument, when the call was seen,
+        else what the result itself says (--type user), else the call's short id."""
+        known = self.calls.get(block.tool_use_id)
+        if known is not None:
+            name, argument = known
+            room = self.room()
+            if name in PATH_TOOLS and room is not None:
+                argument = shorten_path(argument, max(16, room // 2), cwd)
+            return ("%s %s" % (name, fit(one_line(argument), 40))).rstrip()
+        result = entry.raw.get("toolUseResult")
+        result = result if isinstance(result, dict) else {}
+        file_info = result.get("file") if isinstance(result.get("file"), dict) else {}
+        path = file_info.get("filePath") or result.get("filePath")
+        if isinstance(path, str):
+            name = "Read" if file_info else ("Write" if "content" in result else "Edit")
+            return "%s %s" % (name, shorten_path(path, 30, cwd))
+        if "stdout" in result or "stderr" in result:
+            return "Bash"
+        if "agentId" in result:
+            return "Agent %s" % fit(one_line(str(result.get("description") or "")), 30)
+        return "call \u2026%s" % block.tool_use_id[-6:] if block.tool_use_id else "tool"
+
+    def _user(self, entry: UserEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
+        parts: List[str] = []
+        for block in entry.message.content:
+            if isinstance(block, ToolResultBlock):
+                state, style = ("error", "red") if block.is_error else ("ok", "green")
+                first = block.text.strip().split("\n", 1)[0] if block.text else ""
+                return "result", style, "%s %s %s  %s" % (
+                    self._answered_call(block, entry, cwd), state, human_size(block.size), first)
+            if isinstance(block, TextBlock):
+                parts.append(self._prompt_text(block.text))
+            elif isinstance(block, (ImageBlock, DocumentBlock)):
+                parts.append("[%s %s %s]" % (block.type, block.media_type, human_size(block.size * 3 // 4)))
+        text = "  ".join(p for p in parts if p)
+        if entry.is_compact_summary:
+            return "compacted", "magenta", text
+        if entry.is_meta:
+            return "meta", "dim", text
+        if entry.is_sidechain:
+            return "task", "green", text        # 1.0.x: the prompt a sub-agent was given
+        return "user", "green", text
+
+    @staticmethod
+    def _prompt_text(text: str) -> str:
+        command = _COMMAND_RE.search(text)
+        if command:
+            return ("%s %s" % (command.group(1), command.group(2) or "")).strip()
+        return _ANSI_RE.sub("", text)
+
+    @staticmethod
+    def _system(entry: SystemEntry) -> Tuple[str, str, str]:
+        raw = entry.raw
+        style = "red" if entry.level == "error" else "yellow" if entry.level == "warning" else "dim"
+        subtype = entry.subtype or ""
+        if subtype == "turn_duration" and isinstance(raw.get("durationMs"), (int, float)):
+            return "system", style, "turn took %.1fs" % (raw["durationMs"] / 1000)
+        if subtype == "compact_boundary":
+            meta = raw.get("compactMetadata") if isinstance(raw.get("compactMetadata"), dict) else {}
+            return "system", "magenta", "conversation compacted (%s, %s tokens before)" % (
+                meta.get("trigger", "?"), meta.get("preTokens", "?"))
+        if subtype == "stop_hook_summary":
+            return "system", style, "stop hooks ran: %s" % raw.get("hookCount", "?")
+        if subtype == "away_summary":
+            return "away", "dim", _ANSI_RE.sub("", entry.content or "")
+        text = _ANSI_RE.sub("", entry.content or "")    # hook lines carry ANSI colours
+        return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
+
+
 class Renderer:
     """Turns server messages into one readable line each, for a terminal.
 
@@ -5542,7 +5712,7 @@ class Renderer:
         self.color = color
         self.clock = clock
         self.columns = Columns.for_width(width)
-        self.calls: Dict[str, Tuple[str, str]] = {}     # tool_use id -> (name, key argument)
+        self.text = EntryText(lambda: self.columns.room)
         self.files: Dict[str, FileView] = {}            # path -> its view, bounded
         self.project_names: Dict[str, str] = {}         # project folder -> name
         self.settings: Dict[Tuple[str, str], str] = {}  # (session, type) -> value last shown
@@ -5644,7 +5814,7 @@ class Renderer:
             entry = parse_entry(msg["entry"])
             if entry.type in SETTING_TYPES and not self._setting_changed(msg, entry):
                 return None
-            return self.describe(entry, self._view(msg).cwd)
+            return self.text.describe(entry, self._view(msg).cwd)
         name = str(msg.get("path", "")).rsplit("/", 1)[-1]
         if kind == "malformed":
             return "malformed", "red", "%s byte %s: %s  %s" % (
@@ -5694,167 +5864,6 @@ class Renderer:
         text = visible(one_line(text))
         pieces.append(text if cols.room is None else fit(text, cols.room))
         return " ".join(pieces)
-
-    def describe(self, entry: Entry, cwd: Optional[str] = None) -> Tuple[str, str, str]:
-        """(label, colour, text) for one entry; paths relative to ``cwd`` when inside it."""
-        if isinstance(entry, AssistantEntry):
-            return self._assistant(entry, cwd)
-        if isinstance(entry, UserEntry):
-            return self._user(entry, cwd)
-        if isinstance(entry, SystemEntry):
-            return self._system(entry)
-        label = TYPE_LABELS.get(entry.type or "", "")
-        if isinstance(entry, SummaryEntry):
-            return label, "magenta", entry.summary
-        if isinstance(entry, FileHistorySnapshotEntry):
-            return label, "dim", "%d tracked file%s" % (
-                entry.tracked_files, "" if entry.tracked_files == 1 else "s")
-        if isinstance(entry, QueueOperationEntry):
-            return label, "dim", ("%s: %s" % (entry.operation, entry.content)).rstrip(": ")
-        if isinstance(entry, ProgressEntry):
-            data = entry.data
-            detail = data.get("hookName") or data.get("agentId") or data.get("command") or ""
-            return label, "dim", "%s %s" % (entry.data_type, detail if isinstance(detail, str) else "")
-        if isinstance(entry, AttachmentEntry):
-            att = entry.attachment
-            detail = att.get("hookName") or att.get("prompt") or att.get("filename") or ""
-            return label, "dim", "%s %s" % (entry.attachment_type, _text_of(detail))
-        if isinstance(entry, MetadataEntry):
-            if entry.type == "last-prompt":
-                return label, "dim", "last prompt, offered on resume: %s" % entry.value
-            return label or "meta", "dim", entry.value
-        if label:
-            return label, "dim", self._bookkeeping_text(entry)
-        keys = ", ".join(sorted(k for k in entry.raw if k != "type"))[:200]
-        return "unknown", "dim", "%s (fields: %s)" % (entry.type or "no type", keys)
-
-    @staticmethod
-    def _bookkeeping_text(entry: Entry) -> str:
-        raw = entry.raw
-        if entry.type == "cost-state":
-            cost = raw.get("totalCostUSD")
-            lines = (raw.get("totalLinesAdded"), raw.get("totalLinesRemoved"))
-            text = "$%.4f so far" % cost if isinstance(cost, (int, float)) else "cost so far"
-            if all(isinstance(n, int) for n in lines):
-                text += ", lines +%d -%d" % lines
-            return text
-        if entry.type == "tools-used" and isinstance(raw.get("tools"), list):
-            return ", ".join(str(t) for t in raw["tools"])
-        for key in ("querySource", "shapeHash", "hash", "atis"):
-            if isinstance(raw.get(key), str):
-                return "%s %s" % (key, raw[key] or "(empty)")
-        return entry.type or ""
-
-    def _assistant(self, entry: AssistantEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
-        if entry.is_api_error:
-            return "api-error", "red", " ".join(b.text for b in entry.message.content
-                                                 if isinstance(b, TextBlock))
-        parts: List[Tuple[str, str, str]] = []
-        for block in entry.message.content:
-            if isinstance(block, TextBlock):
-                parts.append(("claude", "blue", block.text))
-            elif isinstance(block, ThinkingBlock):
-                parts.append(("thinking", "dim", "\u2026 %s" % block.thinking if block.thinking
-                              else "\u2026 (thinking)"))
-            elif isinstance(block, RedactedThinkingBlock):
-                parts.append(("thinking", "dim", "\u2026 (redacted)"))
-            elif isinstance(block, ToolUseBlock):
-                call = self._remember_call(block, cwd)
-                parts.append(("tool", "yellow", ("%s %s" % call).rstrip()))
-            else:
-                parts.append(("claude", "blue", "[%s]" % (block.type or "block")))
-        if not parts:
-            return "claude", "blue", ""
-        return parts[0][0], parts[0][1], "  \u00b7  ".join(p[2] for p in parts)
-
-    def _remember_call(self, block: ToolUseBlock, cwd: Optional[str]) -> Tuple[str, str]:
-        argument = self.key_argument(block)
-        if block.name in PATH_TOOLS:
-            room = self.columns.room
-            argument = shorten_path(argument, (room or 10 ** 6) - len(block.name) - 1, cwd)
-        if len(self.calls) >= TOOL_NAME_MEMORY:
-            del self.calls[next(iter(self.calls))]
-        self.calls[block.id] = (block.name, argument)
-        return block.name, argument
-
-    @staticmethod
-    def key_argument(block: ToolUseBlock) -> str:
-        tool_input = block.input
-        if block.name == "TodoWrite" and isinstance(tool_input.get("todos"), list):
-            return "%d todos" % len(tool_input["todos"])
-        value = tool_input.get(TOOL_KEY_ARGUMENTS.get(block.name, ""))
-        if not isinstance(value, str):
-            value = next((v for v in tool_input.values() if isinstance(v, str)), "")
-        return value
-
-    def _answered_call(self, block: ToolResultBlock, entry: UserEntry, cwd: Optional[str]) -> str:
-        """Which call a result answers: its tool and key argument, when the call was seen,
-        else what the result itself says (--type user), else the call's short id."""
-        known = self.calls.get(block.tool_use_id)
-        if known is not None:
-            name, argument = known
-            room = self.columns.room
-            if name in PATH_TOOLS and room is not None:
-                argument = shorten_path(argument, max(12, room // 3), cwd)
-            return ("%s %s" % (name, fit(one_line(argument), 40))).rstrip()
-        result = entry.raw.get("toolUseResult")
-        result = result if isinstance(result, dict) else {}
-        file_info = result.get("file") if isinstance(result.get("file"), dict) else {}
-        path = file_info.get("filePath") or result.get("filePath")
-        if isinstance(path, str):
-            name = "Read" if file_info else ("Write" if "content" in result else "Edit")
-            return "%s %s" % (name, shorten_path(path, 30, cwd))
-        if "stdout" in result or "stderr" in result:
-            return "Bash"
-        if "agentId" in result:
-            return "Agent %s" % fit(one_line(str(result.get("description") or "")), 30)
-        return "call \u2026%s" % block.tool_use_id[-6:] if block.tool_use_id else "tool"
-
-    def _user(self, entry: UserEntry, cwd: Optional[str]) -> Tuple[str, str, str]:
-        parts: List[str] = []
-        for block in entry.message.content:
-            if isinstance(block, ToolResultBlock):
-                state, style = ("error", "red") if block.is_error else ("ok", "green")
-                first = block.text.strip().split("\n", 1)[0] if block.text else ""
-                return "result", style, "%s %s %s  %s" % (
-                    self._answered_call(block, entry, cwd), state, human_size(block.size), first)
-            if isinstance(block, TextBlock):
-                parts.append(self._prompt_text(block.text))
-            elif isinstance(block, (ImageBlock, DocumentBlock)):
-                parts.append("[%s %s %s]" % (block.type, block.media_type, human_size(block.size * 3 // 4)))
-        text = "  ".join(p for p in parts if p)
-        if entry.is_compact_summary:
-            return "compacted", "magenta", text
-        if entry.is_meta:
-            return "meta", "dim", text
-        if entry.is_sidechain:
-            return "task", "green", text        # 1.0.x: the prompt a sub-agent was given
-        return "user", "green", text
-
-    @staticmethod
-    def _prompt_text(text: str) -> str:
-        command = _COMMAND_RE.search(text)
-        if command:
-            return ("%s %s" % (command.group(1), command.group(2) or "")).strip()
-        return _ANSI_RE.sub("", text)
-
-    @staticmethod
-    def _system(entry: SystemEntry) -> Tuple[str, str, str]:
-        raw = entry.raw
-        style = "red" if entry.level == "error" else "yellow" if entry.level == "warning" else "dim"
-        subtype = entry.subtype or ""
-        if subtype == "turn_duration" and isinstance(raw.get("durationMs"), (int, float)):
-            return "system", style, "turn took %.1fs" % (raw["durationMs"] / 1000)
-        if subtype == "compact_boundary":
-            meta = raw.get("compactMetadata") if isinstance(raw.get("compactMetadata"), dict) else {}
-            return "system", "magenta", "conversation compacted (%s, %s tokens before)" % (
-                meta.get("trigger", "?"), meta.get("preTokens", "?"))
-        if subtype == "stop_hook_summary":
-            return "system", style, "stop hooks ran: %s" % raw.get("hookCount", "?")
-        if subtype == "away_summary":
-            return "away", "dim", _ANSI_RE.sub("", entry.content or "")
-        text = _ANSI_RE.sub("", entry.content or "")    # hook lines carry ANSI colours
-        return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
 
 
 def absolute_since(since: Optional[str], server_time: Any) -> Optional[str]:
