@@ -5391,6 +5391,7 @@ SETTING_TYPES = frozenset(("mode", "permission-mode", "agent-setting"))
 PATH_TOOLS = frozenset(("Read", "Write", "Edit", "MultiEdit", "NotebookEdit", "NotebookRead", "LS"))
 HELD_LINES_MAX = 100                # untimed lines held per file for the time of the next one
 PROJECT_NAME_JOIN = 4               # parts of a project folder's name tried as one path component
+PROJECT_NAME_MAX_PARTS = 32         # a folder of more parts is not walked (a few stat()s a part)
 HOLD_UNTIMED_SECONDS = 0.5          # ... at most this long; then shown without a time
 
 
@@ -5503,6 +5504,8 @@ def project_label(folder: str) -> str:
     if tokens and tokens[0] == "":
         tokens = tokens[1:]             # the root's "/"
     fallback = next((t for t in reversed(tokens) if t), folder or "-")
+    if len(tokens) > PROJECT_NAME_MAX_PARTS:    # from a server: bounded, whatever it sends
+        return fallback
     path, i = os.sep, 0
     while i < len(tokens):
         for k in range(1, min(PROJECT_NAME_JOIN, len(tokens) - i) + 1):

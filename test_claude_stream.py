@@ -3216,6 +3216,13 @@ class TerminalClientTests(unittest.TestCase):
             os.makedirs(real)
             self.assertEqual(cs.project_label(re.sub(r"[^A-Za-z0-9]", "-", real)), "my-app.v2")
         self.assertEqual(cs.project_label("-nowhere-on-this-machine-proj"), "proj")
+        # A name comes from the server: what it costs here is bounded whatever it is.
+        from unittest import mock
+        with mock.patch("os.path.isdir", wraps=os.path.isdir) as isdir:
+            self.assertEqual(cs.project_label("-a" * 5000), "a")
+            self.assertEqual(isdir.call_count, 0)
+            cs.project_label("-" + "-".join([".."] * (cs.PROJECT_NAME_MAX_PARTS - 1)) + "-x")
+            self.assertLessEqual(isdir.call_count, cs.PROJECT_NAME_MAX_PARTS * 40)
 
     def test_the_width_follows_the_terminal(self):
         import pty
