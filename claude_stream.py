@@ -54,7 +54,7 @@ Map, top to bottom, each part using only those above it:
   Broadcast             Backpressure, Broadcast
   Server                ServerSession, StreamServer
   The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
-  Client                Renderer, ClientLink, ClientApp
+  Client                Columns, EntryText (what a line says), Renderer, ClientLink, ClientApp
   Command line          argparse, run_serve, run_client, main
 A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
