@@ -4687,9 +4687,9 @@ function clip(text) {
 }
 
 function plain(content) {
-  if (typeof content === "string") return content;
+  if (typeof content === "string") return stripAnsi(content);
   if (!Array.isArray(content)) return "";
-  return content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n");
+  return stripAnsi(content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n"));
 }
 
 function promptText(e) {
@@ -4714,7 +4714,7 @@ function systemText(e) {
   if (sub === "turn_duration" && typeof e.durationMs === "number") return "turn took " + (e.durationMs / 1000).toFixed(1) + " s";
   if (sub === "stop_hook_summary") return "stop hooks ran: " + (e.hookCount || (e.hookInfos || []).length || 0);
   if (sub === "compact_boundary") return "conversation compacted";
-  const text = typeof e.content === "string" ? e.content : e.content ? JSON.stringify(e.content) : "";
+  const text = typeof e.content === "string" ? stripAnsi(e.content) : e.content ? JSON.stringify(e.content) : "";
   return (sub ? sub.replace(/_/g, " ") + ": " : "") + clip(text || e.level || "");
 }
 
@@ -4723,16 +4723,261 @@ function isToolResults(content) {
 }
 
 function resultText(b) {            // a tool result's text, images named
-  if (typeof b.content === "string") return b.content;
+  if (typeof b.content === "string") return stripAnsi(b.content);
   if (!Array.isArray(b.content)) return "";
-  return b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
+  return stripAnsi(b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n"));
+}
+
+// CSI sequences (colours, cursor moves), OSC ones (titles, links) and lone escapes.
+const ANSI = /\x1b\[[0-?]*[ -\/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?/g;
+
+function stripAnsi(text) {          // hook and tool output: its colours and cursor moves as plain text
+  return String(text).replace(ANSI, "");
+}
+
+// --- Markdown -----------------------------------------------------------------
+// Claude's text as a small tree of plain objects ({tag, children}) and strings.
+// The tags are MD_TAGS; the only attributes are an <a>'s href, always http(s),
+// and an <ol>'s start, a number. The page builds nodes from it with
+// createElement and textContent, so nothing in a transcript is ever HTML.
+
+const MD_TAGS = ["p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "strong", "em", "a", "hr"];
+const MD_DEPTH = 3;                 // emphasis in a link in emphasis: deeper stays text
+// Code spans, links, **strong**/__strong__, *em*/_em_; every repeat is bounded,
+// so a line of unmatched markers costs a bounded scan from each, not the rest of the text.
+const MD_INLINE = /(`{1,16})([^`][\s\S]{0,2000}?)\1(?!`)|\[([^\[\]\n]{1,500})\]\(\s*<?([^\s()<>]{1,2000})>?(?:\s+"[^"\n]{0,200}")?\s*\)|\*\*(?=\S)([^\n]{0,1000}?\S)\*\*|(?<!\w)__(?=\S)([^\n]{0,1000}?\S)__(?!\w)|\*(?=[^\s*])([^\n*]{0,1000}?[^\s*])\*|(?<!\w)_(?=[^\s_])([^\n_]{0,1000}?[^\s_])_(?!\w)/g;
+const MD_FENCE = /^(\s*)(`{3,}(?=[^`]*$)|~{3,})/, MD_HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
+const MD_ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/, MD_RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
+
+function markdown(text) {           // block structure: fences, headings, rules, lists (one level nested), paragraphs
+  const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
+  const out = [];
+  let para = null, list = null, blank = false;   // the open paragraph's lines; the open list
+  const closePara = () => { if (para) out.push({tag: "p", children: mdInline(para.join("\n"), 0)}); para = null; };
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    let m;
+    if ((m = MD_FENCE.exec(line))) {
+      closePara(); list = null;
+      const mark = m[2], body = [];
+      const closing = new RegExp("^\\s*" + mark[0] + "{" + mark.length + ",}\\s*$");
+      while (++i < lines.length && !closing.test(lines[i])) {
+        body.push(lines[i].startsWith(m[1]) ? lines[i].slice(m[1].length) : lines[i].trimStart());
+      }
+      out.push({tag: "pre", children: [{tag: "code", children: [body.join("\n")]}]});
+    } else if (!line.trim()) {
+      closePara();                  // a list goes on after a blank line: "1." and "2." apart are one list
+      blank = true;
+      continue;
+    } else if ((m = MD_HEADING.exec(line))) {
+      closePara(); list = null;
+      out.push({tag: "h" + m[1].length, children: mdInline(m[2] || "", 0)});
+    } else if (MD_RULE.test(line)) {
+      closePara(); list = null;
+      out.push({tag: "hr", children: []});
+    } else if ((m = MD_ITEM.exec(line))) {
+      closePara();
+      const ordered = /\d/.test(m[2]), item = {tag: "li", children: mdInline(m[3], 0)};
+      if (list && m[1].length >= 2 && list.last) {          // nested: under the list's last item
+        if (!list.sub || list.sub.ordered !== ordered) {
+          list.sub = {ordered, node: mdList(ordered, m[2])};
+          list.last.children.push(list.sub.node);
+        }
+        list.sub.node.children.push(item);
+      } else {
+        if (!list || list.ordered !== ordered) { list = {ordered, node: mdList(ordered, m[2])}; out.push(list.node); }
+        list.node.children.push(item);
+        list.last = item;
+        list.sub = null;
+      }
+      list.tail = item;
+    } else if (list && (!blank || /^\s{2}/.test(line))) {   // more of the last item's text
+      list.tail.children.push("\n", ...mdInline(line.trim(), 0));
+    } else {
+      list = null;
+      (para = para || []).push(line);
+    }
+    blank = false;
+  }
+  closePara();
+  return out;
+}
+
+function mdList(ordered, marker) {
+  const start = parseInt(marker, 10);
+  return ordered && start !== 1 ? {tag: "ol", start, children: []} : {tag: ordered ? "ol" : "ul", children: []};
+}
+
+function mdInline(text, depth) {    // inline spans: code, links, strong, em; the rest as strings
+  const out = [];
+  const push = (part) => { if (typeof part === "string" && typeof out[out.length - 1] === "string") out[out.length - 1] += part; else out.push(part); };
+  const re = new RegExp(MD_INLINE.source, "g");       // its own lastIndex: this recurses
+  let at = 0, m;
+  while ((m = re.exec(text)) !== null) {
+    push(text.slice(at, m.index));
+    at = re.lastIndex;
+    if (m[1]) {
+      const code = m[2];
+      push({tag: "code", children: [/^ .*[^ ].* $/.test(code) ? code.slice(1, -1) : code]});
+    } else if (depth >= MD_DEPTH) push(m[0]);
+    else if (m[3] !== undefined) {
+      const children = mdInline(m[3], depth + 1);
+      // Only the web's own schemes are links; javascript:, data:, file: and the rest are text.
+      if (/^https?:\/\/[^\s]+$/i.test(m[4])) push({tag: "a", href: m[4], children});
+      else { children.forEach(push); push(" (" + m[4] + ")"); }
+    } else if (m[5] !== undefined || m[6] !== undefined) push({tag: "strong", children: mdInline(m[5] || m[6], depth + 1)});
+    else push({tag: "em", children: mdInline(m[7] || m[8], depth + 1)});
+  }
+  push(text.slice(at));
+  return out.filter((part) => part !== "");
+}
+
+// --- line diffs -----------------------------------------------------------------
+
+const DIFF_CELLS = 4e6, DIFF_CONTEXT = 3;
+
+function lineDiff(before, after, context = DIFF_CONTEXT) {
+  // {hunks: [{oldStart, oldLines, newStart, newLines, lines: [[op, text]]}], note}, op " ", "-" or "+".
+  // The common head and tail are matched first, so a small edit to a big text stays cheap.
+  const a = before === "" ? [] : String(before).split("\n"), b = after === "" ? [] : String(after).split("\n");
+  let head = 0, tail = 0;
+  while (head < a.length && head < b.length && a[head] === b[head]) head++;
+  while (tail < a.length - head && tail < b.length - head && a[a.length - 1 - tail] === b[b.length - 1 - tail]) tail++;
+  const x = a.slice(head, a.length - tail), y = b.slice(head, b.length - tail);
+  const ops = [];
+  for (let k = 0; k < head; k++) ops.push([" ", a[k]]);
+  let note = "";
+  if (x.length * y.length > DIFF_CELLS) {
+    // The table would take seconds and tens of MB: what went and what came, as such.
+    note = "too large to compare line by line: " + x.length + " lines removed, " + y.length + " added";
+    for (const l of x) ops.push(["-", l]);
+    for (const l of y) ops.push(["+", l]);
+  } else for (const op of lcsOps(x, y)) ops.push(op);
+  for (let k = a.length - tail; k < a.length; k++) ops.push([" ", a[k]]);
+  return {hunks: diffHunks(ops, context), note};
+}
+
+function lcsOps(x, y) {             // a longest common subsequence of lines, from a table of suffix lengths
+  const n = x.length, m = y.length, w = m + 1;
+  // n * m <= DIFF_CELLS, so min(n, m) <= 2000: 16 bits hold any length.
+  const table = new Uint16Array((n + 1) * w);
+  for (let i = n - 1; i >= 0; i--) {
+    for (let j = m - 1; j >= 0; j--) {
+      table[i * w + j] = x[i] === y[j] ? table[(i + 1) * w + j + 1] + 1 : Math.max(table[(i + 1) * w + j], table[i * w + j + 1]);
+    }
+  }
+  const ops = [];
+  let i = 0, j = 0;
+  while (i < n && j < m) {
+    if (x[i] === y[j]) { ops.push([" ", x[i]]); i++; j++; }
+    else if (table[(i + 1) * w + j] >= table[i * w + j + 1]) ops.push(["-", x[i++]]);
+    else ops.push(["+", y[j++]]);
+  }
+  while (i < n) ops.push(["-", x[i++]]);
+  while (j < m) ops.push(["+", y[j++]]);
+  return ops;
+}
+
+function diffHunks(ops, context) {  // changes with `context` unchanged lines around them, as unified diff's hunks
+  const next = new Array(ops.length);
+  for (let k = ops.length - 1, at = Infinity; k >= 0; k--) { if (ops[k][0] !== " ") at = k; next[k] = at; }
+  const hunks = [];
+  let prev = -Infinity, oldLine = 1, newLine = 1, hunk = null;
+  for (let k = 0; k < ops.length; k++) {
+    const op = ops[k][0];
+    if (op !== " ") prev = k;
+    if (k - prev <= context || next[k] - k <= context) {
+      if (!hunk) hunks.push(hunk = {oldStart: oldLine, oldLines: 0, newStart: newLine, newLines: 0, lines: []});
+      hunk.lines.push(ops[k]);
+      if (op !== "+") hunk.oldLines++;
+      if (op !== "-") hunk.newLines++;
+    } else hunk = null;
+    if (op !== "+") oldLine++;
+    if (op !== "-") newLine++;
+  }
+  return hunks;
+}
+
+// --- tool results and images ------------------------------------------------------
+
+function duration(ms) {
+  return ms < 1000 ? Math.round(ms) + " ms" : ms < 60000 ? (ms / 1000).toFixed(1) + " s" :
+    Math.floor(ms / 60000) + " min " + Math.floor(ms % 60000 / 1000) + " s";
+}
+
+function resultSummary(b, text, callTime, resultTime) {   // ok or error, size, time taken when known, its first line
+  const first = /\S[^\n]*/.exec(text);
+  const line = first ? first[0].trim() : "";
+  const took = callTime && resultTime && resultTime >= callTime ? duration(resultTime - callTime) : "";
+  return [b.is_error ? "error" : "ok", size(text.length), took, line.length > 80 ? line.slice(0, 79) + "…" : line]
+    .filter(Boolean).join(" · ");
+}
+
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"], IMAGE_MAX = 5 * 1048576;
+
+function imageSource(b) {           // {src, bytes}: an image block as a data: URL; else {note}: why not shown
+  const s = b && b.source && typeof b.source === "object" ? b.source : {};
+  const type = typeof s.media_type === "string" ? s.media_type.toLowerCase() : "";
+  if (s.type !== "base64" || typeof s.data !== "string") return {note: "[image: no inline data]"};
+  // A fixed media type and base64 alone: nothing else can reach the URL (SVG, which can hold script, is not one).
+  if (!IMAGE_TYPES.includes(type)) return {note: "[image: " + (type || "no type") + ", not shown]"};
+  const bytes = Math.floor(s.data.length * 3 / 4);
+  if (bytes > IMAGE_MAX) return {note: "[image: " + size(bytes) + ", over " + size(IMAGE_MAX) + ", not shown]"};
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s.data)) return {note: "[image: not base64]"};
+  return {src: "data:" + type + ";base64," + s.data, bytes};
+}
+
+// --- bookkeeping ------------------------------------------------------------------
+
+// The readable client's BOOKKEEPING_TYPES, and the settings Claude Code writes again and again.
+const NOISE_TYPES = new Set(["api-request", "api-request-blob", "api-request-shape", "atis-latch", "tools-used",
+  "cost-state", "attachment", "file-history-snapshot", "permission-mode", "mode", "last-prompt",
+  "queue-operation", "progress"]);
+
+function isNoise(e) {
+  return Boolean(e) && NOISE_TYPES.has(e.type);
+}
+
+function noiseRuns(flags) {         // [start, length] of each run of consecutive true flags
+  const runs = [];
+  for (let k = 0; k < flags.length; k++) {
+    if (!flags[k]) continue;
+    if (k > 0 && flags[k - 1]) runs[runs.length - 1][1] += 1;
+    else runs.push([k, 1]);
+  }
+  return runs;
+}
+
+// --- sub-agents and titles ----------------------------------------------------------
+
+function isSidechain(e, msg) {      // sub-agent work: a 2.1.x agent file, or 1.0.x's isSidechain lines in the main file
+  return Boolean(msg && msg.agent) || Boolean(e && e.isSidechain === true);
+}
+
+function agentName(task, id) {      // a sub-agent by its Task (or Agent) call's input, else by its id
+  const parts = task ? [task.description, task.subagent_type].filter((v) => typeof v === "string" && v.trim()) : [];
+  if (parts.length) return parts.join(" · ");
+  if (typeof id === "string" && id.startsWith("acompact")) return "compaction";
+  return id ? "agent " + id : "sub-agent";
+}
+
+function titleText(e, msg) {        // what may title a session: a prompt the user wrote, not a sub-agent's task
+  if (!e || e.type !== "user" || e.isMeta || isSidechain(e, msg)) return "";
+  return promptText(e);
+}
+
+function widerWindow(win) {         // the next history window when one held no session at all
+  const steps = ["live", "10m", "1h", "1d", "7d", "all"];
+  const i = steps.indexOf(win);
+  return i >= 0 && i < steps.length - 1 ? steps[i + 1] : null;
 }
 
 if (typeof module !== "undefined") {
   module.exports = {reconnectDelay, closeReason, parseDuration, parseTime,
     absoluteSince, newCursors, trackLine, forgetFile, resumeCursors, earlierCursors, hasEarlier, countTokens,
     before, projectName, compact, size, ago, clip, plain, promptText, commandOf, systemText, isToolResults,
-    resultText};
+    resultText, stripAnsi, markdown, MD_TAGS, lineDiff, duration, resultSummary, imageSource, isNoise, noiseRuns,
+    isSidechain, agentName, titleText, widerWindow};
 }
 ''')
 
