@@ -4508,7 +4508,8 @@ class StreamServer:
 # =============================================================================
 # One self-contained page: no external asset, nothing to build. Transcript text
 # only ever reaches the DOM through textContent, and the Content-Security-Policy
-# allows exactly this script and this style (by hash) and connections back here.
+# allows exactly this script and this style (by hash), connections back here, and
+# images from data: URLs alone (a transcript's own screenshots; nothing fetched).
 
 # What the page must agree on with the server and the Python client, taken from
 # their constants so there is one of each: the reconnect backoff, the close
@@ -5028,6 +5029,20 @@ details.result.error summary{color:var(--err)}
 .todos{margin:.2em 0;padding-left:1.2em;list-style:none;font-size:.9em}
 .plan{font-size:.9em;margin:.3em 0}
 .diff .add{background:var(--add);display:block}.diff .del{background:var(--del);display:block}
+.diff .ctx{display:block}.diff .gap,.diff .note{display:block;color:var(--muted)}
+.md>:first-child{margin-top:0}.md>:last-child{margin-bottom:0}
+.md p,.md ul,.md ol,.md h1,.md h2,.md h3,.md h4,.md h5,.md h6{margin:.35em 0}.md ul,.md ol{padding-left:1.4em}
+.md h1{font-size:1.25em}.md h2{font-size:1.12em}.md h3,.md h4,.md h5,.md h6{font-size:1em}
+.md code{font:.88em ui-monospace,Menlo,Consolas,monospace;background:var(--tool);padding:0 .2em;border-radius:4px}
+.md pre{background:var(--tool);padding:.4em .6em;border-radius:6px}.md pre code{background:none;padding:0}
+.md hr{border:0;border-top:1px solid var(--line)}
+.tool>details.result{border-top:1px solid var(--line);padding-top:.2em}
+.entry.attached{display:none}
+img.thumb{display:block;max-width:12em;max-height:8em;margin:.25em 0;border:1px solid var(--line);border-radius:6px;cursor:zoom-in}
+img.thumb.big{max-width:100%;max-height:none;cursor:zoom-out}
+body:not(.noise-shown) .entry.noise:not(.fold){display:none}
+body:not(.noise-shown) .entry.noise.fold>*{display:none}
+body:not(.noise-shown) .entry.noise.fold::before{content:attr(data-run)}
 .entry.system,.entry.other,.entry.notice{color:var(--muted);font-size:.85em}
 .entry.notice{color:var(--err)}
 #jump{position:absolute;right:1.2em;bottom:1em;box-shadow:0 2px 8px rgba(0,0,0,.2)}
@@ -5047,7 +5062,7 @@ PAGE_BODY = r'''
 <main>
 <nav aria-label="Sessions"><ul id="session-list"></ul></nav>
 <section aria-label="Conversation">
-<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="earlier" hidden>Load earlier</button></div>
+<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="noise" hidden></button><button id="earlier" hidden>Load earlier</button></div>
 <ol id="entries"></ol>
 <button id="jump" hidden>↓ new entries</button>
 </section>
@@ -5069,7 +5084,9 @@ const state = {
   ...newCursors(),            // seen, next, first: what is known of each file
   lastTime: new Map(),        // path -> time of its latest timed entry (for untimed ones)
   sessions: new Map(),        // session id -> session record
-  toolNames: new Map(),       // tool_use id -> tool name, to label results
+  calls: new Map(),           // tool_use id -> {name, t, box}: box, its card once drawn, gets its result
+  results: new Map(),         // tool_use id -> {b, t, standalone}: a result, for a card drawn after it came
+  tasks: new Map(),           // a Task (or Agent) call's prompt -> its input, to name the sub-agent given it
   types: new Set(),           // entry types seen, for the type filter
   selected: null, agent: null, duplicates: 0, lastEpoch: null,
 };
@@ -5236,13 +5253,17 @@ function learn(s, e, msg, t) {
   if (e.type === "custom-title" && typeof e.customTitle === "string") s.title = e.customTitle, s.titleRank = 3;
   else if (e.type === "ai-title" && typeof e.aiTitle === "string" && (s.titleRank || 0) <= 2) s.title = e.aiTitle, s.titleRank = 2;
   else if (e.type === "summary" && typeof e.summary === "string" && (s.titleRank || 0) <= 1) s.title = e.summary, s.titleRank = 1;
-  if (e.type === "user" && !msg.agent && !e.isMeta && (!s.prompt || t < s.promptTime)) {
-    const text = promptText(e);   // the first prompt in time, whatever order lines came in
-    if (text) { s.prompt = text; s.promptTime = t; }
-  }
+  const text = titleText(e, msg);   // the first prompt in time, whatever order lines came in
+  if (text && (!s.prompt || t < s.promptTime)) { s.prompt = text; s.promptTime = t; }
   const content = e.message && e.message.content;
   if (Array.isArray(content)) {
-    for (const b of content) if (b && b.type === "tool_use" && typeof b.id === "string") state.toolNames.set(b.id, b.name);
+    for (const b of content) {
+      if (b && b.type === "tool_use" && typeof b.id === "string") state.calls.set(b.id, {name: b.name, t, box: null});
+      if (b && b.type === "tool_result" && typeof b.tool_use_id === "string") state.results.set(b.tool_use_id, {b, t});
+      if (b && (b.name === "Task" || b.name === "Agent") && b.input && typeof b.input.prompt === "string") {
+        state.tasks.set(b.input.prompt.trim(), b.input);
+      }
+    }
   }
   const added = countTokens(s.usage, e, msg);
   s.tokensIn += added.in;
@@ -5296,7 +5317,7 @@ function drawList() {
     if (s.agents.size) {
       const agents = el("ul", "agents");
       for (const [id, a] of s.agents) {
-        const ai = el("li", "agent", "↳ agent " + id + " · " + a.count);
+        const ai = el("li", "agent", "↳ " + agentLabel(s, id) + " · " + a.count);
         ai.dataset.agent = id;
         ai.setAttribute("aria-selected", String(state.selected === s.id && state.agent === id));
         ai.addEventListener("click", (ev) => { ev.stopPropagation(); select(s.id, id); });
@@ -5310,6 +5331,7 @@ function drawList() {
   fillOptions($("project"), projects);
   const current = state.sessions.get(state.selected);
   if (current) $("convo-title").textContent = heading(current);
+  foldNoise(current);
   if (state.selected === null && sessions.length) select(sessions[0].id, null);
 }
 
@@ -5333,7 +5355,23 @@ function haystack(item) {         // what a search looks in: the whole line, low
 }
 
 function heading(s) {
-  return (s.title || s.prompt || s.id) + (state.agent ? " — agent " + state.agent : "");
+  return (s.title || s.prompt || s.id) + (state.agent ? " — " + agentLabel(s, state.agent) : "");
+}
+
+function foldNoise(s) {             // each run of bookkeeping drawn as one quiet line; the toggle says how many
+  let total = 0;
+  for (const [start, count] of s ? noiseRuns(s.entries.map((item) => isNoise(item.e))) : []) {
+    total += count;
+    for (let k = start; k < start + count; k++) {
+      const li = s.entries[k].el;
+      if (!li) continue;
+      li.classList.toggle("fold", k === start);
+      if (k === start) li.dataset.run = count + (count === 1 ? " bookkeeping record" : " bookkeeping records");
+    }
+  }
+  const shown = document.body.classList.contains("noise-shown");
+  $("noise").hidden = total === 0;
+  $("noise").textContent = (shown ? "hide " : "show ") + total + " bookkeeping";
 }
 
 // --- the conversation ---------------------------------------------------------
@@ -5391,7 +5429,7 @@ function render(item) {
   const li = el("li", "entry");
   li.dataset.path = msg.path;
   li.dataset.offset = msg.offset;
-  if (item.agent) li.classList.add("agent");
+  if (isSidechain(e, msg)) li.classList.add("agent");
   const meta = el("div", "meta");
   const when = item.t ? new Date(item.t).toLocaleTimeString() : "";
   if (!e) {
@@ -5403,18 +5441,21 @@ function render(item) {
   }
   const type = typeof e.type === "string" ? e.type : "?";
   li.dataset.type = type;
+  if (isNoise(e)) li.classList.add("noise");
   const content = e.message && e.message.content;
   const command = type === "user" ? commandOf(content) : null;
+  // A sub-agent's prompts come from Claude's Task calls, never from the user.
   const who = type === "assistant" ? "claude" : type !== "user" ? type : isToolResults(content) ? "tool result" :
-    e.isMeta || command ? "meta" : item.agent && !item.agent.startsWith("acompact") && firstOfAgent(item) ? "task" : "you";
+    e.isMeta || command ? "meta" : isSidechain(e, msg) ? "task" : "you";
   meta.append(el("span", "who", who), el("time", null, item.own ? when : ""));
-  if (item.agent) meta.append(el("span", "agent-id", "agent " + item.agent));
+  if (who === "task") meta.append(el("span", "agent-id", agentName(state.tasks.get(plain(content).trim()), item.agent)));
+  else if (isSidechain(e, msg)) meta.append(el("span", "agent-id", item.agent ? "agent " + item.agent : "sub-agent"));
   li.append(meta);
   if (type === "user" && (command || e.isMeta)) {
     li.classList.add("system");
     li.append(el("div", "text", command || clip(plain(content))));
-  } else if (type === "user") { li.classList.add("user"); blocks(li, content); }
-  else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content); }
+  } else if (type === "user") { li.classList.add("user"); blocks(li, content, item); }
+  else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content, item); }
   else if (type === "system") {
     li.classList.add("system");
     li.append(el("div", "text", systemText(e)));
@@ -5428,25 +5469,59 @@ function render(item) {
   return li;
 }
 
-function firstOfAgent(item) {
-  const s = state.sessions.get(item.msg.session || item.msg.path);
-  const a = s && s.agents.get(item.agent);
-  return Boolean(a) && a.first === item;
+function agentLabel(s, id) {         // a sub-agent by the Task call whose prompt its first line is
+  const a = s && s.agents.get(id);
+  const first = a && a.first && a.first.e.message;
+  return agentName(first ? state.tasks.get(plain(first.content).trim()) : null, id);
 }
 
-function blocks(li, content) {
-  if (typeof content === "string") { li.append(el("div", "text", clip(content))); return; }
+function blocks(li, content, item) {
+  const md = item.e.type === "assistant";     // Claude writes Markdown; what people type stays as typed
+  if (typeof content === "string") { li.append(prose(content, md)); return; }
   if (!Array.isArray(content)) return;
   for (const b of content) {
     if (!b || typeof b !== "object") continue;
-    if (b.type === "text") li.append(el("div", "text", clip(b.text || "")));
+    if (b.type === "text") li.append(prose(b.text || "", md));
     else if (b.type === "thinking" || b.type === "redacted_thinking") {
       li.append(collapsed("thinking", "thinking", b.thinking || "(redacted)"));
     } else if (b.type === "tool_use") li.append(toolUse(b));
-    else if (b.type === "tool_result") li.append(toolResult(b));
-    else if (b.type === "image") li.append(el("div", "text", "[image]"));
+    else if (b.type === "tool_result") { const card = toolResult(b, item.own ? item.t : 0); if (card) li.append(card); }
+    else if (b.type === "image") li.append(image(b));
     else li.append(el("div", "text", "[" + b.type + "]"));
   }
+  if (isToolResults(content) && !li.querySelector(".result")) li.classList.add("attached");   // all on their calls' cards
+}
+
+function prose(value, md) {
+  if (!md) return el("div", "text", clip(value));
+  return markdownNodes(markdown(clip(value)), el("div", "text md"));
+}
+
+function markdownNodes(parts, parent) {   // markdown's tree as nodes, by createElement and text nodes alone
+  for (const part of parts) {
+    if (typeof part === "string") { parent.append(document.createTextNode(part)); continue; }
+    if (!MD_TAGS.includes(part.tag)) continue;
+    const node = document.createElement(part.tag);
+    if (part.tag === "a" && /^https?:\/\//i.test(part.href)) {
+      node.href = part.href;
+      node.target = "_blank";       // the live page stays open
+      node.rel = "noopener noreferrer";
+    }
+    if (part.tag === "ol" && Number.isInteger(part.start)) node.start = part.start;
+    parent.append(markdownNodes(part.children, node));
+  }
+  return parent;
+}
+
+function image(b) {                 // a thumbnail from the block's own data (CSP: data: images only); a click enlarges it
+  const source = imageSource(b);
+  if (!source.src) return el("div", "text", source.note);
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "image · " + size(source.bytes);
+  img.src = source.src;
+  img.addEventListener("click", () => img.classList.toggle("big"));
+  return img;
 }
 
 function toolUse(b) {
@@ -5461,15 +5536,9 @@ function toolUse(b) {
   }
   if (typeof input.prompt === "string") box.append(collapsed(null, "prompt · " + size(input.prompt.length), input.prompt));
   const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
+  const str = (v) => typeof v === "string" ? v : "";
   for (const edit of edits) {
-    if (!edit || typeof edit !== "object") continue;
-    const pre = el("pre", "diff");
-    for (const [side, mark] of [["old_string", "- "], ["new_string", "+ "]]) {
-      const lines = clip(typeof edit[side] === "string" ? edit[side] : "").split("\n");
-      for (const l of lines.slice(0, DIFF_LINES)) pre.append(el("span", mark === "- " ? "del" : "add", mark + l));
-      if (lines.length > DIFF_LINES) pre.append(el("span", null, "… " + (lines.length - DIFF_LINES) + " more lines"));
-    }
-    box.append(pre);
+    if (edit && typeof edit === "object") box.append(diffView(lineDiff(str(edit.old_string), str(edit.new_string))));
   }
   if (typeof input.plan === "string") box.append(el("div", "text plan", clip(input.plan)));
   if (Array.isArray(input.todos)) {
@@ -5481,7 +5550,10 @@ function toolUse(b) {
     }
     box.append(list);
   }
-  if (typeof input.content === "string") box.append(collapsed(null, "content · " + size(input.content.length), input.content));
+  if (typeof input.content === "string") {
+    const title = "content · " + size(input.content.length);
+    box.append(b.name === "Write" ? diffView(lineDiff("", input.content), title) : collapsed(null, title, input.content));
+  }
   const known = ["command", "file_path", "path", "pattern", "url", "query", "description", "subagent_type",
     "prompt", "old_string", "new_string", "edits", "content", "plan", "todos"];
   const rest = Object.keys(input).filter((k) => !known.includes(k));
@@ -5490,14 +5562,48 @@ function toolUse(b) {
     for (const k of rest) shown[k] = input[k];
     box.append(collapsed(null, "input", JSON.stringify(shown, null, 1)));
   }
+  const call = state.calls.get(b.id), result = state.results.get(b.id);
+  if (call) call.box = box;
+  if (result && !result.standalone) box.append(resultCard(result.b, result.t, call));
   return box;
 }
 
-function toolResult(b) {
+function diffView(diff, title) {    // removed, added and context lines, the first DIFF_LINES of them; in a <details> if titled
+  const pre = el("pre", "diff");
+  if (diff.note) pre.append(el("span", "note", diff.note));
+  let left = DIFF_LINES;
+  for (const h of diff.hunks) {
+    if (h.oldStart > 1 || h.newStart > 1) pre.append(el("span", "gap", "⋯"));
+    for (const [op, line] of h.lines) {
+      if (left-- > 0) pre.append(el("span", op === "-" ? "del" : op === "+" ? "add" : "ctx", op + " " + clip(line)));
+    }
+  }
+  if (left < 0) pre.append(el("span", "note", "… " + -left + " more lines"));
+  if (!title) return pre;
+  const d = el("details");
+  d.append(el("summary", null, title), pre);
+  return d;
+}
+
+// A result goes on its call's card, collapsed: on the card already drawn, or, if the
+// card is drawn later, by toolUse from state.results; null then, for no card of its own.
+// A result whose call is not known has a card of its own, and keeps it.
+function toolResult(b, t) {
+  const call = state.calls.get(b.tool_use_id);
+  if (!call) {
+    const result = state.results.get(b.tool_use_id);
+    if (result) result.standalone = true;
+    return resultCard(b, t, null);
+  }
+  if (call.box && !call.box.querySelector(":scope > .result")) call.box.append(resultCard(b, t, call));
+  return null;
+}
+
+function resultCard(b, t, call) {
   const text = resultText(b);
-  const name = state.toolNames.get(b.tool_use_id);
-  return collapsed("result" + (b.is_error ? " error" : ""),
-    (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length), text);
+  const d = collapsed("result" + (b.is_error ? " error" : ""), "result · " + resultSummary(b, text, call && call.t, t), text);
+  if (Array.isArray(b.content)) for (const c of b.content) if (c && c.type === "image") d.append(image(c));
+  return d;
 }
 
 function notice(msg, text) {
@@ -5558,6 +5664,7 @@ function start() {
     state.epoch = null;
     reconnectNow();
   });
+  $("noise").addEventListener("click", () => { document.body.classList.toggle("noise-shown"); scheduleList(); });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on
   connect();
 }
@@ -5575,7 +5682,7 @@ def _csp_hash(text: str) -> str:
     return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
-PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src 'none'; "
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src data:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
             % (_csp_hash(PAGE_SCRIPT), _csp_hash(PAGE_STYLE)))
 _SAFE_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")

@@ -2373,6 +2373,7 @@ class PageTests(ProjectTreeTestCase):
         csp = headers["Content-Security-Policy"]
         self.assertIn("default-src 'none'", csp)
         self.assertNotIn("unsafe", csp)
+        self.assertIn("img-src data:;", csp)                        # a transcript's own images, nothing fetched
         script = re.search(rb"<script>(.*)</script>", body, re.S).group(1)
         digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
         self.assertIn("script-src 'sha256-%s'" % digest, csp)      # this script, and no other
@@ -2462,15 +2463,96 @@ class PageTests(ProjectTreeTestCase):
         append(path, json.dumps({"type": payloads[0], "sessionId": "s1"}) + "\n")
         append(path, entry_line(3, "s1", kind="assistant", message={"role": "assistant", "content": [
             {"type": "tool_use", "id": "t2", "name": "MultiEdit", "input": {"edits": [None, 7]}}]}))
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries")
+        # Claude's text is Markdown: its links, emphasis and code make nodes, never HTML or a script.
+        markdown = ("[x](javascript:window.pwned=4) [y](JAVASCRIPT:window.pwned=5) [z](data:text/html,hi)\n\n"
+                    "**<script>window.pwned = 6</script>** *<img src=x onerror=\"window.pwned = 7\">*\n\n"
+                    "- [ok](https://example.com/?q=\"onclick=window.pwned=8) `<svg onload=window.pwned=9>`\n\n"
+                    "```\n</pre><img src=x onerror=window.pwned=10>\n```")
+        append(path, entry_line(4, "s1", kind="assistant", message={"role": "assistant", "content": [
+            {"type": "text", "text": markdown}]}))
+        # Images: data: URLs of four raster types alone; an SVG (which can hold script) is a note.
+        append(path, entry_line(5, "s1", message={"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/svg+xml",
+                                         "data": base64.b64encode(b"<svg onload='window.pwned=11'/>").decode()}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA\"><script>"}}]}))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 6", "the six entries")
         browser.js("document.querySelector('li.session').click()")         # drawn again from scratch
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries again")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 6", "the six entries again")
         text = browser.js("document.getElementById('entries').textContent")
         for payload in payloads:
             self.assertIn(payload, text)                    # shown, literally
+        for shown in ("x (javascript:window.pwned=4)", "y (JAVASCRIPT:window.pwned=5)", "<script>window.pwned = 6</script>",
+                      "<svg onload=window.pwned=9>", "</pre><img src=x onerror=window.pwned=10>",
+                      "[image: image/svg+xml, not shown]", "[image: not base64]"):
+            self.assertIn(shown, text)
         self.assertIsNone(browser.js("window.pwned === undefined ? null : window.pwned"))
         self.assertEqual(browser.js("document.querySelectorAll('#entries script, #entries img, "
-                                    "#entries svg').length"), 0)
+                                    "#entries svg, #entries iframe').length"), 0)
+        self.assertEqual(browser.js("[...document.querySelectorAll('#entries *')].flatMap(e => [...e.attributes])"
+                                    ".map(a => a.name).filter(n => n.startsWith('on'))"), [])
+        self.assertEqual(browser.js("[...document.querySelectorAll('#entries a')].map(a => [a.protocol, a.rel])"),
+                         [["https:", "noopener noreferrer"]])
+
+    def test_markdown_diffs_results_on_their_calls_images_bookkeeping_and_sub_agents(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "")
+        server = self.server()
+        browser = self.live_page(server)
+        png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+        lines = [
+            entry_line(0, "s1", message={"role": "user", "content": "add an import"}),
+            entry_line(1, "s1", kind="assistant", timestamp="2026-01-02T03:04:05.000Z", message={
+                "role": "assistant", "content": [
+                    {"type": "text", "text": "## Plan\n\n1. **read** it\n2. edit `a.py`"},
+                    {"type": "tool_use", "id": "e1", "name": "Edit", "input": {"file_path": "/p/a.py",
+                     "old_string": "import os\nimport sys\n\ndef f():\n    pass",
+                     "new_string": "import os\nimport re\nimport sys\n\ndef f():\n    pass"}},
+                    {"type": "tool_use", "id": "k1", "name": "Task", "input": {
+                        "description": "Explore the code", "subagent_type": "Explore", "prompt": "Look around"}}]}),
+            json.dumps({"type": "progress", "sessionId": "s1"}) + "\n",
+            json.dumps({"type": "file-history-snapshot", "sessionId": "s1"}) + "\n",
+            # the two results, the later call's first, as parallel calls may answer
+            entry_line(2, "s1", timestamp="2026-01-02T03:04:07.500Z", message={"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "k1", "content": [
+                    {"type": "text", "text": "\x1b[32mfound\x1b[0m it"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]},
+                {"type": "tool_result", "tool_use_id": "e1", "is_error": True, "content": "File changed"}]}),
+            # 1.0.x: a sub-agent's lines in the main file, its prompt the Task call's
+            entry_line(3, "s1", isSidechain=True, message={"role": "user", "content": "Look around"}),
+            entry_line(4, "s1", kind="assistant", isSidechain=True, message={"role": "assistant", "content": "Done."}),
+        ]
+        append(path, "".join(lines))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === %d" % len(lines), "every entry")
+        js = browser.js
+        self.assertEqual(js("document.querySelector('#entries .md h2').textContent"), "Plan")
+        self.assertEqual(js("[...document.querySelectorAll('#entries .md ol li')].map(l => l.innerHTML)"),
+                         ["<strong>read</strong> it", "edit <code>a.py</code>"])
+        self.assertEqual(js("[...document.querySelectorAll('#entries pre.diff span')].map(s => s.className + s.textContent)"),
+                         ["ctx  import os", "add+ import re", "ctx  import sys", "ctx  ", "ctx  def f():"])
+        # Each result on its call's card, collapsed, with its outcome, size and time; no card of its own.
+        self.assertEqual(js("[...document.querySelectorAll('.tool > details.result > summary')].map(s => s.textContent)"),
+                         ["result · error · 12 B · 2.5 s · File changed", "result · ok · 16 B · 2.5 s · found it"])
+        self.assertTrue(js("[...document.querySelectorAll('#entries details')].every(d => !d.open)"))
+        self.assertEqual(js("getComputedStyle(document.querySelector('li.entry.attached')).display"), "none")
+        img = "document.querySelector('.tool details.result img.thumb')"
+        self.assertTrue(js(img + ".src.startsWith('data:image/png;base64,')"))
+        js("document.querySelector('.tool details.result').open = true")
+        browser.wait(img + ".complete && %s.naturalWidth === 1" % img, "the thumbnail, from its data")
+        js(img + ".click()")
+        self.assertTrue(js(img + ".classList.contains('big')"))
+        # Two bookkeeping records in a row: one quiet line, until the header's toggle shows them.
+        noise = "[...document.querySelectorAll('li.entry.noise')].map(l => getComputedStyle(l).display)"
+        browser.wait("document.getElementById('noise').textContent === 'show 2 bookkeeping'", "the toggle")
+        self.assertEqual(js("document.querySelector('li.noise.fold').dataset.run"), "2 bookkeeping records")
+        self.assertEqual(js(noise)[1], "none")
+        js("document.getElementById('noise').click()")
+        self.assertNotIn("none", js(noise))
+        browser.wait("document.getElementById('noise').textContent === 'hide 2 bookkeeping'", "the toggle's new name")
+        # The sub-agent's lines: sub-agent work named by its task, never "you", never the title.
+        self.assertEqual(js("[...document.querySelectorAll('li.entry.agent .meta')].map(m => "
+                            "m.querySelector('.who').textContent + ': ' + m.querySelector('.agent-id').textContent)"),
+                         ["task: Explore the code · Explore", "claude: sub-agent"])
+        browser.wait("document.getElementById('convo-title').textContent === 'add an import'", "the user's prompt as title")
 
     def test_it_resumes_after_a_server_restart_without_showing_anything_twice(self):
         path = os.path.join(self.project, "s1.jsonl")
