@@ -5087,6 +5087,7 @@ const state = {
   calls: new Map(),           // tool_use id -> {name, t, box}: box, its card once drawn, gets its result
   results: new Map(),         // tool_use id -> {b, t, standalone}: a result, for a card drawn after it came
   tasks: new Map(),           // a Task (or Agent) call's prompt -> its input, to name the sub-agent given it
+  widen: !params.has("since"),  // no window asked for: wider ones until there is a session to show
   types: new Set(),           // entry types seen, for the type filter
   selected: null, agent: null, duplicates: 0, lastEpoch: null,
 };
@@ -5205,6 +5206,8 @@ function forget(path) {
 function live() {
   state.failures = 0;
   setState("live", "● live");
+  // The default window held no session: a wider one, so that the first look shows the latest sessions.
+  if (state.widen && !state.sessions.size && widerWindow(state.window)) setWindow(widerWindow(state.window));
 }
 
 // --- the model --------------------------------------------------------------
@@ -5642,6 +5645,14 @@ function loadEarlier() {
   setState("catching", "loading earlier…");
 }
 
+function setWindow(win) {
+  // A wider window is a fresh subscription; what is already shown stays, once.
+  state.window = $("window").value = win;
+  state.lastEpoch = state.epoch;
+  state.epoch = null;
+  reconnectNow();
+}
+
 function start() {
   $("window").value = state.window;
   $("earlier").addEventListener("click", loadEarlier);
@@ -5657,13 +5668,7 @@ function start() {
     if (follow) $("entries").scrollTop = $("entries").scrollHeight;
   });
   $("project").addEventListener("change", scheduleList);
-  $("window").addEventListener("change", () => {
-    // A wider window is a fresh subscription; what is already shown stays, once.
-    state.window = $("window").value;
-    state.lastEpoch = state.epoch;
-    state.epoch = null;
-    reconnectNow();
-  });
+  $("window").addEventListener("change", () => { state.widen = false; setWindow($("window").value); });
   $("noise").addEventListener("click", () => { document.body.classList.toggle("noise-shown"); scheduleList(); });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on
   connect();

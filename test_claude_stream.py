@@ -38,7 +38,7 @@ import tempfile
 import termios
 import time
 import unittest
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
@@ -2553,6 +2553,18 @@ class PageTests(ProjectTreeTestCase):
                             "m.querySelector('.who').textContent + ': ' + m.querySelector('.agent-id').textContent)"),
                          ["task: Explore the code · Explore", "claude: sub-agent"])
         browser.wait("document.getElementById('convo-title').textContent === 'add an import'", "the user's prompt as title")
+
+    def test_the_first_look_shows_the_latest_sessions_whatever_their_age(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        old = datetime.now(timezone.utc) - timedelta(days=3)
+        append(path, entry_line(0, "s1", timestamp=old.isoformat()))
+        os.utime(path, (old.timestamp(), old.timestamp()))
+        server = self.server()
+        browser = Chromium(self)
+        browser.open("http://127.0.0.1:%d/?token=%s" % (server.port, self.token))    # no window asked for
+        browser.wait("document.querySelectorAll('li.session').length === 1", "the three-day-old session")
+        browser.wait("document.getElementById('convo-title').textContent === 'line 0'", "it shown")
+        self.assertEqual(browser.js("document.getElementById('window').value"), "7d")   # 1h, 1d: nothing
 
     def test_it_resumes_after_a_server_restart_without_showing_anything_twice(self):
         path = os.path.join(self.project, "s1.jsonl")
