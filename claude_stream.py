@@ -4508,7 +4508,8 @@ class StreamServer:
 # =============================================================================
 # One self-contained page: no external asset, nothing to build. Transcript text
 # only ever reaches the DOM through textContent, and the Content-Security-Policy
-# allows exactly this script and this style (by hash) and connections back here.
+# allows exactly this script and this style (by hash), connections back here, and
+# images from data: URLs alone (a transcript's own screenshots; nothing fetched).
 
 # What the page must agree on with the server and the Python client, taken from
 # their constants so there is one of each: the reconnect backoff, the close
@@ -4687,9 +4688,9 @@ function clip(text) {
 }
 
 function plain(content) {
-  if (typeof content === "string") return content;
+  if (typeof content === "string") return stripAnsi(content);
   if (!Array.isArray(content)) return "";
-  return content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n");
+  return stripAnsi(content.map((b) => b && b.type === "text" && typeof b.text === "string" ? b.text : "").join("\n"));
 }
 
 function promptText(e) {
@@ -4714,7 +4715,7 @@ function systemText(e) {
   if (sub === "turn_duration" && typeof e.durationMs === "number") return "turn took " + (e.durationMs / 1000).toFixed(1) + " s";
   if (sub === "stop_hook_summary") return "stop hooks ran: " + (e.hookCount || (e.hookInfos || []).length || 0);
   if (sub === "compact_boundary") return "conversation compacted";
-  const text = typeof e.content === "string" ? e.content : e.content ? JSON.stringify(e.content) : "";
+  const text = typeof e.content === "string" ? stripAnsi(e.content) : e.content ? JSON.stringify(e.content) : "";
   return (sub ? sub.replace(/_/g, " ") + ": " : "") + clip(text || e.level || "");
 }
 
@@ -4723,16 +4724,261 @@ function isToolResults(content) {
 }
 
 function resultText(b) {            // a tool result's text, images named
-  if (typeof b.content === "string") return b.content;
+  if (typeof b.content === "string") return stripAnsi(b.content);
   if (!Array.isArray(b.content)) return "";
-  return b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n");
+  return stripAnsi(b.content.map((c) => c && c.type === "text" ? c.text : c && c.type === "image" ? "[image]" : "").join("\n"));
+}
+
+// CSI sequences (colours, cursor moves), OSC ones (titles, links) and lone escapes.
+const ANSI = /\x1b\[[0-?]*[ -\/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]?/g;
+
+function stripAnsi(text) {          // hook and tool output: its colours and cursor moves as plain text
+  return String(text).replace(ANSI, "");
+}
+
+// --- Markdown -----------------------------------------------------------------
+// Claude's text as a small tree of plain objects ({tag, children}) and strings.
+// The tags are MD_TAGS; the only attributes are an <a>'s href, always http(s),
+// and an <ol>'s start, a number. The page builds nodes from it with
+// createElement and textContent, so nothing in a transcript is ever HTML.
+
+const MD_TAGS = ["p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "strong", "em", "a", "hr"];
+const MD_DEPTH = 3;                 // emphasis in a link in emphasis: deeper stays text
+// Code spans, links, **strong**/__strong__, *em*/_em_; every repeat is bounded,
+// so a line of unmatched markers costs a bounded scan from each, not the rest of the text.
+const MD_INLINE = /(`{1,16})([^`][\s\S]{0,2000}?)\1(?!`)|\[([^\[\]\n]{1,500})\]\(\s*<?([^\s()<>]{1,2000})>?(?:\s+"[^"\n]{0,200}")?\s*\)|\*\*(?=\S)([^\n]{0,1000}?\S)\*\*|(?<!\w)__(?=\S)([^\n]{0,1000}?\S)__(?!\w)|\*(?=[^\s*])([^\n*]{0,1000}?[^\s*])\*|(?<!\w)_(?=[^\s_])([^\n_]{0,1000}?[^\s_])_(?!\w)/g;
+const MD_FENCE = /^(\s*)(`{3,}(?=[^`]*$)|~{3,})/, MD_HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
+const MD_ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/, MD_RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
+
+function markdown(text) {           // block structure: fences, headings, rules, lists (one level nested), paragraphs
+  const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
+  const out = [];
+  let para = null, list = null, blank = false;   // the open paragraph's lines; the open list
+  const closePara = () => { if (para) out.push({tag: "p", children: mdInline(para.join("\n"), 0)}); para = null; };
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    let m;
+    if ((m = MD_FENCE.exec(line))) {
+      closePara(); list = null;
+      const mark = m[2], body = [];
+      const closing = new RegExp("^\\s*" + mark[0] + "{" + mark.length + ",}\\s*$");
+      while (++i < lines.length && !closing.test(lines[i])) {
+        body.push(lines[i].startsWith(m[1]) ? lines[i].slice(m[1].length) : lines[i].trimStart());
+      }
+      out.push({tag: "pre", children: [{tag: "code", children: [body.join("\n")]}]});
+    } else if (!line.trim()) {
+      closePara();                  // a list goes on after a blank line: "1." and "2." apart are one list
+      blank = true;
+      continue;
+    } else if ((m = MD_HEADING.exec(line))) {
+      closePara(); list = null;
+      out.push({tag: "h" + m[1].length, children: mdInline(m[2] || "", 0)});
+    } else if (MD_RULE.test(line)) {
+      closePara(); list = null;
+      out.push({tag: "hr", children: []});
+    } else if ((m = MD_ITEM.exec(line))) {
+      closePara();
+      const ordered = /\d/.test(m[2]), item = {tag: "li", children: mdInline(m[3], 0)};
+      if (list && m[1].length >= 2 && list.last) {          // nested: under the list's last item
+        if (!list.sub || list.sub.ordered !== ordered) {
+          list.sub = {ordered, node: mdList(ordered, m[2])};
+          list.last.children.push(list.sub.node);
+        }
+        list.sub.node.children.push(item);
+      } else {
+        if (!list || list.ordered !== ordered) { list = {ordered, node: mdList(ordered, m[2])}; out.push(list.node); }
+        list.node.children.push(item);
+        list.last = item;
+        list.sub = null;
+      }
+      list.tail = item;
+    } else if (list && (!blank || /^\s{2}/.test(line))) {   // more of the last item's text
+      list.tail.children.push("\n", ...mdInline(line.trim(), 0));
+    } else {
+      list = null;
+      (para = para || []).push(line);
+    }
+    blank = false;
+  }
+  closePara();
+  return out;
+}
+
+function mdList(ordered, marker) {
+  const start = parseInt(marker, 10);
+  return ordered && start !== 1 ? {tag: "ol", start, children: []} : {tag: ordered ? "ol" : "ul", children: []};
+}
+
+function mdInline(text, depth) {    // inline spans: code, links, strong, em; the rest as strings
+  const out = [];
+  const push = (part) => { if (typeof part === "string" && typeof out[out.length - 1] === "string") out[out.length - 1] += part; else out.push(part); };
+  const re = new RegExp(MD_INLINE.source, "g");       // its own lastIndex: this recurses
+  let at = 0, m;
+  while ((m = re.exec(text)) !== null) {
+    push(text.slice(at, m.index));
+    at = re.lastIndex;
+    if (m[1]) {
+      const code = m[2];
+      push({tag: "code", children: [/^ .*[^ ].* $/.test(code) ? code.slice(1, -1) : code]});
+    } else if (depth >= MD_DEPTH) push(m[0]);
+    else if (m[3] !== undefined) {
+      const children = mdInline(m[3], depth + 1);
+      // Only the web's own schemes are links; javascript:, data:, file: and the rest are text.
+      if (/^https?:\/\/[^\s]+$/i.test(m[4])) push({tag: "a", href: m[4], children});
+      else { children.forEach(push); push(" (" + m[4] + ")"); }
+    } else if (m[5] !== undefined || m[6] !== undefined) push({tag: "strong", children: mdInline(m[5] || m[6], depth + 1)});
+    else push({tag: "em", children: mdInline(m[7] || m[8], depth + 1)});
+  }
+  push(text.slice(at));
+  return out.filter((part) => part !== "");
+}
+
+// --- line diffs -----------------------------------------------------------------
+
+const DIFF_CELLS = 4e6, DIFF_CONTEXT = 3;
+
+function lineDiff(before, after, context = DIFF_CONTEXT) {
+  // {hunks: [{oldStart, oldLines, newStart, newLines, lines: [[op, text]]}], note}, op " ", "-" or "+".
+  // The common head and tail are matched first, so a small edit to a big text stays cheap.
+  const a = before === "" ? [] : String(before).split("\n"), b = after === "" ? [] : String(after).split("\n");
+  let head = 0, tail = 0;
+  while (head < a.length && head < b.length && a[head] === b[head]) head++;
+  while (tail < a.length - head && tail < b.length - head && a[a.length - 1 - tail] === b[b.length - 1 - tail]) tail++;
+  const x = a.slice(head, a.length - tail), y = b.slice(head, b.length - tail);
+  const ops = [];
+  for (let k = 0; k < head; k++) ops.push([" ", a[k]]);
+  let note = "";
+  if (x.length * y.length > DIFF_CELLS) {
+    // The table would take seconds and tens of MB: what went and what came, as such.
+    note = "too large to compare line by line: " + x.length + " lines removed, " + y.length + " added";
+    for (const l of x) ops.push(["-", l]);
+    for (const l of y) ops.push(["+", l]);
+  } else for (const op of lcsOps(x, y)) ops.push(op);
+  for (let k = a.length - tail; k < a.length; k++) ops.push([" ", a[k]]);
+  return {hunks: diffHunks(ops, context), note};
+}
+
+function lcsOps(x, y) {             // a longest common subsequence of lines, from a table of suffix lengths
+  const n = x.length, m = y.length, w = m + 1;
+  // n * m <= DIFF_CELLS, so min(n, m) <= 2000: 16 bits hold any length.
+  const table = new Uint16Array((n + 1) * w);
+  for (let i = n - 1; i >= 0; i--) {
+    for (let j = m - 1; j >= 0; j--) {
+      table[i * w + j] = x[i] === y[j] ? table[(i + 1) * w + j + 1] + 1 : Math.max(table[(i + 1) * w + j], table[i * w + j + 1]);
+    }
+  }
+  const ops = [];
+  let i = 0, j = 0;
+  while (i < n && j < m) {
+    if (x[i] === y[j]) { ops.push([" ", x[i]]); i++; j++; }
+    else if (table[(i + 1) * w + j] >= table[i * w + j + 1]) ops.push(["-", x[i++]]);
+    else ops.push(["+", y[j++]]);
+  }
+  while (i < n) ops.push(["-", x[i++]]);
+  while (j < m) ops.push(["+", y[j++]]);
+  return ops;
+}
+
+function diffHunks(ops, context) {  // changes with `context` unchanged lines around them, as unified diff's hunks
+  const next = new Array(ops.length);
+  for (let k = ops.length - 1, at = Infinity; k >= 0; k--) { if (ops[k][0] !== " ") at = k; next[k] = at; }
+  const hunks = [];
+  let prev = -Infinity, oldLine = 1, newLine = 1, hunk = null;
+  for (let k = 0; k < ops.length; k++) {
+    const op = ops[k][0];
+    if (op !== " ") prev = k;
+    if (k - prev <= context || next[k] - k <= context) {
+      if (!hunk) hunks.push(hunk = {oldStart: oldLine, oldLines: 0, newStart: newLine, newLines: 0, lines: []});
+      hunk.lines.push(ops[k]);
+      if (op !== "+") hunk.oldLines++;
+      if (op !== "-") hunk.newLines++;
+    } else hunk = null;
+    if (op !== "+") oldLine++;
+    if (op !== "-") newLine++;
+  }
+  return hunks;
+}
+
+// --- tool results and images ------------------------------------------------------
+
+function duration(ms) {
+  return ms < 1000 ? Math.round(ms) + " ms" : ms < 60000 ? (ms / 1000).toFixed(1) + " s" :
+    Math.floor(ms / 60000) + " min " + Math.floor(ms % 60000 / 1000) + " s";
+}
+
+function resultSummary(b, text, callTime, resultTime) {   // ok or error, size, time taken when known, its first line
+  const first = /\S[^\n]*/.exec(text);
+  const line = first ? first[0].trim() : "";
+  const took = callTime && resultTime && resultTime >= callTime ? duration(resultTime - callTime) : "";
+  return [b.is_error ? "error" : "ok", size(text.length), took, line.length > 80 ? line.slice(0, 79) + "…" : line]
+    .filter(Boolean).join(" · ");
+}
+
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/gif", "image/webp"], IMAGE_MAX = 5 * 1048576;
+
+function imageSource(b) {           // {src, bytes}: an image block as a data: URL; else {note}: why not shown
+  const s = b && b.source && typeof b.source === "object" ? b.source : {};
+  const type = typeof s.media_type === "string" ? s.media_type.toLowerCase() : "";
+  if (s.type !== "base64" || typeof s.data !== "string") return {note: "[image: no inline data]"};
+  // A fixed media type and base64 alone: nothing else can reach the URL (SVG, which can hold script, is not one).
+  if (!IMAGE_TYPES.includes(type)) return {note: "[image: " + (type || "no type") + ", not shown]"};
+  const bytes = Math.floor(s.data.length * 3 / 4);
+  if (bytes > IMAGE_MAX) return {note: "[image: " + size(bytes) + ", over " + size(IMAGE_MAX) + ", not shown]"};
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(s.data)) return {note: "[image: not base64]"};
+  return {src: "data:" + type + ";base64," + s.data, bytes};
+}
+
+// --- bookkeeping ------------------------------------------------------------------
+
+// The readable client's BOOKKEEPING_TYPES, and the settings Claude Code writes again and again.
+const NOISE_TYPES = new Set(["api-request", "api-request-blob", "api-request-shape", "atis-latch", "tools-used",
+  "cost-state", "attachment", "file-history-snapshot", "permission-mode", "mode", "last-prompt",
+  "queue-operation", "progress"]);
+
+function isNoise(e) {
+  return Boolean(e) && NOISE_TYPES.has(e.type);
+}
+
+function noiseRuns(flags) {         // [start, length] of each run of consecutive true flags
+  const runs = [];
+  for (let k = 0; k < flags.length; k++) {
+    if (!flags[k]) continue;
+    if (k > 0 && flags[k - 1]) runs[runs.length - 1][1] += 1;
+    else runs.push([k, 1]);
+  }
+  return runs;
+}
+
+// --- sub-agents and titles ----------------------------------------------------------
+
+function isSidechain(e, msg) {      // sub-agent work: a 2.1.x agent file, or 1.0.x's isSidechain lines in the main file
+  return Boolean(msg && msg.agent) || Boolean(e && e.isSidechain === true);
+}
+
+function agentName(task, id) {      // a sub-agent by its Task (or Agent) call's input, else by its id
+  const parts = task ? [task.description, task.subagent_type].filter((v) => typeof v === "string" && v.trim()) : [];
+  if (parts.length) return parts.join(" · ");
+  if (typeof id === "string" && id.startsWith("acompact")) return "compaction";
+  return id ? "agent " + id : "sub-agent";
+}
+
+function titleText(e, msg) {        // what may title a session: a prompt the user wrote, not a sub-agent's task
+  if (!e || e.type !== "user" || e.isMeta || isSidechain(e, msg)) return "";
+  return promptText(e);
+}
+
+function widerWindow(win) {         // the next history window when one held no session at all
+  const steps = ["live", "10m", "1h", "1d", "7d", "all"];
+  const i = steps.indexOf(win);
+  return i >= 0 && i < steps.length - 1 ? steps[i + 1] : null;
 }
 
 if (typeof module !== "undefined") {
   module.exports = {reconnectDelay, closeReason, parseDuration, parseTime,
     absoluteSince, newCursors, trackLine, forgetFile, resumeCursors, earlierCursors, hasEarlier, countTokens,
     before, projectName, compact, size, ago, clip, plain, promptText, commandOf, systemText, isToolResults,
-    resultText};
+    resultText, stripAnsi, markdown, MD_TAGS, lineDiff, duration, resultSummary, imageSource, isNoise, noiseRuns,
+    isSidechain, agentName, titleText, widerWindow};
 }
 ''')
 
@@ -4783,6 +5029,20 @@ details.result.error summary{color:var(--err)}
 .todos{margin:.2em 0;padding-left:1.2em;list-style:none;font-size:.9em}
 .plan{font-size:.9em;margin:.3em 0}
 .diff .add{background:var(--add);display:block}.diff .del{background:var(--del);display:block}
+.diff .ctx{display:block}.diff .gap,.diff .note{display:block;color:var(--muted)}
+.md>:first-child{margin-top:0}.md>:last-child{margin-bottom:0}
+.md p,.md ul,.md ol,.md h1,.md h2,.md h3,.md h4,.md h5,.md h6{margin:.35em 0}.md ul,.md ol{padding-left:1.4em}
+.md h1{font-size:1.25em}.md h2{font-size:1.12em}.md h3,.md h4,.md h5,.md h6{font-size:1em}
+.md code{font:.88em ui-monospace,Menlo,Consolas,monospace;background:var(--tool);padding:0 .2em;border-radius:4px}
+.md pre{background:var(--tool);padding:.4em .6em;border-radius:6px}.md pre code{background:none;padding:0}
+.md hr{border:0;border-top:1px solid var(--line)}
+.tool>details.result{border-top:1px solid var(--line);padding-top:.2em}
+.entry.attached{display:none}
+img.thumb{display:block;max-width:12em;max-height:8em;margin:.25em 0;border:1px solid var(--line);border-radius:6px;cursor:zoom-in}
+img.thumb.big{max-width:100%;max-height:none;cursor:zoom-out}
+body:not(.noise-shown) .entry.noise:not(.fold){display:none}
+body:not(.noise-shown) .entry.noise.fold>*{display:none}
+body:not(.noise-shown) .entry.noise.fold::before{content:attr(data-run)}
 .entry.system,.entry.other,.entry.notice{color:var(--muted);font-size:.85em}
 .entry.notice{color:var(--err)}
 #jump{position:absolute;right:1.2em;bottom:1em;box-shadow:0 2px 8px rgba(0,0,0,.2)}
@@ -4802,7 +5062,7 @@ PAGE_BODY = r'''
 <main>
 <nav aria-label="Sessions"><ul id="session-list"></ul></nav>
 <section aria-label="Conversation">
-<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="earlier" hidden>Load earlier</button></div>
+<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="noise" hidden></button><button id="earlier" hidden>Load earlier</button></div>
 <ol id="entries"></ol>
 <button id="jump" hidden>↓ new entries</button>
 </section>
@@ -4824,7 +5084,10 @@ const state = {
   ...newCursors(),            // seen, next, first: what is known of each file
   lastTime: new Map(),        // path -> time of its latest timed entry (for untimed ones)
   sessions: new Map(),        // session id -> session record
-  toolNames: new Map(),       // tool_use id -> tool name, to label results
+  calls: new Map(),           // tool_use id -> {name, t, box}: box, its card once drawn, gets its result
+  results: new Map(),         // tool_use id -> {b, t, standalone}: a result, for a card drawn after it came
+  tasks: new Map(),           // a Task (or Agent) call's prompt -> its input, to name the sub-agent given it
+  widen: !params.has("since"),  // no window asked for: wider ones until there is a session to show
   types: new Set(),           // entry types seen, for the type filter
   selected: null, agent: null, duplicates: 0, lastEpoch: null,
 };
@@ -4943,6 +5206,8 @@ function forget(path) {
 function live() {
   state.failures = 0;
   setState("live", "● live");
+  // The default window held no session: a wider one, so that the first look shows the latest sessions.
+  if (state.widen && !state.sessions.size && widerWindow(state.window)) setWindow(widerWindow(state.window));
 }
 
 // --- the model --------------------------------------------------------------
@@ -4991,13 +5256,17 @@ function learn(s, e, msg, t) {
   if (e.type === "custom-title" && typeof e.customTitle === "string") s.title = e.customTitle, s.titleRank = 3;
   else if (e.type === "ai-title" && typeof e.aiTitle === "string" && (s.titleRank || 0) <= 2) s.title = e.aiTitle, s.titleRank = 2;
   else if (e.type === "summary" && typeof e.summary === "string" && (s.titleRank || 0) <= 1) s.title = e.summary, s.titleRank = 1;
-  if (e.type === "user" && !msg.agent && !e.isMeta && (!s.prompt || t < s.promptTime)) {
-    const text = promptText(e);   // the first prompt in time, whatever order lines came in
-    if (text) { s.prompt = text; s.promptTime = t; }
-  }
+  const text = titleText(e, msg);   // the first prompt in time, whatever order lines came in
+  if (text && (!s.prompt || t < s.promptTime)) { s.prompt = text; s.promptTime = t; }
   const content = e.message && e.message.content;
   if (Array.isArray(content)) {
-    for (const b of content) if (b && b.type === "tool_use" && typeof b.id === "string") state.toolNames.set(b.id, b.name);
+    for (const b of content) {
+      if (b && b.type === "tool_use" && typeof b.id === "string") state.calls.set(b.id, {name: b.name, t, box: null});
+      if (b && b.type === "tool_result" && typeof b.tool_use_id === "string") state.results.set(b.tool_use_id, {b, t});
+      if (b && (b.name === "Task" || b.name === "Agent") && b.input && typeof b.input.prompt === "string") {
+        state.tasks.set(b.input.prompt.trim(), b.input);
+      }
+    }
   }
   const added = countTokens(s.usage, e, msg);
   s.tokensIn += added.in;
@@ -5051,7 +5320,7 @@ function drawList() {
     if (s.agents.size) {
       const agents = el("ul", "agents");
       for (const [id, a] of s.agents) {
-        const ai = el("li", "agent", "↳ agent " + id + " · " + a.count);
+        const ai = el("li", "agent", "↳ " + agentLabel(s, id) + " · " + a.count);
         ai.dataset.agent = id;
         ai.setAttribute("aria-selected", String(state.selected === s.id && state.agent === id));
         ai.addEventListener("click", (ev) => { ev.stopPropagation(); select(s.id, id); });
@@ -5065,6 +5334,7 @@ function drawList() {
   fillOptions($("project"), projects);
   const current = state.sessions.get(state.selected);
   if (current) $("convo-title").textContent = heading(current);
+  foldNoise(current);
   if (state.selected === null && sessions.length) select(sessions[0].id, null);
 }
 
@@ -5088,7 +5358,23 @@ function haystack(item) {         // what a search looks in: the whole line, low
 }
 
 function heading(s) {
-  return (s.title || s.prompt || s.id) + (state.agent ? " — agent " + state.agent : "");
+  return (s.title || s.prompt || s.id) + (state.agent ? " — " + agentLabel(s, state.agent) : "");
+}
+
+function foldNoise(s) {             // each run of bookkeeping drawn as one quiet line; the toggle says how many
+  let total = 0;
+  for (const [start, count] of s ? noiseRuns(s.entries.map((item) => isNoise(item.e))) : []) {
+    total += count;
+    for (let k = start; k < start + count; k++) {
+      const li = s.entries[k].el;
+      if (!li) continue;
+      li.classList.toggle("fold", k === start);
+      if (k === start) li.dataset.run = count + (count === 1 ? " bookkeeping record" : " bookkeeping records");
+    }
+  }
+  const shown = document.body.classList.contains("noise-shown");
+  $("noise").hidden = total === 0;
+  $("noise").textContent = (shown ? "hide " : "show ") + total + " bookkeeping";
 }
 
 // --- the conversation ---------------------------------------------------------
@@ -5146,7 +5432,7 @@ function render(item) {
   const li = el("li", "entry");
   li.dataset.path = msg.path;
   li.dataset.offset = msg.offset;
-  if (item.agent) li.classList.add("agent");
+  if (isSidechain(e, msg)) li.classList.add("agent");
   const meta = el("div", "meta");
   const when = item.t ? new Date(item.t).toLocaleTimeString() : "";
   if (!e) {
@@ -5158,18 +5444,21 @@ function render(item) {
   }
   const type = typeof e.type === "string" ? e.type : "?";
   li.dataset.type = type;
+  if (isNoise(e)) li.classList.add("noise");
   const content = e.message && e.message.content;
   const command = type === "user" ? commandOf(content) : null;
+  // A sub-agent's prompts come from Claude's Task calls, never from the user.
   const who = type === "assistant" ? "claude" : type !== "user" ? type : isToolResults(content) ? "tool result" :
-    e.isMeta || command ? "meta" : item.agent && !item.agent.startsWith("acompact") && firstOfAgent(item) ? "task" : "you";
+    e.isMeta || command ? "meta" : isSidechain(e, msg) ? "task" : "you";
   meta.append(el("span", "who", who), el("time", null, item.own ? when : ""));
-  if (item.agent) meta.append(el("span", "agent-id", "agent " + item.agent));
+  if (who === "task") meta.append(el("span", "agent-id", agentName(state.tasks.get(plain(content).trim()), item.agent)));
+  else if (isSidechain(e, msg)) meta.append(el("span", "agent-id", item.agent ? "agent " + item.agent : "sub-agent"));
   li.append(meta);
   if (type === "user" && (command || e.isMeta)) {
     li.classList.add("system");
     li.append(el("div", "text", command || clip(plain(content))));
-  } else if (type === "user") { li.classList.add("user"); blocks(li, content); }
-  else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content); }
+  } else if (type === "user") { li.classList.add("user"); blocks(li, content, item); }
+  else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content, item); }
   else if (type === "system") {
     li.classList.add("system");
     li.append(el("div", "text", systemText(e)));
@@ -5183,25 +5472,59 @@ function render(item) {
   return li;
 }
 
-function firstOfAgent(item) {
-  const s = state.sessions.get(item.msg.session || item.msg.path);
-  const a = s && s.agents.get(item.agent);
-  return Boolean(a) && a.first === item;
+function agentLabel(s, id) {         // a sub-agent by the Task call whose prompt its first line is
+  const a = s && s.agents.get(id);
+  const first = a && a.first && a.first.e.message;
+  return agentName(first ? state.tasks.get(plain(first.content).trim()) : null, id);
 }
 
-function blocks(li, content) {
-  if (typeof content === "string") { li.append(el("div", "text", clip(content))); return; }
+function blocks(li, content, item) {
+  const md = item.e.type === "assistant";     // Claude writes Markdown; what people type stays as typed
+  if (typeof content === "string") { li.append(prose(content, md)); return; }
   if (!Array.isArray(content)) return;
   for (const b of content) {
     if (!b || typeof b !== "object") continue;
-    if (b.type === "text") li.append(el("div", "text", clip(b.text || "")));
+    if (b.type === "text") li.append(prose(b.text || "", md));
     else if (b.type === "thinking" || b.type === "redacted_thinking") {
       li.append(collapsed("thinking", "thinking", b.thinking || "(redacted)"));
     } else if (b.type === "tool_use") li.append(toolUse(b));
-    else if (b.type === "tool_result") li.append(toolResult(b));
-    else if (b.type === "image") li.append(el("div", "text", "[image]"));
+    else if (b.type === "tool_result") { const card = toolResult(b, item.own ? item.t : 0); if (card) li.append(card); }
+    else if (b.type === "image") li.append(image(b));
     else li.append(el("div", "text", "[" + b.type + "]"));
   }
+  if (isToolResults(content) && !li.querySelector(".result")) li.classList.add("attached");   // all on their calls' cards
+}
+
+function prose(value, md) {
+  if (!md) return el("div", "text", clip(value));
+  return markdownNodes(markdown(clip(value)), el("div", "text md"));
+}
+
+function markdownNodes(parts, parent) {   // markdown's tree as nodes, by createElement and text nodes alone
+  for (const part of parts) {
+    if (typeof part === "string") { parent.append(document.createTextNode(part)); continue; }
+    if (!MD_TAGS.includes(part.tag)) continue;
+    const node = document.createElement(part.tag);
+    if (part.tag === "a" && /^https?:\/\//i.test(part.href)) {
+      node.href = part.href;
+      node.target = "_blank";       // the live page stays open
+      node.rel = "noopener noreferrer";
+    }
+    if (part.tag === "ol" && Number.isInteger(part.start)) node.start = part.start;
+    parent.append(markdownNodes(part.children, node));
+  }
+  return parent;
+}
+
+function image(b) {                 // a thumbnail from the block's own data (CSP: data: images only); a click enlarges it
+  const source = imageSource(b);
+  if (!source.src) return el("div", "text", source.note);
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "image · " + size(source.bytes);
+  img.src = source.src;
+  img.addEventListener("click", () => img.classList.toggle("big"));
+  return img;
 }
 
 function toolUse(b) {
@@ -5216,15 +5539,9 @@ function toolUse(b) {
   }
   if (typeof input.prompt === "string") box.append(collapsed(null, "prompt · " + size(input.prompt.length), input.prompt));
   const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
+  const str = (v) => typeof v === "string" ? v : "";
   for (const edit of edits) {
-    if (!edit || typeof edit !== "object") continue;
-    const pre = el("pre", "diff");
-    for (const [side, mark] of [["old_string", "- "], ["new_string", "+ "]]) {
-      const lines = clip(typeof edit[side] === "string" ? edit[side] : "").split("\n");
-      for (const l of lines.slice(0, DIFF_LINES)) pre.append(el("span", mark === "- " ? "del" : "add", mark + l));
-      if (lines.length > DIFF_LINES) pre.append(el("span", null, "… " + (lines.length - DIFF_LINES) + " more lines"));
-    }
-    box.append(pre);
+    if (edit && typeof edit === "object") box.append(diffView(lineDiff(str(edit.old_string), str(edit.new_string))));
   }
   if (typeof input.plan === "string") box.append(el("div", "text plan", clip(input.plan)));
   if (Array.isArray(input.todos)) {
@@ -5236,7 +5553,10 @@ function toolUse(b) {
     }
     box.append(list);
   }
-  if (typeof input.content === "string") box.append(collapsed(null, "content · " + size(input.content.length), input.content));
+  if (typeof input.content === "string") {
+    const title = "content · " + size(input.content.length);
+    box.append(b.name === "Write" ? diffView(lineDiff("", input.content), title) : collapsed(null, title, input.content));
+  }
   const known = ["command", "file_path", "path", "pattern", "url", "query", "description", "subagent_type",
     "prompt", "old_string", "new_string", "edits", "content", "plan", "todos"];
   const rest = Object.keys(input).filter((k) => !known.includes(k));
@@ -5245,14 +5565,48 @@ function toolUse(b) {
     for (const k of rest) shown[k] = input[k];
     box.append(collapsed(null, "input", JSON.stringify(shown, null, 1)));
   }
+  const call = state.calls.get(b.id), result = state.results.get(b.id);
+  if (call) call.box = box;
+  if (result && !result.standalone) box.append(resultCard(result.b, result.t, call));
   return box;
 }
 
-function toolResult(b) {
+function diffView(diff, title) {    // removed, added and context lines, the first DIFF_LINES of them; in a <details> if titled
+  const pre = el("pre", "diff");
+  if (diff.note) pre.append(el("span", "note", diff.note));
+  let left = DIFF_LINES;
+  for (const h of diff.hunks) {
+    if (h.oldStart > 1 || h.newStart > 1) pre.append(el("span", "gap", "⋯"));
+    for (const [op, line] of h.lines) {
+      if (left-- > 0) pre.append(el("span", op === "-" ? "del" : op === "+" ? "add" : "ctx", op + " " + clip(line)));
+    }
+  }
+  if (left < 0) pre.append(el("span", "note", "… " + -left + " more lines"));
+  if (!title) return pre;
+  const d = el("details");
+  d.append(el("summary", null, title), pre);
+  return d;
+}
+
+// A result goes on its call's card, collapsed: on the card already drawn, or, if the
+// card is drawn later, by toolUse from state.results; null then, for no card of its own.
+// A result whose call is not known has a card of its own, and keeps it.
+function toolResult(b, t) {
+  const call = state.calls.get(b.tool_use_id);
+  if (!call) {
+    const result = state.results.get(b.tool_use_id);
+    if (result) result.standalone = true;
+    return resultCard(b, t, null);
+  }
+  if (call.box && !call.box.querySelector(":scope > .result")) call.box.append(resultCard(b, t, call));
+  return null;
+}
+
+function resultCard(b, t, call) {
   const text = resultText(b);
-  const name = state.toolNames.get(b.tool_use_id);
-  return collapsed("result" + (b.is_error ? " error" : ""),
-    (name ? name + " " : "") + (b.is_error ? "error · " : "result · ") + size(text.length), text);
+  const d = collapsed("result" + (b.is_error ? " error" : ""), "result · " + resultSummary(b, text, call && call.t, t), text);
+  if (Array.isArray(b.content)) for (const c of b.content) if (c && c.type === "image") d.append(image(c));
+  return d;
 }
 
 function notice(msg, text) {
@@ -5291,6 +5645,14 @@ function loadEarlier() {
   setState("catching", "loading earlier…");
 }
 
+function setWindow(win) {
+  // A wider window is a fresh subscription; what is already shown stays, once.
+  state.window = $("window").value = win;
+  state.lastEpoch = state.epoch;
+  state.epoch = null;
+  reconnectNow();
+}
+
 function start() {
   $("window").value = state.window;
   $("earlier").addEventListener("click", loadEarlier);
@@ -5306,13 +5668,8 @@ function start() {
     if (follow) $("entries").scrollTop = $("entries").scrollHeight;
   });
   $("project").addEventListener("change", scheduleList);
-  $("window").addEventListener("change", () => {
-    // A wider window is a fresh subscription; what is already shown stays, once.
-    state.window = $("window").value;
-    state.lastEpoch = state.epoch;
-    state.epoch = null;
-    reconnectNow();
-  });
+  $("window").addEventListener("change", () => { state.widen = false; setWindow($("window").value); });
+  $("noise").addEventListener("click", () => { document.body.classList.toggle("noise-shown"); scheduleList(); });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on
   connect();
 }
@@ -5330,7 +5687,7 @@ def _csp_hash(text: str) -> str:
     return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
-PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src 'none'; "
+PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src data:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
             % (_csp_hash(PAGE_SCRIPT), _csp_hash(PAGE_STYLE)))
 _SAFE_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")

@@ -38,7 +38,7 @@ import tempfile
 import termios
 import time
 import unittest
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 from urllib.request import urlopen
 
@@ -2373,6 +2373,7 @@ class PageTests(ProjectTreeTestCase):
         csp = headers["Content-Security-Policy"]
         self.assertIn("default-src 'none'", csp)
         self.assertNotIn("unsafe", csp)
+        self.assertIn("img-src data:;", csp)                        # a transcript's own images, nothing fetched
         script = re.search(rb"<script>(.*)</script>", body, re.S).group(1)
         digest = base64.b64encode(hashlib.sha256(script).digest()).decode()
         self.assertIn("script-src 'sha256-%s'" % digest, csp)      # this script, and no other
@@ -2462,15 +2463,108 @@ class PageTests(ProjectTreeTestCase):
         append(path, json.dumps({"type": payloads[0], "sessionId": "s1"}) + "\n")
         append(path, entry_line(3, "s1", kind="assistant", message={"role": "assistant", "content": [
             {"type": "tool_use", "id": "t2", "name": "MultiEdit", "input": {"edits": [None, 7]}}]}))
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries")
+        # Claude's text is Markdown: its links, emphasis and code make nodes, never HTML or a script.
+        markdown = ("[x](javascript:window.pwned=4) [y](JAVASCRIPT:window.pwned=5) [z](data:text/html,hi)\n\n"
+                    "**<script>window.pwned = 6</script>** *<img src=x onerror=\"window.pwned = 7\">*\n\n"
+                    "- [ok](https://example.com/?q=\"onclick=window.pwned=8) `<svg onload=window.pwned=9>`\n\n"
+                    "```\n</pre><img src=x onerror=window.pwned=10>\n```")
+        append(path, entry_line(4, "s1", kind="assistant", message={"role": "assistant", "content": [
+            {"type": "text", "text": markdown}]}))
+        # Images: data: URLs of four raster types alone; an SVG (which can hold script) is a note.
+        append(path, entry_line(5, "s1", message={"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/svg+xml",
+                                         "data": base64.b64encode(b"<svg onload='window.pwned=11'/>").decode()}},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA\"><script>"}}]}))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 6", "the six entries")
         browser.js("document.querySelector('li.session').click()")         # drawn again from scratch
-        browser.wait("document.querySelectorAll('#entries li.entry').length === 4", "the four entries again")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 6", "the six entries again")
         text = browser.js("document.getElementById('entries').textContent")
         for payload in payloads:
             self.assertIn(payload, text)                    # shown, literally
+        for shown in ("x (javascript:window.pwned=4)", "y (JAVASCRIPT:window.pwned=5)", "<script>window.pwned = 6</script>",
+                      "<svg onload=window.pwned=9>", "</pre><img src=x onerror=window.pwned=10>",
+                      "[image: image/svg+xml, not shown]", "[image: not base64]"):
+            self.assertIn(shown, text)
         self.assertIsNone(browser.js("window.pwned === undefined ? null : window.pwned"))
         self.assertEqual(browser.js("document.querySelectorAll('#entries script, #entries img, "
-                                    "#entries svg').length"), 0)
+                                    "#entries svg, #entries iframe').length"), 0)
+        self.assertEqual(browser.js("[...document.querySelectorAll('#entries *')].flatMap(e => [...e.attributes])"
+                                    ".map(a => a.name).filter(n => n.startsWith('on'))"), [])
+        self.assertEqual(browser.js("[...document.querySelectorAll('#entries a')].map(a => [a.protocol, a.rel])"),
+                         [["https:", "noopener noreferrer"]])
+
+    def test_markdown_diffs_results_on_their_calls_images_bookkeeping_and_sub_agents(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "")
+        server = self.server()
+        browser = self.live_page(server)
+        png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+        lines = [
+            entry_line(0, "s1", message={"role": "user", "content": "add an import"}),
+            entry_line(1, "s1", kind="assistant", timestamp="2026-01-02T03:04:05.000Z", message={
+                "role": "assistant", "content": [
+                    {"type": "text", "text": "## Plan\n\n1. **read** it\n2. edit `a.py`"},
+                    {"type": "tool_use", "id": "e1", "name": "Edit", "input": {"file_path": "/p/a.py",
+                     "old_string": "import os\nimport sys\n\ndef f():\n    pass",
+                     "new_string": "import os\nimport re\nimport sys\n\ndef f():\n    pass"}},
+                    {"type": "tool_use", "id": "k1", "name": "Task", "input": {
+                        "description": "Explore the code", "subagent_type": "Explore", "prompt": "Look around"}}]}),
+            json.dumps({"type": "progress", "sessionId": "s1"}) + "\n",
+            json.dumps({"type": "file-history-snapshot", "sessionId": "s1"}) + "\n",
+            # the two results, the later call's first, as parallel calls may answer
+            entry_line(2, "s1", timestamp="2026-01-02T03:04:07.500Z", message={"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "k1", "content": [
+                    {"type": "text", "text": "\x1b[32mfound\x1b[0m it"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]},
+                {"type": "tool_result", "tool_use_id": "e1", "is_error": True, "content": "File changed"}]}),
+            # 1.0.x: a sub-agent's lines in the main file, its prompt the Task call's
+            entry_line(3, "s1", isSidechain=True, message={"role": "user", "content": "Look around"}),
+            entry_line(4, "s1", kind="assistant", isSidechain=True, message={"role": "assistant", "content": "Done."}),
+        ]
+        append(path, "".join(lines))
+        browser.wait("document.querySelectorAll('#entries li.entry').length === %d" % len(lines), "every entry")
+        js = browser.js
+        self.assertEqual(js("document.querySelector('#entries .md h2').textContent"), "Plan")
+        self.assertEqual(js("[...document.querySelectorAll('#entries .md ol li')].map(l => l.innerHTML)"),
+                         ["<strong>read</strong> it", "edit <code>a.py</code>"])
+        self.assertEqual(js("[...document.querySelectorAll('#entries pre.diff span')].map(s => s.className + s.textContent)"),
+                         ["ctx  import os", "add+ import re", "ctx  import sys", "ctx  ", "ctx  def f():"])
+        # Each result on its call's card, collapsed, with its outcome, size and time; no card of its own.
+        self.assertEqual(js("[...document.querySelectorAll('.tool > details.result > summary')].map(s => s.textContent)"),
+                         ["result · error · 12 B · 2.5 s · File changed", "result · ok · 16 B · 2.5 s · found it"])
+        self.assertTrue(js("[...document.querySelectorAll('#entries details')].every(d => !d.open)"))
+        self.assertEqual(js("getComputedStyle(document.querySelector('li.entry.attached')).display"), "none")
+        img = "document.querySelector('.tool details.result img.thumb')"
+        self.assertTrue(js(img + ".src.startsWith('data:image/png;base64,')"))
+        js("document.querySelector('.tool details.result').open = true")
+        browser.wait(img + ".complete && %s.naturalWidth === 1" % img, "the thumbnail, from its data")
+        js(img + ".click()")
+        self.assertTrue(js(img + ".classList.contains('big')"))
+        # Two bookkeeping records in a row: one quiet line, until the header's toggle shows them.
+        noise = "[...document.querySelectorAll('li.entry.noise')].map(l => getComputedStyle(l).display)"
+        browser.wait("document.getElementById('noise').textContent === 'show 2 bookkeeping'", "the toggle")
+        self.assertEqual(js("document.querySelector('li.noise.fold').dataset.run"), "2 bookkeeping records")
+        self.assertEqual(js(noise)[1], "none")
+        js("document.getElementById('noise').click()")
+        self.assertNotIn("none", js(noise))
+        browser.wait("document.getElementById('noise').textContent === 'hide 2 bookkeeping'", "the toggle's new name")
+        # The sub-agent's lines: sub-agent work named by its task, never "you", never the title.
+        self.assertEqual(js("[...document.querySelectorAll('li.entry.agent .meta')].map(m => "
+                            "m.querySelector('.who').textContent + ': ' + m.querySelector('.agent-id').textContent)"),
+                         ["task: Explore the code · Explore", "claude: sub-agent"])
+        browser.wait("document.getElementById('convo-title').textContent === 'add an import'", "the user's prompt as title")
+
+    def test_the_first_look_shows_the_latest_sessions_whatever_their_age(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        old = datetime.now(timezone.utc) - timedelta(days=3)
+        append(path, entry_line(0, "s1", timestamp=old.isoformat()))
+        os.utime(path, (old.timestamp(), old.timestamp()))
+        server = self.server()
+        browser = Chromium(self)
+        browser.open("http://127.0.0.1:%d/?token=%s" % (server.port, self.token))    # no window asked for
+        browser.wait("document.querySelectorAll('li.session').length === 1", "the three-day-old session")
+        browser.wait("document.getElementById('convo-title').textContent === 'line 0'", "it shown")
+        self.assertEqual(browser.js("document.getElementById('window').value"), "7d")   # 1h, 1d: nothing
 
     def test_it_resumes_after_a_server_restart_without_showing_anything_twice(self):
         path = os.path.join(self.project, "s1.jsonl")
@@ -2762,6 +2856,181 @@ test("rendering helpers", () => {
   const at = (path, offset, t) => ({path, offset, t});
   assert.equal(lib.before(at(MAIN, 10, 9), at(MAIN, 20, 1)), true);      // a file keeps its order ...
   assert.equal(lib.before(at(AGENT, 10, 9), at(MAIN, 20, 1)), false);    // ... files interleave by time
+});
+
+test("ANSI codes: hook and tool output as plain text", () => {
+  assert.equal(lib.stripAnsi("\x1b[1;31merror\x1b[0m: \x1b[2Kdone"), "error: done");
+  assert.equal(lib.stripAnsi("\x1b]0;title\x07ok \x1b]8;;https://e.com\x1b\\link\x1b]8;;\x1b\\"), "ok link");
+  assert.equal(lib.stripAnsi("a\x1bb\x1b"), "ab");                   // lone escapes go too
+  assert.equal(lib.stripAnsi("plain [31m text"), "plain [31m text");
+  assert.equal(lib.plain([{type: "text", text: "\x1b[32m✓\x1b[0m hook ran"}]), "✓ hook ran");
+  assert.equal(lib.systemText({subtype: "informational", content: "\x1b[33mwarn\x1b[39m"}), "informational: warn");
+  assert.equal(lib.resultText({content: "\x1b[31mFAIL\x1b[0m"}), "FAIL");
+});
+
+// Every node of a Markdown tree: a string, or an allowed tag whose only attributes
+// are an http(s) href on an <a> and a whole-number start on an <ol>.
+function assertSafe(parts) {
+  for (const part of parts) {
+    if (typeof part === "string") continue;
+    assert.ok(lib.MD_TAGS.includes(part.tag), part.tag);
+    for (const key of Object.keys(part)) {
+      assert.ok(["tag", "children"].includes(key) || (key === "href" && part.tag === "a") ||
+                (key === "start" && part.tag === "ol"), key + " on " + part.tag);
+    }
+    if (part.tag === "a") assert.match(part.href, /^https?:\/\//i);
+    if (part.tag === "ol" && "start" in part) assert.ok(Number.isInteger(part.start));
+    assertSafe(part.children);
+  }
+}
+const textOf = (parts) => parts.map((p) => typeof p === "string" ? p : textOf(p.children)).join("");
+
+test("Markdown: headings, emphasis, code, links and lists as a small tree", () => {
+  const md = lib.markdown;
+  assert.deepEqual(md("## Plan"), [{tag: "h2", children: ["Plan"]}]);
+  assert.deepEqual(md("**bold**, *it*, __b__, _i_ and `a * b`"), [{tag: "p", children: [
+    {tag: "strong", children: ["bold"]}, ", ", {tag: "em", children: ["it"]}, ", ", {tag: "strong", children: ["b"]},
+    ", ", {tag: "em", children: ["i"]}, " and ", {tag: "code", children: ["a * b"]}]}]);
+  assert.deepEqual(md("**see `x`**"), [{tag: "p", children: [{tag: "strong", children: ["see ", {tag: "code", children: ["x"]}]}]}]);
+  assert.deepEqual(md("snake_case_name, 2 * 3 * 4 and a*b"), [{tag: "p", children: ["snake_case_name, 2 * 3 * 4 and a*b"]}]);
+  assert.deepEqual(md("one\ntwo\n\nthree"), [{tag: "p", children: ["one\ntwo"]}, {tag: "p", children: ["three"]}]);
+  assert.deepEqual(md("[docs](https://example.com/a?b=1)"), [{tag: "p", children: [
+    {tag: "a", href: "https://example.com/a?b=1", children: ["docs"]}]}]);
+  assert.deepEqual(md("- a\n- b\n  - b1\n  - b2\n* c\n\n1. one\n\n2. two\n   more of two"), [
+    {tag: "ul", children: [{tag: "li", children: ["a"]},
+      {tag: "li", children: ["b", {tag: "ul", children: [{tag: "li", children: ["b1"]}, {tag: "li", children: ["b2"]}]}]},
+      {tag: "li", children: ["c"]}]},
+    {tag: "ol", children: [{tag: "li", children: ["one"]}, {tag: "li", children: ["two", "\n", "more of two"]}]}]);
+  assert.deepEqual(md("3. third\n4. fourth"), [{tag: "ol", start: 3, children: [
+    {tag: "li", children: ["third"]}, {tag: "li", children: ["fourth"]}]}]);
+  assert.deepEqual(md("Run:\n\n```bash\nnpm test -- **x**\n\n  <b>\n```\nafter"), [
+    {tag: "p", children: ["Run:"]}, {tag: "pre", children: [{tag: "code", children: ["npm test -- **x**\n\n  <b>"]}]},
+    {tag: "p", children: ["after"]}]);
+  assert.deepEqual(md("   ```\n   indented\n   ```"), [{tag: "pre", children: [{tag: "code", children: ["indented"]}]}]);
+  assert.deepEqual(md("```\nnever closed"), [{tag: "pre", children: [{tag: "code", children: ["never closed"]}]}]);
+  assert.deepEqual(md("a\n\n---\n\nb"), [{tag: "p", children: ["a"]}, {tag: "hr", children: []}, {tag: "p", children: ["b"]}]);
+  assert.deepEqual(md(""), []);
+});
+
+test("Markdown: what would be HTML or a script is text, and only http(s) links are links", () => {
+  const md = lib.markdown;
+  const hostile = ["[x](javascript:alert(1))", "[x](javascript:alert)", "[x](JaVaScRiPt:alert)", "[x](data:text/html,hi)",
+    "[x](vbscript:msgbox)", "[x](//evil.example/)", "[x](/relative)", "<img src=x onerror=alert(1)>", "**<script>alert(1)</script>**",
+    "*<svg onload=alert(1)>*", "# <iframe src=javascript:alert(1)>", "- [a](javascript:alert(1)) `<b>`",
+    "[**x**](https://ok.example/\" onclick=\"alert(1))", "<a href=\"javascript:alert(1)\">x</a>",
+    "```\n</pre><script>alert(1)</script>\n```", "[a](https://e.com)[b](ftp://e.com)"];
+  for (const text of hostile) {
+    const tree = md(text);
+    assertSafe(tree);
+    assert.ok(!/<\/?\w/.test(JSON.stringify(tree.map((p) => typeof p === "string" ? "" : p.tag))), text);
+  }
+  assert.deepEqual(md("[x](javascript:alert)"), [{tag: "p", children: ["x (javascript:alert)"]}]);
+  assert.deepEqual(md("[x](JaVaScRiPt:alert)"), [{tag: "p", children: ["x (JaVaScRiPt:alert)"]}]);
+  assert.deepEqual(md("**<script>alert(1)</script>**"), [{tag: "p", children: [{tag: "strong", children: ["<script>alert(1)</script>"]}]}]);
+  assert.equal(textOf(md("<img src=x onerror=alert(1)>")), "<img src=x onerror=alert(1)>");
+  assert.equal(textOf(md("[x](javascript:alert(1))")), "[x](javascript:alert(1))");
+  assert.deepEqual(md("[a](https://e.com)[b](ftp://e.com)")[0].children, [{tag: "a", href: "https://e.com", children: ["a"]}, "b (ftp://e.com)"]);
+  // Unmatched markers cost a bounded scan from each: a hostile line is still quick.
+  const started = Date.now();
+  md("*a ".repeat(7000) + "\n" + "`".repeat(20000) + "\n" + "[a".repeat(7000) + "\n" + "**a".repeat(7000));
+  assert.ok(Date.now() - started < 1000);
+});
+
+test("line diffs: hunks with 3 lines of context, and a plain block for inputs too big to compare", () => {
+  const before = "import os\nimport sys\n\ndef main():\n    print(1)\n    print(2)\n    return 0\n";
+  const after = "import os\nimport re\nimport sys\n\ndef main():\n    print(1)\n    print(2)\n    return 0\n";
+  assert.deepEqual(lib.lineDiff(before, after), {note: "", hunks: [{oldStart: 1, oldLines: 4, newStart: 1, newLines: 5,
+    lines: [[" ", "import os"], ["+", "import re"], [" ", "import sys"], [" ", ""], [" ", "def main():"]]}]});
+  const lines = Array.from({length: 20}, (_, i) => "line " + i);
+  const changed = lines.map((l, i) => i === 2 ? "LINE 2" : i === 15 ? "LINE 15" : l);
+  const {hunks} = lib.lineDiff(lines.join("\n"), changed.join("\n"));
+  assert.deepEqual(hunks.map((h) => [h.oldStart, h.oldLines, h.newStart, h.newLines]), [[1, 6, 1, 6], [13, 7, 13, 7]]);
+  assert.deepEqual(hunks[0].lines.slice(1, 5), [[" ", "line 1"], ["-", "line 2"], ["+", "LINE 2"], [" ", "line 3"]]);
+  const near = lines.map((l, i) => i === 2 || i === 8 ? "x" : l);      // 5 unchanged lines apart: one hunk
+  assert.equal(lib.lineDiff(lines.join("\n"), near.join("\n")).hunks.length, 1);
+  assert.deepEqual(lib.lineDiff("", "a\nb").hunks, [{oldStart: 1, oldLines: 0, newStart: 1, newLines: 2,
+                                                      lines: [["+", "a"], ["+", "b"]]}]);
+  assert.deepEqual(lib.lineDiff("a\nb\nc", "a\nc").hunks[0].lines, [[" ", "a"], ["-", "b"], [" ", "c"]]);
+  assert.deepEqual(lib.lineDiff("same", "same"), {hunks: [], note: ""});
+  assert.deepEqual(lib.lineDiff("a\nb", "a\nb", 0).hunks, []);
+  // 2,001 x 2,001 different lines in the middle is over 4e6 cells: all removed, then all added, with a note.
+  const big = (p) => ["head", ...Array.from({length: 2001}, (_, i) => p + i), "tail"].join("\n");
+  const started = Date.now();
+  const huge = lib.lineDiff(big("old "), big("new "));
+  assert.ok(Date.now() - started < 1000);
+  assert.equal(huge.note, "too large to compare line by line: 2001 lines removed, 2001 added");
+  assert.equal(huge.hunks.length, 1);
+  assert.deepEqual(huge.hunks[0].lines.slice(0, 2), [[" ", "head"], ["-", "old 0"]]);
+  assert.deepEqual(huge.hunks[0].lines[2002], ["+", "new 0"]);
+  // A small edit to a huge text is its head and tail matched first: cheap and exact.
+  const long = Array.from({length: 100000}, (_, i) => "l" + i);
+  const edited = long.slice();
+  edited[50000] = "edited";
+  const small = lib.lineDiff(long.join("\n"), edited.join("\n"));
+  assert.equal(small.note, "");
+  assert.deepEqual(small.hunks.map((h) => [h.oldStart, h.lines.length]), [[49998, 8]]);
+});
+
+test("tool results: ok or error, size, time taken, first line; images as data: URLs of four types", () => {
+  assert.deepEqual([250, 2500, 61000, 3725000].map(lib.duration), ["250 ms", "2.5 s", "1 min 1 s", "62 min 5 s"]);
+  const t = Date.UTC(2026, 0, 2, 3, 4, 5);
+  assert.equal(lib.resultSummary({}, "\n  total 8\nmore", t, t + 1250), "ok · 15 B · 1.3 s · total 8");
+  assert.equal(lib.resultSummary({is_error: true}, "Exit code 1", t, 0), "error · 11 B · Exit code 1");
+  assert.equal(lib.resultSummary({}, "", t, t - 5), "ok · 0 B");              // a result before its call: no time
+  assert.equal(lib.resultSummary({}, "y".repeat(200), 0, t).split(" · ")[2], "y".repeat(79) + "…");
+  const png = {type: "image", source: {type: "base64", media_type: "image/png", data: "iVBORw0KGgo="}};
+  assert.deepEqual(lib.imageSource(png), {src: "data:image/png;base64,iVBORw0KGgo=", bytes: 9});
+  for (const media of ["image/jpeg", "image/gif", "image/webp", "IMAGE/PNG"]) {
+    assert.ok(lib.imageSource({source: {type: "base64", media_type: media, data: "AAAA"}}).src.startsWith("data:image/"));
+  }
+  const note = (source) => lib.imageSource({type: "image", source}).note;
+  assert.equal(note({type: "base64", media_type: "image/svg+xml", data: "PHN2Zz4="}), "[image: image/svg+xml, not shown]");
+  assert.equal(note({type: "base64", media_type: "text/html", data: "AAAA"}), "[image: text/html, not shown]");
+  assert.equal(note({type: "base64", media_type: "image/png", data: "AA\"><script>"}), "[image: not base64]");
+  assert.equal(note({type: "base64", media_type: "image/png;x", data: "AAAA"}), "[image: image/png;x, not shown]");
+  assert.equal(note({type: "url", url: "https://e.com/x.png"}), "[image: no inline data]");
+  assert.equal(note({type: "base64", media_type: "image/png", data: "A".repeat(7 * 1048576)}), "[image: 5.3 MB, over 5.0 MB, not shown]");
+  assert.equal(lib.imageSource(null).note, "[image: no inline data]");
+});
+
+test("bookkeeping: which records are noise, and their runs", () => {
+  for (const type of ["api-request", "api-request-blob", "api-request-shape", "atis-latch", "tools-used", "cost-state",
+                      "attachment", "file-history-snapshot", "permission-mode", "mode", "last-prompt", "queue-operation",
+                      "progress"]) assert.equal(lib.isNoise({type}), true, type);
+  for (const type of ["user", "assistant", "system", "summary", "custom-title", "ai-title", "agent-name", "pr-link", undefined]) {
+    assert.equal(lib.isNoise({type}), false, String(type));
+  }
+  assert.equal(lib.isNoise(null), false);                        // a malformed line or a gap
+  assert.deepEqual(lib.noiseRuns([]), []);
+  assert.deepEqual(lib.noiseRuns([true, true, false, true, false, false, true, true, true]), [[0, 2], [3, 1], [6, 3]]);
+  assert.deepEqual(lib.noiseRuns([false, false]), []);
+});
+
+test("sub-agents: named by their Task call, sidechains never the user's, titles from the user's own prompts", () => {
+  assert.equal(lib.agentName({description: "Explore codebase structure", subagent_type: "Explore", prompt: "…"}, "a2271d1"),
+               "Explore codebase structure · Explore");
+  assert.equal(lib.agentName({subagent_type: "general-purpose"}, "a1"), "general-purpose");
+  assert.equal(lib.agentName({description: "  "}, "a1"), "agent a1");
+  assert.equal(lib.agentName(undefined, "a1"), "agent a1");
+  assert.equal(lib.agentName(null, "acompact-e1f845"), "compaction");
+  assert.equal(lib.agentName(null, null), "sub-agent");
+  assert.equal(lib.isSidechain({type: "user"}, {agent: "a1"}), true);                     // 2.1.x: its own file
+  assert.equal(lib.isSidechain({type: "user", isSidechain: true}, {agent: null}), true);  // 1.0.x: in the main file
+  assert.equal(lib.isSidechain({type: "user", isSidechain: false}, {}), false);
+  assert.equal(lib.isSidechain(null, {}), false);
+  const user = (content, extra) => Object.assign({type: "user", message: {role: "user", content}}, extra);
+  assert.equal(lib.titleText(user("fix the flaky test"), {}), "fix the flaky test");
+  assert.equal(lib.titleText(user("Create React components", {isSidechain: true}), {}), "");
+  assert.equal(lib.titleText(user("Give me an overview"), {agent: "a2271d1"}), "");
+  assert.equal(lib.titleText(user("Caveat: the messages below", {isMeta: true}), {}), "");
+  assert.equal(lib.titleText(user("<command-name>/clear</command-name>"), {}), "");
+  assert.equal(lib.titleText(user([{type: "tool_result", tool_use_id: "t", content: "ok"}]), {}), "");
+  assert.equal(lib.titleText({type: "assistant", message: {content: "hi"}}, {}), "");
+});
+
+test("the first look: a wider window while the last held no session, up to everything", () => {
+  assert.deepEqual(["live", "10m", "1h", "1d", "7d", "all"].map(lib.widerWindow), ["10m", "1h", "1d", "7d", "all", null]);
+  assert.equal(lib.widerWindow("2026-01-02"), null);           // a time the user gave is theirs
 });
 '''
 
