@@ -3407,6 +3407,16 @@ def iso_now(wall: Callable[[], float]) -> str:
 
 _TIMESTAMP_BYTES_RE = re.compile(rb'"timestamp"\s*:\s*"([0-9T:.+\-Z ]+)"')
 
+# Claude Code's bookkeeping: records for itself (request shapes, caches, snapshots,
+# the prompt to offer on resume), a third of a 2.1.x session's lines. The readable
+# client asks the server to leave them out unless --all (or --type names one); the
+# page folds them, with the settings.
+BOOKKEEPING_TYPES = ("api-request", "api-request-blob", "api-request-shape", "atis-latch",
+                     "tools-used", "cost-state", "attachment", "file-history-snapshot",
+                     "last-prompt", "progress")
+# Kinds that state a setting again and again (the terminal shows a change only).
+SETTING_TYPES = ("mode", "permission-mode", "agent-setting")
+
 
 def entry_fields(obj: Dict[str, Any], rec: FileRecord) -> Tuple[Optional[str], Optional[str], str,
                                                                  Optional[str], str]:
@@ -4511,12 +4521,19 @@ class StreamServer:
 # allows exactly this script and this style (by hash), connections back here, and
 # images from data: URLs alone (a transcript's own screenshots; nothing fetched).
 
+# Lines of one session the page holds. Past it the oldest go (the newest, while
+# reading earlier ones) and come back from the server when scrolled to, by the
+# cursors of "Load earlier": the page's memory is bounded by the number of
+# sessions times this many lines, whatever their files' length.
+PAGE_ENTRIES_KEPT = 5000
+
 # What the page must agree on with the server and the Python client, taken from
 # their constants so there is one of each: the reconnect backoff, the close
 # codes it explains, and parse_since's grammar for ?since= (its patterns, which
 # mean the same in JavaScript, its units, and datetime's range). Times are in
 # milliseconds, as the page's clock counts.
 PAGE_CONSTANTS = {
+    "PAGE_ENTRIES_KEPT": PAGE_ENTRIES_KEPT,
     "RECONNECT_MIN": round(RECONNECT_MIN * 1000),
     "RECONNECT_MAX": round(RECONNECT_MAX * 1000),
     "CLOSE_GOING_AWAY": int(CloseCode.GOING_AWAY),
@@ -4527,6 +4544,7 @@ PAGE_CONSTANTS = {
     "TIMESTAMP_PATTERN": _TIMESTAMP_RE.pattern,
     "EARLIEST_TIME": EARLIEST_EPOCH * 1000,
     "YEARS": [datetime.min.year, datetime.max.year],
+    "NOISE_TYPES": list(BOOKKEEPING_TYPES) + ["mode", "permission-mode", "queue-operation"],
 }
 
 PAGE_LIB = ('"use strict";\n'
@@ -4930,13 +4948,12 @@ function imageSource(b) {           // {src, bytes}: an image block as a data: U
 
 // --- bookkeeping ------------------------------------------------------------------
 
-// The readable client's BOOKKEEPING_TYPES, and the settings Claude Code writes again and again.
-const NOISE_TYPES = new Set(["api-request", "api-request-blob", "api-request-shape", "atis-latch", "tools-used",
-  "cost-state", "attachment", "file-history-snapshot", "permission-mode", "mode", "last-prompt",
-  "queue-operation", "progress"]);
+// NOISE_TYPES: the readable client's BOOKKEEPING_TYPES, the modes written again every
+// turn, and queued prompts (the prompt itself follows as a user entry).
+const NOISE = new Set(NOISE_TYPES);
 
 function isNoise(e) {
-  return Boolean(e) && NOISE_TYPES.has(e.type);
+  return Boolean(e) && NOISE.has(e.type);
 }
 
 function noiseRuns(flags) {         // [start, length] of each run of consecutive true flags
@@ -4973,12 +4990,30 @@ function widerWindow(win) {         // the next history window when one held no 
   return i >= 0 && i < steps.length - 1 ? steps[i + 1] : null;
 }
 
+// --- the window: which entries of a long list are in the DOM -------------------
+
+function windowRange(heights, top, viewport, least) {   // indexes [lo, hi) to draw
+  // The entries that meet a viewport's height above the visible part (at scroll
+  // position top), the visible part and a viewport below, and at least `least`
+  // of them (around the visible ones) so that short lists are drawn whole.
+  const n = heights.length;
+  let lo = 0, y = 0;
+  while (lo < n && y + heights[lo] <= top - viewport) y += heights[lo++];
+  let hi = lo;
+  while (hi < n && y < top + 2 * viewport) y += heights[hi++];
+  while (hi - lo < least && (lo > 0 || hi < n)) {
+    if (lo > 0) lo -= 1;
+    if (hi < n && hi - lo < least) hi += 1;
+  }
+  return {lo, hi};
+}
+
 if (typeof module !== "undefined") {
   module.exports = {reconnectDelay, closeReason, parseDuration, parseTime,
     absoluteSince, newCursors, trackLine, forgetFile, resumeCursors, earlierCursors, hasEarlier, countTokens,
     before, projectName, compact, size, ago, clip, plain, promptText, commandOf, systemText, isToolResults,
     resultText, stripAnsi, markdown, MD_TAGS, lineDiff, duration, resultSummary, imageSource, isNoise, noiseRuns,
-    isSidechain, agentName, titleText, widerWindow};
+    isSidechain, agentName, titleText, widerWindow, windowRange};
 }
 ''')
 
@@ -5011,7 +5046,9 @@ section{flex:1;display:flex;flex-direction:column;min-width:0;min-height:0;posit
 #convo-head{display:flex;gap:.6em;align-items:center;padding:.4em .8em;border-bottom:1px solid var(--line)}
 #convo-head h2{font-size:1em;margin:0;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;flex:1}
 button{font:inherit;font-size:.85em;padding:.2em .6em;border:1px solid var(--line);border-radius:6px;background:var(--panel);color:var(--fg);cursor:pointer}
-#entries{list-style:none;margin:0;padding:.6em .8em 3em;overflow:auto;flex:1}
+#entries{list-style:none;margin:0;padding:.6em .8em 3em;overflow:auto;flex:1;position:relative;overflow-anchor:none}
+#entries .spacer{margin:0;padding:0}
+button.more{margin-left:.5em;font-size:.8em}
 .empty{color:var(--muted);padding:2em;text-align:center}
 .entry{margin:0 0 .7em;max-width:60em}
 .entry.agent{margin-left:1.2em;padding-left:.7em;border-left:3px solid var(--line)}
@@ -5090,6 +5127,10 @@ const state = {
   widen: !params.has("since"),  // no window asked for: wider ones until there is a session to show
   types: new Set(),           // entry types seen, for the type filter
   selected: null, agent: null, duplicates: 0, lastEpoch: null,
+  connections: 0,             // sockets opened: more than one, the server dropped the page (or restarted)
+  fetching: false,            // a "load earlier" replay is on its way, until the server says live
+  chosen: false,              // a session was clicked
+  settled: false,             // the first history is in: the selection stays where it is
 };
 window.claudeStream = state;  // for tests and the curious: read-only by convention
 
@@ -5106,6 +5147,7 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
   const ws = new WebSocket(scheme + location.host + "/?hold=1&token=" + encodeURIComponent(token));
   state.ws = ws;
+  state.connections += 1;
   setState("connecting", state.resuming || state.epoch ? "reconnecting…" : "connecting…");
   let opened = false;
   ws.onopen = () => { opened = true; };
@@ -5195,19 +5237,23 @@ function forget(path) {
     if (!s.paths.has(path)) continue;
     for (const item of s.entries) {
       if (item.path !== path) continue;
-      if (item.el) item.el.remove();
       const a = item.agent && s.agents.get(item.agent);
       if (a) a.count -= 1;
     }
     s.entries = s.entries.filter((item) => item.path !== path);
+    s.laterFrom.delete(path);
+    if (s.id === state.selected) changed();
   }
 }
 
 function live() {
   state.failures = 0;
+  state.fetching = false;
+  if (!state.settled) { drawList(); state.settled = true; }   // its last choice, with every line in
   setState("live", "● live");
   // The default window held no session: a wider one, so that the first look shows the latest sessions.
   if (state.widen && !state.sessions.size && widerWindow(state.window)) setWindow(widerWindow(state.window));
+  scheduleView();                 // still at the top of what is held: the next part of a long session
 }
 
 // --- the model --------------------------------------------------------------
@@ -5218,7 +5264,9 @@ function sessionFor(msg) {
   if (!s) {
     s = {id, project: msg.project || "", cwd: "", title: "", prompt: "", last: 0, entries: [],
          paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usage: new Map(),
-         promptTime: Infinity};
+         promptTime: Infinity,
+         trimmed: false,        // lines were dropped from its start: scrolling up fetches them again
+         laterFrom: new Map()}; // path -> offset of its first line dropped from the end
     state.sessions.set(id, s);
   }
   return s;
@@ -5239,16 +5287,53 @@ function line(msg) {
   if (item.agent) {
     const a = s.agents.get(item.agent) || {count: 0, last: 0, first: null};
     a.count += 1; a.last = Math.max(a.last, t);
-    if (e && e.type === "user" && (!a.first || item.t < a.first.t)) a.first = item;   // its task
+    // its task, by place: the line may be dropped and fetched again as another item
+    if (e && e.type === "user" && (!a.first || item.t < a.first.t)) {
+      // Its first prompt, kept as text: the item itself may go (the page keeps a bounded number).
+      a.first = {t: item.t, path: item.path, offset: item.offset,
+                 prompt: e.message ? plain(e.message.content).trim() : ""};
+    }
     s.agents.set(item.agent, a);
   }
+  s.last = Math.max(s.last, t);
+  scheduleList();
   // Insert in time order (file order within a file): appends are the common case.
   let i = s.entries.length;
   while (i > 0 && before(item, s.entries[i - 1])) i -= 1;
+  const selected = state.selected === s.id;
+  if (i === s.entries.length && s.laterFrom.size) {   // after a gap in what is held: fetched with the gap
+    drop(s, item, false);
+    return;
+  }
   s.entries.splice(i, 0, item);
-  s.last = Math.max(s.last, t);
-  scheduleList();
-  if (state.selected === s.id) show(s, item, i);
+  const oldest = s.entries[0];
+  bound(s);
+  if (!selected) return;
+  if (view.stale || item !== s.entries[s.entries.length - 1]) changed();
+  else if (passes(item, filters())) {        // an append: the common case, no need to filter all again
+    if (oldest !== s.entries[0] && view.items[0] === oldest) view.items.shift();
+    else if (oldest !== s.entries[0]) view.stale = true;
+    view.items.push(item);
+    scheduleView();
+  } else if (oldest !== s.entries[0]) changed();
+}
+
+function bound(s) {               // at most PAGE_ENTRIES_KEPT lines of a session: the oldest go
+  while (s.entries.length > PAGE_ENTRIES_KEPT) drop(s, s.entries.shift(), true);
+}
+
+function drop(s, item, earlier) {
+  // Its cursor stays; it is no longer seen, so the server's next copy of it is
+  // taken: from 0 with "load earlier", from its offset for the end.
+  state.seen.delete(item.path + "\n" + item.offset);
+  const a = item.agent && s.agents.get(item.agent);
+  if (a) a.count -= 1;
+  if (!earlier) s.laterFrom.set(item.path, Math.min(item.offset, s.laterFrom.has(item.path) ? s.laterFrom.get(item.path) : Infinity));
+  if (!earlier) return;
+  s.trimmed = true;
+  // What is held of its file now starts later: hasEarlier must say so.
+  const kept = s.entries.find((x) => x.path === item.path);
+  state.first.set(item.path, kept ? kept.offset : item.offset + 1);
 }
 
 function learn(s, e, msg, t) {
@@ -5280,16 +5365,30 @@ function scheduleList() {
   if (!listPending) { listPending = true; requestAnimationFrame(() => { listPending = false; drawList(); }); }
 }
 
+let drawing = null;                // the item render() is drawing, for its "show all" buttons
+
 function el(tag, cls, text) {
   const node = document.createElement(tag);
   if (cls) node.className = cls;
-  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (text === undefined || text === null) return node;
+  text = String(text);
+  if (text.length <= TEXT_LIMIT || (drawing && drawing.full)) {
+    node.textContent = text;
+    return node;
+  }
+  // A 12 MB image or a 1 MB result in a line: its start, and the rest on demand.
+  const item = drawing, more = el("button", "more", (text.length - TEXT_LIMIT) + " characters more, show all");
+  node.append(text.slice(0, TEXT_LIMIT) + "…", more);
+  more.addEventListener("click", () => {
+    node.textContent = text;
+    if (item) { item.full = true; scheduleView(); }     // drawn whole from now on; measured again
+  });
   return node;
 }
 
 function collapsed(cls, title, text) {     // a <details>, closed: a title, then the text
   const d = el("details", cls);
-  d.append(el("summary", null, title), el("pre", null, clip(text)));
+  d.append(el("summary", null, title), el("pre", null, text));
   return d;
 }
 
@@ -5323,19 +5422,22 @@ function drawList() {
         const ai = el("li", "agent", "↳ " + agentLabel(s, id) + " · " + a.count);
         ai.dataset.agent = id;
         ai.setAttribute("aria-selected", String(state.selected === s.id && state.agent === id));
-        ai.addEventListener("click", (ev) => { ev.stopPropagation(); select(s.id, id); });
+        ai.addEventListener("click", (ev) => { ev.stopPropagation(); state.chosen = true; select(s.id, id); });
         agents.append(ai);
       }
       li.append(agents);
     }
-    li.addEventListener("click", () => select(s.id, null));
+    li.addEventListener("click", () => { state.chosen = true; select(s.id, null); });
     list.append(li);
   }
   fillOptions($("project"), projects);
   const current = state.sessions.get(state.selected);
   if (current) $("convo-title").textContent = heading(current);
   foldNoise(current);
-  if (state.selected === null && sessions.length) select(sessions[0].id, null);
+  // Until a session is clicked, the first history decides: the most recent session,
+  // whichever file the server happened to send first.
+  if (!state.chosen && !state.settled && sessions.length && sessions[0].id !== state.selected) select(sessions[0].id, null);
+  else if (state.selected === null && sessions.length) select(sessions[0].id, null);
 }
 
 function fillOptions(box, values) {
@@ -5353,6 +5455,8 @@ function typeOptions() {
 }
 
 function haystack(item) {         // what a search looks in: the whole line, lower case, made once
+  // At the first search, not on arrival: most lines are never searched, and a
+  // copy of each would double what the page holds.
   if (item.hay === null) item.hay = JSON.stringify(item.e || item.msg).toLowerCase();
   return item.hay;
 }
@@ -5366,10 +5470,8 @@ function foldNoise(s) {             // each run of bookkeeping drawn as one quie
   for (const [start, count] of s ? noiseRuns(s.entries.map((item) => isNoise(item.e))) : []) {
     total += count;
     for (let k = start; k < start + count; k++) {
-      const li = s.entries[k].el;
-      if (!li) continue;
-      li.classList.toggle("fold", k === start);
-      if (k === start) li.dataset.run = count + (count === 1 ? " bookkeeping record" : " bookkeeping records");
+      s.entries[k].run = k === start ? count : 0;     // kept on the item: the window draws it later
+      markFold(s.entries[k]);
     }
   }
   const shown = document.body.classList.contains("noise-shown");
@@ -5377,24 +5479,125 @@ function foldNoise(s) {             // each run of bookkeeping drawn as one quie
   $("noise").textContent = (shown ? "hide " : "show ") + total + " bookkeeping";
 }
 
-// --- the conversation ---------------------------------------------------------
+function markFold(item) {           // the first of a run of bookkeeping stands for the run
+  const li = item.el;
+  if (!li || item.run === undefined) return;
+  li.classList.toggle("fold", item.run > 0);
+  if (item.run > 0) li.dataset.run = item.run + (item.run === 1 ? " bookkeeping record" : " bookkeeping records");
+}
+
+// --- the conversation: a window over the selected session ----------------------
+// Only the entries near the viewport are in the DOM, between two spacers that
+// stand for the others at their measured (never drawn: estimated) heights.
+// Arriving lines, scrolls and filters only say what changed; one frame then
+// decides what is drawn and where the view is, and reads the layout once, to
+// measure what it drew. Filters and search run over the items, not the DOM.
+const ESTIMATE = 80, WINDOW_LEAST = 100;    // px of an entry never drawn; entries drawn at least
+
+const view = {
+  items: [],          // the selected session's entries that pass the filters, in order
+  drawn: [],          // those of them in the DOM, in order
+  follow: true,       // at the end, staying there as entries arrive
+  seenEnd: null,      // the last item when the view was last at the end: after it, the entries are new
+  stale: true,        // items must be made again: a selection, a filter, a line not at the end
+  pending: false,     // a frame is asked for
+  top: null, bottom: null,    // the spacers
+};
+
+function scheduleView() {
+  if (!view.pending) { view.pending = true; requestAnimationFrame(drawView); }
+}
+
+function changed() {
+  view.stale = true;
+  scheduleView();
+}
 
 function select(id, agent) {
   state.selected = id;
   state.agent = agent;
   const s = state.sessions.get(id);
   const box = $("entries");
-  box.textContent = "";
+  for (const item of view.drawn) item.el = null;
+  box.textContent = "";               // notices of the session before go too
+  box.append(view.top, view.bottom);
+  view.drawn = [];
+  view.follow = true;
+  $("jump").hidden = true;
   $("convo-title").textContent = s ? heading(s) : "";
-  if (s) {
-    const frag = document.createDocumentFragment();
-    for (const item of s.entries) frag.append(node(item));
-    box.append(frag);
-    applyFilters();
-    box.scrollTop = box.scrollHeight;
-  }
-  updateEarlier();
+  view.stale = true;
+  drawView();                         // at once: a click, or a filter, is answered in its own task
   scheduleList();
+}
+
+function filters() {
+  return {agent: state.agent, type: $("type").value, query: $("search").value.trim().toLowerCase()};
+}
+
+function passes(item, f) {
+  if (f.agent && item.agent !== f.agent) return false;
+  if (f.type && (item.e ? item.e.type : item.msg.kind) !== f.type) return false;
+  return !f.query || haystack(item).includes(f.query);
+}
+
+function drawView() {
+  view.pending = false;
+  const box = $("entries");
+  const s = state.sessions.get(state.selected);
+  if (view.stale) {
+    const f = filters();
+    view.items = s ? s.entries.filter((item) => passes(item, f)) : [];
+    view.stale = false;
+    if (!view.items.includes(view.seenEnd)) view.seenEnd = view.items[view.items.length - 1];
+  }
+  const items = view.items;
+  // Decided here, after this frame's scroll events: a line that came just after a
+  // scroll up, before its event, is new too.
+  if (view.follow) view.seenEnd = items[items.length - 1];
+  else if (items.length && items[items.length - 1] !== view.seenEnd) $("jump").hidden = false;
+  // Where the reader is: the first drawn entry still in sight, and how far down.
+  // The layout is clean here (the last frame measured it), so this reads no new one.
+  const scroll = box.scrollTop, viewport = box.clientHeight;
+  let anchor = null, offset = 0;
+  if (!view.follow) {
+    for (const item of view.drawn) {
+      if (item.el && item.el.isConnected && item.el.offsetTop + item.el.offsetHeight > scroll) {
+        anchor = item; offset = item.el.offsetTop - scroll; break;
+      }
+    }
+  }
+  const heights = items.map((item) => item.h || ESTIMATE);
+  const tops = [0];
+  for (const h of heights) tops.push(tops[tops.length - 1] + h);
+  const total = tops[items.length], at = anchor ? items.indexOf(anchor) : -1;
+  const want = view.follow ? total - viewport : at >= 0 ? tops[at] - offset : Math.min(scroll, total - viewport);
+  const {lo, hi} = windowRange(heights, Math.max(0, want), viewport, WINDOW_LEAST);
+  const next = items.slice(lo, hi);
+  const keep = new Set(next);
+  for (const item of view.drawn) {        // what leaves the window leaves the DOM, and memory
+    if (!keep.has(item) && item.el) { item.el.remove(); item.el = null; }
+  }
+  let ref = view.top.nextSibling;
+  for (const item of next) {
+    if (item.el && item.el === ref) ref = ref.nextSibling;
+    else box.insertBefore(node(item), ref);
+  }
+  view.top.style.height = tops[lo] + "px";
+  view.bottom.style.height = total - tops[hi] + "px";
+  view.drawn = next;
+  // Measured: one layout for all; an entry's height is up to the next one's top (its margin included).
+  for (let i = 0; i < next.length; i++) {
+    const below = i + 1 < next.length ? next[i + 1].el : view.bottom;
+    next[i].h = below.offsetTop - next[i].el.offsetTop;
+  }
+  if (view.follow) box.scrollTop = box.scrollHeight;
+  else if (anchor && anchor.el) box.scrollTop = anchor.el.offsetTop - offset;
+  // Estimates too large for what was drawn: a spacer in sight, another frame fills it.
+  const seen = box.scrollTop;
+  if ((lo > 0 && view.top.offsetTop + view.top.offsetHeight > seen) ||
+      (hi < items.length && view.bottom.offsetTop < seen + viewport)) scheduleView();
+  updateEarlier();
+  fetchMore(s, lo);
 }
 
 function atEnd() {
@@ -5402,27 +5605,34 @@ function atEnd() {
   return box.scrollHeight - box.scrollTop - box.clientHeight < 60;
 }
 
-function show(s, item, index) {
-  const box = $("entries");
-  const follow = atEnd();
-  const after = s.entries[index + 1];
-  box.insertBefore(node(item), after && after.el && after.el.parentNode === box ? after.el : null);
-  filterOne(item);
-  if (follow) box.scrollTop = box.scrollHeight;
-  else if (!item.el.hidden) $("jump").hidden = false;
-  updateEarlier();
+function scrolled() {
+  view.follow = atEnd();
+  if (view.follow) $("jump").hidden = true;
+  scheduleView();
+}
+
+function fetchMore(s, lo) {       // drawn up to an end of what is held, with more of it dropped there
+  if (!s || !state.ws || state.ws.readyState !== 1) return;
+  if (view.follow && s.laterFrom.size) loadLater(s);
+  // Scrolled up to the top, by the reader (a filter that leaves a few entries is not a scroll):
+  // the part before it, which the bound dropped.
+  else if (!view.follow && lo === 0 && $("entries").scrollTop < $("entries").clientHeight && s.trimmed &&
+           !state.fetching && hasEarlier(state, s.paths)) loadEarlier();
 }
 
 function node(item) {
   if (!item.el) {
+    drawing = item;
     try {
       item.el = render(item);
     } catch (err) {               // an entry shaped like nothing we know: show it raw, go on
       item.el = el("li", "entry other");
       item.el.dataset.path = item.path;
       item.el.dataset.offset = item.offset;
-      item.el.append(el("pre", null, clip(JSON.stringify(item.e || item.msg, null, 1))));
+      item.el.append(el("pre", null, JSON.stringify(item.e || item.msg, null, 1)));
     }
+    drawing = null;
+    markFold(item);
   }
   return item.el;
 }
@@ -5456,7 +5666,7 @@ function render(item) {
   li.append(meta);
   if (type === "user" && (command || e.isMeta)) {
     li.classList.add("system");
-    li.append(el("div", "text", command || clip(plain(content))));
+    li.append(el("div", "text", command || plain(content)));
   } else if (type === "user") { li.classList.add("user"); blocks(li, content, item); }
   else if (type === "assistant") { li.classList.add("assistant"); blocks(li, content, item); }
   else if (type === "system") {
@@ -5464,7 +5674,7 @@ function render(item) {
     li.append(el("div", "text", systemText(e)));
   } else if (type === "summary") {
     li.classList.add("system");
-    li.append(el("div", "text", "summary: " + clip(e.summary || "")));
+    li.append(el("div", "text", "summary: " + (e.summary || "")));
   } else {
     li.classList.add("other");
     li.append(collapsed(null, type, JSON.stringify(e, null, 1)));
@@ -5474,8 +5684,8 @@ function render(item) {
 
 function agentLabel(s, id) {         // a sub-agent by the Task call whose prompt its first line is
   const a = s && s.agents.get(id);
-  const first = a && a.first && a.first.e.message;
-  return agentName(first ? state.tasks.get(plain(first.content).trim()) : null, id);
+  const prompt = a && a.first && a.first.prompt;
+  return agentName(prompt ? state.tasks.get(prompt) : null, id);
 }
 
 function blocks(li, content, item) {
@@ -5496,8 +5706,9 @@ function blocks(li, content, item) {
 }
 
 function prose(value, md) {
-  if (!md) return el("div", "text", clip(value));
-  return markdownNodes(markdown(clip(value)), el("div", "text md"));
+  // Past TEXT_LIMIT, plain and capped (el's "show all"): Markdown is for what can be read.
+  if (!md || value.length > TEXT_LIMIT) return el("div", "text", value);
+  return markdownNodes(markdown(value), el("div", "text md"));
 }
 
 function markdownNodes(parts, parent) {   // markdown's tree as nodes, by createElement and text nodes alone
@@ -5533,9 +5744,9 @@ function toolUse(b) {
   const input = b.input && typeof b.input === "object" ? b.input : {};
   box.append(el("div", "name", (b.name || "tool") + (typeof input.subagent_type === "string" ? " · " + input.subagent_type : "")));
   if (typeof input.description === "string") box.append(el("div", "desc", input.description));
-  if (typeof input.command === "string") box.append(el("div", "arg", "$ " + clip(input.command)));
+  if (typeof input.command === "string") box.append(el("div", "arg", "$ " + input.command));
   for (const k of ["file_path", "path", "pattern", "url", "query"]) {
-    if (typeof input[k] === "string") box.append(el("div", "arg", clip(input[k])));
+    if (typeof input[k] === "string") box.append(el("div", "arg", input[k]));
   }
   if (typeof input.prompt === "string") box.append(collapsed(null, "prompt · " + size(input.prompt.length), input.prompt));
   const edits = typeof input.old_string === "string" ? [input] : Array.isArray(input.edits) ? input.edits : [];
@@ -5543,7 +5754,7 @@ function toolUse(b) {
   for (const edit of edits) {
     if (edit && typeof edit === "object") box.append(diffView(lineDiff(str(edit.old_string), str(edit.new_string))));
   }
-  if (typeof input.plan === "string") box.append(el("div", "text plan", clip(input.plan)));
+  if (typeof input.plan === "string") box.append(el("div", "text plan", input.plan));
   if (Array.isArray(input.todos)) {
     const list = el("ul", "todos");
     for (const todo of input.todos) {
@@ -5616,22 +5827,7 @@ function notice(msg, text) {
   $("entries").append(li);
 }
 
-// --- filters, "load earlier", follow ---------------------------------------------
-
-function filterOne(item) {
-  const type = $("type").value;
-  const query = $("search").value.trim().toLowerCase();
-  let hidden = false;
-  if (state.agent && item.agent !== state.agent) hidden = true;
-  if (type && (item.e ? item.e.type : item.msg.kind) !== type) hidden = true;
-  if (query && !haystack(item).includes(query)) hidden = true;
-  item.el.hidden = hidden;
-}
-
-function applyFilters() {
-  const s = state.sessions.get(state.selected);
-  if (s) for (const item of s.entries) if (item.el) filterOne(item);
-}
+// --- "load earlier", and later -------------------------------------------------
 
 function updateEarlier() {
   const s = state.sessions.get(state.selected);
@@ -5641,6 +5837,13 @@ function updateEarlier() {
 function loadEarlier() {
   const s = state.sessions.get(state.selected);
   if (!s || !state.ws || state.ws.readyState !== 1) return;
+  // Room for what comes back: the newer half of what is held goes, to be fetched
+  // again on the way down. The replay brings each file from its start; of what
+  // comes before, the bound keeps the latest, those just above the view.
+  while (s.entries.length > PAGE_ENTRIES_KEPT / 2) drop(s, s.entries.pop(), false);
+  view.follow = false;
+  changed();
+  state.fetching = true;
   subscribe({cursors: earlierCursors(s.paths)});
   setState("catching", "loading earlier…");
 }
@@ -5653,19 +5856,33 @@ function setWindow(win) {
   reconnectNow();
 }
 
+function loadLater(s) {           // what was dropped from the end, from where it starts in each file
+  const cursors = {};
+  for (const [path, offset] of s.laterFrom) cursors[path] = offset;
+  s.laterFrom.clear();
+  subscribe({cursors});
+  setState("catching", "catching up…");
+}
+
 function start() {
   $("window").value = state.window;
-  $("earlier").addEventListener("click", loadEarlier);
-  $("jump").addEventListener("click", () => { const b = $("entries"); b.scrollTop = b.scrollHeight; $("jump").hidden = true; });
-  $("entries").addEventListener("scroll", () => {
+  view.top = el("li", "spacer");
+  view.bottom = el("li", "spacer");
+  for (const spacer of [view.top, view.bottom]) spacer.setAttribute("aria-hidden", "true");
+  $("entries").append(view.top, view.bottom);
+  $("earlier").addEventListener("click", () => { $("entries").scrollTop = 0; loadEarlier(); });
+  $("jump").addEventListener("click", () => {
     const b = $("entries");
-    if (b.scrollHeight - b.scrollTop - b.clientHeight < 60) $("jump").hidden = true;
+    b.scrollTop = b.scrollHeight;
+    view.follow = true;
+    $("jump").hidden = true;
+    scheduleView();
   });
+  $("entries").addEventListener("scroll", scrolled, {passive: true});
   for (const id of ["search", "type"]) $(id).addEventListener("input", () => {
-    const follow = atEnd();             // following the end goes on through a filter change
-    applyFilters();
+    view.stale = true;                  // following the end goes on through a filter change
+    drawView();
     scheduleList();
-    if (follow) $("entries").scrollTop = $("entries").scrollHeight;
   });
   $("project").addEventListener("change", scheduleList);
   $("window").addEventListener("change", () => { state.widen = false; setWindow($("window").value); });
@@ -5727,12 +5944,6 @@ _COMMAND_RE = re.compile(r"<command-name>\s*(.*?)\s*</command-name>.*?"
                          r"(?:<command-args>(.*?)</command-args>)?", re.S)
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-# Claude Code's bookkeeping: records for itself (request shapes, caches, snapshots,
-# the prompt to offer on resume), a third of a 2.1.x session's lines. The readable
-# client asks the server to leave them out unless --all (or --type names one).
-BOOKKEEPING_TYPES = ("api-request", "api-request-blob", "api-request-shape", "atis-latch",
-                     "tools-used", "cost-state", "attachment", "file-history-snapshot",
-                     "last-prompt", "progress")
 # The label of each type that is not a conversation turn (labels are 10 columns).
 TYPE_LABELS = {
     "api-request": "api-call", "api-request-blob": "api-blob", "api-request-shape": "api-shape",
@@ -5742,8 +5953,6 @@ TYPE_LABELS = {
     "agent-name": "agent", "agent-setting": "agent", "bridge-session": "bridge", "pr-link": "pr",
     "summary": "summary", "queue-operation": "queue",
 }
-# Kinds that state a setting again and again: shown when the value changes.
-SETTING_TYPES = frozenset(("mode", "permission-mode", "agent-setting"))
 # Tools whose key argument is a path: shortened from the left, to keep the file name.
 PATH_TOOLS = frozenset(("Read", "Write", "Edit", "MultiEdit", "NotebookEdit", "NotebookRead", "LS"))
 HELD_LINES_MAX = 100                # untimed lines held per file for the time of the next one

@@ -2681,6 +2681,228 @@ class PageTests(ProjectTreeTestCase):
         browser.wait("document.getElementById('convo-title').textContent === 'line 0'",
                      "the title to become the first prompt")
 
+    def test_a_long_session_is_drawn_in_a_window_and_stays_quick(self):
+        # The figures of `python3 test_claude_stream.py page-bench`, with three times their room.
+        figures = page_figures(self, 20000, patience=60.0)
+        self.assertEqual(figures["reconnections"], 0, "the server never dropped the page: %s" % figures)
+        self.assertIsNotNone(figures["load_ms"], figures)
+        self.assertLess(figures["load_ms"], 6000, figures)           # its last screen drawn, from a fresh page
+        self.assertIsNotNone(figures["select_ms"], figures)
+        self.assertLess(figures["select_ms"], 1500, figures)         # its end shown, from a click
+        self.assertLess(figures["live_blocked_p95_ms"], 48, figures)  # 50 lines a second, live
+        self.assertLess(figures["dom_nodes"], 5000, figures)
+        self.assertLess(figures["heap_mb"], 150, figures)
+
+    def test_a_huge_line_is_shown_capped_and_whole_on_demand(self):
+        path = os.path.join(self.project, "s1.jsonl")
+        append(path, "")
+        server = self.server()
+        browser = self.live_page(server)
+        huge = "z" * (1 << 20)
+        append(path, entry_line(0, "s1", kind="assistant", message={"role": "assistant", "content": [
+            {"type": "text", "text": huge}]}))
+        append(path, json.dumps({"type": "attachment", "sessionId": "s1", "blob": "A" * (12 << 20)}) + "\n")
+        browser.wait("document.querySelectorAll('#entries li.entry').length === 2", "the two entries")
+        self.assertLess(browser.js("document.getElementById('entries').textContent.length"), 100000)
+        more = "[...document.querySelectorAll('#entries button.more')]"
+        self.assertEqual(browser.js(more + ".map(b => b.textContent)"),
+                         ["%d characters more, show all" % ((1 << 20) - 20000),
+                          "%d characters more, show all" % (len(json.dumps({"type": "attachment", "sessionId": "s1",
+                                                                              "blob": "A" * (12 << 20)}, indent=1))
+                                                            - 20000)])
+        browser.js(more + "[0].click()")
+        browser.wait("document.querySelector('#entries li.entry .text').textContent === 'z'.repeat(%d)" % (1 << 20),
+                     "the whole text")
+        browser.js("document.querySelector('li.session').click()")         # drawn again: still whole
+        browser.wait("document.querySelector('#entries li.entry .text').textContent.length === %d" % (1 << 20),
+                     "the whole text, drawn again")
+
+    def test_past_the_lines_kept_the_oldest_go_and_come_back_on_scrolling_up(self):
+        kept = cs.PAGE_ENTRIES_KEPT
+        count = kept + kept // 5
+        path = os.path.join(self.project, "s1.jsonl")
+        recent = datetime.now(timezone.utc).isoformat()
+        append(path, "".join(entry_line(i, "s1", timestamp=recent) for i in range(count)))
+        server = self.server()
+        browser = Chromium(self, height=600)
+        browser.open(self.page_url(server, "all"))
+        held = "(claudeStream.sessions.get('s1') || {entries: []}).entries"
+        texts = "[...document.querySelectorAll('#entries li.entry .text')].map(e => e.textContent)"
+        browser.wait("%s.length === %d && %s.at(-1) === 'line %d'" % (held, kept, texts, count - 1), "the end")
+        self.assertEqual(browser.js(held + "[0].msg.entry.message.content"), "line %d" % (count - kept))
+        self.assertFalse(browser.js("document.getElementById('earlier').hidden"))
+        # Anywhere in between, the entries in sight are drawn (of estimated heights, then measured).
+        in_sight = ("(() => { const b = document.getElementById('entries'), r = b.getBoundingClientRect();"
+                    " return [...b.querySelectorAll('li.entry')].filter(e => { const q = e.getBoundingClientRect();"
+                    " return q.bottom > r.top && q.top < r.bottom; }).length; })()")
+        for part in (0.5, 0.2, 0.8):
+            browser.js("{ const b = document.getElementById('entries'); b.scrollTop = b.scrollHeight * %s; }" % part)
+            browser.wait(in_sight + " > 3", "entries in sight at %d %%" % (part * 100))
+        # Scrolled up to the top, again and again: the start of the file comes back ...
+        browser.wait("(document.getElementById('entries').scrollTop = 0, %s[0] === 'line 0')" % texts,
+                     "the first line, after scrolling up", timeout=DEADLINE * 4)
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the replay to end")
+        self.assertLessEqual(browser.js(held + ".length"), kept)
+        self.assertTrue(browser.js("document.getElementById('earlier').hidden"))
+        # ... and scrolled down to the end, so does the end, from where what was dropped starts.
+        browser.wait("(() => { const b = document.getElementById('entries'); b.scrollTop = b.scrollHeight;"
+                     " return %s.at(-1) === 'line %d'; })()" % (texts, count - 1), "the end again",
+                     timeout=DEADLINE * 4)
+        offsets = browser.js("%s.map(item => item.offset)" % held)
+        self.assertEqual(offsets, sorted(set(offsets)))             # in order, once
+        self.assertLessEqual(len(offsets), kept)
+        self.assertLess(browser.js("document.querySelectorAll('#entries li.entry').length"), kept // 10)
+
+
+# --- a long session, for the page's figures (PageTests and `page-bench`) ----------
+
+BIG_SESSION = "b16b16b1-0000-4000-8000-000000000001"
+SMALL_SESSION = "5a11a5a1-0000-4000-8000-000000000002"
+
+
+def long_session_lines(count, session=BIG_SESSION, end=None, step=0.05):
+    """``count`` lines as a long Claude Code session writes them: prompts, streamed assistant
+    text, tool calls and their results (one in 50 a long output), and one 1 MB tool result and
+    one 12 MB image among them, timed ``step`` seconds apart, ending at ``end``."""
+    end = time.time() if end is None else end
+    cycle = ["prompt", "assistant", "tool_use", "tool_result", "assistant"]
+    lines = []
+    for n in range(count):
+        when = datetime.fromtimestamp(end - (count - n) * step, timezone.utc).isoformat()
+        head = {"parentUuid": "u-%d" % (n - 1), "isSidechain": False, "userType": "external",
+                "cwd": "/home/u/proj", "sessionId": session, "version": "2.1.32", "gitBranch": "main",
+                "uuid": "u-%d" % n, "timestamp": when}
+        kind = cycle[n % len(cycle)]
+        if kind == "prompt":
+            obj = dict(head, type="user", message={"role": "user", "content": "prompt %d: please look at "
+                                                   "module %d and fix what the tests say" % (n, n % 97)})
+        elif kind == "assistant":
+            obj = dict(head, type="assistant", requestId="req_%d" % n, message={
+                "id": "msg_%d" % n, "type": "message", "role": "assistant", "model": "claude-opus-4-5",
+                "content": [{"type": "text", "text": "answer %d: " % n + "I read the module and the "
+                             "tests; the fix is in the parser, which drops the last field. " * (1 + n % 7)}],
+                "usage": {"input_tokens": 4, "cache_read_input_tokens": 18000 + n, "output_tokens": 60}})
+        elif kind == "tool_use":
+            name, args = [("Bash", {"command": "pytest -q tests/test_%d.py" % n, "description": "Run tests"}),
+                          ("Read", {"file_path": "/home/u/proj/src/module_%d.py" % (n % 97)}),
+                          ("Edit", {"file_path": "/home/u/proj/src/module_%d.py" % (n % 97),
+                                    "old_string": "def parse(x):\n    return x[:-1]\n",
+                                    "new_string": "def parse(x):\n    return x\n"})][n % 3]
+            obj = dict(head, type="assistant", requestId="req_%d" % n, message={
+                "id": "msg_%d" % n, "type": "message", "role": "assistant", "model": "claude-opus-4-5",
+                "content": [{"type": "tool_use", "id": "toolu_%d" % n, "name": name, "input": args}],
+                "usage": {"input_tokens": 4, "cache_read_input_tokens": 18000 + n, "output_tokens": 30}})
+        else:
+            if n == count // 2 + 3:
+                output = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                       "data": "iVBORw0KGgo" + "A" * (12 << 20)}}]
+            elif n == count // 3 + 3:
+                output = "huge output line\n" * ((1 << 20) // 17)
+            elif n % 50 == 3:
+                output = "".join("%6d  collected test_%d passed in 0.%02ds\n" % (i, i, i % 100) for i in range(600))
+            else:
+                output = "%d passed in 0.41s" % (n % 13)
+            obj = dict(head, type="user", message={"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_%d" % (n - 1), "content": output}]})
+        lines.append(json.dumps(obj) + "\n")
+    return lines
+
+
+PAGE_JS_SHOWN = """(() => {  // is this file's line at this offset on the page, and the list at its end?
+  const b = document.getElementById('entries');
+  return Boolean(document.querySelector('#entries li.entry[data-offset="%d"]')) &&
+    b.scrollHeight - b.scrollTop - b.clientHeight < 60; })()"""
+
+PAGE_JS_SELECT = """new Promise((done) => {   // ms from a click on the session to its end on the page
+  const t0 = performance.now();
+  document.querySelector('li.session[data-session="%s"]').click();
+  const check = () => %s ? done(performance.now() - t0) : performance.now() - t0 > %d ? done(null) :
+    requestAnimationFrame(check);
+  requestAnimationFrame(check);
+})"""
+
+PAGE_JS_FRAMES = """(() => {   // from now on: the gaps between frames, and the long tasks
+  window.benchGaps = []; window.benchLong = [];
+  let last = performance.now();
+  const frame = (t) => { window.benchGaps.push(t - last); last = t; requestAnimationFrame(frame); };
+  requestAnimationFrame(frame);
+  new PerformanceObserver((list) => { for (const e of list.getEntries()) window.benchLong.push(e.duration); })
+    .observe({type: "longtask"});
+})()"""
+
+
+def page_figures(test, count=20000, patience=60.0, live_seconds=5.0, say=lambda text: None):
+    """The page's figures with a ``count``-line session, in headless Chromium: each figure is
+    None when it took longer than ``patience`` seconds."""
+    root = os.path.join(tempfile.mkdtemp(prefix="page-bench-"), "projects")
+    test.addCleanup(shutil.rmtree, os.path.dirname(root), True)
+    project = os.path.join(root, "-home-u-proj")
+    os.makedirs(project)
+    lines = long_session_lines(count, end=time.time() - live_seconds - 60)
+    big = os.path.join(project, BIG_SESSION + ".jsonl")
+    append(big, "".join(lines))
+    append(os.path.join(project, SMALL_SESSION + ".jsonl"), "".join(
+        entry_line(i, SMALL_SESSION, timestamp=datetime.fromtimestamp(time.time() - 3000, timezone.utc).isoformat())
+        for i in range(20)))
+    last_offset = os.path.getsize(big) - len(lines[-1].encode())
+    figures = {"entries": count, "megabytes": round(os.path.getsize(big) / 1e6, 1)}
+    server = ServerProcess(test, [root], "--token", "bench")
+    browser = Chromium(test)
+    browser.call("Performance.enable")
+    started = time.monotonic()
+    browser.call("Page.navigate", url="http://127.0.0.1:%d/?token=bench&since=1h" % server.port)
+    try:
+        wait_for(lambda: browser.js(PAGE_JS_SHOWN % last_offset), patience, interval=0.02, message="")
+        figures["load_ms"] = round((time.monotonic() - started) * 1000)
+    except AssertionError:
+        figures["load_ms"] = None
+        figures["shown_after_load"] = browser.js("document.querySelectorAll('#entries li.entry').length")
+    # How much of that the page's main thread was busy: the rest is the server reading and sending.
+    metrics = {m["name"]: m["value"] for m in browser.call("Performance.getMetrics")["metrics"]}
+    figures["load_busy_ms"] = round(metrics["TaskDuration"] * 1000)
+    say("fresh load: %s" % figures)
+    try:
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "", patience)
+        figures["live_after_load"] = True
+    except AssertionError:          # still catching up: what follows is measured while it does
+        figures["live_after_load"] = False
+    # Every connection after the first is one the server dropped (a slow page is closed 4000).
+    figures["reconnections"] = browser.js("claudeStream.connections === undefined ? null : claudeStream.connections - 1")
+    browser.js("document.querySelector('li.session[data-session=\"%s\"]').click()" % SMALL_SESSION)
+    figures["select_ms"] = browser.js(PAGE_JS_SELECT % (BIG_SESSION, PAGE_JS_SHOWN % last_offset, patience * 1000))
+    figures["select_ms"] = figures["select_ms"] and round(figures["select_ms"])
+    say("select: %s" % figures["select_ms"])
+    browser.js(PAGE_JS_FRAMES)
+    offset = os.path.getsize(big)
+    for line in long_session_lines(int(live_seconds * 50), end=time.time()):
+        line = line.replace('"u-', '"live-u-').encode()
+        append(big, line)
+        offset += len(line)
+        time.sleep(0.02)
+    try:
+        browser.wait(PAGE_JS_SHOWN % (offset - len(line)), "", patience)
+        figures["live_shown"] = True
+    except AssertionError:
+        figures["live_shown"] = False
+    gaps = sorted(browser.js("window.benchGaps"))
+    figures["live_frame_p95_ms"] = round(gaps[int(len(gaps) * 0.95)] if gaps else 0, 1)
+    figures["live_blocked_p95_ms"] = round(max(0.0, figures["live_frame_p95_ms"] - 1000 / 60), 1)
+    figures["live_long_tasks"] = len(browser.js("window.benchLong"))
+    figures["live_longest_task_ms"] = round(max(browser.js("window.benchLong") or [0]))
+    figures["dom_nodes"] = browser.js("document.getElementsByTagName('*').length")
+    browser.call("HeapProfiler.collectGarbage")
+    figures["heap_mb"] = round(browser.call("Runtime.getHeapUsage")["usedSize"] / 1e6, 1)
+    say("live: %s" % figures)
+    try:                            # the last figure: a page that takes over a minute leaves the protocol behind
+        figures["search_ms"] = browser.js("""new Promise((done) => {
+          const t0 = performance.now(), f = document.getElementById('search');
+          f.value = 'answer %d:'; f.dispatchEvent(new Event('input'));
+          requestAnimationFrame(() => requestAnimationFrame(() => done(Math.round(performance.now() - t0))));
+        })""" % (count - 4))
+    except (socket.timeout, TimeoutError):
+        figures["search_ms"] = None
+    return figures
+
 
 NODE_PAGE_TESTS = r'''
 "use strict";
@@ -2854,6 +3076,13 @@ test("rendering helpers", () => {
   assert.equal(lib.projectName({cwd: "C:\\Users\\u\\app", project: "C--Users-u-app"}), "app");
   assert.equal(lib.projectName({cwd: "", project: "-home-u-proj"}), "-home-u-proj");
   const at = (path, offset, t) => ({path, offset, t});
+  assert.deepEqual(lib.windowRange([], 0, 500, 100), {lo: 0, hi: 0});
+  assert.deepEqual(lib.windowRange(Array(40).fill(50), 0, 500, 100), {lo: 0, hi: 40});       // short: whole
+  const tall = Array(5000).fill(50);           // 250,000 px of entries, 500 px in sight at 100,000
+  assert.deepEqual(lib.windowRange(tall, 100000, 500, 10), {lo: 1990, hi: 2020});            // a viewport each side
+  assert.deepEqual(lib.windowRange(tall, 100000, 500, 100), {lo: 1955, hi: 2055});           // at least 100
+  assert.deepEqual(lib.windowRange(tall, 249500, 500, 100), {lo: 4900, hi: 5000});           // at the end
+  assert.deepEqual(lib.windowRange([10000, 50, 50], 0, 500, 1), {lo: 0, hi: 1});             // one tall entry
   assert.equal(lib.before(at(MAIN, 10, 9), at(MAIN, 20, 1)), true);      // a file keeps its order ...
   assert.equal(lib.before(at(AGENT, 10, 9), at(MAIN, 20, 1)), false);    // ... files interleave by time
 });
@@ -4388,6 +4617,15 @@ class _SummaryResult(unittest.TextTestResult):
     pass
 
 
+def run_page_bench(count):
+    case = unittest.TestCase()
+    try:
+        figures = page_figures(case, count, patience=120.0, say=lambda text: print(text, file=sys.stderr))
+    finally:
+        case.doCleanups()
+    print(json.dumps(figures, indent=1))
+
+
 def main():
     runner = unittest.TextTestRunner(verbosity=2, resultclass=_SummaryResult)
     program = unittest.main(module=__name__, testRunner=runner, exit=False)
@@ -4403,5 +4641,7 @@ if __name__ == "__main__":
         run_echo_server(int(sys.argv[2]))
     elif sys.argv[1:2] == ["echo-client"]:
         run_echo_client(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["page-bench"]:       # page-bench [entries]: the figures README quotes
+        run_page_bench(int(sys.argv[2]) if sys.argv[2:] else 20000)
     else:
         main()
