@@ -4760,7 +4760,10 @@ function stripAnsi(text) {          // hook and tool output: its colours and cur
 // and an <ol>'s start, a number. The page builds nodes from it with
 // createElement and textContent, so nothing in a transcript is ever HTML.
 
-const MD_TAGS = ["p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "strong", "em", "a", "hr"];
+const MD_TAGS = ["p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "strong", "em", "a", "hr",
+  "blockquote", "table", "thead", "tbody", "tr", "th", "td"];
+const MD_QUOTE_DEPTH = 3;           // "> > >" nests this deep; deeper quotes stay in the innermost
+const MD_TABLE_RULE = /^\s*\|?\s*:?-{1,}:?\s*(\|\s*:?-{1,}:?\s*)*\|?\s*$/;
 const MD_DEPTH = 3;                 // emphasis in a link in emphasis: deeper stays text
 // Code spans, links, **strong**/__strong__, *em*/_em_; every repeat is bounded,
 // so a line of unmatched markers costs a bounded scan from each, not the rest of the text.
@@ -4768,7 +4771,33 @@ const MD_INLINE = /(`{1,16})([^`][\s\S]{0,2000}?)\1(?!`)|\[([^\[\]\n]{1,500})\]\
 const MD_FENCE = /^(\s*)(`{3,}(?=[^`]*$)|~{3,})/, MD_HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
 const MD_ITEM = /^( *)([-*+]|\d{1,9}[.)])[ \t]+(.*)$/, MD_RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
 
-function markdown(text) {           // block structure: fences, headings, rules, lists (one level nested), paragraphs
+function mdCells(line) {            // a table row's cells: split on "|", not on "\|" nor inside `code`
+  const cells = [];
+  let cell = "", code = false;
+  const text = line.trim().replace(/^\|/, "").replace(/\|$/, "");
+  for (let k = 0; k < text.length; k++) {
+    const ch = text[k];
+    if (ch === "\\" && text[k + 1] === "|") { cell += "|"; k++; continue; }
+    if (ch === "`") code = !code;
+    if (ch === "|" && !code) { cells.push(cell.trim()); cell = ""; continue; }
+    cell += ch;
+  }
+  cells.push(cell.trim());
+  return cells;
+}
+
+function mdTable(lines, i) {        // [node, index of its last line] of a table whose head is lines[i]
+  const head = mdCells(lines[i]), row = (cells, tag) => ({tag: "tr", children: head.map((_, k) =>
+    ({tag, children: mdInline(cells[k] || "", 0)}))});
+  const body = [];
+  let j = i + 2;
+  while (j < lines.length && lines[j].includes("|") && lines[j].trim()) body.push(row(mdCells(lines[j++]), "td"));
+  return [{tag: "table", children: [{tag: "thead", children: [row(head, "th")]},
+                                    {tag: "tbody", children: body}]}, j - 1];
+}
+
+function markdown(text, depth) {    // block structure: fences, headings, rules, quotes, tables, lists, paragraphs
+  depth = depth || 0;
   const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
   const out = [];
   let para = null, list = null, blank = false;   // the open paragraph's lines; the open list
@@ -4794,6 +4823,18 @@ function markdown(text) {           // block structure: fences, headings, rules,
     } else if (MD_RULE.test(line)) {
       closePara(); list = null;
       out.push({tag: "hr", children: []});
+    } else if (/^ {0,3}>/.test(line) && depth < MD_QUOTE_DEPTH) {
+      closePara(); list = null;
+      const quoted = [];
+      for (; i < lines.length && /^ {0,3}>/.test(lines[i]); i++) quoted.push(lines[i].replace(/^ {0,3}> ?/, ""));
+      i -= 1;
+      out.push({tag: "blockquote", children: markdown(quoted.join("\n"), depth + 1)});
+    } else if (line.includes("|") && i + 1 < lines.length && lines[i + 1].includes("-") &&
+               MD_TABLE_RULE.test(lines[i + 1]) && mdCells(lines[i]).length > 1) {
+      closePara(); list = null;
+      const [table, last] = mdTable(lines, i);
+      out.push(table);
+      i = last;
     } else if ((m = MD_ITEM.exec(line))) {
       closePara();
       const ordered = /\d/.test(m[2]), item = {tag: "li", children: mdInline(m[3], 0)};
@@ -5073,6 +5114,9 @@ details.result.error summary{color:var(--err)}
 .md code{font:.88em ui-monospace,Menlo,Consolas,monospace;background:var(--tool);padding:0 .2em;border-radius:4px}
 .md pre{background:var(--tool);padding:.4em .6em;border-radius:6px}.md pre code{background:none;padding:0}
 .md hr{border:0;border-top:1px solid var(--line)}
+.md blockquote{margin:.35em 0;padding-left:.7em;border-left:3px solid var(--line);color:var(--muted)}
+.md table{border-collapse:collapse;margin:.35em 0;display:block;overflow-x:auto}
+.md th,.md td{border:1px solid var(--line);padding:.15em .5em;text-align:left;vertical-align:top}
 .tool>details.result{border-top:1px solid var(--line);padding-top:.2em}
 .entry.attached{display:none}
 img.thumb{display:block;max-width:12em;max-height:8em;margin:.25em 0;border:1px solid var(--line);border-radius:6px;cursor:zoom-in}

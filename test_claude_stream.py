@@ -3139,6 +3139,23 @@ test("Markdown: headings, emphasis, code, links and lists as a small tree", () =
   assert.deepEqual(md("```\nnever closed"), [{tag: "pre", children: [{tag: "code", children: ["never closed"]}]}]);
   assert.deepEqual(md("a\n\n---\n\nb"), [{tag: "p", children: ["a"]}, {tag: "hr", children: []}, {tag: "p", children: ["b"]}]);
   assert.deepEqual(md(""), []);
+  // Tables (their cells split on |, not on \\| nor inside code) and quotes, nested a bounded depth.
+  assert.deepEqual(md("| Dir | Purpose |\n|-----|:---:|\n| `a|b` | **x** |\n| c \\| d |\nafter"), [
+    {tag: "table", children: [
+      {tag: "thead", children: [{tag: "tr", children: [{tag: "th", children: ["Dir"]}, {tag: "th", children: ["Purpose"]}]}]},
+      {tag: "tbody", children: [
+        {tag: "tr", children: [{tag: "td", children: [{tag: "code", children: ["a|b"]}]},
+                               {tag: "td", children: [{tag: "strong", children: ["x"]}]}]},
+        {tag: "tr", children: [{tag: "td", children: ["c | d"]}, {tag: "td", children: []}]}]}]},
+    {tag: "p", children: ["after"]}]);
+  assert.deepEqual(md("a | b, not a table"), [{tag: "p", children: ["a | b, not a table"]}]);
+  assert.deepEqual(md("> quoted **here**\n> > deeper\n\nplain"), [
+    {tag: "blockquote", children: [{tag: "p", children: ["quoted ", {tag: "strong", children: ["here"]}]},
+                                   {tag: "blockquote", children: [{tag: "p", children: ["deeper"]}]}]},
+    {tag: "p", children: ["plain"]}]);
+  let deep = md(">".repeat(50) + " x");
+  for (let k = 0; k < 3; k++) deep = deep[0].children;     // three levels, then the rest as text
+  assert.deepEqual(deep, [{tag: "p", children: [">".repeat(47) + " x"]}]);
 });
 
 test("Markdown: what would be HTML or a script is text, and only http(s) links are links", () => {
