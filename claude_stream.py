@@ -5430,9 +5430,18 @@ function el(tag, cls, text) {
   return node;
 }
 
-function collapsed(cls, title, text) {     // a <details>, closed: a title, then the text
+function collapsed(cls, title, text) {     // a <details>, closed unless opened before: a title, then the text
   const d = el("details", cls);
   d.append(el("summary", null, title), el("pre", null, text));
+  const item = drawing;
+  if (item) {                     // the window draws an entry again when it comes back into view
+    const k = item.folds++;
+    if (item.opened && item.opened.has(k)) d.open = true;
+    d.addEventListener("toggle", () => {
+      item.opened = item.opened || new Set();
+      if (d.open) item.opened.add(k); else item.opened.delete(k);
+    });
+  }
   return d;
 }
 
@@ -5667,6 +5676,7 @@ function fetchMore(s, lo) {       // drawn up to an end of what is held, with mo
 function node(item) {
   if (!item.el) {
     drawing = item;
+    item.folds = 0;               // its <details>, counted as drawn: which were open survives a redraw
     try {
       item.el = render(item);
     } catch (err) {               // an entry shaped like nothing we know: show it raw, go on

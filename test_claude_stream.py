@@ -2716,6 +2716,12 @@ class PageTests(ProjectTreeTestCase):
         browser.js("document.querySelector('li.session').click()")         # drawn again: still whole
         browser.wait("document.querySelector('#entries li.entry .text').textContent.length === %d" % (1 << 20),
                      "the whole text, drawn again")
+        # An opened <details> stays open when its entry is drawn again (the window redraws).
+        details = "document.querySelector('#entries li.entry details')"
+        browser.js(details + ".open = true")
+        browser.wait(details + ".open", "the details opened")
+        browser.js("document.querySelector('li.session').click()")
+        browser.wait("(() => { const d = %s; return d && d.open; })()" % details, "the details still open")
 
     def test_past_the_lines_kept_the_oldest_go_and_come_back_on_scrolling_up(self):
         kept = cs.PAGE_ENTRIES_KEPT
