@@ -5590,7 +5590,19 @@ function filters() {
 function passes(item, f) {
   if (f.agent && item.agent !== f.agent) return false;
   if (f.type && (item.e ? item.e.type : item.msg.kind) !== f.type) return false;
-  return !f.query || haystack(item).includes(f.query);
+  return !f.query || haystack(item).includes(f.query) || resultsMatch(item, f.query);
+}
+
+function resultsMatch(item, query) {  // a call whose result (shown on its card) has the text
+  const content = item.e && item.e.type === "assistant" && item.e.message && item.e.message.content;
+  if (!Array.isArray(content)) return false;
+  for (const b of content) {
+    const r = b && b.type === "tool_use" && state.results.get(b.id);
+    if (!r) continue;
+    if (r.hay === undefined) r.hay = JSON.stringify(r.b).toLowerCase();    // once, at the first search
+    if (r.hay.includes(query)) return true;
+  }
+  return false;
 }
 
 function drawView() {

@@ -2553,6 +2553,12 @@ class PageTests(ProjectTreeTestCase):
                             "m.querySelector('.who').textContent + ': ' + m.querySelector('.agent-id').textContent)"),
                          ["task: Explore the code · Explore", "claude: sub-agent"])
         browser.wait("document.getElementById('convo-title').textContent === 'add an import'", "the user's prompt as title")
+        # A search for what only a result says finds its call, whose card shows it.
+        js("const q = document.getElementById('search'); q.value = 'file changed'; "
+           "q.dispatchEvent(new Event('input'))")
+        browser.wait("[...document.querySelectorAll('#entries li.entry')].filter(l => "
+                     "getComputedStyle(l).display !== 'none').map(l => l.querySelector('.tool') !== null)"
+                     ".join() === 'true'", "the call whose result has the text, alone")
 
     def test_the_first_look_shows_the_latest_sessions_whatever_their_age(self):
         path = os.path.join(self.project, "s1.jsonl")
