@@ -1545,7 +1545,7 @@ class Tailer:
         for path in gone:
             rec = self.files.get(path)
             if rec is not None:
-                self._forget(rec, events, listed=False)     # Discovery has let go of it already
+                self._forget(rec, events)       # Discovery has let go of it already
         if self.discovery.slowdown != self._slowdown:
             self._rate_changed(now)
         wall = self.wall()
@@ -1584,18 +1584,20 @@ class Tailer:
         else:
             self._schedule(rec, now)
 
-    def _forget(self, rec: FileRecord, events: List[TailEvent], listed: bool = True) -> None:
-        """Stop following ``rec``; ``listed``: its folder's listing still names it.
-
-        A path Discovery reported gone may already be in the listing of a new
-        folder of the same name (deleted and made again): that one stays.
-        """
+    def _forget(self, rec: FileRecord, events: List[TailEvent]) -> None:
         rec.gone = True
         self._close(rec)
         self.files.pop(rec.abspath, None)
-        if listed:
-            self.discovery.file_gone(rec.abspath)
         events.append(RemovedEvent(rec))
+
+    def _lost(self, rec: FileRecord, events: List[TailEvent]) -> None:
+        """A file its own stat found gone: forgotten, and out of its folder's listing too.
+
+        (What Discovery reports gone it has let go of already; telling it again
+        could take a new file of the same name out of a folder made again.)
+        """
+        self._forget(rec, events)
+        self.discovery.file_gone(rec.abspath)
 
     # --- reading --------------------------------------------------------------
 
@@ -1605,14 +1607,14 @@ class Tailer:
         try:
             st = os.lstat(rec.abspath)
         except (FileNotFoundError, NotADirectoryError):
-            self._forget(rec, events)
+            self._lost(rec, events)
             return 0, False
         except OSError as exc:
             self.discovery.warn_once(rec.abspath, "cannot stat %s: %s" % (rec.rel, exc.strerror or exc))
             return 0, False
         if not stat.S_ISREG(st.st_mode):        # renamed over by a FIFO, a link, a folder
             self.discovery.warn_once(rec.abspath, "%s is no longer a regular file; no longer followed" % rec.rel)
-            self._forget(rec, events)
+            self._lost(rec, events)
             return 0, False
         rec.mtime = st.st_mtime
         if (st.st_dev, st.st_ino) != (rec.dev, rec.ino):
@@ -6366,18 +6368,18 @@ class Renderer:
 
     def feed(self, msg: Dict[str, Any]) -> List[str]:
         """The lines to write for one message, held ones of its file first."""
-        described = self._describe_message(msg)
+        view = self._view(msg)
+        described = self._describe_message(msg, view)
         if described is None:
             return []
-        view = self._view(msg)
-        when = self._time_of(msg)
+        when = self._time_of(msg, view)
         if when is None and view.last_time is None and msg.get("kind") == "entry":
             if not view.held:
                 view.held_since = self.clock()
             view.held.append((msg, described))
             return [] if len(view.held) <= HELD_LINES_MAX else self._release(view, None)
         out = self._release(view, when) if view.held else []
-        out.append(self._line(msg, when or view.last_time, described))
+        out.append(self._line(msg, view, when or view.last_time, described))
         return out
 
     def flush(self, force: bool = False) -> List[str]:
@@ -6394,19 +6396,20 @@ class Renderer:
 
     def _release(self, view: FileView, when: Optional[datetime]) -> List[str]:
         held, view.held = view.held, []
-        return [self._line(msg, when, described) for msg, described in held]
+        return [self._line(msg, view, when, described) for msg, described in held]
 
     def render(self, msg: Dict[str, Any]) -> Optional[str]:
         """One message as one line, now (an untimed first line shows no time)."""
-        described = self._describe_message(msg)
+        view = self._view(msg)
+        described = self._describe_message(msg, view)
         if described is None:
             return None
-        view = self._view(msg)
-        return self._line(msg, self._time_of(msg) or view.last_time, described)
+        return self._line(msg, view, self._time_of(msg, view) or view.last_time, described)
 
     # --- per file -----------------------------------------------------------------
 
     def _view(self, msg: Dict[str, Any]) -> FileView:
+        """The message's file, its project named by the first cwd seen in it."""
         path = str(msg.get("path"))
         view = self.files.get(path)
         if view is None:
@@ -6429,7 +6432,8 @@ class Renderer:
             self.project_names[str(msg.get("project") or "-")] = view.project
         return view
 
-    def _time_of(self, msg: Dict[str, Any]) -> Optional[datetime]:
+    @staticmethod
+    def _time_of(msg: Dict[str, Any], view: FileView) -> Optional[datetime]:
         """The line's own time (a snapshot's inside it); remembered for untimed ones."""
         raw = msg.get("entry")
         if msg.get("kind") != "entry" or not isinstance(raw, dict):
@@ -6438,18 +6442,18 @@ class Renderer:
         if when is None and raw.get("type") == "file-history-snapshot":
             when = parse_timestamp(_dict(raw, "snapshot").get("timestamp"))
         if when is not None:
-            self._view(msg).last_time = when
+            view.last_time = when
         return when
 
     # --- one line -----------------------------------------------------------------
 
-    def _describe_message(self, msg: Dict[str, Any]) -> Optional[Tuple[str, str, str]]:
+    def _describe_message(self, msg: Dict[str, Any], view: FileView) -> Optional[Tuple[str, str, str]]:
         kind = msg.get("kind")
         if kind == "entry" and isinstance(msg.get("entry"), dict):
             entry = parse_entry(msg["entry"])
             if entry.type in SETTING_TYPES and not self._setting_changed(msg, entry):
                 return None
-            return self.text.describe(entry, self._view(msg).cwd)
+            return self.text.describe(entry, view.cwd)
         name = str(msg.get("path", "")).rsplit("/", 1)[-1]
         if kind == "malformed":
             return "malformed", "red", "%s byte %s: %s  %s" % (
@@ -6471,7 +6475,7 @@ class Renderer:
         self.settings[key] = value
         return True
 
-    def _line(self, msg: Dict[str, Any], when: Optional[datetime],
+    def _line(self, msg: Dict[str, Any], view: FileView, when: Optional[datetime],
               described: Tuple[str, str, str]) -> str:
         label, style, text = described
         cols = self.columns
@@ -6493,7 +6497,7 @@ class Renderer:
             session = session[:cols.session]
         pieces = [self.paint("dim", pad(stamp, cols.time))]
         if cols.project:
-            pieces.append(self.paint("cyan", pad(visible(self._view(msg).project), cols.project)))
+            pieces.append(self.paint("cyan", pad(visible(view.project), cols.project)))
         pieces.append(self.paint("dim", pad(session, cols.session)))
         pieces.append(self.paint(style, pad(visible(label), cols.label)))
         text = visible(one_line(text))
