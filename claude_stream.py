@@ -4424,6 +4424,11 @@ class StreamServer:
         session.sync()
         if session.feed.phase is Phase.CATCHING_UP:
             self.catch_up()
+            timer = self._poll_timer        # the next step is due soon, not at the next stat
+            if session.feed.wants_steps and timer is not None and \
+                    timer.when > self.loop.time() + self.limits.catchup_interval:
+                timer.cancel()
+                self._schedule_poll()
 
     def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
         self.sessions.pop(session, None)
