@@ -3499,6 +3499,22 @@ class Filters:
         return True
 
 
+def _offsets(value: Any) -> bool:
+    """A map of paths to byte offsets (cursors, until)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items())
+
+
+def _line_count(value: Any) -> Optional[int]:
+    """``last``: a number of lines (at least 1), or None for no limit."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("'last' must be a whole number of lines, at least 1")
+    return value
+
+
 @dataclass
 class Subscription:
     """What a client asks for: filters, history since a time, cursors to resume from."""
@@ -3506,8 +3522,11 @@ class Subscription:
     since: Optional[float] = None               # epoch seconds; -inf for "all"
     cursors: Dict[str, int] = field(default_factory=dict)   # path -> next offset
     hold: bool = False                          # send nothing but hello until `subscribe`
+    last: Optional[int] = None                  # history: at most each file's last N lines
+    until: Dict[str, int] = field(default_factory=dict)    # path -> end of a range sent again
 
-    QUERY_PARAMETERS = frozenset(("project", "session", "type", "exclude_type", "since", "hold", "token"))
+    QUERY_PARAMETERS = frozenset(("project", "session", "type", "exclude_type", "since", "last", "hold",
+                                  "token"))
 
     @classmethod
     def from_query(cls, query: str, now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
@@ -3519,9 +3538,13 @@ class Subscription:
         def values(name: str) -> List[str]:
             return [v for raw in params.get(name, []) for v in raw.split(",")]
         since = params.get("since", [None])[-1]
+        last = params.get("last", [None])[-1]
+        if last is not None:
+            last = int(last) if last.isdigit() and last.isascii() else -1
         return cls(Filters.from_lists(values("project"), values("session"), values("type"), limits,
                                       values("exclude_type")),
-                   parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""))
+                   parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""),
+                   last=_line_count(last))
 
     @classmethod
     def from_message(cls, obj: Dict[str, Any], now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
@@ -3533,14 +3556,16 @@ class Subscription:
                 raise ValueError("'%s' must be a string or a list of strings" % name)
             lists.append(value)
         cursors = obj.get("cursors", {})
-        if not isinstance(cursors, dict) or not all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                for k, v in cursors.items()):
+        if not _offsets(cursors):
             raise ValueError("'cursors' must map paths to byte offsets")
         if any(k.endswith("/") and v != 0 for k, v in cursors.items()):
             raise ValueError("a folder's cursor (a path ending in '/') must be 0")
+        until = obj.get("until", {})
+        if not _offsets(until) or any(k.endswith("/") for k in until):
+            raise ValueError("'until' must map file paths to byte offsets")
         return cls(Filters.from_lists(*lists[:3], limits=limits, exclude_types=lists[3]),
-                   parse_since(obj.get("since"), now), dict(cursors))
+                   parse_since(obj.get("since"), now), dict(cursors), last=_line_count(obj.get("last")),
+                   until=dict(until))
 
 
 def client_message(text: str) -> Dict[str, Any]:
@@ -3847,19 +3872,64 @@ def cursor_valid(rec: FileRecord, offset: int) -> bool:
         return False
 
 
+class LastLines:
+    """Where the last ``count`` lines before ``end`` start, found reading backwards
+    a block per ``step`` (never before ``floor``): a viewer asks for a session's
+    end first, and a 775 MB file is not read from its start for that."""
+
+    def __init__(self, rec: FileRecord, floor: int, end: int, count: int, block: int):
+        self.abspath, self.identity = rec.abspath, (rec.dev, rec.ino)
+        self.floor, self.pos, self.block = floor, end, block
+        self.newlines = count + 1       # the one ending the line before them is the last to find
+        self.start: Optional[int] = None if end > floor else floor
+
+    def step(self) -> int:
+        """Read one block backwards; return its size. ``start`` is set when found."""
+        low = max(self.floor, self.pos - self.block)
+        try:
+            with open_regular(self.abspath, self.identity) as fh:
+                fh.seek(low)
+                chunk = fh.read(self.pos - low)
+        except (FileChanged, FileNotFoundError):
+            chunk = b""                 # replaced meanwhile: the tailer reports a reset
+        if len(chunk) != self.pos - low:
+            self.start = self.floor
+            return len(chunk)
+        found = chunk.count(b"\n")
+        if found < self.newlines:
+            self.newlines -= found
+            self.pos = low
+            if low == self.floor:
+                self.start = self.floor
+            return len(chunk)
+        at = len(chunk)
+        for _ in range(self.newlines):
+            at = chunk.rfind(b"\n", 0, at)
+        self.start = low + at + 1
+        return len(chunk)
+
+
 class Backlog:
     """One file a client is behind in, read from disk up to what the tailer delivered.
 
     With ``since`` set, lines before the first entry of that time or later are
     skipped (with the untimed lines right before it, e.g. a snapshot, kept).
-    ``ready`` holds the messages due next, in file order.
+    With ``last``, it starts no earlier than the last ``last`` lines before its
+    end. With ``until``, it is a range the client fetches again: the lines up to
+    that offset; then the file goes on from ``resume`` (where the client already
+    was in it), or with ``then``. ``ready`` holds the messages due next, in file order.
     """
 
-    def __init__(self, rec: FileRecord, offset: int, limits: Limits, since: Optional[float] = None):
+    def __init__(self, rec: FileRecord, offset: int, limits: Limits, since: Optional[float] = None,
+                 last: Optional[int] = None, until: Optional[int] = None, resume: int = 0):
         self.rec = rec
         self.reader = LineReader(rec, offset, limits.max_line_bytes)
         self.limits = limits
         self.since = since
+        self.until, self.resume = until, resume
+        self.then: Optional[Backlog] = None     # after a range: the backlog it interrupted
+        self.seek = None if last is None else LastLines(
+            rec, offset, rec.line_start if until is None else until, last, limits.catchup_block)
         self.held: List[LineMessage] = []       # untimed lines, fate pending
         self.ready: Deque[LineMessage] = collections.deque()
         self.last_key = ""                      # for merging files in time order
@@ -3871,22 +3941,20 @@ class Backlog:
         A file that cannot be read becomes one ``gap`` in its place in the
         history, and the rest of the history goes on.
         """
+        if self.seek is not None:
+            return self._seek(log), False
         reader, limits = self.reader, self.limits
         read = 0
         while not self.ready:
             if not reader.lines:
                 if read:
                     return read, False      # one block per call: the tick stays short
-                limit = self.rec.delivered_end
+                limit = self.rec.delivered_end if self.until is None else self.until
                 try:
                     read = reader.fill(limit, limits.catchup_block if reader.blocks
                                        else limits.catchup_first_block)
                 except OSError as exc:
-                    log.warn("cannot read %s for a client's history: %s"
-                             % (self.rec.rel, exc.strerror or exc), key="files")
-                    self.ready.append(gap_message(self.rec, reader.line_start,
-                                                  "cannot read: %s" % (exc.strerror or exc)))
-                    reader.give_up(limit)
+                    self._unreadable(log, exc, limit)
                     return 0, False
                 if not read:
                     if self.held and self.rec.mtime >= (self.since or 0):
@@ -3900,6 +3968,32 @@ class Backlog:
             if message is not None:
                 self._window(message)
         return read, False
+
+    def _seek(self, log: Log) -> int:
+        """One block of the search for the last lines; the reader starts where they do."""
+        seek = self.seek
+        try:
+            read = seek.step()
+        except OSError as exc:
+            self.seek = None
+            self._unreadable(log, exc, self.rec.delivered_end if self.until is None else self.until)
+            return 0
+        if seek.start is not None:
+            self.seek = None
+            self.reader = LineReader(self.rec, seek.start, self.limits.max_line_bytes)
+        return read
+
+    def _unreadable(self, log: Log, exc: OSError, limit: int) -> None:
+        log.warn("cannot read %s for a client's history: %s"
+                 % (self.rec.rel, exc.strerror or exc), key="files")
+        self.ready.append(gap_message(self.rec, self.reader.line_start,
+                                      "cannot read: %s" % (exc.strerror or exc)))
+        self.reader.give_up(limit)
+
+    @property
+    def next_offset(self) -> int:
+        """Where this file goes on for the client once the backlog is done."""
+        return self.reader.line_start if self.until is None else self.resume
 
     def _window(self, message: LineMessage) -> None:
         """Apply ``since``: hold untimed lines until a timed one says whether they are in."""
@@ -3983,7 +4077,12 @@ class Feed:
             start = sub.cursors.get(rel)
             if start is None and folders:   # a folder's cursor: every file below without its own
                 start = next((v for k, v in folders if rel.startswith(k)), None)
-            if start is not None:
+            until = sub.until.get(rel)
+            if until is not None and (until > rec.line_start or not cursor_valid(rec, until)):
+                until = None                # not a line start we sent: the range runs to the end
+            if until is not None:
+                self._refetch(rec, start or 0, until, sub)
+            elif start is not None:
                 if not cursor_valid(rec, start):
                     out.append(reset_message(rec, "cursor")[0])
                     start = 0
@@ -3996,13 +4095,30 @@ class Feed:
                 # by a live line that came while the client was held, say): it reads
                 # from what was last sent, so it covers that backlog's lines too.
                 start = self.position.get(rel, 0)
-                if start < rec.line_start:
-                    self.backlog[rel] = Backlog(rec, start, self.limits, since=sub.since)
+                if start < rec.line_start:      # `last` leaves out nothing already begun here
+                    last = None if rel in self.position else sub.last
+                    self.backlog[rel] = Backlog(rec, start, self.limits, since=sub.since, last=last)
         if self.phase is not Phase.LIVE or self.backlog:
             self.phase = Phase.CATCHING_UP      # even with nothing behind: it ends with `live`
         if acknowledge:
             out.append(subscribed_message(sub.filters, len(self.backlog)))
         return out
+
+    def _refetch(self, rec: FileRecord, start: int, until: int, sub: Subscription) -> None:
+        """A range of a file sent again (a viewer's lines it dropped), within ``since``
+        and ``last``; then the file goes on from where this client was in it, or,
+        for a file it never followed, from the live edge of now."""
+        if start >= until or not cursor_valid(rec, start):
+            return
+        rel = rec.rel
+        held = self.backlog.pop(rel, None)
+        resume = self.position.get(rel, rec.line_start)
+        if held is not None and held.until is not None:     # a range asked before: this one replaces it
+            resume, held = held.resume, held.then
+        resume = until if held is not None else max(until, resume)
+        self.backlog[rel] = Backlog(rec, start, self.limits, since=sub.since, last=sub.last,
+                                    until=until, resume=resume)
+        self.backlog[rel].then = held
 
     def offer(self, lines: List[Tuple[FileRecord, LineMessage]], unsent: int) -> List[bytes]:
         """Live lines: the frames to send now; the rest are sent already, filtered out,
@@ -4071,7 +4187,8 @@ class Feed:
             rel = heapq.heappop(heads)[2]
             backlog = self.backlog[rel]
             message = backlog.ready.popleft()
-            self.position[rel] = message.next
+            if backlog.until is None:       # a range sent again leaves the position where it was
+                self.position[rel] = message.next
             if self.filters.match(message.meta):
                 frames.append(message.frame)
                 used += len(message.frame)
@@ -4094,9 +4211,19 @@ class Feed:
             self._merge_seq += 1
             heapq.heappush(heads, (backlog.sort_key(), self._merge_seq, rel))
             return read, False
-        if exhausted or backlog.rec.gone:
+        rec = backlog.rec
+        if exhausted or rec.gone:
             del self.backlog[rel]           # caught up: live delivery takes over
-            return read, False
+            after = backlog.then
+            if after is None:
+                at = self.position[rel] = max(self.position.get(rel, 0), backlog.next_offset)
+                if backlog.until is not None and at < rec.line_start:
+                    after = Backlog(rec, at, self.limits)
+            if after is None or rec.gone:
+                return read, False
+            self.backlog[rel] = after       # a range is sent: what the file gained meanwhile
+            more, scanning = self._refill(rel, after, heads)
+            return read + more, scanning
         return read, True
 
 
@@ -6646,9 +6773,10 @@ class ClientApp:
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
                  token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None):
         self.loop = loop
         self.limits = limits
+        self.last = last
         self.token = token
         self.tls = tls
         self.json_mode = json_mode
@@ -6686,6 +6814,8 @@ class ClientApp:
         request["kind"] = "subscribe"
         request["since"] = link.since or (link.epoch if link.resuming else None)
         request["cursors"] = link.cursors
+        if self.last and not link.resuming:     # a resume loses nothing: every line from the cursors
+            request["last"] = self.last
         return _json(request)
 
     def start(self) -> None:
@@ -6851,6 +6981,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _line_total(text: str) -> int:
+    if not (text.isdigit() and text.isascii()) or int(text) < 1:
+        raise argparse.ArgumentTypeError("not a number of lines (1 or more): %r" % text)
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError("not a port number: %r" % text)
@@ -6913,6 +7049,9 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
     client.add_argument("--since", metavar="WHEN",
                         help="first replay entries since WHEN: a duration (90s, 10m, 2h, 7d), an "
                              "ISO time, or 'all'; then continue live")
+    client.add_argument("--last", type=_line_total, metavar="N",
+                        help="of that history, at most each file's last N lines, as tail -n N does "
+                             "(alone: --since all --last N)")
     client.add_argument("--project", action="append", default=[], metavar="NAME",
                         help="only projects whose folder name contains NAME (repeatable)")
     client.add_argument("--session", action="append", default=[], metavar="ID",
@@ -7066,8 +7205,9 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
             parse_since(args.since, time.time())
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
-    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=args.since,
-                    token=given_token(args, log, "client"), tls=tls)
+    since = "all" if args.since is None and args.last else args.since
+    app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=since,
+                    token=given_token(args, log, "client"), tls=tls, last=args.last)
     resize = (signal.SIGWINCH,) if hasattr(signal, "SIGWINCH") else ()
     loop.handle_signals(STOP_SIGNALS + resize,
                         lambda signum: app.resized() if signum in resize else app.stop())

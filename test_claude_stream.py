@@ -1480,6 +1480,51 @@ class NoLossTests(unittest.TestCase):
         for path, offsets in by_file.items():
             self.assertEqual(offsets, sorted(offsets), "out of order in %s" % path)
 
+    def test_a_files_last_lines_and_a_range_before_them_come_at_once_from_a_file_idle_for_days(self):
+        # 40 lines of 100 KB: the last 12 take several 256 KiB blocks read backwards. Under
+        # --poll-interval 30 the idle file's next stat is an hour away, so only a server that
+        # steps a history right after its subscribe answers within the deadline.
+        lines = [entry_line(i, uuid="u-%d" % i, pad="x" * 100000) for i in range(40)]
+        append(self.path(0), "".join(lines))
+        os.utime(self.path(0), (time.time() - 3 * 86400,) * 2)
+        server = ServerProcess(self, [self.root], "--poll-interval", "30")
+        raw = RawClient(server.port, "/?hold=1")
+        raw.message()
+        raw.conn.send_text(json.dumps({"kind": "subscribe", "since": "all", "last": 12}))
+        raw.flush()
+        got = []
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "live":
+                break
+            got.append(msg)
+        got = [m for m in got if m["kind"] == "entry"]
+        self.assertEqual([m["entry"]["uuid"] for m in got], ["u-%d" % i for i in range(28, 40)])
+        # Scrolled up: the 5 lines before the first one held, and nothing after them again.
+        raw.conn.send_text(json.dumps({"kind": "subscribe", "cursors": {"-p/s00.jsonl": 0},
+                                       "until": {"-p/s00.jsonl": got[0]["offset"]}, "last": 5}))
+        raw.flush()
+        again = []
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "live":
+                break
+            again.append(msg)
+        self.assertEqual([m["entry"]["uuid"] for m in again if m["kind"] == "entry"],
+                         ["u-%d" % i for i in range(23, 28)])
+        # ... and the file goes on live from where this client was.
+        append(self.path(0), entry_line(40, uuid="u-40"))
+        self.assertEqual(raw.message()["entry"]["uuid"], "u-40")
+        # The same from the query string, and from the client: `client --last 3`, as tail -n 3.
+        raw = RawClient(server.port, "/?since=all&last=2")
+        self.assertEqual(raw.message()["kind"], "hello")
+        self.assertEqual([raw.message()["entry"]["uuid"] for _ in range(2)], ["u-39", "u-40"])
+        self.assertEqual(raw.message()["kind"], "live")
+        client = ClientProcess(self, server.url, "--json", "--last", "3")
+        client.stdout.wait_line(lambda l: '"live"' in l, what="the client to be live")
+        self.assertEqual([json.loads(l)["entry"]["uuid"] for l in client.stdout.lines if '"entry"' in l],
+                         ["u-38", "u-39", "u-40"])
+
     def test_since_replays_the_window_then_continues_live_without_a_seam(self):
         now = time.time()
         recent = []
@@ -1664,10 +1709,24 @@ class FeedClient:
         self.feed = feed
         self.unsent = 0
         self.cursors = {}
-        self.entries = {}               # path -> uuids received since its last reset
+        self.held = {}                  # path -> {offset: uuid} received since its last reset
+        self.asked = {}                 # path -> (start, end): a range dropped and asked for again
         self.duplicates = []
+        self.out_of_order = []
         self.kinds = []
         self._decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+
+    @property
+    def entries(self):
+        """path -> the uuids held, in file order."""
+        return {path: [held[k] for k in sorted(held)] for path, held in self.held.items()}
+
+    def drop_before(self, path, offset):
+        """A viewer's bound: what it holds of ``path`` before ``offset`` goes, to be asked for again."""
+        held = self.held.get(path, {})
+        for k in [k for k in held if k < offset]:
+            del held[k]
+        self.asked[path] = (0, offset)
 
     def send_frames(self, frames):
         for frame in frames:
@@ -1677,12 +1736,30 @@ class FeedClient:
             path = message.get("path")
             if message["kind"] == "reset":
                 self.cursors[path] = 0
-                self.entries[path] = []
+                self.held[path] = {}
+                self.asked.pop(path, None)
             elif message["kind"] == "entry":
-                if message["offset"] < self.cursors.get(path, 0):
-                    self.duplicates.append((path, message["offset"]))
-                self.cursors[path] = message["next"]
-                self.entries.setdefault(path, []).append(message["entry"]["uuid"])
+                offset, held = message["offset"], self.held.setdefault(path, {})
+                start, end = self.asked.get(path, (0, 0))
+                if offset in held:
+                    self.duplicates.append((path, offset))
+                elif not start <= offset < end and offset < self.cursors.get(path, 0):
+                    self.out_of_order.append((path, offset))    # behind what came, not in a range asked for
+                if not start <= offset < end:
+                    self.cursors[path] = message["next"]
+                elif message["next"] < end:
+                    self.asked[path] = (message["next"], end)
+                else:
+                    del self.asked[path]
+                held[offset] = message["entry"]["uuid"]
+
+    def subscription(self, **fields):
+        """A subscribe that asks again for the ranges still missing (a subscribe replaces
+        what the earlier ones asked for the files it names)."""
+        cursors = dict(fields.pop("cursors", {}))
+        cursors.update({path: start for path, (start, _) in self.asked.items()})
+        return cs.Subscription(cs.Filters(), cursors=cursors,
+                               until={path: end for path, (_, end) in self.asked.items()}, **fields)
 
     def sync(self):
         pass
@@ -1693,8 +1770,9 @@ class FeedTests(TailerTestCase):
     congestion, catch-up steps, re-subscribes, a reset and a removal that a small
     generator makes delivers each line exactly once, in file order."""
 
-    # write, tail, congestion on/off, step, hold, resume, history again, reset a, remove b
-    OPS = "wtcsurhxm"
+    # write, tail, congestion on/off, step, hold, resume, history again, reset a, remove b,
+    # and a viewer's range (the older half of what it holds of a dropped, and asked for again)
+    OPS = "wtcsurhxme"
     LIMITS = cs.Limits(catchup_first_block=64, catchup_block=128, catchup_low_water=1 << 20)
 
     def setUp(self):
@@ -1746,10 +1824,10 @@ class FeedTests(TailerTestCase):
                 client.send_frames(feed.subscribe(cs.Subscription(cs.Filters(), hold=True),
                                                   tailer.files.values(), acknowledge=False))
             elif op == "r":         # a resume on the same feed, from the cursors the client holds
-                sub = cs.Subscription(cs.Filters(), cursors=dict(client.cursors))
+                sub = client.subscription(cursors=client.cursors)
                 client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
             elif op == "h":         # all history again: only what was not sent yet may come
-                sub = cs.Subscription(cs.Filters(), since=float("-inf"))
+                sub = client.subscription(since=float("-inf"))
                 client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
             elif op == "x":         # truncated and written again
                 with open(a, "wb"):
@@ -1760,9 +1838,14 @@ class FeedTests(TailerTestCase):
             elif op == "m" and not removed:
                 os.unlink(b)
                 removed = True
+            elif op == "e" and len(client.held.get("p/a.jsonl", ())) >= 2 and not client.asked:
+                held = sorted(client.held["p/a.jsonl"])
+                client.drop_before("p/a.jsonl", held[len(held) // 2])
+                client.send_frames(feed.subscribe(client.subscription(), tailer.files.values(),
+                                                  acknowledge=True))
         client.unsent = 0
         if feed.phase is cs.Phase.HELD:     # the held client subscribes, from its cursors
-            client.send_frames(feed.subscribe(cs.Subscription(cs.Filters(), cursors=dict(client.cursors)),
+            client.send_frames(feed.subscribe(client.subscription(cursors=client.cursors),
                                               tailer.files.values(), acknowledge=True))
         for _ in range(100):        # then the client drains: everything arrives
             tail()
@@ -1783,6 +1866,7 @@ class FeedTests(TailerTestCase):
             written, client, removed = self.run_ops(ops)
             runs += 1
             self.assertEqual(client.duplicates, [], ops)
+            self.assertEqual(client.out_of_order, [], ops)
             self.assertEqual(client.entries.get("p/a.jsonl", []), written["p/a.jsonl"], ops)
             got_b = client.entries.get("p/b.jsonl", [])
             if removed:         # lines read before the removal, in order, each once
@@ -1791,7 +1875,49 @@ class FeedTests(TailerTestCase):
                 self.assertEqual(got_b, written["p/b.jsonl"], ops)
             self.assertIs(client.feed.phase, cs.Phase.LIVE, ops)     # caught up, and told so
             self.assertIn("live", client.kinds, ops)
-        self.assertEqual(runs, sum(len(self.OPS) ** n for n in range(1, 5)))      # 7,380
+        self.assertEqual(runs, sum(len(self.OPS) ** n for n in range(1, 5)))      # 11,110
+
+
+    def test_last_sends_each_files_last_lines_and_a_range_ends_where_asked(self):
+        # Lines of many sizes, read backwards in 128-byte blocks: a line longer than a block,
+        # a block edge on a newline, and a file shorter than the count asked for.
+        root = tempfile.mkdtemp(dir=self.tmp.name)
+        os.makedirs(os.path.join(root, "p"))
+        long_file, short_file = os.path.join(root, "p", "a.jsonl"), os.path.join(root, "p", "b.jsonl")
+        sizes = [1, 300, 7, 90, 0, 128, 5, 400, 2, 60] * 3
+        append(long_file, "".join(json.dumps({"type": "user", "uuid": "a-%d" % i, "pad": "x" * n}) + "\n"
+                                  for i, n in enumerate(sizes)))
+        append(short_file, "".join(json.dumps({"type": "user", "uuid": "b-%d" % i}) + "\n" for i in range(3)))
+        tailer = self.make_tailer([root], self.LIMITS)
+        self.poll(tailer)
+        for count in (1, 2, 5, 29, 30, 31, 1000):
+            client = FeedClient(cs.Feed(self.LIMITS, tailer.log))
+            client.send_frames(client.feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf"), last=count),
+                                                     tailer.files.values(), acknowledge=True))
+            for _ in range(200):
+                client.send_frames(client.feed.step(1 << 20, 0)[0])
+            self.assertIs(client.feed.phase, cs.Phase.LIVE, count)
+            self.assertEqual(client.entries["p/a.jsonl"], ["a-%d" % i for i in range(len(sizes))][-count:], count)
+            self.assertEqual(client.entries["p/b.jsonl"], ["b-%d" % i for i in range(3)][-count:], count)
+        # Scrolled up: the last 4 lines before the 10th, and nothing after them again; then
+        # the file goes on live from where this client was.
+        offsets = sorted(client.held["p/a.jsonl"])
+        client.drop_before("p/a.jsonl", offsets[10])
+        client.send_frames(client.feed.subscribe(cs.Subscription(cs.Filters(), cursors={"p/a.jsonl": 0},
+                                                                 until={"p/a.jsonl": offsets[10]}, last=4),
+                                                 tailer.files.values(), acknowledge=True))
+        append(long_file, json.dumps({"type": "user", "uuid": "a-new"}) + "\n")
+        for _ in range(50):
+            client.send_frames(client.feed.step(1 << 20, 0)[0])
+            cs.Broadcast(tailer.log, self.LIMITS).publish(self.poll(tailer), [client])
+        self.assertEqual(client.duplicates, [])
+        self.assertEqual(client.entries["p/a.jsonl"],
+                         ["a-%d" % i for i in range(6, len(sizes))] + ["a-new"])
+        # What a client asks is checked: a bad count or range is an error, not a replay.
+        for bad in ({"last": 0}, {"last": "5"}, {"last": True}, {"until": {"p/a.jsonl": -1}},
+                    {"until": {"p/": 0}}, {"until": []}):
+            with self.assertRaises(ValueError, msg=bad):
+                cs.Subscription.from_message(dict({"kind": "subscribe"}, **bad), time.time())
 
 
 class SlowClientTests(unittest.TestCase):
