@@ -4661,6 +4661,11 @@ class StreamServer:
 # sessions times this many lines, whatever their files' length.
 PAGE_ENTRIES_KEPT = 5000
 
+# A fresh page asks first for each file's last lines, this many (subscribe's
+# ``last``), so that the end of a long session is drawn in a moment; what came
+# before them follows on a second socket while the page is already usable.
+PAGE_FIRST_LINES = 300
+
 # What the page must agree on with the server and the Python client, taken from
 # their constants so there is one of each: the reconnect backoff, the close
 # codes it explains, and parse_since's grammar for ?since= (its patterns, which
@@ -4668,6 +4673,7 @@ PAGE_ENTRIES_KEPT = 5000
 # milliseconds, as the page's clock counts.
 PAGE_CONSTANTS = {
     "PAGE_ENTRIES_KEPT": PAGE_ENTRIES_KEPT,
+    "PAGE_FIRST_LINES": PAGE_FIRST_LINES,
     "RECONNECT_MIN": round(RECONNECT_MIN * 1000),
     "RECONNECT_MAX": round(RECONNECT_MAX * 1000),
     "CLOSE_GOING_AWAY": int(CloseCode.GOING_AWAY),
@@ -5306,7 +5312,10 @@ const state = {
   types: new Set(),           // entry types seen, for the type filter
   selected: null, agent: null, duplicates: 0, lastEpoch: null,
   connections: 0,             // sockets opened: more than one, the server dropped the page (or restarted)
-  fetching: false,            // a "load earlier" replay is on its way, until the server says live
+  fetching: false,            // a range is on its way on the second socket, until it says live
+  side: null,                 // that socket: earlier (or later) lines, never in the way of live ones
+  isLive: false,              // the first socket has caught up
+  fill: null,                 // the history window, while what came before the first look is due
   chosen: false,              // a session was clicked
   settled: false,             // the first history is in: the selection stays where it is
 };
@@ -5325,6 +5334,7 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
   const ws = new WebSocket(scheme + location.host + "/?hold=1&token=" + encodeURIComponent(token));
   state.ws = ws;
+  state.isLive = false;
   state.connections += 1;
   setState("connecting", state.resuming || state.epoch ? "reconnecting…" : "connecting…");
   let opened = false;
@@ -5384,7 +5394,9 @@ function receive(msg) {
         state.resuming = false;
         // A new window after an earlier one: at least everything since that began,
         // so nothing written while switching is missed (lines shown stay once).
-        subscribe({since: state.since || state.lastEpoch});
+        // Each file's last lines first; what came before them follows (fill).
+        state.fill = state.since || state.lastEpoch;
+        subscribe({since: state.fill, last: PAGE_FIRST_LINES});
       } else {
         // Resuming: files we hold a cursor for go on from it; files we never heard
         // of are asked for since our window began (or since we first connected).
@@ -5426,9 +5438,10 @@ function forget(path) {
 
 function live() {
   state.failures = 0;
-  state.fetching = false;
-  if (!state.settled) { drawList(); state.settled = true; }   // its last choice, with every line in
-  setState("live", "● live");
+  state.isLive = true;
+  if (!state.settled) { drawList(); state.settled = true; }   // its choice, with each file's end in
+  if (!state.side) setState("live", "● live");
+  if (state.fill) fill();
   // The default window held no session: a wider one, so that the first look shows the latest sessions.
   if (state.widen && !state.sessions.size && widerWindow(state.window)) setWindow(widerWindow(state.window));
   scheduleView();                 // still at the top of what is held: the next part of a long session
@@ -5811,8 +5824,8 @@ function scrolled() {
 }
 
 function fetchMore(s, lo) {       // drawn up to an end of what is held, with more of it dropped there
-  if (!s || !state.ws || state.ws.readyState !== 1) return;
-  if (view.follow && s.laterFrom.size) loadLater(s);
+  if (!s) return;
+  if (view.follow && s.laterFrom.size && !state.side) loadLater(s);
   // Scrolled up to the top, by the reader (a filter that leaves a few entries is not a scroll):
   // the part before it, which the bound dropped.
   else if (!view.follow && lo === 0 && $("entries").scrollTop < $("entries").clientHeight && s.trimmed &&
@@ -6034,18 +6047,63 @@ function updateEarlier() {
   $("earlier").hidden = !s || !hasEarlier(state, s.paths);
 }
 
+function sideFetch(request, text, failed) {
+  // A range on a socket of its own, closed once it is sent: the first socket
+  // goes on with live lines meanwhile. Lines already held are skipped by (path, offset).
+  if (state.side) return false;
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const ws = new WebSocket(scheme + location.host + "/?hold=1&token=" + encodeURIComponent(token));
+  let done = false;
+  state.side = ws;
+  state.fetching = true;
+  setState("catching", text);
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(ev.data);
+    if (ws !== state.side) return;
+    if (msg.kind === "hello") ws.send(JSON.stringify(Object.assign({kind: "subscribe"}, request)));
+    else if (msg.kind === "entry" || msg.kind === "malformed" || msg.kind === "gap") line(msg);
+    else if (msg.kind === "live" || (msg.kind === "subscribed" && !msg.backlog)) { done = true; ws.close(1000); }
+  };
+  ws.onclose = () => {
+    if (ws !== state.side) return;
+    state.side = null;
+    state.fetching = false;
+    if (!done && failed) failed();
+    if (state.isLive) setState("live", "● live");
+    updateEarlier();
+    scheduleView();
+  };
+  return true;
+}
+
+function heldUntil(paths) {       // path -> where what is held of it starts: a range ends there
+  const until = {};
+  for (const p of paths) if ((state.first.get(p) || 0) > 0) until[p] = state.first.get(p);
+  return until;
+}
+
+function fill() {
+  // The first look had each file's last lines: now what came before them in the
+  // window, for titles, tokens and scrolling up (the bound keeps the latest).
+  const until = heldUntil(state.first.keys());
+  const cursors = {};
+  for (const p of Object.keys(until)) cursors[p] = 0;
+  const since = state.fill;
+  if (!Object.keys(until).length) { state.fill = null; return; }
+  if (sideFetch({since, cursors, until}, "loading earlier…", () => { state.fill = since; })) state.fill = null;
+}
+
 function loadEarlier() {
   const s = state.sessions.get(state.selected);
-  if (!s || !state.ws || state.ws.readyState !== 1) return;
+  if (!s || state.side) return;
   // Room for what comes back: the newer half of what is held goes, to be fetched
-  // again on the way down. The replay brings each file from its start; of what
-  // comes before, the bound keeps the latest, those just above the view.
+  // again on the way down. Each file's lines just before what is held come, at
+  // most that many of each.
   while (s.entries.length > PAGE_ENTRIES_KEPT / 2) drop(s, s.entries.pop(), false);
   view.follow = false;
   changed();
-  state.fetching = true;
-  subscribe({cursors: earlierCursors(s.paths)});
-  setState("catching", "loading earlier…");
+  sideFetch({cursors: earlierCursors(s.paths), until: heldUntil(s.paths), last: PAGE_ENTRIES_KEPT / 2},
+            "loading earlier…");
 }
 
 function setWindow(win) {
@@ -6059,9 +6117,7 @@ function setWindow(win) {
 function loadLater(s) {           // what was dropped from the end, from where it starts in each file
   const cursors = {};
   for (const [path, offset] of s.laterFrom) cursors[path] = offset;
-  s.laterFrom.clear();
-  subscribe({cursors});
-  setState("catching", "catching up…");
+  if (sideFetch({cursors}, "catching up…")) s.laterFrom.clear();
 }
 
 function start() {
