@@ -5153,10 +5153,14 @@ function isSidechain(e, msg) {      // sub-agent work: a 2.1.x agent file, or 1.
   return Boolean(msg && msg.agent) || Boolean(e && e.isSidechain === true);
 }
 
-function agentName(task, id) {      // a sub-agent by its Task (or Agent) call's input, else by its id
+function agentName(task, id, prompt) {
+  // A sub-agent by its Task (or Agent) call's input, else by the task it was given
+  // (its first prompt: the call may be in a part of the session not held), else by its id.
   const parts = task ? [task.description, task.subagent_type].filter((v) => typeof v === "string" && v.trim()) : [];
   if (parts.length) return parts.join(" · ");
   if (typeof id === "string" && id.startsWith("acompact")) return "compaction";
+  const asked = typeof prompt === "string" ? prompt.replace(/\s+/g, " ").trim() : "";
+  if (asked) return asked.length > 48 ? asked.slice(0, 47) + "…" : asked;
   return id ? "agent " + id : "sub-agent";
 }
 
@@ -5898,7 +5902,7 @@ function render(item) {
 function agentLabel(s, id) {         // a sub-agent by the Task call whose prompt its first line is
   const a = s && s.agents.get(id);
   const prompt = a && a.first && a.first.prompt;
-  return agentName(prompt ? state.tasks.get(prompt) : null, id);
+  return agentName(prompt ? state.tasks.get(prompt) : null, id, prompt);
 }
 
 function blocks(li, content, item) {

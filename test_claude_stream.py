@@ -2819,6 +2819,7 @@ class PageTests(ProjectTreeTestCase):
         self.assertEqual(figures["reconnections"], 0, "the server never dropped the page: %s" % figures)
         self.assertIsNotNone(figures["load_ms"], figures)
         self.assertLess(figures["load_ms"], 6000, figures)           # its last screen drawn, from a fresh page
+        self.assertTrue(figures["live_during_history"], figures)     # never behind the history
         self.assertIsNotNone(figures["select_ms"], figures)
         self.assertLess(figures["select_ms"], 1500, figures)         # its end shown, from a click
         self.assertLess(figures["live_blocked_p95_ms"], 48, figures)  # 50 lines a second, live
@@ -2999,6 +3000,12 @@ def page_figures(test, count=20000, patience=60.0, live_seconds=5.0, say=lambda 
     metrics = {m["name"]: m["value"] for m in browser.call("Performance.getMetrics")["metrics"]}
     figures["load_busy_ms"] = round(metrics["TaskDuration"] * 1000)
     say("fresh load: %s" % figures)
+    # A line written now is shown while what came before the first look is still on its way.
+    line = long_session_lines(1, end=time.time())[0].replace('"u-', '"first-live-u-').encode()
+    append(big, line)
+    wait_for(lambda: browser.js(PAGE_JS_SHOWN % (os.path.getsize(big) - len(line))), patience, interval=0.02,
+             message="a live line during the history")
+    figures["live_during_history"] = browser.js("Boolean(claudeStream.side)")
     try:        # and what came before the last lines, on the second socket, while usable
         browser.wait("document.getElementById('state').dataset.state === 'live' && !claudeStream.side", "",
                      patience)
@@ -3400,6 +3407,9 @@ test("sub-agents: named by their Task call, sidechains never the user's, titles 
   assert.equal(lib.agentName(undefined, "a1"), "agent a1");
   assert.equal(lib.agentName(null, "acompact-e1f845"), "compaction");
   assert.equal(lib.agentName(null, null), "sub-agent");
+  assert.equal(lib.agentName(null, "a1", "  Find every caller of\n  parse()  "), "Find every caller of parse()");
+  assert.equal(lib.agentName(null, "a1", "x".repeat(60)), "x".repeat(47) + "…");
+  assert.equal(lib.agentName({subagent_type: "Explore"}, "a1", "ignored"), "Explore");
   assert.equal(lib.isSidechain({type: "user"}, {agent: "a1"}), true);                     // 2.1.x: its own file
   assert.equal(lib.isSidechain({type: "user", isSidechain: true}, {agent: null}), true);  // 1.0.x: in the main file
   assert.equal(lib.isSidechain({type: "user", isSidechain: false}, {}), false);
