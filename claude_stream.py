@@ -206,10 +206,10 @@ TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
 # A message is written on several lines while it streams; its usage is counted
 # once, so the totals remember each message id they counted. Forks and replays
 # copy a message into another file at any distance, so the memory cannot be only
-# the last few lines: it keeps this many distinct messages (about 200 bytes each,
-# so at most ~200 MB), and forgets the oldest beyond. A copy of a forgotten
-# message would be counted again; 1M messages is years of one heavy user.
-USAGE_MAX_MESSAGES = 1 << 20
+# the last few lines: it keeps this many distinct messages (about 420 bytes each,
+# measured: at most ~110 MB), and forgets the oldest beyond. A copy of a message
+# made after that many others would be counted again (``forgotten`` says how often).
+USAGE_MAX_MESSAGES = 1 << 18
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
 
@@ -3974,8 +3974,8 @@ class SessionUsage:
         totals.add(usage, sign, stamp)
 
 
-# Where a message was counted: its usage, session, file, day and timestamp.
-Counted = Tuple[MessageUsage, SessionUsage, str, str, str]
+# Where a message was counted: its usage, session, file and day.
+Counted = Tuple[MessageUsage, SessionUsage, str, str]
 
 
 class UsageBook:
@@ -3996,6 +3996,7 @@ class UsageBook:
         self.totals = UsageTotals()
         self.forgotten = 0
         self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
+        self._day_names: Dict[str, str] = {}    # one string per day, not one per message
 
     def session(self, project: str, session: str) -> SessionUsage:
         found = self.sessions.get((project, session))
@@ -4009,10 +4010,11 @@ class UsageBook:
         if usage is None:
             return []
         stamp = entry.get("timestamp") if isinstance(entry.get("timestamp"), str) else ""
-        counted = (usage, self.session(project, session), path, utc_day(stamp), stamp)
+        day = utc_day(stamp)
+        counted = (usage, self.session(project, session), path, self._day_names.setdefault(day, day))
         key = usage_key(entry, session)
         if key is None:
-            self._count(counted, 1)
+            self._count(counted, 1, stamp)
             return [counted[1]]
         old = self._counted.get(key)
         if old is not None and usage.total <= old[0].total:
@@ -4026,11 +4028,11 @@ class UsageBook:
         if old is None and len(self._counted) > self.max_messages:
             self._counted.popitem(last=False)
             self.forgotten += 1
-        self._count(counted, 1)
+        self._count(counted, 1, stamp)
         return changed
 
-    def _count(self, counted: Counted, sign: int) -> None:
-        usage, session, path, day, stamp = counted
+    def _count(self, counted: Counted, sign: int, stamp: str = "") -> None:
+        usage, session, path, day = counted
         session.add(usage, path, sign, stamp)
         totals = self.days.get(day)
         if totals is None:
