@@ -3949,11 +3949,11 @@ class UsageTotals:
     def as_json(self) -> Dict[str, Any]:
         """The shape of the ``usage`` message and of ``usage --json``."""
         out: Dict[str, Any] = {kind: self.sum(kind) for kind in TOKEN_KINDS}
-        out["cost_usd"] = round(self.cost_usd, 6)
+        out["cost_usd"] = round(self.cost_usd, 9)
         out["unpriced_models"] = self.unpriced_models
         out["models"] = {model: dict({kind: getattr(t, kind) for kind in TOKEN_KINDS},
                                      messages=t.messages,
-                                     cost_usd=None if t.unpriced else round(t.cost_usd, 6))
+                                     cost_usd=None if t.unpriced else round(t.cost_usd, 9))
                          for model, t in sorted(self.models.items())}
         return out
 
