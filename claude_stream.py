@@ -7,6 +7,7 @@ moment its newline is written:
 
     python claude_stream.py serve     # tail every transcript, serve WebSocket clients
     python claude_stream.py client    # show the stream readably (or --json for NDJSON)
+    python claude_stream.py usage     # token and cost totals per session and day, from disk
 
 Design: one ``selectors`` event loop, no threads, no asyncio. A polling stat loop
 (the tailer), woken early by inotify on Linux, turns file bytes into complete
@@ -49,13 +50,14 @@ Map, top to bottom, each part using only those above it:
   Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
   Token files
   Wire format           entry_fields, Filters, Subscription, one builder per message kind
+  Usage and cost        Price, BUILTIN_PRICES, UsageBook (deduplicated totals), read_usage
   Request policy        Host, Origin, token, routes, statuses
   Per-client feed       Backlog, Phase, Feed: live, history, resume and catch-up alike
   Broadcast             Backpressure, Broadcast
   Server                ServerSession, StreamServer
   The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
   Client                Columns, EntryText (what a line says), Renderer, ClientLink, ClientApp
-  Command line          argparse, run_serve, run_client, main
+  Command line          argparse, run_serve, run_client, run_usage, main
 A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
 Connection -> WebSocketEndpoint.sync -> Stream.writelines -> EventLoop._flush ->
@@ -3940,7 +3942,7 @@ class UsageTotals:
 
     @property
     def cost_usd(self) -> float:
-        return sum(t.cost_usd for t in self.models.values())
+        return sum((t.cost_usd for t in self.models.values()), 0.0)
 
     @property
     def unpriced_models(self) -> List[str]:
@@ -7408,7 +7410,7 @@ def add_usage_arguments(usage: argparse.ArgumentParser) -> None:
     usage.add_argument("--json", action="store_true",
                        help="write one JSON document instead of tables")
     usage.add_argument("--prices", metavar="FILE",
-                       help="prices to use instead of the built-in ones, per model (JSON: "
+                       help="prices of models, replacing or added to the built-in ones (JSON: "
                             '{"MODEL": {"input": USD, "output": USD, ...}}, USD per million tokens)')
     usage.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
