@@ -7,6 +7,7 @@ moment its newline is written:
 
     python claude_stream.py serve     # tail every transcript, serve WebSocket clients
     python claude_stream.py client    # show the stream readably (or --json for NDJSON)
+    python claude_stream.py usage     # token and cost totals per session and day, from disk
 
 Design: one ``selectors`` event loop, no threads, no asyncio. A polling stat loop
 (the tailer), woken early by inotify on Linux, turns file bytes into complete
@@ -49,13 +50,14 @@ Map, top to bottom, each part using only those above it:
   Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
   Token files
   Wire format           entry_fields, Filters, Subscription, one builder per message kind
+  Usage and cost        Price, BUILTIN_PRICES, UsageBook (deduplicated totals), read_usage
   Request policy        Host, Origin, token, routes, statuses
   Per-client feed       Backlog, Phase, Feed: live, history, resume and catch-up alike
   Broadcast             Backpressure, Broadcast
   Server                ServerSession, StreamServer
   The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
   Client                Columns, EntryText (what a line says), Renderer, ClientLink, ClientApp
-  Command line          argparse, run_serve, run_client, main
+  Command line          argparse, run_serve, run_client, run_usage, main
 A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
 Connection -> WebSocketEndpoint.sync -> Stream.writelines -> EventLoop._flush ->
@@ -202,6 +204,17 @@ CONNECT_TIMEOUT = 10.0
 EXCERPT_CHARS = 120                 # bytes of a malformed line shown to clients
 TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
 
+# --- Usage and cost -----------------------------------------------------------
+# A message is written on several lines while it streams; its usage is counted
+# once, so the totals remember each message id they counted. Forks and replays
+# copy a message into another file at any distance, so the memory cannot be only
+# the last few lines: it keeps this many distinct messages (about 420 bytes each,
+# measured: at most ~110 MB), and forgets the oldest beyond. A copy of a message
+# made after that many others would be counted again (``forgotten`` says how often).
+USAGE_MAX_MESSAGES = 1 << 18
+PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
+MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
+
 # --- Logging -----------------------------------------------------------------
 LOG_BURST = 20                      # warnings of one kind written at once ...
 LOG_RATE = 1.0                      # ... then at most this many a second; the rest are counted
@@ -291,6 +304,7 @@ class Limits:
     listen_attempts: int = LISTEN_ATTEMPTS
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
+    usage_max_messages: int = USAGE_MAX_MESSAGES
 
     def __post_init__(self) -> None:
         """The limits that follow from the longest line, unless given: a shorter
@@ -3698,6 +3712,449 @@ LIVE_MESSAGE = text_frame(_json({"kind": "live"}))
 
 
 # =============================================================================
+# Usage and cost: token and cost totals of sessions, entry by entry (sans-I/O)
+# =============================================================================
+#
+# The rules are those of ccusage 20.0.24 (the most used tool for this), measured
+# on real transcripts; README's "Usage and cost" says where ours differ. One API
+# response is written as one line per content block, each repeating its usage,
+# and the early lines of 1.x/2.0.x carry streaming placeholders: a message counts
+# once, with its line of the largest usage (all four kinds summed; on a tie, the
+# first). Its key, ``message.id`` + ``requestId``, holds across files, because
+# /fork, --bg and /compact copy history into other files; without a requestId it
+# is ``sessionId`` + ``message.id``, and a line without a message id counts alone.
+# ``<synthetic>`` messages are Claude Code's own, no API call: skipped.
+
+SYNTHETIC_MODEL = "<synthetic>"
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens of one model (Anthropic's unit).
+
+    ``*_above`` price the part of one message's count of a kind above
+    PRICE_TIER_TOKENS, for the models with a long-context tier; one-hour cache
+    writes cost twice the input price (Anthropic's rule, and ccusage's); ``fast``
+    multiplies everything in fast mode (``usage.speed == "fast"``).
+    """
+    input: float
+    output: float
+    cache_write: float              # five-minute cache writes
+    cache_read: float
+    input_above: Optional[float] = None
+    output_above: Optional[float] = None
+    cache_write_above: Optional[float] = None
+    cache_read_above: Optional[float] = None
+    fast: Optional[float] = None
+
+
+# The prices ccusage 20.0.24 (published 2026-09-22) uses with --offline: its
+# embedded snapshot of LiteLLM's model_prices_and_context_window.json, with the
+# fast-mode multipliers of its fast-multiplier-overrides.json. Keys have no date
+# suffix: "claude-sonnet-4-20250514" is looked up as "claude-sonnet-4".
+_LONG_CONTEXT_SONNET = dict(input_above=6.0, output_above=22.5, cache_write_above=7.5,
+                            cache_read_above=0.6)
+PRICES_SOURCE = ("ccusage 20.0.24 (2026-09-22) offline snapshot of LiteLLM "
+                 "model_prices_and_context_window.json")
+BUILTIN_PRICES: Dict[str, Price] = {
+    "claude-3-haiku": Price(0.25, 1.25, 0.3, 0.03),
+    "claude-3-opus": Price(15.0, 75.0, 18.75, 1.5),
+    "claude-3-5-haiku": Price(0.8, 4.0, 1.0, 0.08),
+    "claude-3-5-sonnet": Price(3.0, 15.0, 3.75, 0.3),
+    "claude-3-7-sonnet": Price(3.0, 15.0, 3.75, 0.3),
+    "claude-opus-4": Price(15.0, 75.0, 18.75, 1.5),
+    "claude-opus-4-1": Price(15.0, 75.0, 18.75, 1.5),
+    "claude-sonnet-4": Price(3.0, 15.0, 3.75, 0.3, **_LONG_CONTEXT_SONNET),
+    "claude-sonnet-4-5": Price(3.0, 15.0, 3.75, 0.3, **_LONG_CONTEXT_SONNET),
+    "claude-haiku-4-5": Price(1.0, 5.0, 1.25, 0.1),
+    "claude-opus-4-5": Price(5.0, 25.0, 6.25, 0.5),
+    "claude-opus-4-6": Price(5.0, 25.0, 6.25, 0.5, fast=6.0),
+    "claude-opus-4-7": Price(5.0, 25.0, 6.25, 0.5, fast=6.0),
+    "claude-opus-4-8": Price(5.0, 25.0, 6.25, 0.5, fast=2.0),
+    "claude-sonnet-4-6": Price(3.0, 15.0, 3.75, 0.3),
+    "claude-opus-5": Price(5.0, 25.0, 6.25, 0.5, fast=2.0),
+    "claude-sonnet-5": Price(2.0, 10.0, 2.5, 0.2),
+    "claude-fable-5": Price(10.0, 50.0, 12.5, 1.0),
+    "claude-fable-5-1": Price(10.0, 50.0, 12.5, 0.25),
+    "claude-mythos-5": Price(10.0, 50.0, 12.5, 1.0),
+    "claude-mythos-5-1": Price(10.0, 50.0, 12.5, 0.25),
+    "claude-mythos-preview": Price(10.0, 50.0, 12.5, 1.0),
+}
+_MODEL_DATE_RE = re.compile(r"-\d{8}$")
+_PRICE_FIELDS = tuple(f for f in Price.__dataclass_fields__)
+
+
+def find_price(prices: Dict[str, Price], model: str) -> Optional[Price]:
+    """The model's price: by its exact name, else without its date suffix."""
+    price = prices.get(model)
+    return price if price is not None else prices.get(_MODEL_DATE_RE.sub("", model))
+
+
+def parse_prices(text: str) -> Dict[str, Price]:
+    """A --prices file: ``{"model": {"input": 3, "output": 15, ...}, ...}`` in USD per
+    million tokens, the fields of ``Price``; ``input`` and ``output`` are required,
+    cache writes default to 1.25 x input and reads to 0.1 x input (Anthropic's
+    ratios). Raises ValueError saying what is wrong."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ValueError("not JSON: %s" % exc) from None
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError("must be a JSON object of models, e.g. "
+                         '{"claude-opus-4-7": {"input": 5, "output": 25}}')
+    prices = {}
+    for model, fields in obj.items():
+        if not isinstance(fields, dict):
+            raise ValueError("%s: must be an object of prices" % model)
+        unknown = sorted(set(fields) - set(_PRICE_FIELDS))
+        if unknown:
+            raise ValueError("%s: unknown field %s (known: %s)" % (model, unknown[0], ", ".join(_PRICE_FIELDS)))
+        for name, value in fields.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+                raise ValueError("%s: %s must be a number of USD per million tokens" % (model, name))
+        if "input" not in fields or "output" not in fields:
+            raise ValueError("%s: needs at least input and output" % model)
+        given = {name: float(value) for name, value in fields.items()}
+        given.setdefault("cache_write", given["input"] * 1.25)
+        given.setdefault("cache_read", given["input"] * 0.1)
+        prices[model] = Price(**given)
+    return prices
+
+
+def _count(obj: Dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    return value if type(value) is int and value > 0 else 0   # not bools, floats, negatives
+
+
+@dataclass(frozen=True)
+class MessageUsage:
+    """One API response's usage as counted: its model (``-fast`` added in fast
+    mode, priced apart), the token kinds (cache writes by lifetime, as they are
+    priced apart) and its cost, None when the model has no price."""
+    __slots__ = ("model", "input", "output", "write_5m", "write_1h", "read", "cost")
+    model: str
+    input: int
+    output: int
+    write_5m: int
+    write_1h: int
+    read: int
+    cost: Optional[float]
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output + self.write_5m + self.write_1h + self.read
+
+
+def _tiered(count: int, base: float, above: Optional[float]) -> float:
+    if above is None or count <= PRICE_TIER_TOKENS:
+        return count * base
+    return PRICE_TIER_TOKENS * base + (count - PRICE_TIER_TOKENS) * above
+
+
+def message_cost(price: Price, input: int, output: int, write_5m: int, write_1h: int, read: int) -> float:
+    """USD for one message; the tier applies to each kind's own count in it."""
+    write_1h_above = None if price.input_above is None else 2 * price.input_above
+    return (_tiered(input, price.input, price.input_above)
+            + _tiered(output, price.output, price.output_above)
+            + _tiered(write_5m, price.cache_write, price.cache_write_above)
+            + _tiered(write_1h, 2 * price.input, write_1h_above)
+            + _tiered(read, price.cache_read, price.cache_read_above)) / 1e6
+
+
+def message_usage(entry: Dict[str, Any], prices: Dict[str, Price]) -> Optional[MessageUsage]:
+    """The usage a transcript entry carries, or None (no usage, or <synthetic>)."""
+    message = entry.get("message")
+    usage = message.get("usage") if isinstance(message, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    model = message.get("model") if isinstance(message.get("model"), str) else ""
+    if model == SYNTHETIC_MODEL:
+        return None
+    parts = usage.get("cache_creation")
+    if isinstance(parts, dict):     # split by lifetime since mid-2025; 1 h writes cost more
+        write_5m, write_1h = _count(parts, "ephemeral_5m_input_tokens"), _count(parts, "ephemeral_1h_input_tokens")
+    else:
+        write_5m, write_1h = _count(usage, "cache_creation_input_tokens"), 0
+    counts = (_count(usage, "input_tokens"), _count(usage, "output_tokens"), write_5m, write_1h,
+              _count(usage, "cache_read_input_tokens"))
+    price = find_price(prices, model)
+    cost = None if price is None else message_cost(price, *counts)
+    if usage.get("speed") == "fast":
+        model += "-fast"
+        cost = None if cost is None or price is None or price.fast is None else cost * price.fast
+    return MessageUsage(model, *counts, cost)
+
+
+def usage_key(entry: Dict[str, Any], session: str) -> Optional[str]:
+    """What makes two lines the same message (see above); None: none can match."""
+    message = entry.get("message")
+    message_id = message.get("id") if isinstance(message, dict) else None
+    if not isinstance(message_id, str):
+        return None
+    request_id = entry.get("requestId")
+    if isinstance(request_id, str):
+        return "r\0%s\0%s" % (message_id, request_id)
+    session_id = entry.get("sessionId")
+    return "s\0%s\0%s" % (session_id if isinstance(session_id, str) else session, message_id)
+
+
+def usage_scope(rel: str, entry: Dict[str, Any]) -> Tuple[str, str]:
+    """(project, session) a line of file ``rel`` counts for: the session the file
+    belongs to, sub-agents' files with their parent (a 2.0.x ``agent-<id>.jsonl``
+    beside the sessions names it only in its lines' ``sessionId``)."""
+    project, session, agent = classify_path(rel)
+    if session is None:
+        session_id = entry.get("sessionId")
+        session = session_id if isinstance(session_id, str) else "agent-%s" % agent
+    return project, session
+
+
+def utc_day(stamp: str) -> str:
+    """The UTC date of an ISO time, "" if it has none."""
+    if len(stamp) > 10 and stamp.endswith("Z") and stamp[4] == "-" and stamp[7] == "-":
+        return stamp[:10]           # Claude Code's own form: no parsing needed
+    when = parse_timestamp(stamp)
+    return when.astimezone(timezone.utc).date().isoformat() if when is not None else ""
+
+
+@dataclass
+class Tally:
+    """One model's totals in one scope (a session, a file, a day, everything)."""
+    messages: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    unpriced: int = 0               # messages whose model has no price
+
+    def add(self, usage: MessageUsage, sign: int) -> None:
+        self.messages += sign
+        self.input_tokens += sign * usage.input
+        self.output_tokens += sign * usage.output
+        self.cache_creation_input_tokens += sign * (usage.write_5m + usage.write_1h)
+        self.cache_read_input_tokens += sign * usage.read
+        if usage.cost is None:
+            self.unpriced += sign
+        else:
+            self.cost_usd += sign * usage.cost
+
+
+TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+class UsageTotals:
+    """Totals by model of one scope. Cost is known per model or not at all: a
+    model without a price has ``cost_usd`` null, and the scope's ``cost_usd``
+    (the priced models' sum) comes with ``unpriced_models`` naming it."""
+
+    def __init__(self) -> None:
+        self.models: Dict[str, Tally] = {}
+        self.last = ""                  # the latest timestamp counted
+
+    def add(self, usage: MessageUsage, sign: int, stamp: str = "") -> None:
+        tally = self.models.get(usage.model)
+        if tally is None:
+            tally = self.models[usage.model] = Tally()
+        tally.add(usage, sign)
+        if tally.messages <= 0:
+            del self.models[usage.model]    # not a residue of float cost
+        if stamp > self.last:
+            self.last = stamp
+
+    def sum(self, kind: str) -> int:
+        return sum(getattr(t, kind) for t in self.models.values())
+
+    @property
+    def cost_usd(self) -> float:
+        return sum((t.cost_usd for t in self.models.values()), 0.0)
+
+    @property
+    def unpriced_models(self) -> List[str]:
+        return sorted(m for m, t in self.models.items() if t.unpriced)
+
+    def as_json(self) -> Dict[str, Any]:
+        """The shape of the ``usage`` message and of ``usage --json``."""
+        out: Dict[str, Any] = {kind: self.sum(kind) for kind in TOKEN_KINDS}
+        out["cost_usd"] = round(self.cost_usd, 9)
+        out["unpriced_models"] = self.unpriced_models
+        out["models"] = {model: dict({kind: getattr(t, kind) for kind in TOKEN_KINDS},
+                                     messages=t.messages,
+                                     cost_usd=None if t.unpriced else round(t.cost_usd, 9))
+                         for model, t in sorted(self.models.items())}
+        return out
+
+
+class SessionUsage:
+    """One session's totals, and each of its files' own."""
+
+    def __init__(self, project: str, session: str) -> None:
+        self.project, self.session = project, session
+        self.totals = UsageTotals()
+        self.files: Dict[str, UsageTotals] = {}
+
+    def add(self, usage: MessageUsage, path: str, sign: int, stamp: str) -> None:
+        self.totals.add(usage, sign, stamp)
+        totals = self.files.get(path)
+        if totals is None:
+            totals = self.files[path] = UsageTotals()
+        totals.add(usage, sign, stamp)
+
+
+# Where a message was counted: its usage, session, file and day.
+Counted = Tuple[MessageUsage, SessionUsage, str, str]
+
+
+class UsageBook:
+    """Token and cost totals of sessions, fed one parsed transcript entry at a time.
+
+    Sans-I/O: ``usage`` reads files into it, and a server can feed it the lines
+    it tails. ``add`` says which sessions' totals changed. Each message counted
+    is remembered under its key, up to ``limits.usage_max_messages`` (then the
+    oldest is forgotten, counted in ``forgotten``); a later line of a message
+    with a larger usage replaces its count, wherever that was.
+    """
+
+    def __init__(self, prices: Optional[Dict[str, Price]] = None, limits: Limits = DEFAULT_LIMITS):
+        self.prices = BUILTIN_PRICES if prices is None else prices
+        self.max_messages = limits.usage_max_messages
+        self.sessions: Dict[Tuple[str, str], SessionUsage] = {}
+        self.days: Dict[str, UsageTotals] = {}
+        self.totals = UsageTotals()
+        self.forgotten = 0
+        self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
+        self._day_names: Dict[str, str] = {}    # one string per day, not one per message
+
+    def session(self, project: str, session: str) -> SessionUsage:
+        found = self.sessions.get((project, session))
+        if found is None:
+            found = self.sessions[(project, session)] = SessionUsage(project, session)
+        return found
+
+    def add(self, entry: Dict[str, Any], project: str, session: str, path: str) -> List[SessionUsage]:
+        """Count one line of file ``path`` for ``session``; the sessions it changed."""
+        usage = message_usage(entry, self.prices)
+        if usage is None:
+            return []
+        stamp = entry.get("timestamp") if isinstance(entry.get("timestamp"), str) else ""
+        day = utc_day(stamp)
+        counted = (usage, self.session(project, session), path, self._day_names.setdefault(day, day))
+        key = usage_key(entry, session)
+        if key is None:
+            self._count(counted, 1, stamp)
+            return [counted[1]]
+        old = self._counted.get(key)
+        if old is not None and usage.total <= old[0].total:
+            return []
+        changed = [counted[1]]
+        if old is not None:
+            self._count(old, -1)
+            if old[1] is not counted[1]:
+                changed.append(old[1])
+        self._counted[key] = counted
+        if old is None and len(self._counted) > self.max_messages:
+            self._counted.popitem(last=False)
+            self.forgotten += 1
+        self._count(counted, 1, stamp)
+        return changed
+
+    def _count(self, counted: Counted, sign: int, stamp: str = "") -> None:
+        usage, session, path, day = counted
+        session.add(usage, path, sign, stamp)
+        totals = self.days.get(day)
+        if totals is None:
+            totals = self.days[day] = UsageTotals()
+        totals.add(usage, sign, stamp)
+        self.totals.add(usage, sign, stamp)
+
+
+# --- reading the files on disk: ``usage`` -------------------------------------
+
+
+class _WholeFile:
+    """split_lines' state for reading one file from its start."""
+
+    def __init__(self) -> None:
+        self.read_pos = self.line_start = 0
+        self.pending = bytearray()
+        self.skipping = False
+
+
+@dataclass
+class UsageReport:
+    """What ``usage`` read: the totals, and what it had to skip."""
+    book: UsageBook
+    roots: List[str] = field(default_factory=list)
+    files: int = 0
+    malformed: int = 0              # lines that are not a JSON object, or too long
+    unreadable: int = 0             # files that could not be read
+
+
+def read_usage(roots: Iterable[str], since: Optional[float], book: UsageBook, log: Log,
+               limits: Limits = DEFAULT_LIMITS) -> UsageReport:
+    """Every transcript under ``roots`` into ``book``, found as the tailer finds them
+    (regular files only, never through a link), in full-path order: on a tie of
+    two copies of a message, the first file keeps it, as in ccusage."""
+    discovery = Discovery(roots, DEFAULT_POLL_INTERVAL, log, limits, wakeups=False, wall=time.time)
+    found, _ = discovery.check(time.monotonic(), full=True)
+    report = UsageReport(book, [r.path for r in discovery.roots])
+    for root in discovery.roots:
+        if not root.present:
+            log.warn("%s does not exist (yet): nothing read there" % root.path)
+    for root, path in sorted(found, key=lambda item: item[1]):
+        rel = os.path.relpath(path, root.path).replace(os.sep, "/")
+        read_usage_file(report, path, rel, since, log, limits)
+    return report
+
+
+def read_usage_file(report: UsageReport, path: str, rel: str, since: Optional[float], log: Log,
+                    limits: Limits = DEFAULT_LIMITS) -> None:
+    state = _WholeFile()
+    try:
+        with open_regular(path) as fh:
+            while True:
+                chunk = fh.read(limits.read_block)
+                if not chunk:
+                    break
+                for offset, line in split_lines(state, chunk, limits.max_line_bytes):
+                    _usage_line(report, rel, offset, line, since, log, limits)
+    except OSError as exc:
+        report.unreadable += 1
+        log.warn("cannot read %s: %s" % (path, exc.strerror or exc), key="usage-read")
+        return
+    report.files += 1
+    if state.pending:               # no newline yet: counted if whole, else it is being written
+        try:
+            decode_line(bytes(state.pending))
+        except MalformedLine:
+            return
+        _usage_line(report, rel, state.line_start, bytes(state.pending), since, log, limits)
+
+
+def _usage_line(report: UsageReport, rel: str, offset: int, line: Optional[bytes],
+                since: Optional[float], log: Log, limits: Limits) -> None:
+    if line is None:
+        report.malformed += 1
+        log.warn("%s at byte %d: a line over %d bytes, skipped" % (rel, offset, limits.max_line_bytes),
+                 key="usage-malformed")
+        return
+    if not line.strip():
+        return
+    try:
+        obj = decode_line(line)
+    except MalformedLine as exc:
+        report.malformed += 1
+        log.warn("%s at byte %d: %s, skipped" % (rel, offset, exc), key="usage-malformed")
+        return
+    if since is not None:
+        when = parse_timestamp(obj.get("timestamp"))
+        if when is None or when.timestamp() < since:
+            return
+    project, session = usage_scope(rel, obj)
+    report.book.add(obj, project, session, rel)
+
+
+# =============================================================================
 # Request policy: who may connect, and what each request gets (sans-I/O)
 # =============================================================================
 
@@ -7063,6 +7520,10 @@ def build_parser() -> ArgumentParser:
     add_client_arguments(commands.add_parser(
         "client", help="show the stream of a server",
         description="Connect to claude_stream servers and show their entries as they are written."))
+    add_usage_arguments(commands.add_parser(
+        "usage", help="token and cost totals of the transcripts on disk",
+        description="Token and cost totals per session (and per file) and per day, from the "
+                    "transcripts on disk."))
     return parser
 
 
@@ -7142,6 +7603,130 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
     client.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
 
+def add_usage_arguments(usage: argparse.ArgumentParser) -> None:
+    usage.add_argument("--root", action="append", metavar="DIR",
+                       help="a projects folder to read (repeatable; default: "
+                            "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and "
+                            "~/.config/claude/projects)")
+    usage.add_argument("--since", metavar="WHEN",
+                       help="only lines written since WHEN: a duration (90s, 10m, 2h, 7d), an ISO "
+                            "time, or 'all' (default)")
+    usage.add_argument("--json", action="store_true",
+                       help="write one JSON document instead of tables")
+    usage.add_argument("--prices", metavar="FILE",
+                       help="prices of models, replacing or added to the built-in ones (JSON: "
+                            '{"MODEL": {"input": USD, "output": USD, ...}}, USD per million tokens)')
+    usage.add_argument("--debug", action="store_true", help="tracebacks on errors")
+
+
+def load_prices(path: Optional[str], command: str) -> Dict[str, Price]:
+    """The built-in prices, with a --prices file's models replacing or added to them."""
+    prices = dict(BUILTIN_PRICES)
+    if path is None:
+        return prices
+    try:
+        with open_regular(path, follow=True) as fh:
+            data = fh.read(MAX_PRICES_FILE_BYTES + 1)
+        if len(data) > MAX_PRICES_FILE_BYTES:
+            raise ValueError("longer than %d bytes" % MAX_PRICES_FILE_BYTES)
+        prices.update(parse_prices(data.decode("utf-8")))
+    except OSError as exc:
+        raise UsageError("%s: --prices %s: %s" % (command, path, exc.strerror or exc)) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError("%s: --prices %s: %s" % (command, path, exc)) from None
+    return prices
+
+
+def usage_document(report: UsageReport, since: Optional[str], prices_file: Optional[str]) -> Dict[str, Any]:
+    """``usage --json``: sessions by last activity, each file's own totals, days, totals."""
+    book = report.book
+    sessions = []
+    for s in sorted(book.sessions.values(), key=lambda s: (s.totals.last, s.project, s.session)):
+        if not s.totals.models:
+            continue
+        files = [dict(path=path, last=t.last or None, **t.as_json())
+                 for path, t in sorted(s.files.items()) if t.models]
+        sessions.append(dict(project=s.project, session=s.session, last=s.totals.last or None,
+                             **s.totals.as_json(), files=files))
+    days = [dict(day=day or None, **t.as_json()) for day, t in sorted(book.days.items()) if t.models]
+    return {"roots": report.roots, "since": since,
+            "prices": PRICES_SOURCE + ("; models of %s replaced or added" % prices_file if prices_file else ""),
+            "sessions": sessions, "days": days, "totals": book.totals.as_json(),
+            "files_read": report.files, "malformed_lines": report.malformed,
+            "unreadable_files": report.unreadable, "forgotten_messages": book.forgotten}
+
+
+USAGE_HEADINGS = ("MODELS", "INPUT", "OUTPUT", "CACHE WRITE", "CACHE READ", "COST")
+USAGE_LABEL_MAX = 60                # columns of the session / file / day label
+
+
+def _cost_text(totals: Dict[str, Any]) -> str:
+    """Dollars; '+?' when a model has no price, '?' when none has."""
+    if totals["unpriced_models"] and not any(m["cost_usd"] for m in totals["models"].values()):
+        return "?"
+    return "$%.2f%s" % (totals["cost_usd"], "+?" if totals["unpriced_models"] else "")
+
+
+def _usage_row(label: str, totals: Dict[str, Any]) -> List[str]:
+    models = ", ".join(m[len("claude-"):] if m.startswith("claude-") else (m or "(no model)")
+                       for m in totals["models"])
+    return ([visible(label), visible(models)] + ["{:,}".format(totals[k]) for k in TOKEN_KINDS]
+            + [_cost_text(totals)])
+
+
+def usage_tables(document: Dict[str, Any]) -> List[str]:
+    """``usage``'s readable output: a table of sessions (their files indented below),
+    one of days, and the totals; every name from disk through visible()."""
+    rows: List[Optional[List[str]]] = [["SESSION / FILE"] + list(USAGE_HEADINGS)]
+    for s in document["sessions"]:
+        rows.append(_usage_row("%s  %s" % (s["session"], s["project"]), s))
+        prefix = s["project"] + "/"
+        for f in s["files"]:     # cut from the left: the file name says which agent
+            path = f["path"][len(prefix):] if f["path"].startswith(prefix) else f["path"]
+            rows.append(_usage_row("  " + shorten_path(path, USAGE_LABEL_MAX - 2), f))
+    rows += [None, ["DAY (UTC)"] + list(USAGE_HEADINGS)]
+    rows += [_usage_row(d["day"] or "(no time)", d) for d in document["days"]]
+    rows += [None, _usage_row("TOTAL", document["totals"])]
+    widths = [max(display_width(r[i]) for r in rows if r) for i in range(len(USAGE_HEADINGS) + 1)]
+    widths[0] = min(widths[0], USAGE_LABEL_MAX)
+    widths[1] = min(widths[1], USAGE_LABEL_MAX // 2)
+    lines = []
+    for row in rows:
+        if row is None:
+            lines.append("")
+            continue
+        cells = [pad(row[0], widths[0]), pad(row[1], widths[1])]
+        cells += [" " * (w - display_width(c)) + c for c, w in zip(row[2:], widths[2:])]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def run_usage(args: argparse.Namespace, log: Log) -> int:
+    roots = args.root or default_roots()
+    check_roots(roots, "usage")
+    since = None
+    if args.since is not None:
+        try:
+            if not args.since.strip():
+                raise ValueError("an empty WHEN; give a duration (10m), an ISO time or 'all'")
+            since = parse_since(args.since, time.time())
+        except ValueError as exc:
+            raise UsageError("usage: --since: %s" % exc) from None
+    book = UsageBook(load_prices(args.prices, "usage"))
+    report = read_usage(roots, since, book, log)
+    document = usage_document(report, args.since, args.prices)
+    if args.json:
+        sys.stdout.write(json.dumps(document, ensure_ascii=True) + "\n")
+    else:
+        sys.stdout.write("\n".join(usage_tables(document)) + "\n")
+    sys.stdout.flush()
+    skipped = ["%d malformed lines" % report.malformed] if report.malformed else []
+    skipped += ["%d unreadable files" % report.unreadable] if report.unreadable else []
+    if skipped:
+        log.warn("%s skipped (see above)" % " and ".join(skipped))
+    return EXIT_OK
+
+
 def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optional[ssl.SSLContext]:
     if certfile is None and keyfile is None:
         return None
@@ -7189,12 +7774,12 @@ def given_token(args: argparse.Namespace, log: Log, command: str) -> Optional[st
     return None
 
 
-def check_roots(roots: List[str]) -> None:
+def check_roots(roots: List[str], command: str = "serve") -> None:
     for root in roots:
         path = os.path.expanduser(root)
         if os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError("serve: --root %s is not a folder (give the projects folder that "
-                             "holds one folder per project)" % root)
+            raise UsageError("%s: --root %s is not a folder (give the projects folder that "
+                             "holds one folder per project)" % (command, root))
 
 
 def run_serve(args: argparse.Namespace, log: Log) -> int:
@@ -7289,7 +7874,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_serve(args, log)
         if args.command == "client":
             return run_client(args, log)
-        raise UsageError("%s: choose a command: serve or client (see 'python3 claude_stream.py "
+        if args.command == "usage":
+            return run_usage(args, log)
+        raise UsageError("%s: choose a command: serve, client or usage (see 'python3 claude_stream.py "
                          "--help')" % PROG)
     except UsageError as exc:
         text = visible(str(exc))

@@ -12,6 +12,7 @@ Environment:
   CLAUDE_STREAM_WSTEST       the Autobahn|Testsuite's wstest command.
   CLAUDE_STREAM_PEER_PYTHON  a Python with websockets, websocket-client, aiohttp.
   CLAUDE_STREAM_NODE_MODULES a node_modules folder holding ws.
+  CLAUDE_STREAM_CCUSAGE      the ccusage 20.0.24 command, the oracle of the usage totals.
 """
 
 import ast
@@ -3631,6 +3632,324 @@ class CommandLineTests(unittest.TestCase):
             self.assertEqual(client.proc.wait(DEADLINE), 0)
             client.stderr.pump()
             self.assertFalse(any("Traceback" in l for l in client.stderr.lines))
+
+
+# =============================================================================
+# Usage and cost (issue 13, points 3 and 4)
+# =============================================================================
+
+
+def usage_entry(message_id="msg_1", request_id="req_1", model="claude-opus-4-7", session="s1",
+                stamp="2026-01-02T03:04:05.678Z", **usage):
+    """An assistant line with ``usage`` (input_tokens=..., output_tokens=..., ...)."""
+    obj = {"type": "assistant", "sessionId": session, "timestamp": stamp,
+           "message": {"model": model, "role": "assistant", "content": [], "usage": usage}}
+    if message_id is not None:
+        obj["message"]["id"] = message_id
+    if request_id is not None:
+        obj["requestId"] = request_id
+    return obj
+
+
+def ccusage_command(test):
+    command = os.environ.get("CLAUDE_STREAM_CCUSAGE", "")
+    require(test, "ccusage", bool(command) and os.access(command, os.X_OK),
+            "set CLAUDE_STREAM_CCUSAGE to ccusage 20.0.24 (.ci/setup installs it)")
+    return command
+
+
+def ccusage_sessions(test, config):
+    """ccusage's per-session table of the config folder ``config`` (holding projects/)."""
+    result = subprocess.run([ccusage_command(test), "session", "--json", "--offline"],
+                            env=dict(os.environ, CLAUDE_CONFIG_DIR=config), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=120)
+    test.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout)["session"]
+
+
+def transcripts_as_config(test):
+    """../shared/transcripts laid out as Claude Code lays them out, in a temporary
+    config folder (copies: ours never follows a link). ``owner__repo__rest`` is
+    project ``owner__repo`` and path ``rest`` with ``__`` as ``/``."""
+    files = transcript_files(test)
+    config = tempfile.mkdtemp(prefix="claude_stream-usage-")
+    test.addCleanup(shutil.rmtree, config)
+    for path in files:
+        owner, repo, rest = os.path.basename(path).split("__", 2)
+        dest = os.path.join(config, "projects", owner + "__" + repo, *rest.split("__"))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(path, dest)
+    return config
+
+
+class UsageTests(unittest.TestCase):
+    """Issue 13.3-4: totals deduplicated and priced as ccusage does; the usage command."""
+
+    def book(self, *entries, path="p/s1.jsonl", **limits):
+        book = cs.UsageBook(limits=cs.Limits(**limits))
+        for entry in entries:
+            project, session = cs.usage_scope(path, entry)
+            book.add(entry, project, session, path)
+        return book
+
+    def test_a_streamed_message_counts_once_with_its_largest_usage(self):
+        # 1.x/2.0.x write the first blocks with placeholder counts: first-wins under-counts.
+        book = self.book(*(usage_entry(input_tokens=10, output_tokens=n, cache_read_input_tokens=500)
+                           for n in (1, 1, 50, 3)))
+        totals = book.totals.as_json()
+        self.assertEqual((totals["input_tokens"], totals["output_tokens"],
+                          totals["cache_read_input_tokens"]), (10, 50, 500))
+        self.assertEqual(totals["models"]["claude-opus-4-7"]["messages"], 1)
+
+    def test_largest_means_all_kinds_summed(self):
+        book = self.book(usage_entry(input_tokens=100, output_tokens=5),
+                         usage_entry(input_tokens=10, output_tokens=10))
+        self.assertEqual(book.totals.sum("input_tokens"), 100)
+        self.assertEqual(book.totals.sum("output_tokens"), 5)
+
+    def test_the_key_holds_across_files_and_the_winner_keeps_the_count(self):
+        book = cs.UsageBook()
+        a = book.add(usage_entry(output_tokens=5), "p", "a", "p/a.jsonl")
+        self.assertEqual([s.session for s in a], ["a"])
+        self.assertEqual(book.add(usage_entry(output_tokens=5), "p", "b", "p/b.jsonl"), [])   # a tie
+        changed = book.add(usage_entry(output_tokens=9), "p", "b", "p/b.jsonl")
+        self.assertEqual(sorted(s.session for s in changed), ["a", "b"])
+        self.assertEqual(book.sessions[("p", "a")].totals.models, {})
+        self.assertEqual(book.sessions[("p", "b")].files["p/b.jsonl"].sum("output_tokens"), 9)
+        self.assertEqual(book.totals.sum("output_tokens"), 9)
+
+    def test_without_a_request_id_the_key_is_session_and_message(self):
+        book = self.book(usage_entry(request_id=None, output_tokens=5),
+                         usage_entry(request_id=None, output_tokens=7),
+                         usage_entry(request_id=None, output_tokens=11, session="other"))
+        self.assertEqual(book.totals.sum("output_tokens"), 7 + 11)
+
+    def test_without_a_message_id_every_line_counts(self):
+        book = self.book(usage_entry(message_id=None, output_tokens=5),
+                         usage_entry(message_id=None, output_tokens=7))
+        self.assertEqual(book.totals.sum("output_tokens"), 12)
+
+    def test_synthetic_messages_are_skipped(self):
+        book = self.book(usage_entry(model="<synthetic>", input_tokens=1000, output_tokens=3),
+                         usage_entry(message_id="m2", input_tokens=1))
+        self.assertEqual(list(book.totals.models), ["claude-opus-4-7"])
+        self.assertEqual(book.totals.sum("input_tokens"), 1)
+
+    def test_sub_agent_files_count_with_their_session(self):
+        self.assertEqual(cs.usage_scope("p/s1/subagents/agent-a12.jsonl", {}), ("p", "s1"))
+        self.assertEqual(cs.usage_scope("p/s1/subagents/workflows/r/agent-a1.jsonl", {}), ("p", "s1"))
+        self.assertEqual(cs.usage_scope("p/agent-c8d9b115.jsonl", {"sessionId": "s1"}), ("p", "s1"))
+        self.assertEqual(cs.usage_scope("p/agent-c8d9b115.jsonl", {}), ("p", "agent-c8d9b115"))
+        self.assertEqual(cs.usage_scope("p/s1.jsonl", {"sessionId": "resumed"}), ("p", "s1"))
+        book = cs.UsageBook()
+        for path, mid in (("p/s1.jsonl", "m1"), ("p/s1/subagents/agent-a1.jsonl", "m2"),
+                          ("p/agent-c8.jsonl", "m3")):
+            entry = usage_entry(message_id=mid, output_tokens=1)
+            book.add(entry, *cs.usage_scope(path, entry), path)
+        session = book.sessions[("p", "s1")]
+        self.assertEqual(session.totals.sum("output_tokens"), 3)
+        self.assertEqual(sorted(session.files), ["p/agent-c8.jsonl", "p/s1.jsonl",
+                                                 "p/s1/subagents/agent-a1.jsonl"])
+
+    def test_token_kinds_and_models_are_kept_apart(self):
+        book = self.book(usage_entry("m1", model="claude-haiku-4-5-20251001", input_tokens=1, output_tokens=2,
+                                     cache_creation_input_tokens=3, cache_read_input_tokens=4),
+                         usage_entry("m2", model="claude-opus-4-7", input_tokens=10, output_tokens=20,
+                                     cache_creation_input_tokens=30, cache_read_input_tokens=40))
+        models = book.totals.as_json()["models"]
+        self.assertEqual(sorted(models), ["claude-haiku-4-5-20251001", "claude-opus-4-7"])
+        self.assertEqual([models["claude-opus-4-7"][k] for k in cs.TOKEN_KINDS], [10, 20, 30, 40])
+        self.assertEqual([book.totals.sum(k) for k in cs.TOKEN_KINDS], [11, 22, 33, 44])
+        self.assertAlmostEqual(models["claude-haiku-4-5-20251001"]["cost_usd"],
+                               (1 * 1 + 2 * 5 + 3 * 1.25 + 4 * 0.1) / 1e6)
+
+    def test_an_unknown_model_has_its_tokens_and_no_cost(self):
+        book = self.book(usage_entry("m1", model="claude-opus-5-5", input_tokens=1000),
+                         usage_entry("m2", model="claude-opus-4-7", input_tokens=1000))
+        totals = book.totals.as_json()
+        self.assertEqual(totals["input_tokens"], 2000)
+        self.assertIsNone(totals["models"]["claude-opus-5-5"]["cost_usd"])
+        self.assertEqual(totals["unpriced_models"], ["claude-opus-5-5"])
+        self.assertAlmostEqual(totals["cost_usd"], 1000 * 5 / 1e6)
+        self.assertEqual(cs._cost_text(totals), "$0.01+?")
+        self.assertEqual(cs._cost_text(self.book(usage_entry(model="x", input_tokens=1)).totals.as_json()), "?")
+
+    def test_cost_rules_measured_on_ccusage(self):
+        # Each figure is what ccusage 20.0.24 --offline says for the same single message.
+        cases = [
+            (dict(model="claude-opus-4-7", cache_creation_input_tokens=10 ** 6), 6.25),
+            (dict(model="claude-opus-4-7", cache_creation_input_tokens=5, cache_creation={
+                "ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 1000}), 0.01625),
+            (dict(model="claude-sonnet-4-20250514", input_tokens=300000), 1.2),
+            (dict(model="claude-sonnet-4-20250514", input_tokens=150000, cache_read_input_tokens=150000), 0.495),
+            (dict(model="claude-sonnet-4-20250514", cache_creation_input_tokens=300000, cache_creation={
+                "ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 300000}), 2.4),
+            (dict(model="claude-opus-4-6", input_tokens=300000), 1.5),
+            (dict(model="claude-opus-4-7", input_tokens=10 ** 6, speed="fast"), 30.0),
+            (dict(model="claude-opus-4-7-20990101", input_tokens=10 ** 6), 5.0),
+        ]
+        for usage, cost in cases:
+            usage = dict(usage)
+            model = usage.pop("model")
+            found = cs.message_usage(usage_entry(model=model, **usage), cs.BUILTIN_PRICES)
+            self.assertAlmostEqual(found.cost, cost, places=9, msg=(model, usage))
+        fast = cs.message_usage(usage_entry(input_tokens=1, speed="fast"), cs.BUILTIN_PRICES)
+        self.assertEqual(fast.model, "claude-opus-4-7-fast")
+        self.assertEqual(cs.message_usage(usage_entry(input_tokens=1, cache_creation={
+            "ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 3}), {}).write_1h, 3)
+
+    def test_counts_that_are_not_counts_are_zero(self):
+        found = cs.message_usage(usage_entry(input_tokens=True, output_tokens=2.5, cache_read_input_tokens=-4,
+                                             cache_creation_input_tokens="7"), cs.BUILTIN_PRICES)
+        self.assertEqual(found.total, 0)
+        self.assertIsNone(cs.message_usage({"message": {"usage": None}}, {}))
+        self.assertIsNone(cs.message_usage({"message": "text"}, {}))
+
+    def test_the_dedupe_memory_is_bounded(self):
+        book = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
+                         usage_entry("m0", output_tokens=2), usage_max_messages=3)
+        self.assertEqual(book.forgotten, 3)        # m0, m1, then m2 made room
+        self.assertEqual(len(book._counted), 3)
+        self.assertEqual(book.totals.sum("output_tokens"), 5 + 2)    # m0 was forgotten: counted again
+        kept = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
+                         usage_entry("m4", output_tokens=2), usage_max_messages=3)
+        self.assertEqual(kept.totals.sum("output_tokens"), 4 + 2)
+
+    def test_prices_file_format(self):
+        prices = cs.parse_prices('{"m": {"input": 2, "output": 8}, "n": {"input": 1, "output": 1, '
+                                 '"cache_read": 0.5, "input_above": 3, "fast": 2}}')
+        self.assertEqual(prices["m"], cs.Price(2.0, 8.0, 2.5, 0.2))
+        self.assertEqual((prices["n"].cache_read, prices["n"].input_above, prices["n"].fast), (0.5, 3.0, 2.0))
+        for text, error in (("[]", "JSON object of models"), ("{", "not JSON"), ('{"m": 3}', "object of prices"),
+                            ('{"m": {"input": 1}}', "needs at least input and output"),
+                            ('{"m": {"input": 1, "output": 1, "cache": 1}}', "unknown field cache"),
+                            ('{"m": {"input": "1", "output": 1}}', "input must be a number"),
+                            ('{"m": {"input": -1, "output": 1}}', "input must be a number")):
+            with self.assertRaisesRegex(ValueError, re.escape(error)):
+                cs.parse_prices(text)
+
+    # --- the command ----------------------------------------------------------
+
+    def run_usage(self, *args, env=None):
+        return subprocess.run([sys.executable, MODULE, "usage"] + list(args), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=DEADLINE,
+                              env=env)
+
+    def tree(self, files):
+        root = tempfile.mkdtemp(prefix="claude_stream-usage-")
+        self.addCleanup(shutil.rmtree, root)
+        for rel, lines in files.items():
+            path = os.path.join(root, *rel.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            append(path, "".join(l if isinstance(l, str) else json.dumps(l) + "\n" for l in lines))
+        return root
+
+    def test_bad_usage_is_one_line_and_exit_2(self):
+        root = self.tree({"p/s.jsonl": []})
+        bad_prices = os.path.join(root, "prices.json")
+        append(bad_prices, '{"m": {"input": 1}}')
+        for args in (["--bogus"], ["--since", "soon"], ["--since", ""], ["--prices", bad_prices],
+                     ["--prices", os.path.join(root, "missing.json")], ["--root", bad_prices], ["--json=1"]):
+            result = self.run_usage("--root", root, *args)
+            self.assertEqual(result.returncode, 2, args)
+            text = result.stderr.decode()
+            self.assertEqual(len(text.strip().splitlines()), 1, text)
+            self.assertNotIn("Traceback", text)
+            self.assertEqual(result.stdout, b"")
+
+    def test_json_document(self):
+        root = self.tree({
+            "p/s1.jsonl": [usage_entry("m1", input_tokens=10, output_tokens=1),
+                           usage_entry("m1", input_tokens=10, output_tokens=4),
+                           "{not json\n", {"type": "user", "message": {"content": "hi"}}],
+            "p/s1/subagents/agent-a1.jsonl": [usage_entry("m2", "r2", stamp="2026-01-03T00:00:00.000Z",
+                                                          output_tokens=6)],
+            "q/s2.jsonl": [usage_entry("m3", "r3", session="s2", model="claude-opus-5-5", input_tokens=7)],
+        })
+        result = self.run_usage("--root", root, "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        doc = json.loads(result.stdout)
+        self.assertEqual(sorted(doc), ["days", "files_read", "forgotten_messages", "malformed_lines", "prices",
+                                       "roots", "sessions", "since", "totals", "unreadable_files"])
+        self.assertEqual((doc["files_read"], doc["malformed_lines"]), (3, 1))
+        stderr = result.stderr.decode()
+        self.assertIn("p/s1.jsonl at byte", stderr)
+        self.assertIn("1 malformed lines skipped", stderr)
+        s1 = next(s for s in doc["sessions"] if s["session"] == "s1")
+        self.assertEqual((s1["project"], s1["output_tokens"], s1["last"]), ("p", 10, "2026-01-03T00:00:00.000Z"))
+        self.assertEqual([(f["path"], f["output_tokens"]) for f in s1["files"]],
+                         [("p/s1.jsonl", 4), ("p/s1/subagents/agent-a1.jsonl", 6)])
+        self.assertEqual(sorted(s1["models"]["claude-opus-4-7"]), ["cache_creation_input_tokens",
+                         "cache_read_input_tokens", "cost_usd", "input_tokens", "messages", "output_tokens"])
+        self.assertAlmostEqual(s1["cost_usd"], (10 * 5 + 10 * 25) / 1e6)
+        self.assertEqual([(d["day"], d["output_tokens"]) for d in doc["days"]],
+                         [("2026-01-02", 4), ("2026-01-03", 6)])
+        self.assertEqual(doc["totals"]["unpriced_models"], ["claude-opus-5-5"])
+        self.assertEqual(doc["totals"]["input_tokens"], 17)
+
+    def test_since_and_prices(self):
+        root = self.tree({"p/s1.jsonl": [usage_entry("m1", stamp="2020-01-01T00:00:00.000Z", input_tokens=100),
+                                         usage_entry("m2", stamp=cs.iso_now(time.time), input_tokens=1000)]})
+        prices = os.path.join(root, "prices.json")
+        append(prices, json.dumps({"claude-opus-4-7": {"input": 1000, "output": 1}}))
+        doc = json.loads(self.run_usage("--root", root, "--json", "--since", "1d", "--prices", prices).stdout)
+        self.assertEqual(doc["totals"]["input_tokens"], 1000)
+        self.assertAlmostEqual(doc["totals"]["cost_usd"], 1.0)
+        self.assertIn(prices, doc["prices"])
+
+    def test_table_is_terminal_safe_and_reads_no_links(self):
+        evil = "-p" + ESCAPES.replace("/", "").replace("\x00", "")
+        root = self.tree({evil + "/s1.jsonl": [usage_entry("m1", model="claude-" + ESCAPES, input_tokens=1234)]})
+        outside = self.tree({"x/secret.jsonl": [usage_entry("m9", input_tokens=99)]})
+        os.symlink(os.path.join(outside, "x", "secret.jsonl"), os.path.join(root, evil, "link.jsonl"))
+        result = self.run_usage("--root", root)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = result.stdout.decode()
+        self.assertFalse(CONTROL_RE.search(text), text)
+        self.assertIn("1,234", text)
+        self.assertNotIn("99", text)
+        self.assertEqual([l.split()[0] for l in text.splitlines() if l and not l.startswith(" ")],
+                         ["SESSION", "s1", "DAY", "2026-01-02", "TOTAL"])
+
+    # --- the oracle: ccusage 20.0.24 -------------------------------------------
+
+    def assertSameAsCcusage(self, config):
+        """Per ccusage group (a session file with its subagents/ folder, or a 2.0.x
+        agent-*.jsonl on its own) and model: tokens equal, cost within 0.5 %."""
+        theirs = ccusage_sessions(self, config)
+        result = self.run_usage("--root", os.path.join(config, "projects"), "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ours: dict = {}
+        for session in json.loads(result.stdout)["sessions"]:
+            for f in session["files"]:
+                parts = f["path"].split("/")
+                period = parts[1] if len(parts) >= 3 else parts[-1][:-len(".jsonl")]
+                for model, t in f["models"].items():
+                    mine = ours.setdefault((period, model), [0, 0, 0, 0, 0.0, t["cost_usd"] is not None])
+                    for i, kind in enumerate(cs.TOKEN_KINDS):
+                        mine[i] += t[kind]
+                    mine[4] += t["cost_usd"] or 0.0
+        compared = 0
+        for group in theirs:
+            for model in group["modelBreakdowns"]:
+                key = (group["period"], model["modelName"])
+                self.assertIn(key, ours)
+                mine = ours.pop(key)
+                self.assertEqual(mine[:4], [model["inputTokens"], model["outputTokens"],
+                                            model["cacheCreationTokens"], model["cacheReadTokens"]], key)
+                if mine[5] and not model.get("missingPricing"):
+                    self.assertAlmostEqual(mine[4], model["cost"], delta=model["cost"] * 0.005, msg=key)
+                compared += 1
+        self.assertEqual(ours, {}, "groups ccusage does not have")
+        return compared
+
+    def test_totals_equal_ccusage_on_real_transcripts(self):
+        self.assertGreaterEqual(self.assertSameAsCcusage(transcripts_as_config(self)), 10)
+
+    def test_totals_equal_ccusage_on_real_claude_code_sessions(self):
+        folder, files = realclaude_files(self)
+        require(self, "realclaude", bool(files), "no transcripts in %s" % folder)
+        self.assertGreaterEqual(self.assertSameAsCcusage(os.path.dirname(folder)), 1)
 
 
 # =============================================================================
