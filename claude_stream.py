@@ -5354,7 +5354,7 @@ function stripAnsi(text) {          // hook and tool output: its colours and cur
 // --- Markdown -----------------------------------------------------------------
 // Claude's text as a small tree of plain objects ({tag, children}) and strings.
 // The tags are MD_TAGS; the only attributes are an <a>'s href, always http(s),
-// and an <ol>'s start, a number. The page builds nodes from it with
+// an <ol>'s start, a number, and a table cell's align (left, center, right: a class). The page builds nodes from it with
 // createElement and textContent, so nothing in a transcript is ever HTML.
 
 const MD_TAGS = ["p", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre", "code", "strong", "em", "a", "hr",
@@ -5383,9 +5383,15 @@ function mdCells(line) {            // a table row's cells: split on "|", not on
   return cells;
 }
 
+function mdAlign(rule) {            // a column's alignment from its rule cell: ":--" left, ":-:" center, "--:" right
+  const left = rule.startsWith(":"), right = rule.endsWith(":");
+  return left && right ? "center" : right ? "right" : left ? "left" : null;
+}
+
 function mdTable(lines, i) {        // [node, index of its last line] of a table whose head is lines[i]
-  const head = mdCells(lines[i]), row = (cells, tag) => ({tag: "tr", children: head.map((_, k) =>
-    ({tag, children: mdInline(cells[k] || "", 0)}))});
+  const head = mdCells(lines[i]), aligns = mdCells(lines[i + 1]).map(mdAlign);
+  const cell = (tag, text, k) => Object.assign({tag, children: mdInline(text || "", 0)}, aligns[k] ? {align: aligns[k]} : {});
+  const row = (cells, tag) => ({tag: "tr", children: head.map((_, k) => cell(tag, cells[k], k))});
   const body = [];
   let j = i + 2;
   while (j < lines.length && lines[j].includes("|") && lines[j].trim()) body.push(row(mdCells(lines[j++]), "td"));
@@ -5718,6 +5724,7 @@ details.result.error summary{color:var(--err)}
 .md blockquote{margin:.35em 0;padding-left:.7em;border-left:3px solid var(--line);color:var(--muted)}
 .md table{border-collapse:collapse;margin:.35em 0;display:block;overflow-x:auto}
 .md th,.md td{border:1px solid var(--line);padding:.15em .5em;text-align:left;vertical-align:top}
+.md .align-center{text-align:center}.md .align-right{text-align:right}
 .tool>details.result{border-top:1px solid var(--line);padding-top:.2em}
 .entry.attached{display:none}
 img.thumb{display:block;max-width:12em;max-height:8em;margin:.25em 0;border:1px solid var(--line);border-radius:6px;cursor:zoom-in}
@@ -6396,6 +6403,9 @@ function markdownNodes(parts, parent) {   // markdown's tree as nodes, by create
       node.rel = "noopener noreferrer";
     }
     if (part.tag === "ol" && Number.isInteger(part.start)) node.start = part.start;
+    if ((part.tag === "th" || part.tag === "td") && ["left", "center", "right"].includes(part.align)) {
+      node.className = "align-" + part.align;
+    }
     parent.append(markdownNodes(part.children, node));
   }
   return parent;

@@ -3290,12 +3290,15 @@ test("Markdown: headings, emphasis, code, links and lists as a small tree", () =
   // Tables (their cells split on |, not on \\| nor inside code) and quotes, nested a bounded depth.
   assert.deepEqual(md("| Dir | Purpose |\n|-----|:---:|\n| `a|b` | **x** |\n| c \\| d |\nafter"), [
     {tag: "table", children: [
-      {tag: "thead", children: [{tag: "tr", children: [{tag: "th", children: ["Dir"]}, {tag: "th", children: ["Purpose"]}]}]},
+      {tag: "thead", children: [{tag: "tr", children: [{tag: "th", children: ["Dir"]},
+                                                       {tag: "th", children: ["Purpose"], align: "center"}]}]},
       {tag: "tbody", children: [
         {tag: "tr", children: [{tag: "td", children: [{tag: "code", children: ["a|b"]}]},
-                               {tag: "td", children: [{tag: "strong", children: ["x"]}]}]},
-        {tag: "tr", children: [{tag: "td", children: ["c | d"]}, {tag: "td", children: []}]}]}]},
+                               {tag: "td", children: [{tag: "strong", children: ["x"]}], align: "center"}]},
+        {tag: "tr", children: [{tag: "td", children: ["c | d"]}, {tag: "td", children: [], align: "center"}]}]}]},
     {tag: "p", children: ["after"]}]);
+  assert.deepEqual(md("|n|x|y|\n|--:|:--|-|\n|1|2|3|")[0].children[1].children[0].children.map((c) => c.align),
+                   ["right", "left", undefined]);
   assert.deepEqual(md("a | b, not a table"), [{tag: "p", children: ["a | b, not a table"]}]);
   assert.deepEqual(md("> quoted **here**\n> > deeper\n\nplain"), [
     {tag: "blockquote", children: [{tag: "p", children: ["quoted ", {tag: "strong", children: ["here"]}]},
