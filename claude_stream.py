@@ -98,9 +98,9 @@ except ImportError:                 # pragma: no cover - Windows
 import time
 import traceback
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as replace_fields
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
 __version__ = "0.1.0"
@@ -215,6 +215,16 @@ USAGE_MAX_MESSAGES = 1 << 18
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
 
+# --- Claude Code's session registry (<config>/sessions/<pid>.json) ---------------
+REGISTRY_POLL_INTERVAL = 0.5        # seconds between listings of the folder without wake-ups ...
+REGISTRY_POLL_FACTOR = 4            # ... and this many times longer with inotify (still the truth)
+REGISTRY_LIVENESS_INTERVAL = 1.0    # a record's pid is checked this often: a kill -9 leaves it
+REGISTRY_RETRY_DELAY = 0.03         # a torn read (rewritten in place) is read again after this ...
+REGISTRY_RETRIES = 3                # ... this many times, then that version is skipped
+REGISTRY_IDLE_DEBOUNCE = 0.3        # idle must last this long to be said (blips of 7-65 ms exist)
+REGISTRY_MAX_RECORD_BYTES = 64 << 10   # a record is ~700 bytes; larger is not Claude Code's
+REGISTRY_MAX_RECORDS = 4096         # records followed per folder (one per live process)
+
 # --- Logging -----------------------------------------------------------------
 LOG_BURST = 20                      # warnings of one kind written at once ...
 LOG_RATE = 1.0                      # ... then at most this many a second; the rest are counted
@@ -305,6 +315,14 @@ class Limits:
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
     usage_max_messages: int = USAGE_MAX_MESSAGES
+    registry_poll_interval: float = REGISTRY_POLL_INTERVAL
+    registry_poll_factor: int = REGISTRY_POLL_FACTOR
+    registry_liveness_interval: float = REGISTRY_LIVENESS_INTERVAL
+    registry_retry_delay: float = REGISTRY_RETRY_DELAY
+    registry_retries: int = REGISTRY_RETRIES
+    registry_idle_debounce: float = REGISTRY_IDLE_DEBOUNCE
+    registry_max_record_bytes: int = REGISTRY_MAX_RECORD_BYTES
+    registry_max_records: int = REGISTRY_MAX_RECORDS
 
     def __post_init__(self) -> None:
         """The limits that follow from the longest line, unless given: a shorter
@@ -4155,6 +4173,292 @@ def _usage_line(report: UsageReport, rel: str, offset: int, line: Optional[bytes
 
 
 # =============================================================================
+# Claude Code's session registry: which session is working, waiting or gone
+# =============================================================================
+#
+# Claude Code 2.1.139 and later keeps <config>/sessions/<pid>.json for every live
+# process (config: $CLAUDE_CONFIG_DIR or ~/.claude, the parent of the projects
+# folder), rewritten in place on every change of its status and deleted on a
+# clean exit; a kill -9 leaves it frozen, and a pid can be reused. The state is
+# read from there, never guessed from transcripts: nothing is written to them
+# while Claude thinks, waits at a prompt or compacts. What was observed is in
+# ../shared/realclaude/REGISTRY.md; the rules below follow it.
+
+REGISTRY_NAME = re.compile(r"^[1-9][0-9]{0,9}\.json$")    # what Claude Code itself reads there (0123.json: no)
+STATUS_STATES = {"busy": "working", "waiting": "waiting", "idle": "idle", "shell": "shell"}
+
+
+def registry_folder(root: str) -> Optional[str]:
+    """The registry beside a projects folder, or None for a root not named so."""
+    root = os.path.normpath(root)
+    return os.path.join(os.path.dirname(root), "sessions") if os.path.basename(root) == "projects" else None
+
+
+@dataclass
+class RegistryRecord:
+    """The fields of one <pid>.json that say who and what (the rest is peer messaging)."""
+    pid: int
+    session: str
+    cwd: Optional[str] = None
+    status: Optional[str] = None            # busy, idle, waiting, shell; absent in the first write
+    waiting_for: Optional[str] = None
+    proc_start: Optional[str] = None        # field 22 of /proc/<pid>/stat, as text
+    pid_domain: Optional[str] = None        # which machine and pid namespace the pid means something in
+    kind: Optional[str] = None              # interactive (the UI and -p), bg
+    entrypoint: Optional[str] = None        # cli, sdk-cli (-p)
+    name: Optional[str] = None
+    status_at: Optional[float] = None       # statusUpdatedAt, epoch seconds
+
+    @classmethod
+    def parse(cls, data: bytes, pid: int) -> "RegistryRecord":
+        """The record, or ValueError for what is not one (a torn read among them)."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            raise ValueError("not JSON (read while being rewritten?)") from None
+        if not isinstance(obj, dict) or obj.get("pid") != pid or not isinstance(obj.get("sessionId"), str):
+            raise ValueError("not a session record for pid %d" % pid)
+
+        def text(name: str) -> Optional[str]:
+            value = obj.get(name)
+            return value if isinstance(value, str) else None
+        at = obj.get("statusUpdatedAt")
+        return cls(pid, obj["sessionId"], text("cwd"), text("status"), text("waitingFor"), text("procStart"),
+                   text("pidDomain"), text("kind"), text("entrypoint"), text("name"),
+                   at / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None)
+
+    @property
+    def process(self) -> Tuple[int, Optional[str]]:
+        """One process: a pid is reused, a session id changes on /clear."""
+        return (self.pid, self.proc_start)
+
+
+class ProcessProbe:
+    """Is the process of a record still the one that wrote it? Linux's /proc says."""
+
+    def __init__(self, proc: str = "/proc"):
+        self.proc = proc
+        self.domain = self._own_domain()
+
+    def _own_domain(self) -> Optional[str]:
+        """linux:<machine id>:pid:[<pid namespace inode>], as Claude Code writes it."""
+        try:
+            with open("/etc/machine-id", "rb") as fh:
+                machine = fh.read(256).decode("ascii").strip()
+            namespace = os.stat(os.path.join(self.proc, "self", "ns", "pid")).st_ino
+        except (OSError, UnicodeDecodeError):
+            return None
+        return "linux:%s:pid:[%d]" % (machine, namespace)
+
+    def checkable(self, record: RegistryRecord) -> bool:
+        """A record from another machine or pid namespace names a pid that means nothing here."""
+        if self.domain is None:
+            return False
+        return record.pid_domain == self.domain if record.pid_domain else sys.platform.startswith("linux")
+
+    def alive(self, record: RegistryRecord) -> bool:
+        """The pid runs, and started when the record says (a reused pid did not)."""
+        try:
+            with open(os.path.join(self.proc, str(record.pid), "stat"), "rb") as fh:
+                stat_line = fh.read(4096)
+        except OSError:
+            return False
+        fields = stat_line[stat_line.rfind(b")") + 2:].split()     # the name may hold spaces and ')'
+        started = fields[19].decode("ascii", "replace") if len(fields) > 19 else None
+        return record.proc_start is None or started == record.proc_start
+
+
+@dataclass
+class SessionStatus:
+    """What a ``status`` message says of one session."""
+    folder: str                     # the registry folder it came from
+    session: str
+    state: str                      # working, waiting, idle, shell, ended
+    since: float                    # epoch seconds the state began
+    pid: int
+    waiting_for: Optional[str] = None
+    name: Optional[str] = None
+    cwd: Optional[str] = None
+    entrypoint: Optional[str] = None
+    mode: Optional[str] = None      # interactive, bg
+    checked: bool = True            # False: another pid namespace's record, taken as it is
+
+    def same(self, other: Optional["SessionStatus"]) -> bool:
+        return other is not None and (self.session, self.state, self.waiting_for, self.name, self.cwd) == (
+            other.session, other.state, other.waiting_for, other.name, other.cwd)
+
+
+@dataclass
+class _Followed:
+    """One registry file, as last read and as last said."""
+    signature: Tuple[int, int, int]         # inode, size, mtime: unchanged, not read again
+    record: Optional[RegistryRecord] = None
+    said: Optional[SessionStatus] = None    # what clients were last told
+    due: Optional[SessionStatus] = None     # an idle waiting out its debounce
+    due_at: float = 0.0
+    dead: bool = False                      # its process is gone: the frozen file says nothing more
+    tries: int = 0                          # torn reads of this version
+
+
+class Registry:
+    """Every registry folder's records, and the status changes they make.
+
+    ``scan`` lists the folders and reads the files that changed (a torn read is
+    read again after ``registry_retry_delay``); ``check`` asks /proc whether each
+    record's process still runs. Both return the changes to send, in the order
+    they happened. An idle is said only once it lasted ``registry_idle_debounce``.
+    """
+
+    def __init__(self, folders: List[str], log: Log, limits: Limits = DEFAULT_LIMITS,
+                 probe: Optional[ProcessProbe] = None, wall: Callable[[], float] = time.time):
+        self.folders = folders
+        self.log = log
+        self.limits = limits
+        self.probe = probe or ProcessProbe()
+        self.wall = wall
+        self.followed: Dict[str, _Followed] = {}    # path -> what we know of it
+        self.retry_at: Optional[float] = None
+        self.scanned = False
+
+    def live(self) -> List[SessionStatus]:
+        """The sessions whose process runs, as last said: a new client's snapshot."""
+        return [f.said for f in self.followed.values() if f.said is not None and f.said.state != "ended"]
+
+    def next_due(self, now: float) -> float:
+        due = [f.due_at for f in self.followed.values() if f.due is not None]
+        if self.retry_at is not None:
+            due.append(self.retry_at)
+        return min(due, default=now + self.limits.registry_poll_interval)
+
+    def scan(self, now: float) -> List[SessionStatus]:
+        """List every folder; read what changed; what that changes for clients."""
+        changes: List[SessionStatus] = []
+        seen: Set[str] = set()
+        self.retry_at = None
+        for folder in self.folders:
+            try:
+                names = [n for n in os.listdir(folder) if REGISTRY_NAME.match(n)]
+            except OSError:
+                names = []                  # not there yet (no session ever ran), or unreadable
+            for name in sorted(names)[:self.limits.registry_max_records]:
+                path = os.path.join(folder, name)
+                seen.add(path)
+                self._look(folder, path, int(name[:-5]), now, changes)
+        for path in [p for p in self.followed if p not in seen]:
+            gone = self.followed.pop(path)      # deleted: a clean exit, or a sweep
+            if gone.said is not None and gone.said.state != "ended":
+                changes.append(self._ended(gone.said))
+        changes += self.settled(now)
+        self.scanned = True
+        return changes
+
+    def check(self, now: float) -> List[SessionStatus]:
+        """The records whose process is gone (kill -9, a crash) or reused, as ended."""
+        changes = []
+        for followed in self.followed.values():
+            record = followed.record
+            if record is None or followed.dead or not self.probe.checkable(record):
+                continue
+            if not self.probe.alive(record):
+                followed.dead, followed.due = True, None
+                if followed.said is not None and followed.said.state != "ended":
+                    changes.append(self._ended(followed.said))
+                    followed.said = changes[-1]
+        return changes + self.settled(now)
+
+    def _look(self, folder: str, path: str, pid: int, now: float, changes: List[SessionStatus]) -> None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return                          # a link or a FIFO is not Claude Code's
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        followed = self.followed.get(path)
+        if followed is not None and followed.signature == signature and not followed.tries:
+            return
+        if followed is None or followed.signature != signature:
+            followed = self.followed.setdefault(path, _Followed(signature))
+            followed.signature, followed.tries = signature, 0
+        try:
+            record = RegistryRecord.parse(self._read(path, (st.st_dev, st.st_ino)), pid)
+        except (OSError, ValueError) as exc:
+            followed.tries += 1
+            if followed.tries <= self.limits.registry_retries:
+                self.retry_at = now + self.limits.registry_retry_delay
+            else:
+                followed.tries = 0          # this version is skipped; the next one is read
+                self.log.warn("%s: %s" % (path, exc), key="registry")
+            return
+        followed.tries = 0
+        self._update(folder, followed, record, now, changes)
+
+    def _read(self, path: str, identity: Tuple[int, int]) -> bytes:
+        with open_regular(path, identity) as fh:
+            data = fh.read(self.limits.registry_max_record_bytes + 1)
+        if len(data) > self.limits.registry_max_record_bytes:
+            raise ValueError("larger than %d bytes" % self.limits.registry_max_record_bytes)
+        return data
+
+    def _update(self, folder: str, followed: _Followed, record: RegistryRecord, now: float,
+                changes: List[SessionStatus]) -> None:
+        old = followed.record
+        said = followed.said
+        if old is not None and old.process != record.process:
+            followed.dead = False           # the pid's file now belongs to another process
+        if followed.dead:
+            return                          # rewritten by nobody: a frozen record says nothing
+        checked = self.probe.checkable(record)
+        if not self.scanned and checked and not self.probe.alive(record):
+            followed.record, followed.dead = record, True   # left by a kill -9 before we started
+            return
+        if said is not None and said.state != "ended" and (old is None or old.process != record.process
+                                                            or said.session != record.session):
+            changes.append(self._ended(said))       # /clear, or a reused pid: that session is over
+            said = followed.said = None
+        followed.record = record
+        state = STATUS_STATES.get(record.status or "idle", "idle")
+        since = record.status_at if record.status_at is not None else self.wall()
+        status = SessionStatus(folder, record.session, state, since, record.pid,
+                               record.waiting_for if state == "waiting" else None, record.name, record.cwd,
+                               record.entrypoint, record.kind, checked)
+        if status.same(followed.due):
+            return                          # an idle still waiting out its debounce
+        followed.due = None
+        if status.same(said):
+            return                          # back to what was said: an idle blip, never told
+        if state == "idle" and said is not None and said.state in ("working", "shell"):
+            followed.due, followed.due_at = status, now + self.limits.registry_idle_debounce
+            return
+        followed.said = status
+        changes.append(status)
+
+    def settled(self, now: float) -> List[SessionStatus]:
+        """Idles that lasted their debounce."""
+        out = []
+        for followed in self.followed.values():
+            if followed.due is not None and followed.due_at <= now:
+                followed.said, followed.due = followed.due, None
+                out.append(followed.said)
+        return out
+
+    def _ended(self, said: SessionStatus) -> SessionStatus:
+        return replace_fields(said, state="ended", since=self.wall(), waiting_for=None)
+
+
+def status_message(status: SessionStatus, project: Optional[str], path: Optional[str]) -> Tuple[bytes, MessageMeta]:
+    """A ``status`` frame, and what filters see (its project folder and cwd, its session)."""
+    fields = {"kind": "status", "session": status.session, "project": project, "path": path,
+              "state": status.state, "waiting_for": status.waiting_for,
+              "since": datetime.fromtimestamp(status.since, timezone.utc).isoformat(timespec="milliseconds")
+                       .replace("+00:00", "Z"),
+              "pid": status.pid, "name": status.name, "cwd": status.cwd, "entrypoint": status.entrypoint,
+              "mode": status.mode, "checked": status.checked}
+    where = "\n".join(filter(None, (project, status.cwd)))
+    return text_frame(_json(fields)), MessageMeta(where, (status.session,), None)
+
+
+# =============================================================================
 # Request policy: who may connect, and what each request gets (sans-I/O)
 # =============================================================================
 
@@ -4850,6 +5154,96 @@ class ServerSession(WebSocketEndpoint):
         self.server.session_closed(self, code, reason)
 
 
+class StatusRelay:
+    """The registry in the server's loop: an inotify watch on each registry folder
+    (and on its parent, for a folder made later) wakes a scan at once; the listing
+    every ``registry_poll_interval`` (times ``registry_poll_factor`` with wake-ups)
+    stays the truth, and /proc is asked every ``registry_liveness_interval``
+    whether each record's process runs. Changes go to every client whose filters
+    match; a new subscription gets the live sessions first."""
+
+    def __init__(self, loop: EventLoop, registry: Registry, tailer: Tailer,
+                 subscribers: Dict["ServerSession", None], log: Log, wakeups: bool = True):
+        self.loop, self.registry, self.tailer, self.subscribers, self.log = loop, registry, tailer, subscribers, log
+        self.limits = registry.limits
+        self.notify = Inotify.create(log, self.limits.wakeup_read_bytes) if wakeups else None
+        self._timer: Optional[Timer] = None
+        self._next_scan = self._next_check = 0.0
+
+    def start(self) -> None:
+        if self.notify is not None:
+            self.loop.register(self.notify, selectors.EVENT_READ, lambda mask: self._woken())
+        self._tick()
+
+    def close(self) -> None:
+        if self.notify is not None:
+            self.loop.unregister(self.notify)
+            self.notify.close()
+
+    def snapshot(self, filters: Filters) -> List[bytes]:
+        """The live sessions that match, as status frames: what a new subscription is told first."""
+        frames = [self._message(status) for status in self.registry.live()]
+        return [frame for frame, meta in frames if filters.match(meta)]
+
+    def _woken(self) -> None:
+        assert self.notify is not None
+        self.notify.read()              # which file does not matter: the listing says
+        self._next_scan = 0.0
+        self._tick()
+
+    def _tick(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        now = self.loop.time()
+        changes: List[SessionStatus] = []
+        if now >= self._next_scan or (self.registry.retry_at is not None and now >= self.registry.retry_at):
+            self._watch()
+            changes += self.registry.scan(now)
+            factor = self.limits.registry_poll_factor if self.notify is not None else 1
+            self._next_scan = now + self.limits.registry_poll_interval * factor
+        if now >= self._next_check:
+            changes += self.registry.check(now)
+            self._next_check = now + self.limits.registry_liveness_interval
+        else:
+            changes += self.registry.settled(now)
+        for status in changes:
+            self._send(*self._message(status))
+        due = min(self._next_scan, self._next_check, self.registry.next_due(now))
+        self._timer = self.loop.call_at(due, self._tick)
+
+    def _watch(self) -> None:
+        """Watch each registry folder, or its parent until it exists (a watch is kept once made)."""
+        if self.notify is None:
+            return
+        for folder in self.registry.folders:
+            for path in (folder, os.path.dirname(folder)):
+                if os.path.isdir(path) and self.notify.watch(path) == 0:
+                    break
+
+    def _send(self, frame: bytes, meta: MessageMeta) -> None:
+        for session in list(self.subscribers):
+            if session.feed.phase is not Phase.HELD and session.feed.filters.match(meta):
+                session.send_frames([frame])
+                session.sync()
+
+    def _message(self, status: SessionStatus) -> Tuple[bytes, MessageMeta]:
+        rec = self._transcript(status)
+        return status_message(status, rec.project if rec else None, rec.rel if rec else None)
+
+    def _transcript(self, status: SessionStatus) -> Optional[FileRecord]:
+        """The session's main transcript: where Claude Code puts it for its cwd, else any match."""
+        config = os.path.dirname(status.folder)
+        if status.cwd:
+            slug = re.sub(r"[^A-Za-z0-9]", "-", status.cwd)
+            for root in self.tailer.discovery.roots:
+                if os.path.dirname(os.path.normpath(root.path)) == config:
+                    rec = self.tailer.files.get(os.path.join(root.path, slug, status.session + TRANSCRIPT_SUFFIX))
+                    if rec is not None:
+                        return rec
+        return next((r for r in self.tailer.files.values()
+                     if r.session == status.session and r.agent is None), None)
+
+
 class StreamServer:
     """Listens, accepts, polls the tailer and drives the broadcast and the feeds."""
 
@@ -4857,7 +5251,7 @@ class StreamServer:
                  token: Optional[str] = None, allowed_origins: Iterable[str] = (),
                  tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
                  limits: Optional[Limits] = None, page: Optional[PageSource] = None,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, registry: Optional[Registry] = None):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         # One Limits for the tailer and the feeds: live reads and history must agree
         # on which lines are too long, or a line could be sent twice or never.
@@ -4876,6 +5270,8 @@ class StreamServer:
         self.subscribers: Dict[ServerSession, None] = {}    # ... WebSocket clients
         self._poll_timer: Optional[Timer] = None
         self.shutting_down = False
+        self.relay = None if registry is None else StatusRelay(
+            loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None)
 
     @property
     def url(self) -> str:
@@ -4918,6 +5314,8 @@ class StreamServer:
             self.loop.register(self.tailer.discovery.notify, selectors.EVENT_READ, lambda mask: self._poll())
         self._schedule_poll()
         self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
+        if self.relay is not None:
+            self.relay.start()
 
     # --- connections ------------------------------------------------------------
 
@@ -4985,6 +5383,7 @@ class StreamServer:
                 "watching": [r.path for r in self.tailer.discovery.roots if r.present],
                 "waiting": [r.path for r in self.tailer.discovery.roots if not r.present],
                 "files": len(self.tailer.files), "clients": len(self.subscribers),
+                "registry": [] if self.relay is None else self.relay.registry.folders,
                 "malformed": self.broadcast.malformed_count}
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
@@ -5005,6 +5404,8 @@ class StreamServer:
 
     def subscribe(self, session: ServerSession, sub: Subscription, acknowledge: bool = True) -> None:
         session.send_frames(session.feed.subscribe(sub, list(self.tailer.files.values()), acknowledge))
+        if self.relay is not None and not sub.hold:
+            session.send_frames(self.relay.snapshot(sub.filters))    # who is working, waiting, idle now
         session.sync()
         if session.feed.phase is Phase.CATCHING_UP:
             self.catch_up()
@@ -7799,8 +8200,10 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only)
+    folders = sorted({f for f in map(registry_folder, roots) if f is not None})
     server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
-                          args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page)
+                          args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page,
+                          registry=Registry(folders, log) if folders else None)
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None
@@ -7836,6 +8239,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     finally:
         loop.close()
         tailer.close()
+        if server.relay is not None:
+            server.relay.close()
         if token_file is not None and read_token_file(server.port) == token:
             os.remove(token_file)   # the next server on this port writes its own
     return EXIT_OK

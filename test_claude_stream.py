@@ -4251,6 +4251,225 @@ class TerminalClientTests(unittest.TestCase):
         self.assertEqual(widths[-1], 60, widths)
 
 
+class FakeProbe:
+    """ProcessProbe's answers, set by the test: which pids run, and our pid namespace."""
+
+    domain = "linux:test:pid:[1]"
+
+    def __init__(self):
+        self.running = set()
+
+    def checkable(self, record):
+        return record.pid_domain == self.domain
+
+    def alive(self, record):
+        return record.process in self.running
+
+
+class RegistryTests(unittest.TestCase):
+    """The registry reader on the cases REGISTRY.md documents: torn reads, a record
+    without status, a reused pid, another pid namespace, /clear, kill -9, idle blips."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.folder = os.path.join(self.tmp.name, "sessions")
+        os.makedirs(self.folder)
+        self.probe = FakeProbe()
+        self.clock = [100.0]
+        self.log = cs.Log(stream=io.StringIO())
+        self.registry = cs.Registry([self.folder], self.log, probe=self.probe, wall=lambda: 1.8e9)
+
+    def write(self, pid, session="s-1", status="busy", start="500", domain=FakeProbe.domain, raw=None, **extra):
+        record = {"pid": pid, "sessionId": session, "cwd": "/home/u/p", "procStart": start, "pidDomain": domain,
+                  "kind": "interactive", "entrypoint": "cli", "name": "p-1a"}
+        if status is not None:
+            record.update(status=status, statusUpdatedAt=1.7e12 + pid)
+        record.update(extra)
+        path = os.path.join(self.folder, "%d.json" % pid)
+        with open(path, "wb") as fh:      # in place, as Claude Code does: the inode stays
+            fh.write(raw if raw is not None else json.dumps(record).encode())
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1000))     # a new version, whatever the clock
+        self.probe.running.add((pid, start))
+
+    def scan(self, advance=0.0):
+        self.clock[0] += advance
+        return [(c.session, c.state, c.waiting_for) for c in self.registry.scan(self.clock[0])]
+
+    def check(self, advance=0.0):
+        self.clock[0] += advance
+        return [(c.session, c.state) for c in self.registry.check(self.clock[0])]
+
+    def test_states_and_waiting_for_as_claude_code_writes_them(self):
+        self.write(7, status=None)              # the first write has no status: starting, taken as idle
+        self.assertEqual(self.scan(), [("s-1", "idle", None)])
+        self.write(7, status="busy")
+        self.assertEqual(self.scan(), [("s-1", "working", None)])
+        self.write(7, status="waiting", waitingFor="permission prompt")
+        self.assertEqual(self.scan(), [("s-1", "waiting", "permission prompt")])
+        self.assertEqual(self.scan(), [])       # unchanged: nothing read, nothing said
+        self.write(7, status="shell")
+        self.assertEqual(self.scan(), [("s-1", "shell", None)])
+        live = self.registry.live()
+        self.assertEqual([(s.session, s.state, s.pid, s.since, s.mode, s.entrypoint) for s in live],
+                         [("s-1", "shell", 7, 1.7e9 + 0.007, "interactive", "cli")])
+        os.unlink(os.path.join(self.folder, "7.json"))      # a clean exit deletes it
+        self.assertEqual(self.scan(), [("s-1", "ended", None)])
+        self.assertEqual(self.registry.live(), [])
+
+    def test_a_torn_read_is_read_again_and_a_bad_record_never_stops_the_rest(self):
+        self.write(8, raw=b'{"pid": 8, "sessionId": "s-8", "sta')      # caught between write and truncate
+        self.write(9, session="s-9")
+        self.assertEqual(self.scan(), [("s-9", "working", None)])
+        self.assertIsNotNone(self.registry.retry_at)
+        self.assertLessEqual(self.registry.next_due(self.clock[0]), self.clock[0] + 0.05)
+        self.write(8, session="s-8")
+        self.assertEqual(self.scan(0.03), [("s-8", "working", None)])
+        for bad in (b"", b"[]", b'{"pid": 99, "sessionId": "x"}', b"{" * 100000, b" " * (1 << 20)):
+            self.write(10, raw=bad)
+            for _ in range(cs.REGISTRY_RETRIES + 1):
+                self.assertEqual(self.scan(0.03), [])
+        self.write(10, session="s-10")          # the next version is read
+        self.assertEqual(self.scan(0.03), [("s-10", "working", None)])
+        # Names Claude Code does not read, and what is not a regular file, are left alone.
+        for name in ("0123.json", "11.abc.key", "12.json.tmp.1", ".fleetview-heartbeat"):
+            with open(os.path.join(self.folder, name), "w") as fh:
+                fh.write(json.dumps({"pid": 123, "sessionId": "no", "status": "busy"}))
+        os.symlink(os.path.join(self.folder, "9.json"), os.path.join(self.folder, "13.json"))
+        os.mkfifo(os.path.join(self.folder, "14.json"))
+        self.assertEqual(self.scan(1), [])
+
+    def test_kill_9_a_reused_pid_and_records_left_from_before(self):
+        self.write(20, session="left", start="1")    # frozen before we started: its pid is gone
+        self.probe.running.clear()
+        self.write(21, session="reused", start="2")  # its pid now runs another program
+        self.probe.running.discard((21, "2"))
+        self.probe.running.add((21, "3"))
+        self.write(22, session="alive", start="4")
+        self.assertEqual(self.scan(), [("alive", "working", None)])    # the others say nothing
+        self.probe.running.discard((22, "4"))        # kill -9: the file stays, frozen
+        self.assertEqual(self.check(1), [("alive", "ended")])
+        self.assertEqual(self.scan(1) + self.check(1), [])          # and it stays ended
+        self.assertEqual(self.registry.live(), [])
+        self.write(22, session="new", start="5")     # a new process with that pid writes its own
+        self.assertEqual(self.scan(), [("new", "working", None)])
+
+    def test_another_pid_namespace_is_taken_as_it_is_and_marked(self):
+        self.write(30, session="far", domain="linux:other-machine:pid:[9]")
+        self.probe.running.clear()                   # its pid means nothing here
+        self.assertEqual(self.scan(), [("far", "working", None)])
+        self.assertEqual(self.check(5), [])
+        self.assertFalse(self.registry.live()[0].checked)
+
+    def test_clear_ends_the_old_session_and_starts_the_new_one(self):
+        self.write(40, session="before")
+        self.scan()
+        self.write(40, session="after", status="idle")
+        self.assertEqual(self.scan(), [("before", "ended", None), ("after", "idle", None)])
+
+    def test_idle_is_said_once_it_lasted_and_a_blip_is_never_said(self):
+        self.write(50)
+        self.scan()
+        self.write(50, status="idle")
+        self.assertEqual(self.scan(), [])                    # not yet
+        self.write(50, status="busy")
+        self.assertEqual(self.scan(0.1) + self.check(0.5), [])     # back to work within 0.3 s
+        self.write(50, status="idle")
+        self.assertEqual(self.scan(), [])
+        self.assertLessEqual(self.registry.next_due(self.clock[0]), self.clock[0] + cs.REGISTRY_IDLE_DEBOUNCE)
+        self.assertEqual(self.check(cs.REGISTRY_IDLE_DEBOUNCE), [("s-1", "idle")])
+        self.write(50, status="waiting", waitingFor="input needed")
+        self.assertEqual(self.scan(), [("s-1", "waiting", "input needed")])
+        self.write(50, status="idle")                        # a denied prompt: your turn, at once
+        self.assertEqual(self.scan(), [("s-1", "idle", None)])
+
+    def test_the_records_followed_are_bounded(self):
+        registry = cs.Registry([self.folder], self.log, cs.Limits(registry_max_records=3), probe=self.probe)
+        for pid in range(60, 70):
+            self.write(pid, session="s-%d" % pid)
+        self.assertEqual(len(registry.scan(0.0)), 3)
+        self.assertEqual(len(registry.followed), 3)
+
+
+class StatusTests(unittest.TestCase):
+    """The registry through a real server: a snapshot after the subscribe, every change,
+    and a kill -9 seen as ended, to the clients whose filters match."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, ".claude", "projects")
+        self.sessions = os.path.join(self.tmp.name, ".claude", "sessions")
+        os.makedirs(os.path.join(self.root, "-home-u-proj"))
+        append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), entry_line(0, "s-1"))
+
+    def record(self, proc, **fields):
+        with open("/proc/%d/stat" % proc.pid, "rb") as fh:
+            start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
+        record = {"pid": proc.pid, "sessionId": "s-1", "cwd": "/home/u/proj", "procStart": start,
+                  "pidDomain": cs.ProcessProbe().domain, "kind": "interactive", "entrypoint": "cli",
+                  "name": "proj-1a", "statusUpdatedAt": int(time.time() * 1000)}
+        record.update(fields)
+        with open(os.path.join(self.sessions, "%d.json" % proc.pid), "r+" if os.path.exists(
+                os.path.join(self.sessions, "%d.json" % proc.pid)) else "w") as fh:
+            fh.write(json.dumps(record))    # in place, as Claude Code does
+            fh.truncate()
+
+    def statuses(self, client, count):
+        client.stdout.wait_line(lambda l: sum('"status"' in x for x in client.stdout.lines) >= count,
+                                what="%d status messages" % count)
+        return [json.loads(l) for l in client.stdout.lines if '"kind":"status"' in l]
+
+    def test_states_reach_the_clients_that_match_and_a_kill_9_ends_the_session(self):
+        require(self, "procfs", cs.ProcessProbe().domain is not None,
+                "no /proc or /etc/machine-id here: pids cannot be checked")
+        os.makedirs(self.sessions)
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.kill)
+        self.record(proc, status="busy")
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json")
+        other = ClientProcess(self, server.url, "--json", "--session", "zzz")
+        first = self.statuses(client, 1)[0]         # the snapshot, after hello
+        self.assertEqual({k: first[k] for k in ("session", "project", "path", "state", "waiting_for", "pid",
+                                                 "name", "cwd", "entrypoint", "mode", "checked")},
+                         {"session": "s-1", "project": "-home-u-proj", "path": "-home-u-proj/s-1.jsonl",
+                          "state": "working", "waiting_for": None, "pid": proc.pid, "name": "proj-1a",
+                          "cwd": "/home/u/proj", "entrypoint": "cli", "mode": "interactive", "checked": True})
+        self.assertLess(abs(cs.parse_timestamp(first["since"]).timestamp() - time.time()), 60)
+        self.record(proc, status="waiting", waitingFor="permission prompt")
+        self.assertEqual(self.statuses(client, 2)[1]["waiting_for"], "permission prompt")
+        self.record(proc, status="idle")
+        self.assertEqual(self.statuses(client, 3)[2]["state"], "idle")
+        proc.kill()                                 # the record stays, frozen at idle
+        proc.wait()
+        self.assertEqual([m["state"] for m in self.statuses(client, 4)], ["working", "waiting", "idle", "ended"])
+        # A client whose filters leave the session out is told nothing of it.
+        other.stdout.wait_line(lambda l: '"live"' in l, what="the other client to be live")
+        self.assertFalse([l for l in other.stdout.lines if '"status"' in l])
+        # A client that comes later is told only of live sessions: none.
+        late = ClientProcess(self, server.url, "--json", "--no-reconnect")
+        late.stdout.wait_line(lambda l: '"live"' in l, what="the late client to be live")
+        self.assertFalse([l for l in late.stdout.lines if '"status"' in l])
+
+    def test_a_registry_made_later_is_watched_and_without_one_nothing_is_guessed(self):
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json")
+        hello = json.loads(client.stdout.wait_line(lambda l: '"hello"' in l, what="hello"))
+        self.assertEqual(hello["registry"], [self.sessions])
+        append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), entry_line(1, "s-1"))
+        client.stdout.wait_line(lambda l: '"u-1"' in l, what="the entry")
+        self.assertFalse([l for l in client.stdout.lines if '"status"' in l])   # no registry: no state
+        os.makedirs(self.sessions)                  # the first Claude Code session starts
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.kill)
+        self.record(proc, status="busy")
+        self.assertEqual(self.statuses(client, 1)[0]["state"], "working")
+        os.unlink(os.path.join(self.sessions, "%d.json" % proc.pid))    # a clean exit
+        self.assertEqual(self.statuses(client, 2)[1]["state"], "ended")
+
+
 class TerminalSafetyTests(unittest.TestCase):
     """Issue 10.1: escape sequences from transcripts and peers are shown, never obeyed."""
 
