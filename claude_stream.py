@@ -216,6 +216,8 @@ PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
 
 # --- Claude Code's session registry (<config>/sessions/<pid>.json) ---------------
+USAGE_INTERVAL = 1.0                # a session's usage message is sent at most this often
+
 REGISTRY_POLL_INTERVAL = 0.5        # seconds between listings of the folder without wake-ups ...
 REGISTRY_POLL_FACTOR = 4            # ... and this many times longer with inotify (still the truth)
 REGISTRY_LIVENESS_INTERVAL = 1.0    # a record's pid is checked this often: a kill -9 leaves it
@@ -315,6 +317,7 @@ class Limits:
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
     usage_max_messages: int = USAGE_MAX_MESSAGES
+    usage_interval: float = USAGE_INTERVAL
     registry_poll_interval: float = REGISTRY_POLL_INTERVAL
     registry_poll_factor: int = REGISTRY_POLL_FACTOR
     registry_liveness_interval: float = REGISTRY_LIVENESS_INTERVAL
@@ -5154,6 +5157,15 @@ class ServerSession(WebSocketEndpoint):
         self.server.session_closed(self, code, reason)
 
 
+def send_notice(subscribers: Dict["ServerSession", None], frame: bytes, meta: MessageMeta) -> None:
+    """A message about a session (status, usage), not in a file's order: to every
+    subscribed client whose filters match, at once, whatever its phase."""
+    for session in list(subscribers):
+        if session.feed.phase is not Phase.HELD and session.feed.filters.match(meta):
+            session.send_frames([frame])
+            session.sync()
+
+
 class StatusRelay:
     """The registry in the server's loop: an inotify watch on each registry folder
     (and on its parent, for a folder made later) wakes a scan at once; the listing
@@ -5221,10 +5233,7 @@ class StatusRelay:
                     break
 
     def _send(self, frame: bytes, meta: MessageMeta) -> None:
-        for session in list(self.subscribers):
-            if session.feed.phase is not Phase.HELD and session.feed.filters.match(meta):
-                session.send_frames([frame])
-                session.sync()
+        send_notice(self.subscribers, frame, meta)
 
     def _message(self, status: SessionStatus) -> Tuple[bytes, MessageMeta]:
         rec = self._transcript(status)
@@ -5244,6 +5253,98 @@ class StatusRelay:
                      if r.session == status.session and r.agent is None), None)
 
 
+class UsageRelay:
+    """Session totals, counted once on the server (``UsageBook``) and sent as
+    ``usage`` messages, at most once per ``usage_interval`` for a session.
+
+    Live lines are counted as the tailer reads them (only lines that mention
+    "usage" are parsed again). Files followed from their end at start-up are
+    counted from their first byte in the background, one ``catchup_block`` per
+    ``catchup_interval``, after everything else: start-up and live delivery
+    never wait for it; ``complete`` is false until it is done.
+    """
+
+    def __init__(self, loop: EventLoop, tailer: Tailer, subscribers: Dict["ServerSession", None],
+                 log: Log, prices: Dict[str, Price], limits: Limits):
+        self.loop, self.tailer, self.subscribers, self.log, self.limits = loop, tailer, subscribers, log, limits
+        self.book = UsageBook(prices, limits)
+        self.history: Deque[Tuple[FileRecord, LineReader, int]] = collections.deque()
+        self.dirty: Dict[SessionUsage, None] = {}
+        self._flush_timer: Optional[Timer] = None
+
+    @property
+    def complete(self) -> bool:
+        return not self.history
+
+    def start(self) -> None:
+        """Queue the history of every file found at start-up (their lines before the end)."""
+        for rec in sorted(self.tailer.files.values(), key=lambda r: r.abspath):
+            if rec.line_start > 0:
+                self.history.append((rec, LineReader(rec, 0, self.limits.max_line_bytes), rec.line_start))
+        if self.history:
+            self.loop.call_later(self.limits.catchup_interval, self._history_step)
+
+    def feed(self, events: List[TailEvent]) -> None:
+        for event in events:
+            if isinstance(event, LineEvent) and b'"usage"' in event.data:
+                self._count(event.file, event.data)
+
+    def snapshot(self, filters: Filters, since: Optional[float]) -> List[bytes]:
+        """The totals of the sessions active since ``since`` that match: a new subscription's."""
+        if since is None:
+            return []
+        frames = []
+        for usage in self.book.sessions.values():
+            last = parse_timestamp(usage.totals.last)
+            if last is not None and last.timestamp() >= since:
+                frame, meta = self._message(usage)
+                if filters.match(meta):
+                    frames.append(frame)
+        return frames
+
+    def _count(self, rec: FileRecord, line: bytes) -> None:
+        try:
+            entry = decode_line(line)
+        except MalformedLine:
+            return                          # reported as malformed where it is delivered
+        project, session = usage_scope(rec.rel, entry)
+        for usage in self.book.add(entry, project, session, rec.rel):
+            self.dirty[usage] = None
+        if self.dirty and self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
+
+    def _history_step(self) -> None:
+        rec, reader, end = self.history[0]
+        try:
+            read = 0 if rec.gone else reader.fill(end, self.limits.catchup_block)
+        except OSError:
+            read = 0
+        while reader.lines:
+            _, line = reader.lines.popleft()
+            if line is not None and b'"usage"' in line:
+                self._count(rec, line)
+        if not read:
+            self.history.popleft()
+            if not self.history:            # every session's totals are whole now: say so
+                self.dirty.update(dict.fromkeys(self.book.sessions.values()))
+                if self._flush_timer is None:
+                    self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
+        if self.history:
+            self.loop.call_later(self.limits.catchup_interval, self._history_step)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        dirty, self.dirty = self.dirty, {}
+        for usage in dirty:
+            send_notice(self.subscribers, *self._message(usage))
+
+    def _message(self, usage: SessionUsage) -> Tuple[bytes, MessageMeta]:
+        fields: Dict[str, Any] = {"kind": "usage", "session": usage.session, "project": usage.project}
+        fields.update(usage.totals.as_json())
+        fields["complete"] = self.complete
+        return text_frame(_json(fields)), MessageMeta(usage.project, (usage.session,), None)
+
+
 class StreamServer:
     """Listens, accepts, polls the tailer and drives the broadcast and the feeds."""
 
@@ -5251,7 +5352,8 @@ class StreamServer:
                  token: Optional[str] = None, allowed_origins: Iterable[str] = (),
                  tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
                  limits: Optional[Limits] = None, page: Optional[PageSource] = None,
-                 wall: Callable[[], float] = time.time, registry: Optional[Registry] = None):
+                 wall: Callable[[], float] = time.time, registry: Optional[Registry] = None,
+                 prices: Optional[Dict[str, Price]] = None):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         # One Limits for the tailer and the feeds: live reads and history must agree
         # on which lines are too long, or a line could be sent twice or never.
@@ -5272,6 +5374,7 @@ class StreamServer:
         self.shutting_down = False
         self.relay = None if registry is None else StatusRelay(
             loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None)
+        self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
 
     @property
     def url(self) -> str:
@@ -5316,6 +5419,8 @@ class StreamServer:
         self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
         if self.relay is not None:
             self.relay.start()
+        if self.usage is not None:
+            self.usage.start()
 
     # --- connections ------------------------------------------------------------
 
@@ -5406,6 +5511,8 @@ class StreamServer:
         session.send_frames(session.feed.subscribe(sub, list(self.tailer.files.values()), acknowledge))
         if self.relay is not None and not sub.hold:
             session.send_frames(self.relay.snapshot(sub.filters))    # who is working, waiting, idle now
+        if self.usage is not None and not sub.hold:
+            session.send_frames(self.usage.snapshot(sub.filters, sub.since))
         session.sync()
         if session.feed.phase is Phase.CATCHING_UP:
             self.catch_up()
@@ -5463,6 +5570,8 @@ class StreamServer:
                 events += self.tailer.poll(now)
             if events:
                 self.broadcast.publish(events, self.subscribers)
+                if self.usage is not None:
+                    self.usage.feed(events)
             self.catch_up()
         finally:
             self._schedule_poll()
@@ -7970,6 +8079,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                            "in the process list: prefer --token-file)")
     auth.add_argument("--no-auth", action="store_true",
                       help="accept clients without a token (anyone who can connect reads everything)")
+    serve.add_argument("--prices", metavar="FILE",
+                       help="prices of models for the usage messages, as for 'usage --prices'")
     serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
 
 
@@ -8203,7 +8314,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     folders = sorted({f for f in map(registry_folder, roots) if f is not None})
     server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
                           args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page,
-                          registry=Registry(folders, log) if folders else None)
+                          registry=Registry(folders, log) if folders else None,
+                          prices=load_prices(args.prices, "serve"))
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None

@@ -4394,7 +4394,8 @@ class RegistryTests(unittest.TestCase):
 
 class StatusTests(unittest.TestCase):
     """The registry through a real server: a snapshot after the subscribe, every change,
-    and a kill -9 seen as ended, to the clients whose filters match."""
+    and a kill -9 seen as ended, to the clients whose filters match; and each session's
+    usage, counted once from its history and its live lines."""
 
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
@@ -4452,6 +4453,47 @@ class StatusTests(unittest.TestCase):
         late = ClientProcess(self, server.url, "--json", "--no-reconnect")
         late.stdout.wait_line(lambda l: '"live"' in l, what="the late client to be live")
         self.assertFalse([l for l in late.stdout.lines if '"status"' in l])
+
+    def test_usage_is_counted_once_from_history_and_live_lines_and_sent_with_its_session(self):
+        def assistant(n, message, output, model="claude-sonnet-4-5-20250929", session="s-1"):
+            return json.dumps({"type": "assistant", "uuid": "a-%d" % n, "sessionId": session, "requestId": "r-" + message,
+                               "timestamp": iso(time.time() - 100 + n), "message": {
+                                   "id": message, "model": model, "role": "assistant", "content": [],
+                                   "usage": {"input_tokens": 10, "output_tokens": output,
+                                             "cache_read_input_tokens": 1000}}}) + "\n"
+        main = os.path.join(self.root, "-home-u-proj", "s-1.jsonl")
+        agent = os.path.join(self.root, "-home-u-proj", "s-1", "subagents", "agent-a1.jsonl")
+        os.makedirs(os.path.dirname(agent))
+        # Before the server starts: a message streamed over two lines, its usage growing.
+        append(main, assistant(1, "m1", 5) + assistant(2, "m1", 50) + assistant(3, "m2", 7))
+        append(agent, assistant(4, "m3", 11))
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json", "--since", "all")
+        client.stdout.wait_line(lambda l: '"live"' in l, what="the client to be live")
+        # Live: a later line of m2 with more output, and a new message.
+        append(main, assistant(5, "m2", 70) + assistant(6, "m4", 3) + "\n".join(
+            assistant(10 + k, "m5", k)[:-1] for k in range(200)) + "\n")
+
+        def final():
+            usage = [json.loads(l) for l in client.stdout.lines if '"kind":"usage"' in l]
+            done = [u for u in usage if u["complete"] and u["output_tokens"] == 50 + 70 + 11 + 3 + 199]
+            return done[-1] if done else None
+        client.stdout.wait_line(lambda l: final() is not None, what="the session's final usage")
+        got = final()
+        self.assertEqual((got["session"], got["project"], got["input_tokens"], got["cache_read_input_tokens"]),
+                         ("s-1", "-home-u-proj", 10 * 5, 1000 * 5))
+        self.assertEqual(list(got["models"]), ["claude-sonnet-4-5-20250929"])
+        # The same totals as the usage command's, by the same code, from the files.
+        book = cs.UsageBook()
+        cs.read_usage([self.root], None, book, cs.Log(stream=io.StringIO()))
+        expected = book.sessions[("-home-u-proj", "s-1")].totals.as_json()
+        self.assertEqual({k: got[k] for k in expected}, expected)
+        # 200 lines of one message in one write: a usage message a second, not one a line.
+        self.assertLess(sum('"kind":"usage"' in l for l in client.stdout.lines), 20)
+        # Another client with a filter that leaves the session out gets none of it.
+        other = ClientProcess(self, server.url, "--json", "--since", "all", "--session", "zzz")
+        other.stdout.wait_line(lambda l: '"live"' in l, what="the other client to be live")
+        self.assertFalse([l for l in other.stdout.lines if '"usage"' in l])
 
     def test_a_registry_made_later_is_watched_and_without_one_nothing_is_guessed(self):
         server = ServerProcess(self, [self.root])
