@@ -4321,7 +4321,6 @@ class Registry:
         self.wall = wall
         self.followed: Dict[str, _Followed] = {}    # path -> what we know of it
         self.retry_at: Optional[float] = None
-        self.scanned = False
 
     def live(self) -> List[SessionStatus]:
         """The sessions whose process runs, as last said: a new client's snapshot."""
@@ -4352,7 +4351,6 @@ class Registry:
             if gone.said is not None and gone.said.state != "ended":
                 changes.append(self._ended(gone.said))
         changes += self.settled(now)
-        self.scanned = True
         return changes
 
     def check(self, now: float) -> List[SessionStatus]:
@@ -4405,21 +4403,20 @@ class Registry:
 
     def _update(self, folder: str, followed: _Followed, record: RegistryRecord, now: float,
                 changes: List[SessionStatus]) -> None:
-        old = followed.record
-        said = followed.said
-        if old is not None and old.process != record.process:
+        old, said = followed.record, followed.said
+        other_process = old is None or old.process != record.process
+        if other_process:
             followed.dead = False           # the pid's file now belongs to another process
         if followed.dead:
             return                          # rewritten by nobody: a frozen record says nothing
-        checked = self.probe.checkable(record)
-        if not self.scanned and checked and not self.probe.alive(record):
-            followed.record, followed.dead = record, True   # left by a kill -9 before we started
-            return
-        if said is not None and said.state != "ended" and (old is None or old.process != record.process
-                                                            or said.session != record.session):
+        if said is not None and said.state != "ended" and (other_process or said.session != record.session):
             changes.append(self._ended(said))       # /clear, or a reused pid: that session is over
-            said = followed.said = None
+            said = followed.said = changes[-1]
         followed.record = record
+        checked = self.probe.checkable(record)
+        if other_process and checked and not self.probe.alive(record):
+            followed.dead = True            # left by a kill -9 (before we started, or a copy): not live
+            return
         state = STATUS_STATES.get(record.status or "idle", "idle")
         since = record.status_at if record.status_at is not None else self.wall()
         status = SessionStatus(folder, record.session, state, since, record.pid,

@@ -4354,6 +4354,12 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(self.registry.live(), [])
         self.write(22, session="new", start="5")     # a new process with that pid writes its own
         self.assertEqual(self.scan(), [("new", "working", None)])
+        # A stale record copied to the pid of a live program that is not Claude Code, seen
+        # after we started: its start time is not that program's, so it is never live.
+        self.write(23, session="copied", start="6")
+        self.probe.running.discard((23, "6"))
+        self.probe.running.add((23, "7"))
+        self.assertEqual(self.scan(1) + self.check(1), [])
 
     def test_another_pid_namespace_is_taken_as_it_is_and_marked(self):
         self.write(30, session="far", domain="linux:other-machine:pid:[9]")
@@ -4510,6 +4516,92 @@ class StatusTests(unittest.TestCase):
         self.assertEqual(self.statuses(client, 1)[0]["state"], "working")
         os.unlink(os.path.join(self.sessions, "%d.json" % proc.pid))    # a clean exit
         self.assertEqual(self.statuses(client, 2)[1]["state"], "ended")
+
+
+class RealClaudeStatusTests(unittest.TestCase):
+    """The real Claude Code 2.1.332 (../shared/realclaude, offline) walked through working,
+    waiting at a permission prompt, working, idle and /exit, then a second session killed
+    with kill -9, with `serve` and `client --json` attached: the status messages follow the
+    registry's changes in order, each within a second, and the kill is ended within 3 s."""
+
+    def run_walk(self):
+        driver = os.environ.get("CLAUDE_STREAM_REALCLAUDE_DRIVER", "")
+        require(self, "realclaude", os.path.isfile(driver) and shutil.which("tmux") is not None,
+                "set CLAUDE_STREAM_REALCLAUDE_DRIVER to ../shared/realclaude/realclaude.py (.ci/setup does), "
+                "and install tmux")
+        out = tempfile.mkdtemp(prefix="rc-status-")
+        self.addCleanup(shutil.rmtree, out, True)
+        run = subprocess.run([sys.executable, driver, "--out", out, "--force", "--registry",
+                              "--session", "states:status", "--session", "states:kill9",
+                              "--stream", MODULE, "--stream-linger", "2", "--deadline", "400"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=450)
+        self.assertEqual(run.returncode, 0, run.stdout.decode("utf-8", "replace")[-3000:])
+        return out
+
+    @staticmethod
+    def expected(out):
+        """Per pid, the states its record went through, (time, state, waiting_for), as a
+        watcher should say them: idle only once it lasted the debounce."""
+        changes = {}
+        for line in open(os.path.join(out, "logs", "registry-changes.jsonl")):
+            change = json.loads(line)
+            name = change.get("path", "").rsplit("/", 1)[-1]
+            if not change.get("path", "").startswith(".claude/sessions/") or not cs.REGISTRY_NAME.match(name):
+                continue
+            record = change.get("json") if change["event"] != "delete" else None
+            if change["event"] != "delete" and not isinstance(record, dict):
+                continue
+            state = ("ended", None) if record is None else (
+                cs.STATUS_STATES.get(record.get("status") or "idle", "idle"),
+                record.get("waitingFor") if record.get("status") == "waiting" else None)
+            changes.setdefault(int(name[:-5]), []).append((change["t"], state))
+        said = {}
+        for pid, seen in changes.items():
+            states = []
+            for k, (when, state) in enumerate(seen):
+                lasted = seen[k + 1][0] - when if k + 1 < len(seen) else float("inf")
+                if states and state == states[-1][1]:
+                    continue
+                if state[0] == "idle" and states and states[-1][1][0] in ("working", "shell") \
+                        and lasted < cs.REGISTRY_IDLE_DEBOUNCE:
+                    continue                # a blip: never said
+                states.append((when, state))
+            said[pid] = states
+        return said
+
+    def test_the_real_claude_code_through_its_states_and_a_kill_9(self):
+        out = self.run_walk()
+        stream = os.path.join(out, "stream")
+        lines = open(os.path.join(stream, "client-json.out"), encoding="utf-8").read().splitlines()
+        arrived = [float(t) for t in open(os.path.join(stream, "client-json.times")).read().split()]
+        self.assertEqual(len(lines), len(arrived))
+        got = {}
+        for when, line in zip(arrived, lines):
+            msg = json.loads(line)
+            if msg["kind"] == "status":
+                got.setdefault(msg["pid"], []).append((when, (msg["state"], msg["waiting_for"]), msg))
+        events = [json.loads(l) for l in open(os.path.join(out, "logs", "driver-events.jsonl"))]
+        killed = next(e for e in events if e.get("what") == "kill9")
+        copied = next(e for e in events if e.get("what") == "fake_reused_pid_record")
+        expected = self.expected(out)
+        self.assertNotIn(copied["pid"], got)            # a stale record copied to another program's pid
+        expected.pop(copied["pid"], None)
+        expected[killed["pid"]].append((killed["t"], ("ended", None)))     # its record stays, frozen
+        self.assertEqual(sorted(got), sorted(expected))
+        for pid, states in expected.items():
+            self.assertEqual([s for _, s, _ in got[pid]], [s for _, s in states], pid)
+            for (sent, state, msg), (changed, _) in zip(got[pid], states):
+                limit = 3.0 if (pid, state[0]) == (killed["pid"], "ended") else 1.0
+                self.assertLess(sent - changed, limit, (pid, state))
+                self.assertTrue(msg["checked"])
+            # Joined to its transcript once there is one (the record comes before it).
+            last = got[pid][-1][2]
+            self.assertEqual(last["path"], "%s/%s.jsonl" % (last["project"], last["session"]), last)
+        walk = got[min(got)]
+        self.assertEqual([s for _, s, _ in walk],
+                         [("idle", None), ("working", None), ("idle", None), ("working", None),
+                          ("waiting", "permission prompt"), ("working", None), ("idle", None),
+                          ("working", None), ("waiting", "permission prompt"), ("idle", None), ("ended", None)])
 
 
 class TerminalSafetyTests(unittest.TestCase):
