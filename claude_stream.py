@@ -5204,6 +5204,13 @@ class StatusRelay:
         if self._timer is not None:
             self._timer.cancel()
         now = self.loop.time()
+        try:
+            self._step(now)
+        finally:                        # whatever happened, the registry is looked at again
+            due = min(self._next_scan, self._next_check, self.registry.next_due(now))
+            self._timer = self.loop.call_at(max(due, now + self.limits.timer_slack), self._tick)
+
+    def _step(self, now: float) -> None:
         changes: List[SessionStatus] = []
         if now >= self._next_scan or (self.registry.retry_at is not None and now >= self.registry.retry_at):
             self._watch()
@@ -5217,8 +5224,6 @@ class StatusRelay:
             changes += self.registry.settled(now)
         for status in changes:
             self._send(*self._message(status))
-        due = min(self._next_scan, self._next_check, self.registry.next_due(now))
-        self._timer = self.loop.call_at(due, self._tick)
 
     def _watch(self) -> None:
         """Watch each registry folder, or its parent until it exists (a watch is kept once made)."""
@@ -5265,7 +5270,8 @@ class UsageRelay:
                  log: Log, prices: Dict[str, Price], limits: Limits):
         self.loop, self.tailer, self.subscribers, self.log, self.limits = loop, tailer, subscribers, log, limits
         self.book = UsageBook(prices, limits)
-        self.history: Deque[Tuple[FileRecord, LineReader, int]] = collections.deque()
+        self.history: Deque[Tuple[FileRecord, int]] = collections.deque()   # files, and where to stop
+        self.reader: Optional[LineReader] = None    # the first one's, made when it is its turn
         self.dirty: Dict[SessionUsage, None] = {}
         self._flush_timer: Optional[Timer] = None
 
@@ -5277,7 +5283,7 @@ class UsageRelay:
         """Queue the history of every file found at start-up (their lines before the end)."""
         for rec in sorted(self.tailer.files.values(), key=lambda r: r.abspath):
             if rec.line_start > 0:
-                self.history.append((rec, LineReader(rec, 0, self.limits.max_line_bytes), rec.line_start))
+                self.history.append((rec, rec.line_start))
         if self.history:
             self.loop.call_later(self.limits.catchup_interval, self._history_step)
 
@@ -5311,7 +5317,16 @@ class UsageRelay:
             self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
     def _history_step(self) -> None:
-        rec, reader, end = self.history[0]
+        try:
+            self._read_history()
+        finally:
+            if self.history:
+                self.loop.call_later(self.limits.catchup_interval, self._history_step)
+
+    def _read_history(self) -> None:
+        """One block of the first file's history; the next file when it is done."""
+        rec, end = self.history[0]
+        reader = self.reader = self.reader or LineReader(rec, 0, self.limits.max_line_bytes)
         try:
             read = 0 if rec.gone else reader.fill(end, self.limits.catchup_block)
         except OSError:
@@ -5320,14 +5335,14 @@ class UsageRelay:
             _, line = reader.lines.popleft()
             if line is not None and b'"usage"' in line:
                 self._count(rec, line)
-        if not read:
-            self.history.popleft()
-            if not self.history:            # every session's totals are whole now: say so
-                self.dirty.update(dict.fromkeys(self.book.sessions.values()))
-                if self._flush_timer is None:
-                    self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
-        if self.history:
-            self.loop.call_later(self.limits.catchup_interval, self._history_step)
+        if read:
+            return
+        self.history.popleft()
+        self.reader = None
+        if not self.history:                # every session's totals are whole now: say so
+            self.dirty.update(dict.fromkeys(self.book.sessions.values()))
+            if self._flush_timer is None:
+                self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
     def _flush(self) -> None:
         self._flush_timer = None
