@@ -2868,7 +2868,10 @@ class PageTests(ProjectTreeTestCase):
         browser.open(self.page_url(server, "all"))
         held = "(claudeStream.sessions.get('s1') || {entries: []}).entries"
         texts = "[...document.querySelectorAll('#entries li.entry .text')].map(e => e.textContent)"
-        browser.wait("%s.length === %d && %s.at(-1) === 'line %d'" % (held, kept, texts, count - 1), "the end")
+        # The end first, then what came before it on the second socket, of which the latest stay.
+        browser.wait("%s.length === %d && %s.at(-1) === 'line %d' && !claudeStream.side && "
+                     "document.getElementById('state').dataset.state === 'live'" % (held, kept, texts, count - 1),
+                     "the end, and the history before it")
         self.assertEqual(browser.js(held + "[0].msg.entry.message.content"), "line %d" % (count - kept))
         self.assertFalse(browser.js("document.getElementById('earlier').hidden"))
         # Anywhere in between, the entries in sight are drawn (of estimated heights, then measured).
