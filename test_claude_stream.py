@@ -4685,7 +4685,8 @@ class StatusClientTests(unittest.TestCase):
         self.assertEqual(app.alerts.running, [])               # reaped: no zombie left
         written = sorted(os.listdir(folder))
         self.assertEqual(len(written), 2, written)              # and no a, b or c: nothing ran the values
-        envs = sorted((json.load(open(os.path.join(folder, f))) for f in written),
+        ours = lambda env: {k: v for k, v in env.items() if k not in os.environ or k == cs.TOKEN_ENV}  # noqa: E731
+        envs = sorted((ours(json.load(open(os.path.join(folder, f)))) for f in written),
                       key=lambda e: e["CLAUDE_STREAM_EVENT"])
         self.assertEqual(envs[1], {
             "CLAUDE_STREAM_EVENT": "waiting", "CLAUDE_STREAM_STATE": "waiting",
