@@ -56,7 +56,8 @@ Map, top to bottom, each part using only those above it:
   Broadcast             Backpressure, Broadcast
   Server                ServerSession, StreamServer
   The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
-  Client                Columns, EntryText (what a line says), Renderer, ClientLink, ClientApp
+  Client                Columns, EntryText (what a line says), SessionBoard (live states), Renderer,
+                        Alerts (--notify, --notify-command), ClientLink, ClientApp
   Command line          argparse, run_serve, run_client, run_usage, main
 A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
@@ -84,11 +85,13 @@ import re
 import secrets
 import select
 import selectors
+import shlex
 import signal
 import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 try:                                # Unix only: how much of our output the peer has taken
     import fcntl
@@ -203,6 +206,13 @@ RECONNECT_MAX = 30.0                # backoff cap
 CONNECT_TIMEOUT = 10.0
 EXCERPT_CHARS = 120                 # bytes of a malformed line shown to clients
 TOOL_NAME_MEMORY = 4096             # tool_use ids remembered to name results
+# --notify-command: the user's program, started for each alert and never waited
+# for; past this many still running, an alert runs nothing (said in a warning)
+# rather than piling up processes behind a command that hangs.
+NOTIFY_COMMANDS_MAX = 4
+NOTIFY_REAP_INTERVAL = 1.0          # seconds between looks for finished commands, while any run
+NOTIFY_TEXT_MAX = 160               # columns of a desktop notification's text (from the registry: cut)
+NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value given to the command
 
 # --- Usage and cost -----------------------------------------------------------
 # A message is written on several lines while it streams; its usage is counted
@@ -316,6 +326,8 @@ class Limits:
     listen_attempts: int = LISTEN_ATTEMPTS
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
+    notify_commands_max: int = NOTIFY_COMMANDS_MAX
+    notify_reap_interval: float = NOTIFY_REAP_INTERVAL
     usage_max_messages: int = USAGE_MAX_MESSAGES
     usage_interval: float = USAGE_INTERVAL
     registry_poll_interval: float = REGISTRY_POLL_INTERVAL
@@ -7517,6 +7529,104 @@ class EntryText:
         return "system", style, ("%s: %s" % (subtype, text) if subtype else text)
 
 
+# --- live status and usage: what the client knows of each session ---------------
+
+# A status line's colour by state; a dialog the user opened is dim (not Claude asking).
+STATE_STYLES = {"working": "yellow", "waiting": "red", "idle": "green", "shell": "green", "ended": "dim"}
+DIALOG_OPEN = "dialog open"         # waiting_for of the user's own slash-command dialog (/model)
+StateSeen = Tuple[str, Optional[str]]     # (state, waiting_for)
+
+
+def _last_part(path: Any) -> Optional[str]:
+    """A working directory's last part, which names the project on every line, or None."""
+    if not isinstance(path, str) or not path.strip("\\/"):
+        return None
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1]
+
+
+def usage_cost(usage: Dict[str, Any]) -> str:
+    """'$0.42', 'cost unknown' when no model of the session has a price, and the
+    unpriced models named when only some have one (their tokens are not in the sum)."""
+    cost = usage.get("cost_usd")
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not math.isfinite(cost):
+        cost = 0.0                  # 1e999 parses as inf: a number from a peer is checked
+    unpriced = usage.get("unpriced_models")
+    names = ", ".join(str(m) for m in unpriced[:3]) if isinstance(unpriced, list) else ""
+    if names and not cost:
+        return "cost unknown (%s)" % names
+    return "$%.2f" % cost + (" + cost unknown (%s)" % names if names else "")
+
+
+def usage_text(usage: Dict[str, Any]) -> str:
+    """A ``usage`` message in a few words: tokens in, out, cache written and read, cost."""
+    text = "{:,} in, {:,} out, cache {:,} written, {:,} read, ".format(
+        *(_count(usage, kind) for kind in TOKEN_KINDS)) + usage_cost(usage)
+    return text + (" (so far: older lines still being counted)" if usage.get("complete") is False else "")
+
+
+class SessionBoard:
+    """The state last reported of each session and its last usage, by host and session
+    id, bounded. After each subscribe the server tells every live session's state
+    again (a reconnect, a restarted server): a state equal to the one reported is
+    no change, and is neither shown nor rung again."""
+
+    def __init__(self, memory: int = TOOL_NAME_MEMORY):
+        self.memory = memory
+        self.states: Dict[Tuple[str, str], StateSeen] = {}
+        self.usages: Dict[Tuple[str, str], Dict[str, Any]] = {}
+
+    @staticmethod
+    def key(msg: Dict[str, Any]) -> Tuple[str, str]:
+        return str(msg.get("host") or ""), str(msg.get("session") or "")
+
+    def _keep(self, table: Dict[Tuple[str, str], Any], key: Tuple[str, str], value: Any) -> None:
+        table.pop(key, None)            # the newest last: the oldest goes first when full
+        if len(table) >= self.memory:
+            del table[next(iter(table))]
+        table[key] = value
+
+    def usage(self, msg: Dict[str, Any]) -> None:
+        self._keep(self.usages, self.key(msg), msg)
+
+    def usage_of(self, msg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        return self.usages.get(self.key(msg))
+
+    def change(self, msg: Dict[str, Any]) -> Optional[Tuple[Optional[StateSeen], StateSeen]]:
+        """(state reported before or None, state now) if ``msg`` is news, else None."""
+        waiting_for = msg.get("waiting_for")
+        now = (str(msg.get("state")), waiting_for if isinstance(waiting_for, str) else None)
+        key = self.key(msg)
+        before = self.states.get(key)
+        if before == now:
+            return None
+        self._keep(self.states, key, now)
+        return before, now
+
+
+def alert_event(before: Optional[StateSeen], now: StateSeen) -> Optional[str]:
+    """'waiting' when a session starts waiting for the user (a dialog the user opened
+    is not Claude asking), 'idle' when it finishes a turn (working or shell, then
+    idle; a denied prompt is the user's own doing), else None."""
+    state, waiting_for = now
+    if state == "waiting":
+        return None if waiting_for == DIALOG_OPEN else "waiting"
+    if state == "idle" and before is not None and before[0] in ("working", "shell"):
+        return "idle"
+    return None
+
+
+def status_text(state: str, waiting_for: Optional[str], usage: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+    """(colour, text) of a status line: the state, what it waits for, the usage at idle."""
+    style = STATE_STYLES.get(state, "dim")
+    if state == "waiting":
+        return ("dim" if waiting_for == DIALOG_OPEN else style), "waiting: %s" % (waiting_for or "for you")
+    if state == "shell":
+        return style, "shell (idle; a background shell runs, Claude goes on when it ends)"
+    if state == "idle" and usage is not None:
+        return style, "idle  \u00b7  " + usage_text(usage)
+    return style, state
+
+
 class Renderer:
     """Turns server messages into one readable line each, for a terminal.
 
@@ -7534,6 +7644,7 @@ class Renderer:
         self.files: Dict[str, FileView] = {}            # path -> its view, bounded
         self.project_names: Dict[str, str] = {}         # project folder -> name
         self.settings: Dict[Tuple[str, str], str] = {}  # (session, type) -> value last shown
+        self.board = SessionBoard()                     # each session's state last shown, its usage
 
     @property
     def width(self) -> Optional[int]:
@@ -7549,6 +7660,9 @@ class Renderer:
 
     def feed(self, msg: Dict[str, Any]) -> List[str]:
         """The lines to write for one message, held ones of its file first."""
+        if msg.get("kind") in ("status", "usage"):
+            line = self._status_line(msg)
+            return [line] if line is not None else []
         view = self._view(msg)
         described = self._describe_message(msg, view)
         if described is None:
@@ -7581,6 +7695,8 @@ class Renderer:
 
     def render(self, msg: Dict[str, Any]) -> Optional[str]:
         """One message as one line, now (an untimed first line shows no time)."""
+        if msg.get("kind") in ("status", "usage"):
+            return self._status_line(msg)
         view = self._view(msg)
         described = self._describe_message(msg, view)
         if described is None:
@@ -7596,22 +7712,41 @@ class Renderer:
         if view is None:
             if len(self.files) >= TOOL_NAME_MEMORY:
                 del self.files[next(iter(self.files))]
-            folder = str(msg.get("project") or "-")
-            name = self.project_names.get(folder)
-            if name is None:
-                if len(self.project_names) >= TOOL_NAME_MEMORY:
-                    del self.project_names[next(iter(self.project_names))]
-                name = self.project_names[folder] = project_label(folder)
-            view = self.files[path] = FileView(name)
+            view = self.files[path] = FileView(self._folder_name(str(msg.get("project") or "-")))
         entry = msg.get("entry")
         cwd = entry.get("cwd") if isinstance(entry, dict) else None
-        if isinstance(cwd, str) and cwd.strip("\\/") and not view.project_fixed:
+        name = _last_part(cwd)
+        if name is not None and not view.project_fixed:
             # The first cwd names the project for good; a later `cd` does not rename it.
-            view.project = re.split(r"[\\/]", cwd.rstrip("\\/"))[-1]
+            view.project = name
             view.project_fixed = True
             view.cwd = cwd
             self.project_names[str(msg.get("project") or "-")] = view.project
         return view
+
+    def _folder_name(self, folder: str) -> str:
+        name = self.project_names.get(folder)
+        if name is None:
+            if len(self.project_names) >= TOOL_NAME_MEMORY:
+                del self.project_names[next(iter(self.project_names))]
+            name = self.project_names[folder] = project_label(folder)
+        return name
+
+    def _status_line(self, msg: Dict[str, Any]) -> Optional[str]:
+        """A session's new state as a line in the entries' columns, timed when it began;
+        None for a usage message (kept for the next idle) and for a state already shown."""
+        if msg.get("kind") == "usage":
+            self.board.usage(msg)
+            return None
+        change = self.board.change(msg)
+        if change is None:
+            return None
+        state, waiting_for = change[1]
+        style, text = status_text(state, waiting_for, self.board.usage_of(msg))
+        view = self.files.get(str(msg.get("path")))    # its transcript's name for the project
+        name = view.project if view is not None else (
+            _last_part(msg.get("cwd")) or self._folder_name(str(msg.get("project") or "-")))
+        return self._line(msg, FileView(name), parse_timestamp(msg.get("since")), ("status", style, text))
 
     @staticmethod
     def _time_of(msg: Dict[str, Any], view: FileView) -> Optional[datetime]:
@@ -7684,6 +7819,111 @@ class Renderer:
         text = visible(one_line(text))
         pieces.append(text if cols.room is None else fit(text, cols.room))
         return " ".join(pieces)
+
+
+def notice_text(text: str, limit: int = NOTIFY_TEXT_MAX) -> str:
+    """Text from the registry made fit to go inside an OSC escape: on one line, every
+    control character shown (so no ESC, BEL, ST or C1 inside), no Unicode format
+    characters (bidi overrides), no ';' (OSC 777 splits its fields on it), cut."""
+    text = visible(one_line(text)).replace(";", ",")
+    return fit("".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cs")), limit)
+
+
+def ring_bytes(title: str, body: str) -> bytes:
+    """The terminal bell and a desktop notification, as OSC 9 (iTerm2, WezTerm, kitty,
+    Windows Terminal) and OSC 777 (urxvt, foot, VTE) say it; a terminal ignores the
+    escape it does not know. OSC 9's text starts with our title, never a digit
+    (ConEmu reads '9;1'... as its own commands)."""
+    title, body = notice_text(title), notice_text(body)
+    return ("\a\x1b]9;%s: %s\a\x1b]777;notify;%s;%s\a" % (title, body, title, body)).encode("utf-8", "replace")
+
+
+def _env_value(value: Any) -> str:
+    """A value for the command's environment: as it came, bounded; but a NUL cannot be
+    passed, and a lone surrogate (JSON allows "\\ud800") cannot be encoded: a '?'."""
+    if value is None or isinstance(value, (dict, list)):
+        return ""
+    text = str(value).replace("\x00", "")[:NOTIFY_ENV_MAX]
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+class Alerts:
+    """--notify and --notify-command: when a session starts waiting for the user or
+    finishes a turn, once per change (its own SessionBoard: not again for a
+    snapshot after a reconnect), ring the terminal and run the user's command.
+
+    The command is argv from shlex.split, run without a shell, with the details
+    in CLAUDE_STREAM_* variables (never in its arguments); it is started and not
+    waited for, finished ones are reaped by a timer, at most
+    ``notify_commands_max`` run at once, and one that cannot start is a warning.
+    """
+
+    TITLES = {"waiting": "Claude needs you", "idle": "Claude finished"}
+
+    def __init__(self, loop: EventLoop, log: Log, limits: Limits, bell: bool,
+                 command: Optional[List[str]]):
+        self.loop, self.log, self.limits = loop, log, limits
+        self.bell, self.command = bell, command
+        self.board = SessionBoard()
+        self.running: List[subprocess.Popen] = []
+        self._reap_timer: Optional[Timer] = None
+
+    def usage(self, msg: Dict[str, Any]) -> None:
+        self.board.usage(msg)
+
+    def status(self, msg: Dict[str, Any], server: str) -> bytes:
+        """What to write to the terminal for ``msg`` (b"" for nothing); its command started."""
+        change = self.board.change(msg)
+        event = alert_event(*change) if change is not None else None
+        if event is None:
+            return b""
+        who = next((v for v in (msg.get("name"), _last_part(msg.get("cwd"))) if isinstance(v, str) and v),
+                   str(msg.get("session") or "?")[:8])
+        usage = self.board.usage_of(msg)
+        if event == "waiting":
+            body = "%s: %s" % (who, msg.get("waiting_for") or "waiting for you")
+        else:
+            body = "%s: your turn" % who + (" (%s)" % usage_cost(usage) if usage is not None else "")
+        if self.command is not None:
+            self._run(msg, event, body, usage, server)
+        return ring_bytes(self.TITLES[event], body) if self.bell else b""
+
+    def _run(self, msg: Dict[str, Any], event: str, body: str, usage: Optional[Dict[str, Any]],
+             server: str) -> None:
+        assert self.command is not None
+        self.reap()
+        if len(self.running) >= self.limits.notify_commands_max:
+            self.log.warn("--notify-command: %d still running; not run for this %s"
+                          % (len(self.running), event), key="notify-command")
+            return
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}    # it needs no token of ours
+        details = {"EVENT": event, "STATE": msg.get("state"), "WAITING_FOR": msg.get("waiting_for"),
+                   "SESSION": msg.get("session"), "PROJECT": msg.get("project"), "NAME": msg.get("name"),
+                   "CWD": msg.get("cwd"), "SINCE": msg.get("since"), "PID": msg.get("pid"),
+                   "TRANSCRIPT": msg.get("path"), "HOST": msg.get("host"), "SERVER": server,
+                   "TEXT": notice_text("%s: %s" % (self.TITLES[event], body)),     # as the desktop shows it
+                   "COST_USD": usage.get("cost_usd") if usage is not None else None}
+        env.update(("CLAUDE_STREAM_" + k, _env_value(v)) for k, v in details.items())
+        try:
+            proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    env=env, close_fds=True)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self.log.warn("--notify-command: cannot run %s: %s" % (
+                self.command[0], getattr(exc, "strerror", None) or exc), key="notify-command")
+            return
+        self.running.append(proc)
+        if self._reap_timer is None:
+            self._reap_timer = self.loop.call_later(self.limits.notify_reap_interval, self._reap_later)
+
+    def reap(self) -> None:
+        """Forget the commands that finished (poll() never blocks), so none stays a zombie."""
+        self.running = [proc for proc in self.running if proc.poll() is None]
+
+    def _reap_later(self) -> None:
+        self._reap_timer = None
+        self.reap()
+        if self.running:
+            self._reap_timer = self.loop.call_later(self.limits.notify_reap_interval, self._reap_later)
 
 
 def absolute_since(since: Optional[str], server_time: Any) -> Optional[str]:
@@ -7822,7 +8062,8 @@ class ClientApp:
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
                  token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
-                 limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None):
+                 limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None, notify: bool = False,
+                 notify_command: Optional[List[str]] = None):
         self.loop = loop
         self.limits = limits
         self.last = last
@@ -7836,6 +8077,13 @@ class ClientApp:
         self.out = out if out is not None else sys.stdout
         color = self.out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
         self.renderer = Renderer(color=color, width=self.terminal_width(), clock=loop.time)
+        self.alerts: Optional[Alerts] = None
+        if notify or notify_command is not None:
+            bell = notify and self.out.isatty()     # escapes are for a terminal, not for a file
+            if notify and not bell:
+                log.info("--notify: stdout is not a terminal, so nothing rings (--notify-command "
+                         "runs a program instead)")
+            self.alerts = Alerts(loop, log, limits, bell, notify_command)
         self._flush_timer: Optional[Timer] = None
         self.links = [ClientLink(self, url) for url in urls]
         self.finished: Dict[ClientLink, None] = {}
@@ -7925,6 +8173,10 @@ class ClientApp:
             self.log.info("%s: caught up, following live" % link.url)
         if not self.json_mode:
             self._write_lines(self.renderer.feed(msg))
+        if self.alerts is not None and kind == "usage":
+            self.alerts.usage(msg)
+        elif self.alerts is not None and kind == "status":
+            self._write(self.alerts.status(msg, link.url))      # after the line that says it
 
     def _write_lines(self, lines: List[str]) -> None:
         if lines:
@@ -8132,6 +8384,12 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
                              "self-signed server certificate)")
     client.add_argument("--insecure", action="store_true",
                         help="do not verify the server's certificate (with a warning)")
+    client.add_argument("--notify", action="store_true",
+                        help="ring when a session starts waiting for you or finishes a turn: the "
+                             "bell and a desktop notification (OSC 9 and OSC 777), on a terminal")
+    client.add_argument("--notify-command", metavar="CMD",
+                        help="run CMD (split as a shell would, run without one) for the same "
+                             "events, the details in CLAUDE_STREAM_* environment variables")
     client.add_argument("--no-reconnect", action="store_true",
                         help="exit with status 1 when the connection fails or drops")
     client.add_argument("--debug", action="store_true", help="tracebacks on errors")
@@ -8370,6 +8628,20 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     return EXIT_OK
 
 
+def notify_argv(command: Optional[str]) -> Optional[List[str]]:
+    """--notify-command as argv, split once here: the events' details go in its
+    environment, never into a string a shell reads."""
+    if command is None:
+        return None
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise UsageError("client: --notify-command: %s in %r" % (exc, command)) from None
+    if not argv:
+        raise UsageError("client: --notify-command: no command given")
+    return argv
+
+
 def run_client(args: argparse.Namespace, log: Log) -> int:
     urls = args.urls or [DEFAULT_URL]
     secure = any(parse_ws_url(url)[3] for url in urls)   # a bad URL is a usage error now
@@ -8391,7 +8663,8 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
             raise UsageError("client: --since: %s" % exc) from None
     since = "all" if args.since is None and args.last else args.since
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=since,
-                    token=given_token(args, log, "client"), tls=tls, last=args.last)
+                    token=given_token(args, log, "client"), tls=tls, last=args.last,
+                    notify=args.notify, notify_command=notify_argv(args.notify_command))
     resize = (signal.SIGWINCH,) if hasattr(signal, "SIGWINCH") else ()
     loop.handle_signals(STOP_SIGNALS + resize,
                         lambda signum: app.resized() if signum in resize else app.stop())

@@ -27,6 +27,7 @@ import os
 import re
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -4605,6 +4606,269 @@ class RealClaudeStatusTests(unittest.TestCase):
                          [("idle", None), ("working", None), ("idle", None), ("working", None),
                           ("waiting", "permission prompt"), ("working", None), ("idle", None),
                           ("working", None), ("waiting", "permission prompt"), ("idle", None), ("ended", None)])
+
+
+def status_message(state, waiting_for=None, session="5e55a1d0-0000-4000-8000-000000000001", **extra):
+    """A status message as the server sends it."""
+    msg = {"kind": "status", "session": session, "project": "-home-u-proj", "path": "-home-u-proj/%s.jsonl" % session,
+           "state": state, "waiting_for": waiting_for, "since": "2026-01-02T03:04:05.000Z", "pid": 4242,
+           "name": "proj-1a", "cwd": "/home/u/proj", "entrypoint": "cli", "mode": "interactive", "checked": True}
+    msg.update(extra)
+    return msg
+
+
+def usage_message(session="5e55a1d0-0000-4000-8000-000000000001", cost=0.4231, unpriced=(), complete=True):
+    return {"kind": "usage", "session": session, "project": "-home-u-proj", "input_tokens": 12345,
+            "output_tokens": 678, "cache_creation_input_tokens": 1000, "cache_read_input_tokens": 20000,
+            "cost_usd": cost, "unpriced_models": list(unpriced), "models": {}, "complete": complete}
+
+
+NOTIFY_ENV_SCRIPT = """import json, os, sys
+with open(os.path.join(sys.argv[1], "%d.json" % os.getpid()), "w") as fh:
+    json.dump({k: v for k, v in os.environ.items() if k.startswith("CLAUDE_STREAM_")}, fh)
+"""
+OSC_9, OSC_777 = "\x1b]9;", "\x1b]777;notify;"
+
+
+class StatusClientTests(unittest.TestCase):
+    """Issue 13.5: the terminal client's status lines, the usage at idle, --notify
+    and --notify-command, once per change and never again for a reconnect's snapshot."""
+
+    def test_status_lines_in_the_entries_columns_and_no_repeat_after_a_snapshot(self):
+        renderer = cs.Renderer(width=130)
+        session = status_message("x")["session"]
+        entry_text = renderer.feed({"kind": "entry", "path": "-home-u-proj/%s.jsonl" % session, "offset": 0,
+                                    "next": 1, "project": "-home-u-proj", "session": session, "agent": None,
+                                    "entry": json.loads(entry_line(1, session))})[0]
+        shown = []
+        for msg in (status_message("working"), status_message("waiting", "permission prompt"),
+                    status_message("waiting", "permission prompt"),       # a snapshot: said already
+                    status_message("shell"), status_message("idle"), status_message("idle"),
+                    status_message("waiting", "dialog open"), status_message("ended")):
+            shown += renderer.feed(msg)
+        texts = [line[line.index("status") + 11:] for line in shown]
+        self.assertEqual(texts, ["working", "waiting: permission prompt",
+                                 "shell (idle; a background shell runs, Claude goes on when it ends)",
+                                 "idle", "waiting: dialog open", "ended"])
+        columns = cs.Columns.for_width(130).prefix - 11       # time, project, session
+        for line in shown:      # the time the state began (the entry's second), project and session as entries
+            self.assertEqual(line[:columns], entry_text[:columns], line)
+        self.assertEqual(len(renderer.feed(status_message("working", session="other"))), 1)
+        # Another host of a hub is another session, and a reconnect after all this still repeats nothing.
+        self.assertEqual(len(renderer.feed(status_message("ended", host="far"))), 1)
+        self.assertEqual(renderer.feed(status_message("ended")), [])
+        narrow = cs.Renderer(width=60).feed(status_message("waiting", "permission prompt"))[0]
+        self.assertTrue(narrow.endswith("status     waiting: permission prompt"), narrow)
+
+    def test_the_usage_is_shown_when_a_session_goes_idle(self):
+        renderer = cs.Renderer()
+        self.assertEqual(renderer.feed(usage_message()), [])        # kept, not a line of its own
+        self.assertTrue(renderer.feed(status_message("working"))[0].endswith("working"))
+        idle = renderer.feed(status_message("idle"))[0]
+        self.assertTrue(idle.endswith("idle \u00b7 12,345 in, 678 out, cache 1,000 written, 20,000 read, $0.42"), idle)
+        renderer.feed(status_message("working"))
+        renderer.feed(usage_message(cost=0.0, unpriced=["claude-new-9"]))
+        self.assertTrue(renderer.feed(status_message("idle"))[0].endswith("cost unknown (claude-new-9)"))
+        renderer.feed(status_message("working"))
+        renderer.feed(usage_message(cost=1.5, unpriced=["claude-new-9"], complete=False))
+        self.assertTrue(renderer.feed(status_message("idle"))[0].endswith(
+            "$1.50 + cost unknown (claude-new-9) (so far: older lines still being counted)"))
+        for cost in (float("inf"), "1", True, None):       # a number from a peer is checked
+            self.assertIn("cost unknown (x)", cs.usage_text(dict(usage_message(cost=cost, unpriced=["x"]))))
+        self.assertTrue(cs.Renderer().feed(status_message("idle"))[0].endswith("idle"))   # no usage yet
+
+    def test_hostile_and_wide_text_in_names_and_waiting_for_stays_shown_not_obeyed(self):
+        hostile = dict(waiting_for="permission " + ESCAPES, name="n" + ESCAPES, cwd="/x/\u6f22\u5b57" + ESCAPES,
+                       project="-x" + ESCAPES, session="s" + ESCAPES, since=ESCAPES)
+        for color in (False, True):
+            renderer = cs.Renderer(color=color, width=100)
+            for line in (renderer.feed(status_message("waiting", **hostile))
+                         + renderer.feed(status_message("idle", **dict(hostile, waiting_for=None)))):
+                plain = OUR_COLOURS_RE.sub("", line) if color else line
+                self.assertIsNone(CONTROL_RE.search(plain), line)
+                self.assertIn("\u241b", plain)
+                self.assertLessEqual(cs.display_width(plain), 100, plain)
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        alerts = cs.Alerts(loop, cs.Log(stream=io.StringIO()), cs.DEFAULT_LIMITS, True, None)
+        alerts.status(status_message("working"), "ws://h/")
+        for msg in (status_message("waiting", **dict(hostile, name="\u202e\u6f22" * 200 + ESCAPES)),
+                    status_message("working"), status_message("idle", name="a;b" + ESCAPES)):
+            ring = alerts.status(msg, "ws://h/").decode("utf-8")
+            if msg["state"] == "working":
+                self.assertEqual(ring, "")
+                continue
+            # Exactly the bell and the two escapes; inside them, no control character, no ';' of theirs.
+            match = re.fullmatch("\x07\x1b\\]9;([^\x00-\x1f\x7f-\x9f]*)\x07\x1b\\]777;notify;([^;\x00-\x1f\x7f-\x9f]*);"
+                                 "([^;\x00-\x1f\x7f-\x9f]*)\x07", ring)
+            self.assertIsNotNone(match, repr(ring))
+            self.assertNotIn("\u202e", ring)
+            self.assertLessEqual(cs.display_width(match.group(3)), cs.NOTIFY_TEXT_MAX)
+            self.assertTrue(match.group(1).startswith(match.group(2) + ": "))
+
+    def registry_tree(self):
+        """A config folder with a projects folder and a registry, and a live `sleep` to write records for."""
+        require(self, "procfs", cs.ProcessProbe().domain is not None,
+                "no /proc or /etc/machine-id here: pids cannot be checked")
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.sessions = os.path.join(tmp.name, ".claude", "sessions")      # where StatusTests.record writes
+        root = os.path.join(tmp.name, ".claude", "projects")
+        os.makedirs(os.path.join(root, "-home-u-proj"))
+        os.makedirs(self.sessions)
+        sleeper = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        return root, lambda **fields: StatusTests.record(self, sleeper, **fields)
+
+    def pty_client(self, *args):
+        """A client writing to a terminal 200 columns wide: (the terminal's master side, its stderr)."""
+        import pty
+        master, slave = pty.openpty()
+        self.addCleanup(os.close, master)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+        proc = subprocess.Popen([sys.executable, MODULE, "client"] + list(args),
+                                stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+                                env=dict(os.environ, NO_COLOR="1"))
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        self.addCleanup(proc.stderr.close)
+        os.close(slave)
+        return master, Output(proc.stderr)
+
+    def terminal_shows(self, master, got, count, text, rings):
+        """Wait until the terminal showed ``text`` ``count`` times and rang ``rings`` times: each
+        ring the bell, an OSC 9 and an OSC 777 (BEL ends those two too), nothing more."""
+        def arrived():
+            while select.select([master], [], [], 0.02)[0]:
+                got.extend(os.read(master, 65536))
+            out = got.decode("utf-8", "replace")
+            return out.count("status     " + text + "\r\n") >= count and out.count(OSC_777) >= rings
+        wait_for(arrived, interval=0, message="%d x %r and %d rings on the terminal" % (count, text, rings))
+        out = got.decode("utf-8", "replace")
+        self.assertEqual((out.count("\x07"), out.count(OSC_9), out.count(OSC_777)), (3 * rings, rings, rings), out)
+
+    def test_notify_rings_once_per_transition_on_a_terminal_and_never_into_a_pipe(self):
+        root, record = self.registry_tree()
+        record(status="busy")
+        server = ServerProcess(self, [root])
+        master, stderr = self.pty_client(server.url, "--notify")
+        piped = ClientProcess(self, server.url, "--notify")
+        got = bytearray()
+        terminal = lambda count, text, rings: self.terminal_shows(master, got, count, text, rings)  # noqa: E731
+        terminal(1, "working", 0)                   # the snapshot: the session was working already
+        record(status="waiting", waitingFor="permission prompt")
+        terminal(1, "waiting: permission prompt", 1)
+        record(status="busy")
+        terminal(2, "working", 1)
+        record(status="idle")
+        terminal(1, "idle", 2)                      # a finished turn
+        record(status="waiting", waitingFor="dialog open")
+        terminal(1, "waiting: dialog open", 2)      # the user's own /model: nothing rings
+        record(status="idle")
+        terminal(2, "idle", 2)                      # closing it is no finished turn
+        port = server.port
+        server.stop()
+        server = ServerProcess(self, [root], port=port)     # its snapshot says idle again
+        stderr.wait_line(lambda l: "reconnected to" in l, what="the client to reconnect")
+        record(status="busy")
+        terminal(3, "working", 2)
+        record(status="idle")
+        terminal(3, "idle", 3)
+        out = got.decode("utf-8", "replace")
+        self.assertEqual(out.count("status     idle"), 3, out)        # the snapshot's idle: not shown
+        self.assertIn(OSC_9 + "Claude needs you: proj-1a: permission prompt\x07", out)
+        self.assertIn(OSC_777 + "Claude finished;proj-1a: your turn\x07", out)
+        # Into a pipe the same client shows the same lines and writes no escape at all.
+        piped.stdout.wait_line(lambda l: sum("status     idle" in x for x in piped.stdout.lines) >= 3,
+                               what="the piped client's idle lines")
+        self.assertFalse([l for l in piped.stdout.lines if "\x07" in l or "\x1b" in l])
+        self.assertEqual(sum("waiting: permission prompt" in l for l in piped.stdout.lines), 1)
+        piped.stderr.wait_line(lambda l: "--notify: stdout is not a terminal" in l, what="the piped client's note")
+
+    def client_app(self, command, **limits):
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        log_text, out = io.StringIO(), io.StringIO()
+        app = cs.ClientApp(loop, [cs.DEFAULT_URL], True, cs.Filters(), False, cs.Log(stream=log_text), out=out,
+                           limits=cs.Limits(**limits), notify_command=cs.notify_argv(command))
+        self.addCleanup(lambda: [p.kill() or p.wait() for p in app.alerts.running])
+
+        def feed(*msgs):
+            for msg in msgs:
+                app.on_message(app.links[0], cs.TextMessage(json.dumps(msg)))
+        return app, feed, log_text, out
+
+    def test_notify_command_gets_the_details_in_its_environment_and_nothing_runs_them(self):
+        self.maxDiff = None
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        evil = "$(touch %s/a) `touch %s/b`; touch %s/c & 'q\" \\\nnext line" % (folder, folder, folder)
+        app, feed, log_text, out = self.client_app("%s -c %s %s" % (
+            shlex.quote(sys.executable), shlex.quote(NOTIFY_ENV_SCRIPT), shlex.quote(folder)))
+        os.environ[cs.TOKEN_ENV] = "secret-token-of-the-client"
+        self.addCleanup(os.environ.pop, cs.TOKEN_ENV)
+        feed(status_message("working"), usage_message(),
+             status_message("waiting", "permission prompt", name=evil),
+             status_message("waiting", "permission prompt", name=evil),      # a snapshot: nothing runs
+             status_message("working"), status_message("idle", host="box-2"),   # box-2: never working
+             status_message("idle"), status_message("waiting", "dialog open"))
+        self.assertEqual(len(out.getvalue().splitlines()), 8)      # --json: every message, unchanged
+        self.assertIn('"name": %s' % json.dumps(evil), out.getvalue())
+        self.assertEqual(len(app.alerts.running), 2)            # started, not waited for
+        for proc in list(app.alerts.running):
+            self.assertEqual(proc.wait(DEADLINE), 0)
+        app.alerts.reap()
+        self.assertEqual(app.alerts.running, [])               # reaped: no zombie left
+        written = sorted(os.listdir(folder))
+        self.assertEqual(len(written), 2, written)              # and no a, b or c: nothing ran the values
+        ours = lambda env: {k: v for k, v in env.items() if k not in os.environ or k == cs.TOKEN_ENV}  # noqa: E731
+        envs = sorted((ours(json.load(open(os.path.join(folder, f)))) for f in written),
+                      key=lambda e: e["CLAUDE_STREAM_EVENT"])
+        self.assertEqual(envs[1], {
+            "CLAUDE_STREAM_EVENT": "waiting", "CLAUDE_STREAM_STATE": "waiting",
+            "CLAUDE_STREAM_WAITING_FOR": "permission prompt", "CLAUDE_STREAM_SESSION": status_message("x")["session"],
+            "CLAUDE_STREAM_PROJECT": "-home-u-proj", "CLAUDE_STREAM_NAME": evil, "CLAUDE_STREAM_CWD": "/home/u/proj",
+            "CLAUDE_STREAM_SINCE": "2026-01-02T03:04:05.000Z", "CLAUDE_STREAM_PID": "4242",
+            "CLAUDE_STREAM_TRANSCRIPT": status_message("x")["path"], "CLAUDE_STREAM_HOST": "",
+            "CLAUDE_STREAM_SERVER": cs.DEFAULT_URL, "CLAUDE_STREAM_COST_USD": "0.4231",
+            "CLAUDE_STREAM_TEXT": "Claude needs you: %s: permission prompt" % cs.notice_text(evil)})
+        self.assertEqual((envs[0]["CLAUDE_STREAM_EVENT"], envs[0]["CLAUDE_STREAM_WAITING_FOR"],
+                          envs[0]["CLAUDE_STREAM_TEXT"]), ("idle", "", "Claude finished: proj-1a: your turn ($0.42)"))
+        self.assertEqual(sorted(os.listdir(folder)), written)
+        # What an environment cannot carry (a NUL, a lone surrogate from JSON) is dropped or a '?'.
+        self.assertEqual(cs._env_value(json.loads('"a\\ud800b\\u0000c"')), "a?bc")
+        self.assertEqual(log_text.getvalue(), "")
+
+    def test_a_command_that_cannot_start_or_still_runs_is_a_warning_and_the_client_goes_on(self):
+        app, feed, log_text, out = self.client_app("/nonexistent/notify-me x")
+        feed(status_message("waiting", "input needed"), status_message("working"), status_message("idle"))
+        self.assertEqual(len(out.getvalue().splitlines()), 3)
+        warnings = log_text.getvalue().splitlines()
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("--notify-command: cannot run /nonexistent/notify-me: No such file or directory", warnings[0])
+        app, feed, log_text, out = self.client_app("sleep 60", notify_commands_max=1)
+        feed(status_message("waiting", "input needed"), status_message("working"), status_message("idle"))
+        self.assertEqual(len(app.alerts.running), 1)           # the bound: the second one is not started
+        self.assertIn("--notify-command: 1 still running; not run for this idle", log_text.getvalue())
+        app.alerts.running[0].kill()
+        app.alerts.running[0].wait()
+        app.loop.call_later(cs.NOTIFY_REAP_INTERVAL, app.loop.stop)
+        app.loop.run()                                          # the timer reaps it, without a wait()
+        self.assertEqual(app.alerts.running, [])
+        feed(status_message("working"), status_message("idle"))
+        self.assertEqual(len(app.alerts.running), 1)
+
+    def test_bad_notify_usage_is_one_line_and_exit_2(self):
+        for args, said in ((["--notify-command"], "--notify-command: expected one argument"),
+                           (["--notify-command", " "], "--notify-command: no command given"),
+                           (["--notify-command", "say 'unclosed"], "--notify-command: No closing quotation"),
+                           (["--notify=yes"], "--notify: ignored explicit argument 'yes'")):
+            proc = subprocess.run([sys.executable, MODULE, "client", "--no-reconnect"] + args,
+                                  capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+            self.assertEqual(proc.returncode, 2, (args, proc.stderr))
+            self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+            self.assertIn(said, proc.stderr)
 
 
 class TerminalSafetyTests(unittest.TestCase):
