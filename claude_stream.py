@@ -5184,8 +5184,10 @@ class StatusRelay:
     match; a new subscription gets the live sessions first."""
 
     def __init__(self, loop: EventLoop, registry: Registry, tailer: Tailer,
-                 subscribers: Dict["ServerSession", None], log: Log, wakeups: bool = True):
+                 subscribers: Dict["ServerSession", None], log: Log, wakeups: bool = True,
+                 before_idle: Callable[[str], None] = lambda session: None):
         self.loop, self.registry, self.tailer, self.subscribers, self.log = loop, registry, tailer, subscribers, log
+        self.before_idle = before_idle      # the turn's own usage first, then "your turn"
         self.limits = registry.limits
         self.notify = Inotify.create(log, self.limits.wakeup_read_bytes) if wakeups else None
         self._timer: Optional[Timer] = None
@@ -5235,6 +5237,8 @@ class StatusRelay:
         else:
             changes += self.registry.settled(now)
         for status in changes:
+            if status.state == "idle":
+                self.before_idle(status.session)
             self._send(*self._message(status))
 
     def _watch(self) -> None:
@@ -5362,6 +5366,12 @@ class UsageRelay:
         for usage in dirty:
             send_notice(self.subscribers, *self._message(usage))
 
+    def flush_session(self, session: str) -> None:
+        """A session's totals now, if they changed: its turn is over, its usage is said with it."""
+        for usage in [u for u in self.dirty if u.session == session]:
+            del self.dirty[usage]
+            send_notice(self.subscribers, *self._message(usage))
+
     def _message(self, usage: SessionUsage) -> Tuple[bytes, MessageMeta]:
         fields: Dict[str, Any] = {"kind": "usage", "session": usage.session, "project": usage.project}
         fields.update(usage.totals.as_json())
@@ -5396,9 +5406,10 @@ class StreamServer:
         self.subscribers: Dict[ServerSession, None] = {}    # ... WebSocket clients
         self._poll_timer: Optional[Timer] = None
         self.shutting_down = False
-        self.relay = None if registry is None else StatusRelay(
-            loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None)
         self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
+        self.relay = None if registry is None else StatusRelay(
+            loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None,
+            before_idle=self.usage.flush_session if self.usage is not None else lambda session: None)
 
     @property
     def url(self) -> str:

@@ -4505,6 +4505,27 @@ class StatusTests(unittest.TestCase):
         other.stdout.wait_line(lambda l: '"live"' in l, what="the other client to be live")
         self.assertFalse([l for l in other.stdout.lines if '"usage"' in l])
 
+    def test_a_turns_usage_comes_before_its_idle(self):
+        require(self, "procfs", cs.ProcessProbe().domain is not None,
+                "no /proc or /etc/machine-id here: pids cannot be checked")
+        os.makedirs(self.sessions)
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.kill)
+        self.record(proc, status="busy")
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json")
+        self.statuses(client, 1)
+        append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), json.dumps({
+            "type": "assistant", "sessionId": "s-1", "requestId": "r-1", "timestamp": iso(time.time()),
+            "message": {"id": "m-1", "model": "claude-sonnet-4-5-20250929", "role": "assistant", "content": [],
+                        "usage": {"input_tokens": 3, "output_tokens": 777}}}) + "\n")
+        client.stdout.wait_line(lambda l: '"m-1"' in l, what="the turn's last line")
+        self.record(proc, status="idle")            # the turn is over
+        self.statuses(client, 2)
+        kinds = [json.loads(l) for l in client.stdout.lines if '"kind":"usage"' in l or '"kind":"status"' in l]
+        idle = next(k for k, m in enumerate(kinds) if m.get("state") == "idle")
+        self.assertEqual([m["output_tokens"] for m in kinds[:idle] if m["kind"] == "usage"][-1:], [777])
+
     def test_a_registry_made_later_is_watched_and_without_one_nothing_is_guessed(self):
         server = ServerProcess(self, [self.root])
         client = ClientProcess(self, server.url, "--json")
