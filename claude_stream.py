@@ -218,10 +218,13 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # A message is written on several lines while it streams; its usage is counted
 # once, so the totals remember each message id they counted. Forks and replays
 # copy a message into another file at any distance, so the memory cannot be only
-# the last few lines: it keeps this many distinct messages (about 420 bytes each,
-# measured: at most ~110 MB), and forgets the oldest beyond. A copy of a message
-# made after that many others would be counted again (``forgotten`` says how often).
+# the last few lines: it keeps this many distinct messages, and forgets the oldest
+# beyond (a copy of a message made after that many others would be counted again;
+# ``forgotten`` says how often). The latest are kept with what they counted (about
+# 420 bytes each), as a larger later line replaces the count; the others by a hash
+# of their key (about 70 bytes): at most about 20 MB in all.
 USAGE_MAX_MESSAGES = 1 << 18
+USAGE_RECENT_MESSAGES = 4096        # ... of which the latest with their counts (~420 bytes), the rest by hash
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
 
@@ -329,6 +332,7 @@ class Limits:
     notify_commands_max: int = NOTIFY_COMMANDS_MAX
     notify_reap_interval: float = NOTIFY_REAP_INTERVAL
     usage_max_messages: int = USAGE_MAX_MESSAGES
+    usage_recent_messages: int = USAGE_RECENT_MESSAGES
     usage_interval: float = USAGE_INTERVAL
     registry_poll_interval: float = REGISTRY_POLL_INTERVAL
     registry_poll_factor: int = REGISTRY_POLL_FACTOR
@@ -3682,8 +3686,13 @@ def file_notice(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, Messag
     return text_frame(_json(fields)), MessageMeta(rec.project, ids, None)
 
 
-def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMessage]:
-    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice."""
+def line_message(rec: FileRecord, offset: int, line: bytes,
+                 parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None) -> Optional[LineMessage]:
+    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice.
+
+    ``parsed``, if given, is handed the decoded entry of a line that carries a usage
+    (the server's totals), so that no line is decoded twice.
+    """
     if not line.strip():
         return None                 # a blank line carries nothing
     after = offset + len(line) + 1
@@ -3693,6 +3702,8 @@ def line_message(rec: FileRecord, offset: int, line: bytes) -> Optional[LineMess
         frame, meta = file_notice("malformed", rec, offset=offset, next=after,
                                   reason=str(exc), excerpt=excerpt(line))
         return LineMessage(offset, after, frame, meta, str(exc))
+    if parsed is not None and b'"usage"' in line:
+        parsed(rec, obj)
     session, agent, kind, cwd, stamp = entry_fields(obj, rec)
     # The envelope, keys in this order, around the line's own bytes, and the
     # frame header before it, in one join of cached pieces: json.dumps per line
@@ -3894,8 +3905,9 @@ def message_cost(price: Price, input: int, output: int, write_5m: int, write_1h:
             + _tiered(read, price.cache_read, price.cache_read_above)) / 1e6
 
 
-def message_usage(entry: Dict[str, Any], prices: Dict[str, Price]) -> Optional[MessageUsage]:
-    """The usage a transcript entry carries, or None (no usage, or <synthetic>)."""
+def usage_counts(entry: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any], Tuple[int, int, int, int, int]]]:
+    """(model, usage, its token counts: input, output, 5 min and 1 h cache writes, cache
+    reads) of a transcript entry, or None (no usage, or <synthetic>)."""
     message = entry.get("message")
     usage = message.get("usage") if isinstance(message, dict) else None
     if not isinstance(usage, dict):
@@ -3908,8 +3920,18 @@ def message_usage(entry: Dict[str, Any], prices: Dict[str, Price]) -> Optional[M
         write_5m, write_1h = _count(parts, "ephemeral_5m_input_tokens"), _count(parts, "ephemeral_1h_input_tokens")
     else:
         write_5m, write_1h = _count(usage, "cache_creation_input_tokens"), 0
-    counts = (_count(usage, "input_tokens"), _count(usage, "output_tokens"), write_5m, write_1h,
-              _count(usage, "cache_read_input_tokens"))
+    return model, usage, (_count(usage, "input_tokens"), _count(usage, "output_tokens"), write_5m, write_1h,
+                          _count(usage, "cache_read_input_tokens"))
+
+
+def message_usage(entry: Dict[str, Any], prices: Dict[str, Price],
+                  found: Optional[Tuple[str, Dict[str, Any], Tuple[int, int, int, int, int]]] = None
+                  ) -> Optional[MessageUsage]:
+    """The usage a transcript entry carries, priced, or None (no usage, or <synthetic>)."""
+    found = found or usage_counts(entry)
+    if found is None:
+        return None
+    model, usage, counts = found
     price = find_price(prices, model)
     cost = None if price is None else message_cost(price, *counts)
     if usage.get("speed") == "fast":
@@ -4043,19 +4065,28 @@ class UsageBook:
 
     Sans-I/O: ``usage`` reads files into it, and a server can feed it the lines
     it tails. ``add`` says which sessions' totals changed. Each message counted
-    is remembered under its key, up to ``limits.usage_max_messages`` (then the
-    oldest is forgotten, counted in ``forgotten``); a later line of a message
-    with a larger usage replaces its count, wherever that was.
+    is remembered under its key: the latest ``limits.usage_recent_messages``
+    with what they counted, so that a later line of a message with a larger
+    usage replaces its count, wherever that was (a message's lines come within
+    seconds of each other); older ones by a hash of the key alone (about 70
+    bytes each), so that a copy of one (a fork, a resume) is not counted again.
+    Up to ``limits.usage_max_messages`` in all; past that the oldest is
+    forgotten, counted in ``forgotten``.
     """
 
-    def __init__(self, prices: Optional[Dict[str, Price]] = None, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, prices: Optional[Dict[str, Price]] = None, limits: Limits = DEFAULT_LIMITS,
+                 by_day: bool = True):
         self.prices = BUILTIN_PRICES if prices is None else prices
+        self.by_day = by_day            # also per day and in all: the command's tables; the server's not
         self.max_messages = limits.usage_max_messages
+        self.recent_messages = min(limits.usage_recent_messages, limits.usage_max_messages)
         self.sessions: Dict[Tuple[str, str], SessionUsage] = {}
         self.days: Dict[str, UsageTotals] = {}
         self.totals = UsageTotals()
         self.forgotten = 0
         self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
+        self._older: Set[int] = set()           # hashes of the keys of messages counted before those
+        self._older_order: Deque[int] = collections.deque()    # ... oldest first
         self._day_names: Dict[str, str] = {}    # one string per day, not one per message
 
     def session(self, project: str, session: str) -> SessionUsage:
@@ -4066,34 +4097,44 @@ class UsageBook:
 
     def add(self, entry: Dict[str, Any], project: str, session: str, path: str) -> List[SessionUsage]:
         """Count one line of file ``path`` for ``session``; the sessions it changed."""
-        usage = message_usage(entry, self.prices)
-        if usage is None:
+        found = usage_counts(entry)
+        if found is None:
             return []
+        key = usage_key(entry, session)
+        old = self._counted.get(key) if key is not None else None
+        if old is not None and sum(found[2]) <= old[0].total:
+            return []                   # a message's later line, no larger: most lines, so not priced
+        if old is None and key is not None and self._older and hash(key) in self._older:
+            return []                   # a copy of a message counted long ago
+        usage = message_usage(entry, self.prices, found)
+        assert usage is not None
         stamp = entry.get("timestamp") if isinstance(entry.get("timestamp"), str) else ""
         day = utc_day(stamp)
         counted = (usage, self.session(project, session), path, self._day_names.setdefault(day, day))
-        key = usage_key(entry, session)
         if key is None:
             self._count(counted, 1, stamp)
             return [counted[1]]
-        old = self._counted.get(key)
-        if old is not None and usage.total <= old[0].total:
-            return []
         changed = [counted[1]]
         if old is not None:
             self._count(old, -1)
             if old[1] is not counted[1]:
                 changed.append(old[1])
         self._counted[key] = counted
-        if old is None and len(self._counted) > self.max_messages:
-            self._counted.popitem(last=False)
-            self.forgotten += 1
+        if old is None and len(self._counted) > self.recent_messages:
+            older = hash(self._counted.popitem(last=False)[0])
+            self._older.add(older)
+            self._older_order.append(older)
+            if len(self._older) + len(self._counted) > self.max_messages:
+                self._older.discard(self._older_order.popleft())
+                self.forgotten += 1
         self._count(counted, 1, stamp)
         return changed
 
     def _count(self, counted: Counted, sign: int, stamp: str = "") -> None:
         usage, session, path, day = counted
         session.add(usage, path, sign, stamp)
+        if not self.by_day:
+            return
         totals = self.days.get(day)
         if totals is None:
             totals = self.days[day] = UsageTotals()
@@ -5055,6 +5096,8 @@ class Broadcast:
     def __init__(self, log: Log, limits: Limits = DEFAULT_LIMITS):
         self.log, self.limits = log, limits
         self.malformed_count = 0
+        # Handed each live entry that carries a usage (the server's totals), decoded once.
+        self.parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None
 
     def publish(self, events: List[TailEvent], clients: Iterable[Any]) -> None:
         clients = list(clients)
@@ -5081,7 +5124,7 @@ class Broadcast:
             self.log.warn("skipped a line over %d MiB in %s at byte %d"
                           % (self.limits.max_line_bytes >> 20, rec.rel, event.offset), key="files")
             return gap_message(rec, event.offset, oversize_reason(self.limits.max_line_bytes))
-        message = line_message(rec, event.offset, event.data)
+        message = line_message(rec, event.offset, event.data, self.parsed)
         if message is not None and message.malformed:
             self.malformed_count += 1
             self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
@@ -5285,7 +5328,7 @@ class UsageRelay:
     def __init__(self, loop: EventLoop, tailer: Tailer, subscribers: Dict["ServerSession", None],
                  log: Log, prices: Dict[str, Price], limits: Limits):
         self.loop, self.tailer, self.subscribers, self.log, self.limits = loop, tailer, subscribers, log, limits
-        self.book = UsageBook(prices, limits)
+        self.book = UsageBook(prices, limits, by_day=False)
         self.history: Deque[Tuple[FileRecord, int]] = collections.deque()   # files, and where to stop
         self.reader: Optional[LineReader] = None    # the first one's, made when it is its turn
         self.dirty: Dict[SessionUsage, None] = {}
@@ -5303,10 +5346,13 @@ class UsageRelay:
         if self.history:
             self.loop.call_later(self.limits.catchup_interval, self._history_step)
 
-    def feed(self, events: List[TailEvent]) -> None:
-        for event in events:
-            if isinstance(event, LineEvent) and b'"usage"' in event.data:
-                self._count(event.file, event.data)
+    def count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
+        """A line that carries a usage, decoded already (a live one, by the broadcast)."""
+        project, session = usage_scope(rec.rel, entry)
+        for usage in self.book.add(entry, project, session, rec.rel):
+            self.dirty[usage] = None
+        if self.dirty and self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
     def snapshot(self, filters: Filters, since: Optional[float]) -> List[bytes]:
         """The totals of the sessions active since ``since`` that match: a new subscription's."""
@@ -5321,16 +5367,12 @@ class UsageRelay:
                     frames.append(frame)
         return frames
 
-    def _count(self, rec: FileRecord, line: bytes) -> None:
+    def _count_line(self, rec: FileRecord, line: bytes) -> None:
         try:
             entry = decode_line(line)
         except MalformedLine:
             return                          # reported as malformed where it is delivered
-        project, session = usage_scope(rec.rel, entry)
-        for usage in self.book.add(entry, project, session, rec.rel):
-            self.dirty[usage] = None
-        if self.dirty and self._flush_timer is None:
-            self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
+        self.count(rec, entry)
 
     def _history_step(self) -> None:
         try:
@@ -5350,7 +5392,7 @@ class UsageRelay:
         while reader.lines:
             _, line = reader.lines.popleft()
             if line is not None and b'"usage"' in line:
-                self._count(rec, line)
+                self._count_line(rec, line)
         if read:
             return
         self.history.popleft()
@@ -5407,6 +5449,8 @@ class StreamServer:
         self._poll_timer: Optional[Timer] = None
         self.shutting_down = False
         self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
+        if self.usage is not None:
+            self.broadcast.parsed = self.usage.count     # live lines' totals, decoded once
         self.relay = None if registry is None else StatusRelay(
             loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None,
             before_idle=self.usage.flush_session if self.usage is not None else lambda session: None)
@@ -5605,8 +5649,6 @@ class StreamServer:
                 events += self.tailer.poll(now)
             if events:
                 self.broadcast.publish(events, self.subscribers)
-                if self.usage is not None:
-                    self.usage.feed(events)
             self.catch_up()
         finally:
             self._schedule_poll()

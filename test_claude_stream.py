@@ -3821,6 +3821,12 @@ class UsageTests(unittest.TestCase):
         kept = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
                          usage_entry("m4", output_tokens=2), usage_max_messages=3)
         self.assertEqual(kept.totals.sum("output_tokens"), 4 + 2)
+        # Past the recent ones a message is known by its key's hash alone: a copy of it
+        # (a fork, a resume) is not counted again, and a larger copy does not replace it.
+        older = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
+                          usage_entry("m0", output_tokens=1), usage_entry("m1", output_tokens=9),
+                          usage_entry("m4", output_tokens=3), usage_max_messages=10, usage_recent_messages=2)
+        self.assertEqual((older.totals.sum("output_tokens"), older.forgotten, len(older._counted)), (4 + 3, 0, 2))
 
     def test_prices_file_format(self):
         prices = cs.parse_prices('{"m": {"input": 2, "output": 8}, "n": {"input": 1, "output": 1, '
