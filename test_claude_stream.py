@@ -4628,7 +4628,7 @@ class RealClaudeStatusTests(unittest.TestCase):
             # Joined to its transcript once there is one (the record comes before it).
             last = got[pid][-1][2]
             self.assertEqual(last["path"], "%s/%s.jsonl" % (last["project"], last["session"]), last)
-        walk = got[min(got)]
+        walk = min(got.values(), key=lambda said: said[0][0])     # the first session (pids wrap)
         self.assertEqual([s for _, s, _ in walk],
                          [("idle", None), ("working", None), ("idle", None), ("working", None),
                           ("waiting", "permission prompt"), ("working", None), ("idle", None),
