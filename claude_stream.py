@@ -7796,7 +7796,8 @@ class Renderer:
             return None
         state, waiting_for = change[1]
         style, text = status_text(state, waiting_for, self.board.usage_of(msg))
-        view = self.files.get(str(msg.get("path")))    # its transcript's name for the project
+        path = msg.get("path")              # its transcript's name for the project, once there is one
+        view = self.files.get(path) if isinstance(path, str) else None
         name = view.project if view is not None else (
             _last_part(msg.get("cwd")) or self._folder_name(str(msg.get("project") or "-")))
         return self._line(msg, FileView(name), parse_timestamp(msg.get("since")), ("status", style, text))

@@ -4686,6 +4686,13 @@ class StatusClientTests(unittest.TestCase):
         self.assertEqual(renderer.feed(status_message("ended")), [])
         narrow = cs.Renderer(width=60).feed(status_message("waiting", "permission prompt"))[0]
         self.assertTrue(narrow.endswith("status     waiting: permission prompt"), narrow)
+        # A session with no transcript yet (its record comes first) is named by its cwd, also
+        # after messages without a path (hello, live) went through the renderer.
+        fresh = cs.Renderer(width=130)
+        for msg in ({"kind": "hello", "time": "2026-01-02T03:04:05Z"}, {"kind": "live"}):
+            fresh.feed(msg)
+        line = fresh.feed(status_message("idle", path=None, project=None, cwd="/home/u/my-app"))[0]
+        self.assertIn(" my-app ", line)
 
     def test_the_usage_is_shown_when_a_session_goes_idle(self):
         renderer = cs.Renderer()
