@@ -4242,6 +4242,7 @@ def _usage_line(report: UsageReport, rel: str, offset: int, line: Optional[bytes
 
 REGISTRY_NAME = re.compile(r"^[1-9][0-9]{0,9}\.json$")    # what Claude Code itself reads there (0123.json: no)
 STATUS_STATES = {"busy": "working", "waiting": "waiting", "idle": "idle", "shell": "shell"}
+JOB_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")          # a folder name under <config>/jobs/, nothing else
 
 
 def registry_folder(root: str) -> Optional[str]:
@@ -4264,6 +4265,7 @@ class RegistryRecord:
     entrypoint: Optional[str] = None        # cli, sdk-cli (-p)
     name: Optional[str] = None
     status_at: Optional[float] = None       # statusUpdatedAt, epoch seconds
+    job: Optional[str] = None               # claude --bg: its jobs/<job>/ folder
 
     @classmethod
     def parse(cls, data: bytes, pid: int) -> "RegistryRecord":
@@ -4279,9 +4281,11 @@ class RegistryRecord:
             value = obj.get(name)
             return value if isinstance(value, str) else None
         at = obj.get("statusUpdatedAt")
+        job = text("jobId")
         return cls(pid, obj["sessionId"], text("cwd"), text("status"), text("waitingFor"), text("procStart"),
                    text("pidDomain"), text("kind"), text("entrypoint"), text("name"),
-                   at / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None)
+                   at / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None,
+                   job if job and JOB_ID.match(job) else None)
 
     @property
     def process(self) -> Tuple[int, Optional[str]]:
@@ -4338,10 +4342,12 @@ class SessionStatus:
     entrypoint: Optional[str] = None
     mode: Optional[str] = None      # interactive, bg
     checked: bool = True            # False: another pid namespace's record, taken as it is
+    needs: Optional[str] = None     # claude --bg, blocked: what it needs ("approve Bash: ...")
 
     def same(self, other: Optional["SessionStatus"]) -> bool:
-        return other is not None and (self.session, self.state, self.waiting_for, self.name, self.cwd) == (
-            other.session, other.state, other.waiting_for, other.name, other.cwd)
+        return other is not None and (self.session, self.state, self.waiting_for, self.name, self.cwd,
+                                      self.needs) == (other.session, other.state, other.waiting_for,
+                                                      other.name, other.cwd, other.needs)
 
 
 @dataclass
@@ -4354,6 +4360,7 @@ class _Followed:
     due_at: float = 0.0
     dead: bool = False                      # its process is gone: the frozen file says nothing more
     tries: int = 0                          # torn reads of this version
+    job_signature: Optional[Tuple[int, int, int]] = None    # of a --bg session's jobs/<id>/state.json
 
 
 class Registry:
@@ -4430,6 +4437,8 @@ class Registry:
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         followed = self.followed.get(path)
         if followed is not None and followed.signature == signature and not followed.tries:
+            if followed.record is not None and followed.record.job and self._job_changed(folder, followed):
+                self._update(folder, followed, followed.record, now, changes)    # its needs changed
             return
         if followed is None or followed.signature != signature:
             followed = self.followed.setdefault(path, _Followed(signature))
@@ -4447,7 +4456,32 @@ class Registry:
         followed.tries = 0
         self._update(folder, followed, record, now, changes)
 
-    def _read(self, path: str, identity: Tuple[int, int]) -> bytes:
+    def _job_path(self, folder: str, job: str) -> str:
+        return os.path.join(os.path.dirname(folder), "jobs", job, "state.json")
+
+    def _job_changed(self, folder: str, followed: _Followed) -> bool:
+        assert followed.record is not None and followed.record.job is not None
+        try:
+            st = os.lstat(self._job_path(folder, followed.record.job))
+            signature: Optional[Tuple[int, int, int]] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            signature = None
+        changed, followed.job_signature = signature != followed.job_signature, signature
+        return changed
+
+    def _needs(self, folder: str, record: RegistryRecord) -> Optional[str]:
+        """What a blocked --bg session needs, from jobs/<id>/state.json (written by a rename:
+        one read is whole), or None."""
+        if record.job is None:
+            return None
+        try:
+            obj = json.loads(self._read(self._job_path(folder, record.job), None))
+        except (OSError, ValueError, RecursionError):
+            return None
+        needs = obj.get("needs") if isinstance(obj, dict) else None
+        return needs if isinstance(needs, str) else None
+
+    def _read(self, path: str, identity: Optional[Tuple[int, int]]) -> bytes:
         with open_regular(path, identity) as fh:
             data = fh.read(self.limits.registry_max_record_bytes + 1)
         if len(data) > self.limits.registry_max_record_bytes:
@@ -4474,7 +4508,7 @@ class Registry:
         since = record.status_at if record.status_at is not None else self.wall()
         status = SessionStatus(folder, record.session, state, since, record.pid,
                                record.waiting_for if state == "waiting" else None, record.name, record.cwd,
-                               record.entrypoint, record.kind, checked)
+                               record.entrypoint, record.kind, checked, self._needs(folder, record))
         if status.same(followed.due):
             return                          # an idle still waiting out its debounce
         followed.due = None
@@ -4506,7 +4540,7 @@ def status_message(status: SessionStatus, project: Optional[str], path: Optional
               "since": datetime.fromtimestamp(status.since, timezone.utc).isoformat(timespec="milliseconds")
                        .replace("+00:00", "Z"),
               "pid": status.pid, "name": status.name, "cwd": status.cwd, "entrypoint": status.entrypoint,
-              "mode": status.mode, "checked": status.checked}
+              "mode": status.mode, "checked": status.checked, "needs": status.needs}
     where = "\n".join(filter(None, (project, status.cwd)))
     return text_frame(_json(fields)), MessageMeta(where, (status.session,), None)
 

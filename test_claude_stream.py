@@ -4400,6 +4400,28 @@ class RegistryTests(unittest.TestCase):
         self.write(50, status="idle")                        # a denied prompt: your turn, at once
         self.assertEqual(self.scan(), [("s-1", "idle", None)])
 
+    def test_a_background_session_says_what_it_needs_from_its_job(self):
+        job = os.path.join(self.tmp.name, "jobs", "98e71094")
+        os.makedirs(job)
+
+        def state(**fields):                    # written as Claude Code does: a temporary file, renamed
+            with open(os.path.join(job, "state.json.tmp"), "w") as fh:
+                json.dump(dict({"state": "working", "tempo": "active"}, **fields), fh)
+            os.replace(os.path.join(job, "state.json.tmp"), os.path.join(job, "state.json"))
+        state()
+        self.write(60, kind="bg", jobId="98e71094")
+        self.assertEqual([s.needs for s in self.registry.scan(self.clock[0])], [None])
+        self.write(60, kind="bg", jobId="98e71094", status="waiting", waitingFor="permission prompt")
+        state(tempo="blocked", needs="approve Bash: touch approved.txt")
+        changes = self.registry.scan(self.clock[0])
+        self.assertEqual([(c.state, c.needs) for c in changes], [("waiting", "approve Bash: touch approved.txt")])
+        state(tempo="blocked", needs="approve Bash: rm -rf build")     # the job alone changed
+        self.assertEqual([c.needs for c in self.registry.scan(self.clock[0])], ["approve Bash: rm -rf build"])
+        # A job id that is not a folder name is not followed anywhere.
+        self.write(61, kind="bg", jobId="../../etc")
+        self.assertEqual([c.needs for c in self.registry.scan(self.clock[0])], [None])
+        self.assertIsNone(self.registry.followed[os.path.join(self.folder, "61.json")].record.job)
+
     def test_the_records_followed_are_bounded(self):
         registry = cs.Registry([self.folder], self.log, cs.Limits(registry_max_records=3), probe=self.probe)
         for pid in range(60, 70):
