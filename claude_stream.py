@@ -4530,7 +4530,7 @@ class Registry:
         return out
 
     def _ended(self, said: SessionStatus) -> SessionStatus:
-        return replace_fields(said, state="ended", since=self.wall(), waiting_for=None)
+        return replace_fields(said, state="ended", since=self.wall(), waiting_for=None, needs=None)
 
 
 def status_message(status: SessionStatus, project: Optional[str], path: Optional[str]) -> Tuple[bytes, MessageMeta]:

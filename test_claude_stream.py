@@ -4417,6 +4417,8 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual([(c.state, c.needs) for c in changes], [("waiting", "approve Bash: touch approved.txt")])
         state(tempo="blocked", needs="approve Bash: rm -rf build")     # the job alone changed
         self.assertEqual([c.needs for c in self.registry.scan(self.clock[0])], ["approve Bash: rm -rf build"])
+        os.unlink(os.path.join(self.folder, "60.json"))     # claude stop: ended, needing nothing
+        self.assertEqual([(c.state, c.needs) for c in self.registry.scan(self.clock[0])], [("ended", None)])
         # A job id that is not a folder name is not followed anywhere.
         self.write(61, kind="bg", jobId="../../etc")
         self.assertEqual([c.needs for c in self.registry.scan(self.clock[0])], [None])
