@@ -982,6 +982,20 @@ def classify_path(rel: str) -> Tuple[str, Optional[str], Optional[str]]:
     return project, (None if agent else stem), agent
 
 
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")    # a machine's name: one safe path component
+
+
+def host_name(name: Any) -> Optional[str]:
+    """``name`` if it can name a machine (and a folder of the hub's mirror), else None."""
+    return name if isinstance(name, str) and HOST_NAME.match(name) and name not in (".", "..") else None
+
+
+def own_host_name() -> str:
+    """This machine's name, as far as it is a safe one (``serve --name`` sets another)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:63].lstrip("._-")
+    return host_name(name) or "localhost"
+
+
 @dataclass(eq=False)
 class FileRecord:
     """What the tailer knows of one transcript file."""
@@ -1003,6 +1017,7 @@ class FileRecord:
     fh: Any = field(default=None, repr=False)
     due: float = 0.0                # when the next stat is scheduled
     gone: bool = False
+    host: Optional[str] = None      # the machine it is from: this server's name, or a mirrored box's
 
     @property
     def delivered_end(self) -> int:
@@ -1491,8 +1506,12 @@ class Tailer:
     def __init__(self, roots: Iterable[str], poll_interval: float = DEFAULT_POLL_INTERVAL,
                  log: Optional[Log] = None, clock: Callable[[], float] = time.monotonic,
                  wakeups: bool = True, limits: Limits = DEFAULT_LIMITS,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, host: Optional[str] = None,
+                 mirrors: Iterable[str] = ()):
         self.poll_interval = poll_interval
+        self.host = host                # the name of this machine, on its own files
+        # Mirror roots hold <host>/<the box's own path>: the first part names the machine.
+        self.mirrors = {os.path.abspath(os.path.expanduser(m)) for m in mirrors}
         self.log = log or Log()
         self.clock, self.wall, self.limits = clock, wall, limits
         self.discovery = Discovery(roots, poll_interval, self.log, limits, wakeups, wall)
@@ -1620,7 +1639,12 @@ class Tailer:
         if not stat.S_ISREG(st.st_mode):
             return
         rel = path[len(root.path):].lstrip(os.sep).replace(os.sep, "/")   # path is below root
-        project, session, agent = classify_path(rel)
+        host, inner = self.host, rel
+        if root.path in self.mirrors:
+            host, _, inner = rel.partition("/")
+            if host_name(host) is None or not inner:
+                return                      # not a box's folder: nothing the hub wrote
+        project, session, agent = classify_path(inner)
         # Existing files at start: follow from the end; their idle age sets the tier.
         # Files that appear later are new content: read them from the first byte.
         existing = not self.discovery.started
@@ -1628,7 +1652,7 @@ class Tailer:
         idle = max(0.0, wall - st.st_mtime) if existing else 0.0
         rec = FileRecord(root.path, rel, path, project, session, agent, st.st_dev, st.st_ino,
                          read_pos=start, line_start=start, last_growth=now - idle,
-                         mtime=st.st_mtime, boundary_known=start == 0)
+                         mtime=st.st_mtime, boundary_known=start == 0, host=host)
         self.files[path] = rec
         if existing:   # spread the first stats of a big tree over one interval
             self._schedule(rec, self._next_check(rec, now, random.random()))
@@ -3503,6 +3527,7 @@ class MessageMeta:
     project: str                    # the project folder, and the entry's cwd if any
     ids: Tuple[str, ...]            # session ids (by path and by entry) and agent id
     type: Optional[str]             # the entry's type; None for other kinds
+    host: Optional[str] = None      # the machine
 
 
 @dataclass
@@ -3513,33 +3538,37 @@ class Filters:
     the entry's working directory; ``sessions``: prefixes of a session or
     sub-agent id (short ids work); ``types``: entry types, and
     ``exclude_types`` entry types not wanted; both filter entries only, never
-    notices.
+    notices; ``hosts``: the names of machines (a hub's boxes), exactly.
     """
     projects: List[str] = field(default_factory=list)
     sessions: List[str] = field(default_factory=list)
     types: List[str] = field(default_factory=list)
     exclude_types: List[str] = field(default_factory=list)
+    hosts: List[str] = field(default_factory=list)
 
     @classmethod
     def from_lists(cls, projects: List[str], sessions: List[str], types: List[str],
-                   limits: Limits = DEFAULT_LIMITS, exclude_types: Iterable[str] = ()) -> "Filters":
+                   limits: Limits = DEFAULT_LIMITS, exclude_types: Iterable[str] = (),
+                   hosts: Iterable[str] = ()) -> "Filters":
         """The filters, or ValueError past the limits: every line is matched against them."""
-        exclude_types = list(exclude_types)
+        exclude_types, hosts = list(exclude_types), list(hosts)
         for name, values in (("project", projects), ("session", sessions), ("type", types),
-                             ("exclude_type", exclude_types)):
+                             ("exclude_type", exclude_types), ("host", hosts)):
             if len(values) > limits.max_filter_values:
                 raise ValueError("at most %d '%s' filters" % (limits.max_filter_values, name))
             if any(len(v) > limits.max_filter_chars for v in values):
                 raise ValueError("a '%s' filter is longer than %d characters"
                                  % (name, limits.max_filter_chars))
         return cls([p.lower() for p in projects if p], [s for s in sessions if s], [t for t in types if t],
-                   [t for t in exclude_types if t])
+                   [t for t in exclude_types if t], [h for h in hosts if h])
 
     def as_json(self) -> Dict[str, List[str]]:
         return {"project": self.projects, "session": self.sessions, "type": self.types,
-                "exclude_type": self.exclude_types}
+                "exclude_type": self.exclude_types, "host": self.hosts}
 
     def match(self, meta: MessageMeta) -> bool:
+        if self.hosts and meta.host not in self.hosts:
+            return False
         if self.projects and not any(p in meta.project.lower() for p in self.projects):
             return False
         if self.sessions and not any(i.startswith(s) for s in self.sessions for i in meta.ids):
@@ -3576,8 +3605,8 @@ class Subscription:
     last: Optional[int] = None                  # history: at most each file's last N lines
     until: Dict[str, int] = field(default_factory=dict)    # path -> end of a range sent again
 
-    QUERY_PARAMETERS = frozenset(("project", "session", "type", "exclude_type", "since", "last", "hold",
-                                  "token"))
+    QUERY_PARAMETERS = frozenset(("project", "session", "type", "exclude_type", "host", "since", "last",
+                                  "hold", "token"))
 
     @classmethod
     def from_query(cls, query: str, now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
@@ -3593,14 +3622,14 @@ class Subscription:
         if last is not None:
             last = int(last) if last.isdigit() and last.isascii() else -1
         return cls(Filters.from_lists(values("project"), values("session"), values("type"), limits,
-                                      values("exclude_type")),
+                                      values("exclude_type"), values("host")),
                    parse_since(since, now), hold=params.get("hold", ["0"])[-1] not in ("0", ""),
                    last=_line_count(last))
 
     @classmethod
     def from_message(cls, obj: Dict[str, Any], now: float, limits: Limits = DEFAULT_LIMITS) -> "Subscription":
         lists = []
-        for name in ("project", "session", "type", "exclude_type"):
+        for name in ("project", "session", "type", "exclude_type", "host"):
             value = obj.get(name, [])
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -3614,7 +3643,7 @@ class Subscription:
         until = obj.get("until", {})
         if not _offsets(until) or any(k.endswith("/") for k in until):
             raise ValueError("'until' must map file paths to byte offsets")
-        return cls(Filters.from_lists(*lists[:3], limits=limits, exclude_types=lists[3]),
+        return cls(Filters.from_lists(*lists[:3], limits=limits, exclude_types=lists[3], hosts=lists[4]),
                    parse_since(obj.get("since"), now), dict(cursors), last=_line_count(obj.get("last")),
                    until=dict(until))
 
@@ -3680,10 +3709,10 @@ class LineMessage:
 def file_notice(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, MessageMeta]:
     """A notice about one file (malformed, gap, reset): its frame and what filters see."""
     fields = {"kind": kind, "path": rec.rel, "project": rec.project, "session": rec.session,
-              "agent": rec.agent}
+              "agent": rec.agent, "host": rec.host}
     fields.update(extra)
     ids = tuple(i for i in (rec.session, rec.agent) if i)
-    return text_frame(_json(fields)), MessageMeta(rec.project, ids, None)
+    return text_frame(_json(fields)), MessageMeta(rec.project, ids, None, rec.host)
 
 
 def line_message(rec: FileRecord, offset: int, line: bytes,
@@ -3711,10 +3740,10 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
               b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
               b',"session":', _json_text(session), b',"agent":', _json_text(agent),
-              b',"entry":', line, b"}"]
+              b',"host":', _json_text(rec.host), b',"entry":', line, b"}"]
     pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
     meta = MessageMeta(rec.project + "\n" + cwd if cwd is not None else rec.project,
-                       tuple(filter(None, (rec.session, session, agent))), kind)
+                       tuple(filter(None, (rec.session, session, agent))), kind, rec.host)
     return LineMessage(offset, after, b"".join(pieces), meta, sort_key=stamp)
 
 
@@ -4533,16 +4562,17 @@ class Registry:
         return replace_fields(said, state="ended", since=self.wall(), waiting_for=None, needs=None)
 
 
-def status_message(status: SessionStatus, project: Optional[str], path: Optional[str]) -> Tuple[bytes, MessageMeta]:
+def status_message(status: SessionStatus, project: Optional[str], path: Optional[str],
+                   host: Optional[str] = None) -> Tuple[bytes, MessageMeta]:
     """A ``status`` frame, and what filters see (its project folder and cwd, its session)."""
-    fields = {"kind": "status", "session": status.session, "project": project, "path": path,
+    fields = {"kind": "status", "host": host, "session": status.session, "project": project, "path": path,
               "state": status.state, "waiting_for": status.waiting_for,
               "since": datetime.fromtimestamp(status.since, timezone.utc).isoformat(timespec="milliseconds")
                        .replace("+00:00", "Z"),
               "pid": status.pid, "name": status.name, "cwd": status.cwd, "entrypoint": status.entrypoint,
               "mode": status.mode, "checked": status.checked, "needs": status.needs}
     where = "\n".join(filter(None, (project, status.cwd)))
-    return text_frame(_json(fields)), MessageMeta(where, (status.session,), None)
+    return text_frame(_json(fields)), MessageMeta(where, (status.session,), None, host)
 
 
 # =============================================================================
@@ -5332,7 +5362,7 @@ class StatusRelay:
 
     def _message(self, status: SessionStatus) -> Tuple[bytes, MessageMeta]:
         rec = self._transcript(status)
-        return status_message(status, rec.project if rec else None, rec.rel if rec else None)
+        return status_message(status, rec.project if rec else None, rec.rel if rec else None, self.tailer.host)
 
     def _transcript(self, status: SessionStatus) -> Optional[FileRecord]:
         """The session's main transcript: where Claude Code puts it for its cwd, else any match."""
@@ -5366,6 +5396,7 @@ class UsageRelay:
         self.history: Deque[Tuple[FileRecord, int]] = collections.deque()   # files, and where to stop
         self.reader: Optional[LineReader] = None    # the first one's, made when it is its turn
         self.dirty: Dict[SessionUsage, None] = {}
+        self.hosts: Dict[SessionUsage, Optional[str]] = {}     # the machine of each session
         self._flush_timer: Optional[Timer] = None
 
     @property
@@ -5382,9 +5413,13 @@ class UsageRelay:
 
     def count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
         """A line that carries a usage, decoded already (a live one, by the broadcast)."""
-        project, session = usage_scope(rec.rel, entry)
-        for usage in self.book.add(entry, project, session, rec.rel):
+        session = rec.session
+        if session is None:             # a 2.0.x agent-<id>.jsonl: its lines name the session
+            session_id = entry.get("sessionId")
+            session = session_id if isinstance(session_id, str) else "agent-%s" % rec.agent
+        for usage in self.book.add(entry, rec.project, session, rec.rel):
             self.dirty[usage] = None
+            self.hosts.setdefault(usage, rec.host)
         if self.dirty and self._flush_timer is None:
             self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
@@ -5449,10 +5484,11 @@ class UsageRelay:
             send_notice(self.subscribers, *self._message(usage))
 
     def _message(self, usage: SessionUsage) -> Tuple[bytes, MessageMeta]:
-        fields: Dict[str, Any] = {"kind": "usage", "session": usage.session, "project": usage.project}
+        host = self.hosts.get(usage)
+        fields: Dict[str, Any] = {"kind": "usage", "host": host, "session": usage.session, "project": usage.project}
         fields.update(usage.totals.as_json())
         fields["complete"] = self.complete
-        return text_frame(_json(fields)), MessageMeta(usage.project, (usage.session,), None)
+        return text_frame(_json(fields)), MessageMeta(usage.project, (usage.session,), None, host)
 
 
 class StreamServer:
@@ -5597,7 +5633,7 @@ class StreamServer:
         self.log.debug("client connected (%d now)" % len(self.subscribers))
 
     def status(self) -> Dict[str, Any]:
-        return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION,
+        return {"server": PROG, "version": __version__, "protocol": PROTOCOL_VERSION, "host": self.tailer.host,
                 "watching": [r.path for r in self.tailer.discovery.roots if r.present],
                 "waiting": [r.path for r in self.tailer.discovery.roots if not r.present],
                 "files": len(self.tailer.files), "clients": len(self.subscribers),
@@ -8433,6 +8469,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                       help="accept clients without a token (anyone who can connect reads everything)")
     serve.add_argument("--prices", metavar="FILE",
                        help="prices of models for the usage messages, as for 'usage --prices'")
+    serve.add_argument("--name", metavar="NAME",
+                       help="this machine's name for clients and hubs (default: its host name; "
+                            "letters, digits, '.', '_' and '-')")
     serve.add_argument("--debug", action="store_true", help="log connections; tracebacks on errors")
 
 
@@ -8668,7 +8707,11 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     token = None if args.no_auth else (given_token(args, log, "serve") or secrets.token_urlsafe(TOKEN_BYTES))
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
-    tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only)
+    name = own_host_name() if args.name is None else host_name(args.name)
+    if name is None:
+        raise UsageError("serve: --name %r: give up to 63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit" % args.name)
+    tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only, host=name)
     folders = sorted({f for f in map(registry_folder, roots) if f is not None})
     server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
                           args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page,

@@ -1279,7 +1279,7 @@ class EndToEndTests(ProjectTreeTestCase):
         raw = RawClient(server.port, "/?project=PROJ&type=assistant&session=aaaa")
         hello = raw.message()
         self.assertEqual(hello["filters"], {"project": ["proj"], "session": ["aaaa"], "type": ["assistant"],
-                                            "exclude_type": []})
+                                            "exclude_type": [], "host": []})
         other = {"cwd": "/home/u/other"}
         append(os.path.join(self.root, "-home-u-other", "aaaa1.jsonl"), entry_line(1, "aaaa1", "assistant", **other))
         append(os.path.join(self.project, "bbbb1.jsonl"), entry_line(2, "bbbb1", "assistant"))
