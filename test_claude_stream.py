@@ -2749,8 +2749,8 @@ class PageTests(ProjectTreeTestCase):
         self.assertEqual(browser.js("window.notes.length"), 2, "none for the dialog, none for the snapshot")
         # Clicking a notification selects its session.
         fresh = self.sleeper()
-        registry_record(self.sessions, fresh, sessionId="s-2", name="other-2a", status="working")
-        browser.wait("document.querySelectorAll('li.session').length === 2", "the second session")
+        registry_record(self.sessions, fresh, sessionId="s-2", name="other-2a", status="busy")
+        browser.wait("%s === 'badge working: working'" % (self.BADGE % "s-2"), "the second session")
         registry_record(self.sessions, fresh, sessionId="s-2", name="other-2a", status="waiting",
                         waitingFor="permission prompt")
         browser.wait("window.notes.length === 3", "its notification")
