@@ -5928,6 +5928,97 @@ function countTokens(counted, e, msg) {   // what this line adds to its session'
   return {in: best.in - was.in, out: best.out - was.out};
 }
 
+// --- live status and the server's usage ----------------------------------------
+// A status message is Claude Code's own registry record of a session (never a
+// guess from its transcript); a usage message, the server's totals for it.
+
+const DIALOG_OPEN = "dialog open";  // waiting on the user's own slash-command dialog, not Claude asking
+
+function needsYou(st) {             // Claude waits for the user: a permission prompt, a question, ...
+  return Boolean(st) && st.state === "waiting" && st.waiting_for !== DIALOG_OPEN;
+}
+
+function statusBadge(st) {          // {cls, text, title} of a session's state; null without one
+  if (!st || typeof st.state !== "string") return null;
+  const what = typeof st.waiting_for === "string" && st.waiting_for ? st.waiting_for : "";
+  let badge;
+  if (st.state === "working") badge = {cls: "working", text: "working", title: "Claude is working"};
+  else if (st.state === "shell") {
+    badge = {cls: "working", text: "working · shell", title: "a background shell runs; Claude goes on when it ends"};
+  } else if (needsYou(st)) {
+    badge = {cls: "needs", text: "needs you" + (what ? " · " + (what.length > 40 ? what.slice(0, 39) + "…" : what) : ""),
+             title: "Claude is waiting for you" + (what ? ": " + what : "")};
+  } else if (st.state === "waiting") {
+    badge = {cls: "dialog", text: "in a dialog", title: "you have a dialog open in Claude Code (a slash command)"};
+  } else if (st.state === "idle") badge = {cls: "idle", text: "your turn", title: "Claude is done: your turn"};
+  else if (st.state === "ended") badge = {cls: "ended", text: "ended", title: "the session's process is gone"};
+  else badge = {cls: "other", text: st.state.slice(0, 40), title: st.state};
+  const since = typeof st.since === "string" ? Date.parse(st.since) : NaN;
+  if (!isNaN(since)) badge.title += ", since " + new Date(since).toLocaleTimeString();
+  if (st.checked === false) {       // another pid namespace: its process could not be looked at
+    badge.cls += " unchecked";
+    badge.title += " (from another pid namespace: not verified)";
+  }
+  return badge;
+}
+
+function needCount(statuses) {      // how many sessions need the user
+  let n = 0;
+  for (const st of statuses) if (needsYou(st)) n += 1;
+  return n;
+}
+
+function pageTitle(count, base) {   // "(2) claude_stream"
+  return count > 0 ? "(" + count + ") " + base : base;
+}
+
+function shouldNotify(was, now, live) {
+  // Once per time a session starts waiting for the user: a waiting that began at
+  // another time is a new one; the same (a snapshot after a reconnect) is not. A
+  // session never seen before is told of only live, not in the first snapshot.
+  if (!needsYou(now)) return false;
+  if (!was) return live;
+  return !needsYou(was) || was.since !== now.since;
+}
+
+const TOKEN_KINDS = [["input_tokens", "input"], ["output_tokens", "output"],
+  ["cache_creation_input_tokens", "cache write"], ["cache_read_input_tokens", "cache read"]];
+
+function tokenCount(v) {                 // a token count as given, or 0
+  return typeof v === "number" && isFinite(v) && v > 0 ? v : 0;
+}
+
+function money(usd) {               // "$1.23"; below a cent, "<$0.01"
+  if (typeof usd !== "number" || !isFinite(usd)) return "";
+  return usd > 0 && usd < 0.005 ? "<$0.01" : "$" + usd.toFixed(2);
+}
+
+function usageIn(u) {               // input as the page counts it: fresh, cache writes and cache reads
+  return tokenCount(u.input_tokens) + tokenCount(u.cache_creation_input_tokens) + tokenCount(u.cache_read_input_tokens);
+}
+
+function usageText(u) {             // {cost, tokens, title}: a usage message as the list shows it
+  const unpriced = Array.isArray(u.unpriced_models) ? u.unpriced_models.filter((m) => typeof m === "string") : [];
+  const partial = u.complete === false;
+  let cost = money(u.cost_usd);
+  if (unpriced.length) cost = cost && u.cost_usd > 0 ? cost + " + unpriced" : "unpriced";
+  const lines = [];
+  if (partial) lines.push("still counting this session's history: so far");
+  lines.push("total: " + TOKEN_KINDS.map(([k, name]) => tokenCount(u[k]).toLocaleString("en-US") + " " + name).join(", ") +
+             (money(u.cost_usd) ? " · " + money(u.cost_usd) : ""));
+  const models = u.models && typeof u.models === "object" ? u.models : {};
+  for (const model of Object.keys(models).sort()) {
+    const m = models[model] && typeof models[model] === "object" ? models[model] : {};
+    const price = typeof m.cost_usd === "number" ? money(m.cost_usd) : "no price";
+    const messages = typeof m.messages === "number" ? " (" + m.messages + (m.messages === 1 ? " message)" : " messages)") : "";
+    lines.push(model + messages + ": " +
+               TOKEN_KINDS.map(([k, name]) => tokenCount(m[k]).toLocaleString("en-US") + " " + name).join(", ") + " · " + price);
+  }
+  if (unpriced.length) lines.push("no price known for " + unpriced.join(", ") + ": not in the cost");
+  return {cost: cost + (partial ? "…" : ""), tokens: compact(usageIn(u)) + " in · " + compact(tokenCount(u.output_tokens)) + " out",
+          title: lines.join("\n"), partial};
+}
+
 // --- rendering ----------------------------------------------------------------
 
 function before(a, b) {       // a file's own lines keep file order; files interleave by time
@@ -6318,7 +6409,8 @@ if (typeof module !== "undefined") {
     absoluteSince, newCursors, trackLine, forgetFile, resumeCursors, earlierCursors, hasEarlier, countTokens,
     before, projectName, compact, size, ago, clip, plain, promptText, commandOf, systemText, isToolResults,
     resultText, stripAnsi, markdown, MD_TAGS, lineDiff, duration, resultSummary, imageSource, isNoise, noiseRuns,
-    isSidechain, agentName, titleText, widerWindow, windowRange};
+    isSidechain, agentName, titleText, widerWindow, windowRange, needsYou, statusBadge, needCount, pageTitle,
+    shouldNotify, money, usageIn, usageText, DIALOG_OPEN};
 }
 ''')
 
@@ -6337,6 +6429,14 @@ header input,header select{font:inherit;padding:.25em .4em;border:1px solid var(
 header input{flex:1 1 12em}
 #state{font-size:.85em;padding:.15em .6em;border-radius:99px;border:1px solid var(--line);white-space:nowrap}
 #state[data-state=live]{color:var(--ok)}#state[data-state=down]{color:var(--err)}
+#notify[aria-pressed=true]{color:var(--ok);border-color:var(--ok)}
+.badge{font-size:.9em;padding:0 .5em;border-radius:99px;border:1px solid var(--line);white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:100%}
+.badge.working{color:var(--ok);border-color:var(--ok)}
+.badge.needs{background:var(--accent);border-color:var(--accent);color:var(--panel);font-weight:600}
+.badge.dialog,.badge.ended{color:var(--muted)}.badge.ended{border-style:dotted}.badge.unchecked{border-style:dashed}
+#convo-head .badge{font-size:.8em;flex:0 1 auto;min-width:0;max-width:50%}
+.session.needs{box-shadow:inset 3px 0 var(--accent)}
+.tokens.counting{font-style:italic}
 main{flex:1;display:flex;min-height:0}
 nav{width:22em;flex:none;overflow:auto;border-right:1px solid var(--line);background:var(--panel)}
 nav ul{list-style:none;margin:0;padding:0}
@@ -6400,6 +6500,7 @@ PAGE_BODY = r'''
 <header>
 <h1>claude_stream</h1>
 <span id="state" data-state="connecting">connecting…</span>
+<button id="notify" hidden aria-pressed="false">notify me</button>
 <input id="search" type="search" placeholder="Search sessions and entries" aria-label="Search">
 <select id="project" aria-label="Project"><option value="">All projects</option></select>
 <select id="type" aria-label="Entry type"><option value="">All entries</option></select>
@@ -6408,7 +6509,7 @@ PAGE_BODY = r'''
 <main>
 <nav aria-label="Sessions"><ul id="session-list"></ul></nav>
 <section aria-label="Conversation">
-<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><button id="noise" hidden></button><button id="earlier" hidden>Load earlier</button></div>
+<div id="convo-head"><h2 id="convo-title">Waiting for sessions…</h2><span id="convo-state" hidden></span><button id="noise" hidden></button><button id="earlier" hidden>Load earlier</button></div>
 <ol id="entries"></ol>
 <button id="jump" hidden>↓ new entries</button>
 </section>
@@ -6443,6 +6544,10 @@ const state = {
   fill: null,                 // the history window, while what came before the first look is due
   chosen: false,              // a session was clicked
   settled: false,             // the first history is in: the selection stays where it is
+  registry: false,            // the server follows Claude Code's registry (hello's registry): states are known
+  statuses: new Map(),        // session id -> its latest status message (and gen, the connection it came on)
+  served: new Map(),          // session id -> its latest usage message: the server's totals
+  notify: false,              // browser notifications, turned on by a click
 };
 window.claudeStream = state;  // for tests and the curious: read-only by convention
 
@@ -6513,6 +6618,7 @@ function subscribe(extra) {
 function receive(msg) {
   switch (msg.kind) {
     case "hello":
+      registry(msg);
       if (state.epoch === null) {         // a fresh subscription: the history window
         state.epoch = msg.time;
         state.since = absoluteSince(state.window, msg.time);
@@ -6534,8 +6640,13 @@ function receive(msg) {
       if (!msg.backlog) live();
       return;
     case "live":
+      confirm();
       live();
       return;
+    case "status":
+      return status(msg);
+    case "usage":
+      return usage(msg);
     case "entry": case "malformed": case "gap":
       return line(msg);
     case "reset":               // the file was truncated or replaced: what we showed of it is gone
@@ -6568,8 +6679,125 @@ function live() {
   if (!state.side) setState("live", "● live");
   if (state.fill) fill();
   // The default window held no session: a wider one, so that the first look shows the latest sessions.
-  if (state.widen && !state.sessions.size && widerWindow(state.window)) setWindow(widerWindow(state.window));
+  // (A live session with no line yet, known from the registry alone, is not one to show.)
+  const held = [...state.sessions.values()].some((s) => s.paths.size > 0);
+  if (state.widen && !held && widerWindow(state.window)) setWindow(widerWindow(state.window));
   scheduleView();                 // still at the top of what is held: the next part of a long session
+}
+
+// --- live status, usage, notifications -----------------------------------------
+
+function registry(msg) {
+  // No registry (older Claude Code, a copied folder): no state at all, not a guess.
+  state.registry = Array.isArray(msg.registry) && msg.registry.length > 0;
+  if (state.registry) return;
+  state.statuses.clear();
+  for (const s of state.sessions.values()) s.status = null;
+  needTitle();
+  scheduleList();
+}
+
+function status(msg) {
+  if (!state.registry || typeof msg.session !== "string" || typeof msg.state !== "string") return;
+  const was = state.statuses.get(msg.session);
+  if (!was && msg.state === "ended" && !state.sessions.has(msg.session)) return;  // never seen alive
+  const st = Object.assign({}, msg, {gen: state.connections});
+  state.statuses.set(msg.session, st);
+  const s = sessionFor(msg);      // a fresh session with no line yet is listed too, by its name and cwd
+  s.status = st;
+  if (!s.cwd && typeof msg.cwd === "string") s.cwd = msg.cwd;
+  const since = typeof msg.since === "string" ? Date.parse(msg.since) : NaN;
+  if (!isNaN(since)) s.statusTime = since;
+  if (state.notify && shouldNotify(was, st, state.isLive)) notify(s, st);
+  needTitle();
+  scheduleList();
+}
+
+function confirm() {
+  // The snapshot that follows each subscribe is in once `live` comes: a session
+  // it did not name is no longer running (it ended while this page was away).
+  let gone = false;
+  for (const [id, st] of state.statuses) {
+    if (st.gen === state.connections || st.state === "ended") continue;
+    const ended = Object.assign({}, st, {state: "ended", waiting_for: null, gen: state.connections});
+    state.statuses.set(id, ended);
+    const s = state.sessions.get(id);
+    if (s) s.status = ended;
+    gone = true;
+  }
+  if (gone) { needTitle(); scheduleList(); }
+}
+
+function usage(msg) {
+  if (typeof msg.session !== "string") return;
+  state.served.set(msg.session, msg);     // kept for a session not listed yet: it may come into the window
+  const s = state.sessions.get(msg.session);
+  if (s) { s.served = msg; scheduleList(); }
+}
+
+function needTitle() {
+  document.title = pageTitle(needCount(state.statuses.values()), "claude_stream");
+}
+
+function badge(st, id) {            // a state's badge, or nothing
+  const b = statusBadge(st);
+  if (!b) return null;
+  const node = el("span", "badge " + b.cls, b.text);
+  if (id) node.id = id;
+  node.title = b.title;
+  return node;
+}
+
+const NOTIFY_KEY = "claude_stream.notify";
+
+function stored(value) {            // localStorage, which a private window may refuse
+  try {
+    if (value === undefined) return localStorage.getItem(NOTIFY_KEY);
+    localStorage.setItem(NOTIFY_KEY, value);
+  } catch (err) { /* the choice lasts this page only */ }
+  return value;
+}
+
+function notifyButton() {
+  const b = $("notify");
+  if (typeof Notification === "undefined") { b.hidden = true; return; }
+  b.hidden = false;
+  const blocked = Notification.permission === "denied";
+  b.textContent = state.notify ? "notifications on" : blocked ? "notifications blocked" : "notify me";
+  b.setAttribute("aria-pressed", String(state.notify));
+  b.title = state.notify ? "a notification when a session starts waiting for you; click to turn off" :
+    blocked ? "this browser blocks notifications for this page: allow them in its site settings" :
+    "a browser notification when a session starts waiting for you";
+}
+
+function toggleNotify() {
+  if (state.notify) {
+    state.notify = false;
+    stored("off");
+    notifyButton();
+    return;
+  }
+  // A click is the user gesture browsers require for asking.
+  Promise.resolve(Notification.requestPermission()).then((answer) => {
+    state.notify = answer === "granted";
+    stored(state.notify ? "on" : "off");
+    notifyButton();
+  }, () => notifyButton());
+}
+
+function notify(s, st) {
+  const title = s.title || s.prompt || st.name || projectName(s) || s.id;
+  try {                 // text only; no icon (nothing is fetched under the page's policy)
+    const n = new Notification("Claude needs you: " + String(title).slice(0, 80), {
+      body: [st.waiting_for, s.cwd].filter((v) => typeof v === "string" && v).join(" · "),
+      tag: "claude_stream " + s.id});
+    n.onclick = () => {
+      window.focus();
+      state.chosen = true;
+      if (state.sessions.has(s.id)) select(s.id, null);
+      n.close();
+    };
+  } catch (err) { /* a browser that shows notifications only from a service worker */ }
 }
 
 // --- the model --------------------------------------------------------------
@@ -6581,6 +6809,9 @@ function sessionFor(msg) {
     s = {id, project: msg.project || "", cwd: "", title: "", prompt: "", last: 0, entries: [],
          paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usage: new Map(),
          promptTime: Infinity,
+         status: state.statuses.get(id) || null,    // its state, from the registry
+         statusTime: 0,                           // when that state began
+         served: state.served.get(id) || null,      // the server's usage totals
          trimmed: false,        // lines were dropped from its start: scrolling up fetches them again
          laterFrom: new Map()}; // path -> offset of its first line dropped from the end
     state.sessions.set(id, s);
@@ -6722,24 +6953,32 @@ function drawList() {
   const project = $("project").value;
   const query = $("search").value.trim().toLowerCase();
   const projects = new Set();
-  const sessions = [...state.sessions.values()].sort((a, b) => b.last - a.last);
+  // Those that need you first, then the most recent.
+  const sessions = [...state.sessions.values()].sort((a, b) =>
+    needsYou(b.status) - needsYou(a.status) || activity(b) - activity(a));
   list.textContent = "";
   for (const s of sessions) {
     const name = projectName(s);
     projects.add(name);
     if (project && name !== project) continue;
-    const title = s.title || s.prompt || "(no prompt yet)";
+    const title = s.title || s.prompt || (s.status && s.status.name) || "(no prompt yet)";
     if (query && !(title + " " + name + " " + s.id).toLowerCase().includes(query) &&
         !s.entries.some((item) => haystack(item).includes(query))) continue;
-    const li = el("li", "session");
+    const li = el("li", "session" + (needsYou(s.status) ? " needs" : ""));
     li.dataset.session = s.id;
-    li.dataset.tokensIn = s.tokensIn;
-    li.dataset.tokensOut = s.tokensOut;
+    const served = s.served ? usageText(s.served) : null;
+    li.dataset.tokensIn = served ? usageIn(s.served) : s.tokensIn;
+    li.dataset.tokensOut = served ? s.served.output_tokens || 0 : s.tokensOut;
     li.setAttribute("aria-selected", String(state.selected === s.id));
     li.append(el("div", "title", title));
-    const sub = el("div", "sub");
-    sub.append(el("span", "project", name), el("span", "when", ago(s.last, Date.now())),
-      el("span", "tokens", compact(s.tokensIn) + " in · " + compact(s.tokensOut) + " out"));
+    const sub = el("div", "sub"), mark = badge(s.status);
+    if (mark) sub.append(mark);
+    sub.append(el("span", "project", name), el("span", "when", ago(activity(s), Date.now())));
+    if (served) {                   // the server's count, by model and kind on hover
+      const tokens = el("span", "tokens" + (served.partial ? " counting" : ""), served.cost + " · " + served.tokens);
+      tokens.title = served.title;
+      sub.append(tokens);
+    } else sub.append(el("span", "tokens", compact(s.tokensIn) + " in · " + compact(s.tokensOut) + " out"));
     li.append(sub);
     if (s.agents.size) {
       const agents = el("ul", "agents");
@@ -6758,6 +6997,7 @@ function drawList() {
   fillOptions($("project"), projects);
   const current = state.sessions.get(state.selected);
   if (current) $("convo-title").textContent = heading(current);
+  headState(current);
   foldNoise(current);
   // Until a session is clicked, the first history decides: the most recent session,
   // whichever file the server happened to send first.
@@ -6786,8 +7026,18 @@ function haystack(item) {         // what a search looks in: the whole line, low
   return item.hay;
 }
 
+function activity(s) {             // its last line, or when its state last changed
+  return Math.max(s.last, s.statusTime);
+}
+
+function headState(s) {             // the selected session's state, in the conversation's header
+  const old = $("convo-state"), mark = badge(s && s.status, "convo-state");
+  if (mark) old.replaceWith(mark);
+  else if (!old.hidden) { old.hidden = true; old.textContent = ""; }
+}
+
 function heading(s) {
-  return (s.title || s.prompt || s.id) + (state.agent ? " — " + agentLabel(s, state.agent) : "");
+  return (s.title || s.prompt || (s.status && s.status.name) || s.id) + (state.agent ? " — " + agentLabel(s, state.agent) : "");
 }
 
 function foldNoise(s) {             // each run of bookkeeping drawn as one quiet line; the toggle says how many
@@ -6850,6 +7100,7 @@ function select(id, agent) {
   view.follow = true;
   $("jump").hidden = true;
   $("convo-title").textContent = s ? heading(s) : "";
+  headState(s);
   view.stale = true;
   drawView();                         // at once: a click, or a filter, is answered in its own task
   scheduleList();
@@ -7272,6 +7523,9 @@ function start() {
   $("window").addEventListener("change", () => { state.widen = false; setWindow($("window").value); });
   $("noise").addEventListener("click", () => { document.body.classList.toggle("noise-shown"); scheduleList(); });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on
+  state.notify = stored() === "on" && typeof Notification !== "undefined" && Notification.permission === "granted";
+  notifyButton();
+  if (typeof Notification !== "undefined") $("notify").addEventListener("click", toggleNotify);
   connect();
 }
 

@@ -2621,6 +2621,201 @@ class PageTests(ProjectTreeTestCase):
         self.assertEqual(browser.js("[...document.querySelectorAll('#entries a')].map(a => [a.protocol, a.rel])"),
                          [["https:", "noopener noreferrer"]])
 
+    def registry_page(self, before_load=None):
+        """A root at <tmp>/.claude/projects, so that <tmp>/.claude/sessions is the registry; one
+        session s-1 with one line; a server and a live page showing everything."""
+        require(self, "procfs", cs.ProcessProbe().domain is not None,
+                "no /proc or /etc/machine-id here: pids cannot be checked")
+        self.root = os.path.join(self.tmp.name, ".claude", "projects")
+        self.sessions = os.path.join(self.tmp.name, ".claude", "sessions")
+        os.makedirs(os.path.join(self.root, "-home-u-proj"))
+        os.makedirs(self.sessions)
+        append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), entry_line(0, "s-1"))
+        server = self.server()
+        browser = Chromium(self)
+        if before_load:
+            before_load(browser)
+        browser.open(self.page_url(server, since="all"))
+        browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
+        browser.wait("document.querySelectorAll('li.session').length === 1", "the session")
+        return server, browser
+
+    def sleeper(self):
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        return proc
+
+    BADGE = "(() => { const b = document.querySelector('li.session[data-session=\"%s\"] .badge'); " \
+            "return b ? b.className + ': ' + b.textContent : null; })()"
+
+    def test_each_session_shows_its_state_and_the_title_counts_those_that_need_you(self):
+        server, browser = self.registry_page()
+        badge = lambda session="s-1": browser.js(self.BADGE % session)
+        self.assertIsNone(badge())                          # no record: no state, no guess
+        proc = self.sleeper()
+        registry_record(self.sessions, proc, status="busy")
+        browser.wait("%s === 'badge working: working'" % (self.BADGE % "s-1"), "working")
+        self.assertEqual(browser.js("document.title"), "claude_stream")
+        browser.wait("document.getElementById('convo-state').textContent === 'working'", "the header's state")
+        registry_record(self.sessions, proc, status="waiting", waitingFor="permission prompt")
+        browser.wait("%s === 'badge needs: needs you · permission prompt'" % (self.BADGE % "s-1"), "needs you")
+        browser.wait("document.title === '(1) claude_stream'", "the title's count")
+        self.assertEqual(browser.js("document.getElementById('convo-state').className"), "badge needs")
+        self.assertTrue(browser.js("document.querySelector('li.session').classList.contains('needs')"))
+        self.assertIn("permission prompt", browser.js("document.getElementById('convo-state').title"))
+        for dark in (False, True):          # what a person sees, with a session that needs them
+            for width in (None, 390):
+                browser.emulate(dark=dark, width=width)
+                browser.screenshot("status-%s-%s" % ("dark" if dark else "light", "narrow" if width else "desktop"))
+        browser.emulate()
+        registry_record(self.sessions, proc, status="waiting", waitingFor="dialog open")   # the user's /model
+        browser.wait("%s === 'badge dialog: in a dialog'" % (self.BADGE % "s-1"), "in a dialog")
+        self.assertEqual(browser.js("document.title"), "claude_stream")
+        registry_record(self.sessions, proc, status="idle")
+        browser.wait("%s === 'badge idle: your turn'" % (self.BADGE % "s-1"), "your turn")
+        # A session with no line yet, named by hostile text: listed, needing you, first, and inert.
+        hostile = ['<img src=x onerror="window.pwned=1">', '<script>window.pwned=2</script>',
+                   '"><svg onload=window.pwned=3>']
+        fresh = self.sleeper()
+        registry_record(self.sessions, fresh, sessionId="s-fresh", status="waiting", name=hostile[0],
+                        waitingFor=hostile[1], cwd="/home/u/" + hostile[2])
+        browser.wait("document.title === '(1) claude_stream'", "the fresh session counted")
+        browser.wait("document.querySelector('li.session').dataset.session === 's-fresh'", "it first in the list")
+        item = "document.querySelector('li.session[data-session=\"s-fresh\"]')"
+        self.assertEqual(browser.js(item + ".querySelector('.title').textContent"), hostile[0])
+        self.assertEqual(browser.js(item + ".querySelector('.badge').className"), "badge needs")
+        self.assertIn(hostile[1], browser.js(item + ".querySelector('.badge').textContent"))
+        self.assertIn(hostile[2], browser.js(item + ".querySelector('.project').textContent"))
+        browser.js(item + ".click()")
+        browser.wait("document.getElementById('convo-title').textContent === %s" % json.dumps(hostile[0]),
+                     "its name as the heading")
+        self.assertIsNone(browser.js("window.pwned === undefined ? null : window.pwned"))
+        self.assertEqual(browser.js("document.querySelectorAll('nav img, nav script, nav svg, #convo-head img,"
+                                    " #convo-head svg, #convo-head script').length"), 0)
+        proc.kill()                         # kill -9: the record stays, frozen at idle
+        proc.wait()
+        browser.wait("%s === 'badge ended: ended'" % (self.BADGE % "s-1"), "ended")
+        os.unlink(os.path.join(self.sessions, "%d.json" % fresh.pid))    # a clean exit
+        browser.wait("%s === 'badge ended: ended'" % (self.BADGE % "s-fresh"), "the fresh one ended")
+        self.assertEqual(browser.js("document.title"), "claude_stream")
+
+    def test_notifications_once_per_waiting_after_a_click_and_a_click_on_one_selects_its_session(self):
+        def record_notifications(browser):
+            try:
+                browser.call("Browser.grantPermissions", permissions=["notifications"])
+            except AssertionError:
+                pass                        # the fake below says granted anyway
+            browser.call("Page.addScriptToEvaluateOnNewDocument", source="""
+              window.notes = [];
+              window.Notification = class {
+                constructor(title, options) { this.title = title; this.options = options; window.notes.push(this); }
+                close() { this.closed = true; }
+                static get permission() { return localStorage.getItem('granted') ? 'granted' : 'default'; }
+                static requestPermission() { localStorage.setItem('granted', 1); return Promise.resolve('granted'); }
+              };""")
+        server, browser = self.registry_page(record_notifications)
+        notes = lambda: browser.js("window.notes.map(n => [n.title, n.options.body])")
+        proc = self.sleeper()
+        registry_record(self.sessions, proc, status="waiting", waitingFor="permission prompt")
+        browser.wait("document.title === '(1) claude_stream'", "needs you")
+        self.assertEqual(notes(), [], "none before the user turns them on")
+        self.assertEqual(browser.js("document.getElementById('notify').textContent"), "notify me")
+        browser.call("Runtime.evaluate", expression="document.getElementById('notify').click()", userGesture=True)
+        browser.wait("document.getElementById('notify').getAttribute('aria-pressed') === 'true'", "turned on")
+        self.assertEqual(browser.js("localStorage.getItem('claude_stream.notify')"), "on")
+        registry_record(self.sessions, proc, status="busy")
+        browser.wait("document.title === 'claude_stream'", "working")
+        registry_record(self.sessions, proc, status="waiting", waitingFor="permission prompt")
+        browser.wait("window.notes.length === 1", "one notification")
+        self.assertEqual(notes(), [["Claude needs you: line 0", "permission prompt · /home/u/proj"]])
+        self.assertIsNone(browser.js("window.notes[0].options.icon || null"))     # nothing fetched
+        # A reconnect's snapshot says the same waiting again: no second notification. A session
+        # it does not name ended while the page was away (here one the page was told of alone).
+        browser.js("receive({kind: 'status', session: 's-gone', state: 'working', since: new Date().toISOString(),"
+                   " name: 'gone-1', cwd: '/home/u/gone', checked: true})")
+        browser.wait("%s === 'badge working: working'" % (self.BADGE % "s-gone"), "the session told of")
+        browser.js("reconnectNow()")
+        browser.wait("claudeStream.connections === 2 && claudeStream.isLive", "the page back")
+        browser.wait("claudeStream.statuses.get('s-1').gen === 2", "the snapshot")
+        browser.wait("%s === 'badge ended: ended'" % (self.BADGE % "s-gone"), "the session the snapshot left out")
+        self.assertEqual(browser.js(self.BADGE % "s-1"), "badge needs: needs you · permission prompt")
+        registry_record(self.sessions, proc, status="idle")
+        browser.wait("document.title === 'claude_stream'", "idle")
+        registry_record(self.sessions, proc, status="waiting", waitingFor="dialog open")
+        browser.wait("claudeStream.statuses.get('s-1').waiting_for === 'dialog open'", "the dialog")
+        registry_record(self.sessions, proc, status="waiting", waitingFor="input needed")
+        browser.wait("window.notes.length === 2", "the second waiting")
+        self.assertEqual(notes()[1][1], "input needed · /home/u/proj")
+        self.assertEqual(browser.js("window.notes.length"), 2, "none for the dialog, none for the snapshot")
+        # Clicking a notification selects its session.
+        fresh = self.sleeper()
+        registry_record(self.sessions, fresh, sessionId="s-2", name="other-2a", status="busy")
+        browser.wait("%s === 'badge working: working'" % (self.BADGE % "s-2"), "the second session")
+        registry_record(self.sessions, fresh, sessionId="s-2", name="other-2a", status="waiting",
+                        waitingFor="permission prompt")
+        browser.wait("window.notes.length === 3", "its notification")
+        self.assertEqual(browser.js("claudeStream.selected"), "s-1")
+        browser.js("window.notes[2].onclick()")
+        self.assertEqual(browser.js("claudeStream.selected"), "s-2")
+        self.assertTrue(browser.js("window.notes[2].closed"))
+        # The choice is remembered; a click turns them off again.
+        browser.open(self.page_url(server, since="all"))
+        browser.wait("document.getElementById('notify').getAttribute('aria-pressed') === 'true'", "still on")
+        browser.js("document.getElementById('notify').click()")
+        self.assertEqual(browser.js("localStorage.getItem('claude_stream.notify')"), "off")
+        self.assertEqual(browser.js("document.getElementById('notify').textContent"), "notify me")
+
+    def test_without_a_registry_no_state_is_shown_and_usage_comes_from_the_server(self):
+        self.root = os.path.join(self.tmp.name, "transcripts")   # not "projects": no registry beside it
+        os.makedirs(os.path.join(self.root, "-home-u-proj"))
+        append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), entry_line(0, "s-1", kind="assistant", message={
+            "id": "m1", "role": "assistant", "content": "hi", "usage": {"input_tokens": 7, "output_tokens": 3}}))
+        server = self.server()
+        browser = Chromium(self)
+        browser.open(self.page_url(server, since="all"))
+        browser.wait("document.querySelectorAll('li.session').length === 1", "the session")
+        self.assertEqual(browser.js("claudeStream.registry"), False)
+        tokens = "document.querySelector('li.session .tokens')"
+        # The server's own count of it (its usage message), with the model it names (none: no price).
+        browser.wait(tokens + ".textContent.endsWith('7 in · 3 out')", "the server's count")
+        # A status from a server without a registry is not believed (nor is any guess made).
+        browser.js("receive({kind: 'status', session: 's-1', state: 'waiting', waiting_for: 'permission prompt',"
+                   " since: new Date().toISOString(), cwd: '/x', name: 'n', checked: true})")
+        browser.js("receive({kind: 'status', session: 's-9', state: 'working', since: new Date().toISOString(),"
+                   " cwd: '/y', name: 'fresh', checked: true})")
+        browser.wait("new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(() => done(true))))",
+                     "two frames")
+        self.assertEqual(browser.js("document.querySelectorAll('.badge, li.session').length"), 1)
+        self.assertIsNone(browser.js("document.getElementById('convo-state').hidden ? null : 'shown'"))
+        self.assertEqual(browser.js("document.title"), "claude_stream")
+        # The server's usage, as the usage message says it (a message for a session not held is kept for it).
+        usage = {"kind": "usage", "session": "s-1", "project": "-home-u-proj", "input_tokens": 1200,
+                 "output_tokens": 3400, "cache_creation_input_tokens": 5000, "cache_read_input_tokens": 100000,
+                 "cost_usd": 1.2345, "unpriced_models": ["mystery-1"], "complete": False, "models": {
+                     "claude-opus-4-7": {"input_tokens": 1190, "output_tokens": 3395, "cache_creation_input_tokens": 5000,
+                                         "cache_read_input_tokens": 100000, "messages": 12, "cost_usd": 1.2345},
+                     "mystery-1": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 0,
+                                   "cache_read_input_tokens": 0, "messages": 1, "cost_usd": None}}}
+        browser.js("receive(%s)" % json.dumps(usage))
+        browser.wait(tokens + ".textContent === '$1.23 + unpriced… · 106.2k in · 3.4k out'", "the server's figures, counting")
+        self.assertEqual(browser.js(tokens + ".title").split("\n"), [
+            "still counting this session's history: so far",
+            "total: 1,200 input, 3,400 output, 5,000 cache write, 100,000 cache read · $1.23",
+            "claude-opus-4-7 (12 messages): 1,190 input, 3,395 output, 5,000 cache write, 100,000 cache read · $1.23",
+            "mystery-1 (1 message): 10 input, 5 output, 0 cache write, 0 cache read · no price",
+            "no price known for mystery-1: not in the cost"])
+        self.assertEqual(browser.js("document.querySelector('li.session').dataset.tokensIn"), "106200")
+        usage.update(complete=True, unpriced_models=[], cost_usd=2.5)
+        browser.js("receive(%s)" % json.dumps(usage))
+        browser.wait(tokens + ".textContent === '$2.50 · 106.2k in · 3.4k out'", "complete")
+        self.assertFalse(browser.js(tokens + ".classList.contains('counting')"))
+        # Usage for a session the page has no line of yet waits for its first line.
+        browser.js("receive(%s)" % json.dumps(dict(usage, session="s-2", cost_usd=0.5)))
+        append(os.path.join(self.root, "-home-u-proj", "s-2.jsonl"), entry_line(1, "s-2"))
+        browser.wait("(() => { const t = document.querySelector('li.session[data-session=\"s-2\"] .tokens'); "
+                     "return t && t.textContent.startsWith('$0.50 · '); })()", "its usage, once it is listed")
+
     def test_markdown_diffs_results_on_their_calls_images_bookkeeping_and_sub_agents(self):
         path = os.path.join(self.project, "s1.jsonl")
         append(path, "")
@@ -3430,6 +3625,83 @@ test("sub-agents: named by their Task call, sidechains never the user's, titles 
   assert.equal(lib.titleText(user("<command-name>/clear</command-name>"), {}), "");
   assert.equal(lib.titleText(user([{type: "tool_result", tool_use_id: "t", content: "ok"}]), {}), "");
   assert.equal(lib.titleText({type: "assistant", message: {content: "hi"}}, {}), "");
+});
+
+test("status: a badge for each state, needs you only when Claude asks, unverified records marked", () => {
+  const at = (state, waiting_for, extra) => Object.assign({state, waiting_for: waiting_for || null,
+    since: "2026-01-02T03:04:05.000Z", checked: true}, extra || {});
+  const text = (st) => lib.statusBadge(st) && [lib.statusBadge(st).cls, lib.statusBadge(st).text].join(": ");
+  assert.equal(text(at("working")), "working: working");
+  assert.equal(text(at("shell")), "working: working · shell");
+  assert.equal(text(at("waiting", "permission prompt")), "needs: needs you · permission prompt");
+  assert.match(lib.statusBadge(at("waiting", "input needed")).title, /^Claude is waiting for you: input needed, since /);
+  assert.equal(text(at("waiting", lib.DIALOG_OPEN)), "dialog: in a dialog");   // the user's own /model, say
+  assert.equal(text(at("waiting")), "needs: needs you");
+  assert.equal(text(at("idle")), "idle: your turn");
+  assert.equal(text(at("ended")), "ended: ended");
+  assert.equal(text(at("sleeping")), "other: sleeping");                       // an enum is open
+  assert.equal(text(at("waiting", "x".repeat(100))).length, "needs: needs you · ".length + 40);
+  assert.equal(text(at("idle", null, {checked: false})), "idle unchecked: your turn");
+  assert.match(lib.statusBadge(at("idle", null, {checked: false})).title, /not verified/);
+  assert.equal(lib.statusBadge(null), null);                                   // no registry: no badge
+  assert.equal(lib.statusBadge({}), null);
+  assert.equal(lib.needsYou(at("waiting", "permission prompt")), true);
+  assert.equal(lib.needsYou(at("waiting", lib.DIALOG_OPEN)), false);
+  assert.equal(lib.needsYou(null), false);
+});
+
+test("the tab title counts the sessions that need you", () => {
+  const st = [{state: "waiting", waiting_for: "permission prompt"}, {state: "waiting", waiting_for: "dialog open"},
+              {state: "working"}, {state: "waiting", waiting_for: "input needed"}, {state: "idle"}];
+  assert.equal(lib.needCount(st), 2);
+  assert.equal(lib.needCount(new Map().values()), 0);
+  assert.equal(lib.pageTitle(2, "claude_stream"), "(2) claude_stream");
+  assert.equal(lib.pageTitle(0, "claude_stream"), "claude_stream");
+});
+
+test("notifications: once per start of a waiting, not for a dialog, not again for a snapshot", () => {
+  const w = (since, waiting_for) => ({state: "waiting", waiting_for: waiting_for || "permission prompt", since});
+  const busy = {state: "working", since: "t0"};
+  assert.equal(lib.shouldNotify(busy, w("t1"), true), true);            // it starts waiting
+  assert.equal(lib.shouldNotify(busy, w("t1"), false), true);           // ... while the page was away, too
+  assert.equal(lib.shouldNotify(w("t1"), w("t1"), false), false);       // the snapshot after a reconnect
+  assert.equal(lib.shouldNotify(w("t1"), w("t2"), true), true);         // a new waiting that began later
+  assert.equal(lib.shouldNotify(busy, w("t1", "dialog open"), true), false);
+  assert.equal(lib.shouldNotify(w("t1"), busy, true), false);
+  assert.equal(lib.shouldNotify(undefined, w("t1"), true), true);       // a fresh session, live
+  assert.equal(lib.shouldNotify(undefined, w("t1"), false), false);     // the first snapshot: not news
+});
+
+test("usage: the server's cost and tokens, by model and kind in the tooltip, marked while counting", () => {
+  const u = {input_tokens: 1200, output_tokens: 3400, cache_creation_input_tokens: 5000, cache_read_input_tokens: 100000,
+    cost_usd: 1.2345, unpriced_models: [], complete: true, models: {
+      "claude-sonnet-4-5": {input_tokens: 200, output_tokens: 400, cache_creation_input_tokens: 0,
+                            cache_read_input_tokens: 0, messages: 1, cost_usd: 0.0066},
+      "claude-opus-4-7": {input_tokens: 1000, output_tokens: 3000, cache_creation_input_tokens: 5000,
+                          cache_read_input_tokens: 100000, messages: 12, cost_usd: 1.2279}}};
+  const shown = lib.usageText(u);
+  assert.equal(shown.cost, "$1.23");
+  assert.equal(shown.tokens, "106.2k in · 3.4k out");
+  assert.equal(lib.usageIn(u), 106200);
+  assert.equal(shown.partial, false);
+  assert.deepEqual(shown.title.split("\n"), [
+    "total: 1,200 input, 3,400 output, 5,000 cache write, 100,000 cache read · $1.23",
+    "claude-opus-4-7 (12 messages): 1,000 input, 3,000 output, 5,000 cache write, 100,000 cache read · $1.23",
+    "claude-sonnet-4-5 (1 message): 200 input, 400 output, 0 cache write, 0 cache read · $0.01"]);
+  const counting = lib.usageText(Object.assign({}, u, {complete: false}));
+  assert.equal(counting.cost, "$1.23…");
+  assert.equal(counting.partial, true);
+  assert.match(counting.title, /^still counting/);
+  const unpriced = lib.usageText({input_tokens: 10, output_tokens: 5, cost_usd: 0, unpriced_models: ["mystery-1"],
+    models: {"mystery-1": {input_tokens: 10, output_tokens: 5, messages: 1, cost_usd: null}}, complete: true});
+  assert.equal(unpriced.cost, "unpriced");
+  assert.match(unpriced.title, /mystery-1 \(1 message\): 10 input, 5 output, 0 cache write, 0 cache read · no price/);
+  assert.match(unpriced.title, /no price known for mystery-1/);
+  assert.equal(lib.usageText(Object.assign({}, u, {unpriced_models: ["mystery-1"]})).cost, "$1.23 + unpriced");
+  assert.equal(lib.money(0.004), "<$0.01");
+  assert.equal(lib.money(0), "$0.00");
+  assert.equal(lib.money(12.5), "$12.50");
+  assert.equal(lib.usageText({}).tokens, "0 in · 0 out");                // every field optional
 });
 
 test("the first look: a wider window while the last held no session, up to everything", () => {
@@ -4432,6 +4704,20 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(len(registry.followed), 3)
 
 
+def registry_record(folder, proc, **fields):
+    """Claude Code's registry record for a live process (a ``sleep``), written in place as it does."""
+    with open("/proc/%d/stat" % proc.pid, "rb") as fh:
+        start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    record = {"pid": proc.pid, "sessionId": "s-1", "cwd": "/home/u/proj", "procStart": start,
+              "pidDomain": cs.ProcessProbe().domain, "kind": "interactive", "entrypoint": "cli",
+              "name": "proj-1a", "statusUpdatedAt": int(time.time() * 1000)}
+    record.update(fields)
+    path = os.path.join(folder, "%d.json" % proc.pid)
+    with open(path, "r+" if os.path.exists(path) else "w") as fh:
+        fh.write(json.dumps(record))    # in place, as Claude Code does
+        fh.truncate()
+
+
 class StatusTests(unittest.TestCase):
     """The registry through a real server: a snapshot after the subscribe, every change,
     and a kill -9 seen as ended, to the clients whose filters match; and each session's
@@ -4446,16 +4732,7 @@ class StatusTests(unittest.TestCase):
         append(os.path.join(self.root, "-home-u-proj", "s-1.jsonl"), entry_line(0, "s-1"))
 
     def record(self, proc, **fields):
-        with open("/proc/%d/stat" % proc.pid, "rb") as fh:
-            start = fh.read().rsplit(b")", 1)[1].split()[19].decode()
-        record = {"pid": proc.pid, "sessionId": "s-1", "cwd": "/home/u/proj", "procStart": start,
-                  "pidDomain": cs.ProcessProbe().domain, "kind": "interactive", "entrypoint": "cli",
-                  "name": "proj-1a", "statusUpdatedAt": int(time.time() * 1000)}
-        record.update(fields)
-        with open(os.path.join(self.sessions, "%d.json" % proc.pid), "r+" if os.path.exists(
-                os.path.join(self.sessions, "%d.json" % proc.pid)) else "w") as fh:
-            fh.write(json.dumps(record))    # in place, as Claude Code does
-            fh.truncate()
+        registry_record(self.sessions, proc, **fields)
 
     def statuses(self, client, count):
         client.stdout.wait_line(lambda l: sum('"status"' in x for x in client.stdout.lines) >= count,
