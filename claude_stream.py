@@ -225,19 +225,23 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # of their key (about 70 bytes): at most about 20 MB in all.
 USAGE_MAX_MESSAGES = 1 << 18
 USAGE_RECENT_MESSAGES = 4096        # ... of which the latest with their counts (~420 bytes), the rest by hash
+MAX_TOKEN_COUNT = 1 << 40          # more tokens than any response has; past it a count is not one
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
 
 # --- Claude Code's session registry (<config>/sessions/<pid>.json) ---------------
 USAGE_INTERVAL = 1.0                # a session's usage message is sent at most this often
+USAGE_SNAPSHOT_MAX = 1000           # usage messages sent on a subscribe: the latest sessions (~1 KB each)
 
 REGISTRY_POLL_INTERVAL = 0.5        # seconds between listings of the folder without wake-ups ...
 REGISTRY_POLL_FACTOR = 4            # ... and this many times longer with inotify (still the truth)
 REGISTRY_LIVENESS_INTERVAL = 1.0    # a record's pid is checked this often: a kill -9 leaves it
 REGISTRY_RETRY_DELAY = 0.03         # a torn read (rewritten in place) is read again after this ...
 REGISTRY_RETRIES = 3                # ... this many times, then that version is skipped
+REGISTRY_FRESH_WINDOW = 2.0         # a record written this recently is read again at each scan
 REGISTRY_IDLE_DEBOUNCE = 0.3        # idle must last this long to be said (blips of 7-65 ms exist)
 REGISTRY_MAX_RECORD_BYTES = 64 << 10   # a record is ~700 bytes; larger is not Claude Code's
+REGISTRY_MAX_EPOCH_MS = 253402300799000   # 9999-12-31T23:59:59Z: the last time a datetime can say
 REGISTRY_MAX_RECORDS = 4096         # records followed per folder (one per live process)
 
 # --- Logging -----------------------------------------------------------------
@@ -334,12 +338,14 @@ class Limits:
     usage_max_messages: int = USAGE_MAX_MESSAGES
     usage_recent_messages: int = USAGE_RECENT_MESSAGES
     usage_interval: float = USAGE_INTERVAL
+    usage_snapshot_max: int = USAGE_SNAPSHOT_MAX
     registry_poll_interval: float = REGISTRY_POLL_INTERVAL
     registry_poll_factor: int = REGISTRY_POLL_FACTOR
     registry_liveness_interval: float = REGISTRY_LIVENESS_INTERVAL
     registry_retry_delay: float = REGISTRY_RETRY_DELAY
     registry_retries: int = REGISTRY_RETRIES
     registry_idle_debounce: float = REGISTRY_IDLE_DEBOUNCE
+    registry_fresh_window: float = REGISTRY_FRESH_WINDOW
     registry_max_record_bytes: int = REGISTRY_MAX_RECORD_BYTES
     registry_max_records: int = REGISTRY_MAX_RECORDS
 
@@ -3895,8 +3901,8 @@ def parse_prices(text: str) -> Dict[str, Price]:
 
 
 def _count(obj: Dict[str, Any], key: str) -> int:
-    value = obj.get(key)
-    return value if type(value) is int and value > 0 else 0   # not bools, floats, negatives
+    value = obj.get(key)        # not bools, floats, negatives; nor 10**400, whose price overflows a float
+    return value if type(value) is int and 0 < value <= MAX_TOKEN_COUNT else 0
 
 
 @dataclass(frozen=True)
@@ -4309,12 +4315,13 @@ class RegistryRecord:
         def text(name: str) -> Optional[str]:
             value = obj.get(name)
             return value if isinstance(value, str) else None
-        at = obj.get("statusUpdatedAt")
+        at = obj.get("statusUpdatedAt")     # ms; NaN, inf or 1e300 would break every status after it
+        if not (isinstance(at, (int, float)) and not isinstance(at, bool) and 0 < at < REGISTRY_MAX_EPOCH_MS):
+            at = None
         job = text("jobId")
         return cls(pid, obj["sessionId"], text("cwd"), text("status"), text("waitingFor"), text("procStart"),
                    text("pidDomain"), text("kind"), text("entrypoint"), text("name"),
-                   at / 1000.0 if isinstance(at, (int, float)) and not isinstance(at, bool) else None,
-                   job if job and JOB_ID.match(job) else None)
+                   at / 1000.0 if at is not None else None, job if job and JOB_ID.match(job) else None)
 
     @property
     def process(self) -> Tuple[int, Optional[str]]:
@@ -4340,21 +4347,24 @@ class ProcessProbe:
         return "linux:%s:pid:[%d]" % (machine, namespace)
 
     def checkable(self, record: RegistryRecord) -> bool:
-        """A record from another machine or pid namespace names a pid that means nothing here."""
-        if self.domain is None:
+        """A record from another machine or pid namespace names a pid that means nothing
+        here; one without its start time cannot tell its process from a later one."""
+        if self.domain is None or record.proc_start is None:
             return False
         return record.pid_domain == self.domain if record.pid_domain else sys.platform.startswith("linux")
 
     def alive(self, record: RegistryRecord) -> bool:
-        """The pid runs, and started when the record says (a reused pid did not)."""
+        """The pid runs (a zombie does not: killed, not yet reaped), and started when the
+        record says (a reused pid did not)."""
         try:
             with open(os.path.join(self.proc, str(record.pid), "stat"), "rb") as fh:
                 stat_line = fh.read(4096)
         except OSError:
             return False
         fields = stat_line[stat_line.rfind(b")") + 2:].split()     # the name may hold spaces and ')'
-        started = fields[19].decode("ascii", "replace") if len(fields) > 19 else None
-        return record.proc_start is None or started == record.proc_start
+        if len(fields) <= 19 or fields[0] in (b"Z", b"X"):
+            return False
+        return fields[19].decode("ascii", "replace") == record.proc_start
 
 
 @dataclass
@@ -4465,7 +4475,10 @@ class Registry:
             return                          # a link or a FIFO is not Claude Code's
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         followed = self.followed.get(path)
-        if followed is not None and followed.signature == signature and not followed.tries:
+        # busy -> idle is a rewrite in place of the same size: within a coarse mtime's tick
+        # (a network or FUSE mount: 1-2 s) it looks unchanged, so a recent one is read again.
+        recent = self.wall() - st.st_mtime < self.limits.registry_fresh_window
+        if followed is not None and followed.signature == signature and not followed.tries and not recent:
             if followed.record is not None and followed.record.job and self._job_changed(folder, followed):
                 self._update(folder, followed, followed.record, now, changes)    # its needs changed
             return
@@ -4955,9 +4968,11 @@ class Feed:
             start = sub.cursors.get(rel)
             if start is None and folders:   # a folder's cursor: every file below without its own
                 start = next((v for k, v in folders if rel.startswith(k)), None)
+            ranged = rel in sub.until
             until = sub.until.get(rel)
-            if until is not None and (until > rec.line_start or not cursor_valid(rec, until)):
-                until = None                # not a line start we sent: the range runs to the end
+            if until is not None and not (until <= rec.line_start and (start or 0) < until
+                                          and cursor_valid(rec, until) and cursor_valid(rec, start or 0)):
+                until = None                # not a range of line starts we sent: from the cursor on
             if until is not None:
                 self._refetch(rec, start or 0, until, sub)
             elif start is not None:
@@ -4966,8 +4981,9 @@ class Feed:
                     start = 0
                 self.backlog.pop(rel, None)
                 self.position[rel] = start
-                if start < rec.line_start:
-                    self.backlog[rel] = Backlog(rec, start, self.limits)
+                if start < rec.line_start:      # a range asked for stays within its since and last
+                    self.backlog[rel] = Backlog(rec, start, self.limits, since=sub.since if ranged else None,
+                                                last=sub.last if ranged else None)
             elif sub.since is not None and rec.mtime >= sub.since:
                 # History replaces any backlog already open for this file (one opened
                 # by a live line that came while the client was held, say): it reads
@@ -4986,8 +5002,6 @@ class Feed:
         """A range of a file sent again (a viewer's lines it dropped), within ``since``
         and ``last``; then the file goes on from where this client was in it, or,
         for a file it never followed, from the live edge of now."""
-        if start >= until or not cursor_valid(rec, start):
-            return
         rel = rec.rel
         held = self.backlog.pop(rel, None)
         resume = self.position.get(rel, rec.line_start)
@@ -5299,6 +5313,8 @@ class StatusRelay:
         self.notify = Inotify.create(log, self.limits.wakeup_read_bytes) if wakeups else None
         self._timer: Optional[Timer] = None
         self._next_scan = self._next_check = 0.0
+        self._by_session: Dict[str, FileRecord] = {}    # main transcripts by session id ...
+        self._indexed_files = -1                        # ... as of this many files
 
     def start(self) -> None:
         if self.notify is not None:
@@ -5311,7 +5327,8 @@ class StatusRelay:
             self.notify.close()
 
     def snapshot(self, filters: Filters) -> List[bytes]:
-        """The live sessions that match, as status frames: what a new subscription is told first."""
+        """The live sessions that match, as status frames: what a new subscription is told first
+        (at most ``registry_max_records`` a folder, each a few hundred bytes)."""
         frames = [self._message(status) for status in self.registry.live()]
         return [frame for frame, meta in frames if filters.match(meta)]
 
@@ -5374,8 +5391,14 @@ class StatusRelay:
                     rec = self.tailer.files.get(os.path.join(root.path, slug, status.session + TRANSCRIPT_SUFFIX))
                     if rec is not None:
                         return rec
-        return next((r for r in self.tailer.files.values()
-                     if r.session == status.session and r.agent is None), None)
+        # Elsewhere (a slug Claude Code made otherwise, a cwd changed): by session id, from an
+        # index made again only when the files changed, not a walk of them all per record.
+        if self._indexed_files != len(self.tailer.files):
+            self._by_session = {r.session: r for r in self.tailer.files.values()
+                                if r.session is not None and r.agent is None}
+            self._indexed_files = len(self.tailer.files)
+        rec = self._by_session.get(status.session)
+        return rec if rec is not None and not rec.gone else None
 
 
 class UsageRelay:
@@ -5412,7 +5435,16 @@ class UsageRelay:
             self.loop.call_later(self.limits.catchup_interval, self._history_step)
 
     def count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
-        """A line that carries a usage, decoded already (a live one, by the broadcast)."""
+        """A line that carries a usage, decoded already (a live one, by the broadcast).
+
+        Called from inside the broadcast: whatever goes wrong in the totals stays there.
+        """
+        try:
+            self._count(rec, entry)
+        except Exception as exc:        # noqa: BLE001 - a bug in the totals costs a line's usage only
+            self.log.internal_error(exc)
+
+    def _count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
         session = rec.session
         if session is None:             # a 2.0.x agent-<id>.jsonl: its lines name the session
             session_id = entry.get("sessionId")
@@ -5424,17 +5456,23 @@ class UsageRelay:
             self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
     def snapshot(self, filters: Filters, since: Optional[float]) -> List[bytes]:
-        """The totals of the sessions active since ``since`` that match: a new subscription's."""
+        """The totals of the sessions active since ``since`` that match, the latest
+        ``usage_snapshot_max`` of them: a new subscription's (a subscribe each, so bounded)."""
         if since is None:
             return []
-        frames = []
+        active = []
         for usage in self.book.sessions.values():
             last = parse_timestamp(usage.totals.last)
             if last is not None and last.timestamp() >= since:
-                frame, meta = self._message(usage)
-                if filters.match(meta):
-                    frames.append(frame)
-        return frames
+                active.append((usage.totals.last, usage))
+        frames = []
+        for _, usage in sorted(active, key=lambda item: item[0], reverse=True):
+            frame, meta = self._message(usage)
+            if filters.match(meta):
+                frames.append(frame)
+                if len(frames) >= self.limits.usage_snapshot_max:
+                    break
+        return frames[::-1]
 
     def _count_line(self, rec: FileRecord, line: bytes) -> None:
         try:
@@ -5451,21 +5489,23 @@ class UsageRelay:
                 self.loop.call_later(self.limits.catchup_interval, self._history_step)
 
     def _read_history(self) -> None:
-        """One block of the first file's history; the next file when it is done."""
-        rec, end = self.history[0]
-        reader = self.reader = self.reader or LineReader(rec, 0, self.limits.max_line_bytes)
-        try:
-            read = 0 if rec.gone else reader.fill(end, self.limits.catchup_block)
-        except OSError:
-            read = 0
-        while reader.lines:
-            _, line = reader.lines.popleft()
-            if line is not None and b'"usage"' in line:
-                self._count_line(rec, line)
-        if read:
-            return
-        self.history.popleft()
-        self.reader = None
+        """Up to ``catchup_block`` bytes of history, a file after another (most are small)."""
+        budget = self.limits.catchup_block
+        while self.history and budget > 0:
+            rec, end = self.history[0]
+            reader = self.reader = self.reader or LineReader(rec, 0, self.limits.max_line_bytes)
+            try:
+                read = 0 if rec.gone else reader.fill(end, budget)
+            except OSError:
+                read = 0
+            while reader.lines:
+                _, line = reader.lines.popleft()
+                if line is not None and b'"usage"' in line:
+                    self._count_line(rec, line)
+            budget -= max(read, 1)          # an empty read counts: a file's open costs too
+            if not read:
+                self.history.popleft()
+                self.reader = None
         if not self.history:                # every session's totals are whole now: say so
             self.dirty.update(dict.fromkeys(self.book.sessions.values()))
             if self._flush_timer is None:
@@ -5658,10 +5698,13 @@ class StreamServer:
 
     def subscribe(self, session: ServerSession, sub: Subscription, acknowledge: bool = True) -> None:
         session.send_frames(session.feed.subscribe(sub, list(self.tailer.files.values()), acknowledge))
-        if self.relay is not None and not sub.hold:
-            session.send_frames(self.relay.snapshot(sub.filters))    # who is working, waiting, idle now
-        if self.usage is not None and not sub.hold:
-            session.send_frames(self.usage.snapshot(sub.filters, sub.since))
+        # Who is working, waiting, idle now, and the totals of the sessions in the window;
+        # not to a client with a full output already (its subscribes could pile them up).
+        if not sub.hold and session.unsent < self.limits.live_output_cap:
+            if self.relay is not None:
+                session.send_frames(self.relay.snapshot(sub.filters))
+            if self.usage is not None:
+                session.send_frames(self.usage.snapshot(sub.filters, sub.since))
         session.sync()
         if session.feed.phase is Phase.CATCHING_UP:
             self.catch_up()
@@ -6880,7 +6923,8 @@ function drop(s, item, earlier) {
   s.trimmed = true;
   // What is held of its file now starts later: hasEarlier must say so.
   const kept = s.entries.find((x) => x.path === item.path);
-  state.first.set(item.path, kept ? kept.offset : item.offset + 1);
+  // A line start, as a range's end must be: the next line's (a gap's is not known).
+  state.first.set(item.path, kept ? kept.offset : typeof item.msg.next === "number" ? item.msg.next : item.offset + 1);
 }
 
 function learn(s, e, msg, t) {

@@ -1915,6 +1915,17 @@ class FeedTests(TailerTestCase):
         self.assertEqual(client.duplicates, [])
         self.assertEqual(client.entries["p/a.jsonl"],
                          ["a-%d" % i for i in range(6, len(sizes))] + ["a-new"])
+        # A range that is not one of line starts loses nothing: from the cursor on, within
+        # `last` (a cursor past its end; an end in the middle of a line).
+        for cursor, until in ((offsets[20], offsets[10]), (0, offsets[10] + 1)):
+            fresh = FeedClient(cs.Feed(self.LIMITS, tailer.log))
+            fresh.send_frames(fresh.feed.subscribe(cs.Subscription(cs.Filters(), cursors={"p/a.jsonl": cursor},
+                                                                   until={"p/a.jsonl": until}, last=3),
+                                                   tailer.files.values(), acknowledge=True))
+            for _ in range(50):
+                fresh.send_frames(fresh.feed.step(1 << 20, 0)[0])
+            self.assertEqual(fresh.entries["p/a.jsonl"], ["a-%d" % i for i in range(len(sizes) - 2, len(sizes))]
+                             + ["a-new"], (cursor, until))
         # What a client asks is checked: a bad count or range is an error, not a replay.
         for bad in ({"last": 0}, {"last": "5"}, {"last": True}, {"until": {"p/a.jsonl": -1}},
                     {"until": {"p/": 0}}, {"until": []}):
@@ -4696,6 +4707,34 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual([c.needs for c in self.registry.scan(self.clock[0])], [None])
         self.assertIsNone(self.registry.followed[os.path.join(self.folder, "61.json")].record.job)
 
+    def test_the_process_probe_reads_proc_as_claude_code_does(self):
+        proc = os.path.join(self.tmp.name, "proc")
+        os.makedirs(os.path.join(proc, "self", "ns"))
+        open(os.path.join(proc, "self", "ns", "pid"), "w").close()
+        probe = cs.ProcessProbe(proc)
+        record = cs.RegistryRecord(77, "s", proc_start="4242", pid_domain=probe.domain)
+        self.assertTrue(probe.domain is None or probe.checkable(record))
+        self.assertFalse(probe.checkable(cs.RegistryRecord(77, "s", pid_domain=probe.domain)))  # no start time
+        os.makedirs(os.path.join(proc, "77"))
+        for state, start, alive in (("S", "4242", True), ("R", "4243", False), ("Z", "4242", False),
+                                    ("X", "4242", False)):
+            with open(os.path.join(proc, "77", "stat"), "w") as fh:     # a name with ') ' in it
+                fh.write("77 (claude) x) %s 1 77 77 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 %s 0 0\n" % (state, start))
+            self.assertIs(probe.alive(record), alive, (state, start))
+        self.assertFalse(probe.alive(cs.RegistryRecord(78, "s", proc_start="1")))      # no such pid
+
+    def test_a_rewrite_in_the_same_size_and_mtime_tick_is_seen(self):
+        # busy -> idle in place keeps the size; a coarse mtime (1-2 s on some mounts) keeps it too.
+        registry = cs.Registry([self.folder], self.log, probe=self.probe)      # the real clock
+        self.write(70, status="busy")
+        path = os.path.join(self.folder, "70.json")
+        st = os.stat(path)
+        self.assertEqual([c.state for c in registry.scan(0.0)], ["working"])
+        self.write(70, status="idle", statusUpdatedAt=1.7e12 + 70)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.assertEqual(os.stat(path).st_size, st.st_size)
+        self.assertEqual([c.state for c in registry.scan(0.0) + registry.settled(1.0)], ["idle"])
+
     def test_the_records_followed_are_bounded(self):
         registry = cs.Registry([self.folder], self.log, cs.Limits(registry_max_records=3), probe=self.probe)
         for pid in range(60, 70):
@@ -4760,9 +4799,10 @@ class StatusTests(unittest.TestCase):
         self.assertEqual(self.statuses(client, 2)[1]["waiting_for"], "permission prompt")
         self.record(proc, status="idle")
         self.assertEqual(self.statuses(client, 3)[2]["state"], "idle")
-        proc.kill()                                 # the record stays, frozen at idle
+        proc.kill()                                 # the record stays, frozen at idle; and until
+        self.assertEqual([m["state"] for m in self.statuses(client, 4)],    # reaped, the pid is a zombie
+                         ["working", "waiting", "idle", "ended"])
         proc.wait()
-        self.assertEqual([m["state"] for m in self.statuses(client, 4)], ["working", "waiting", "idle", "ended"])
         # A client whose filters leave the session out is told nothing of it.
         other.stdout.wait_line(lambda l: '"live"' in l, what="the other client to be live")
         self.assertFalse([l for l in other.stdout.lines if '"status"' in l])
