@@ -4735,6 +4735,18 @@ class RegistryTests(unittest.TestCase):
         self.assertEqual(os.stat(path).st_size, st.st_size)
         self.assertEqual([c.state for c in registry.scan(0.0) + registry.settled(1.0)], ["idle"])
 
+    def test_numbers_that_are_not_times_or_counts_break_nothing(self):
+        for at in ("NaN", "Infinity", "-1", "1e300", "true", '"1796114856760"'):
+            record = cs.RegistryRecord.parse(('{"pid": 5, "sessionId": "s", "statusUpdatedAt": %s}' % at).encode(), 5)
+            self.assertIsNone(record.status_at, at)
+            frame, _ = cs.status_message(cs.SessionStatus(self.folder, "s", "idle", 1.7e9, 5), None, None)
+            self.assertIn(b'"since":"2023-11-14T22:13:20.000Z"', frame)
+        huge = {"type": "assistant", "message": {"id": "m", "model": "claude-sonnet-4-5-20250929",
+                                                 "usage": {"input_tokens": 10 ** 400, "output_tokens": 5}}}
+        book = cs.UsageBook()
+        book.add(huge, "p", "s", "p/s.jsonl")       # its price would overflow a float
+        self.assertEqual((book.totals.sum("input_tokens"), book.totals.sum("output_tokens")), (0, 5))
+
     def test_the_records_followed_are_bounded(self):
         registry = cs.Registry([self.folder], self.log, cs.Limits(registry_max_records=3), probe=self.probe)
         for pid in range(60, 70):
