@@ -4822,6 +4822,7 @@ class Backlog:
         self.seek = None if last is None else LastLines(
             rec, offset, rec.line_start if until is None else until, last, limits.catchup_block)
         self.held: List[LineMessage] = []       # untimed lines, fate pending
+        self.older = False                      # a timed line before the window was seen
         self.ready: Deque[LineMessage] = collections.deque()
         self.last_key = ""                      # for merging files in time order
 
@@ -4848,8 +4849,10 @@ class Backlog:
                     self._unreadable(log, exc, limit)
                     return 0, False
                 if not read:
-                    if self.held and self.rec.mtime >= (self.since or 0):
-                        self.ready.extend(self.held)    # recent untimed lines at the end
+                    # Untimed lines at the end: in the window if the file has no time of its own
+                    # but its mtime (a copied file's is new); after older timed lines, not.
+                    if self.held and not self.older and self.rec.mtime >= (self.since or 0):
+                        self.ready.extend(self.held)
                     self.held = []
                     return 0, not self.ready
                 continue
@@ -4896,7 +4899,7 @@ class Backlog:
             self.held.append(message)
             del self.held[:-self.limits.max_held_lines]
         elif when < self.since:
-            self.held = []
+            self.held, self.older = [], True
         else:
             self.since = None           # the window starts here; all that follows is sent
             self.ready.extend(self.held)
@@ -7978,6 +7981,17 @@ def usage_cost(usage: Dict[str, Any]) -> str:
     return "$%.2f" % cost + (" + cost unknown (%s)" % names if names else "")
 
 
+def known_cost(usage: Optional[Dict[str, Any]]) -> Optional[float]:
+    """The session's cost in USD for a program, or None when it is not known: no usage yet,
+    or none of its models has a price (a 0 there would read as free)."""
+    if usage is None:
+        return None
+    cost = usage.get("cost_usd")
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool) or not math.isfinite(cost):
+        return None
+    return None if usage.get("unpriced_models") and not cost else cost
+
+
 def usage_text(usage: Dict[str, Any]) -> str:
     """A ``usage`` message in a few words: tokens in, out, cache written and read, cost."""
     text = "{:,} in, {:,} out, cache {:,} written, {:,} read, ".format(
@@ -8305,7 +8319,7 @@ class Alerts:
         if event == "waiting":
             body = "%s: %s" % (who, msg.get("waiting_for") or "waiting for you")
         else:
-            body = "%s: your turn" % who + (" (%s)" % usage_cost(usage) if usage is not None else "")
+            body = "%s: your turn" % who + (", %s" % usage_cost(usage) if usage is not None else "")
         if self.command is not None:
             self._run(msg, event, body, usage, server)
         return ring_bytes(self.TITLES[event], body) if self.bell else b""
@@ -8324,7 +8338,7 @@ class Alerts:
                    "CWD": msg.get("cwd"), "SINCE": msg.get("since"), "PID": msg.get("pid"),
                    "TRANSCRIPT": msg.get("path"), "HOST": msg.get("host"), "SERVER": server,
                    "TEXT": notice_text("%s: %s" % (self.TITLES[event], body)),     # as the desktop shows it
-                   "COST_USD": usage.get("cost_usd") if usage is not None else None}
+                   "COST_USD": known_cost(usage)}
         env.update(("CLAUDE_STREAM_" + k, _env_value(v)) for k, v in details.items())
         try:
             proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -8920,7 +8934,7 @@ def usage_tables(document: Dict[str, Any]) -> List[str]:
 
 def run_usage(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
-    check_roots(roots, "usage")
+    check_roots(roots, "usage", log)
     since = None
     if args.since is not None:
         try:
@@ -8991,17 +9005,21 @@ def given_token(args: argparse.Namespace, log: Log, command: str) -> Optional[st
     return None
 
 
-def check_roots(roots: List[str], command: str = "serve") -> None:
+def check_roots(roots: List[str], command: str = "serve", log: Optional[Log] = None) -> None:
     for root in roots:
         path = os.path.expanduser(root)
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError("%s: --root %s is not a folder (give the projects folder that "
                              "holds one folder per project)" % (command, root))
+        inner = os.path.join(path, "projects")
+        if log is not None and os.path.basename(os.path.normpath(path)) != "projects" and os.path.isdir(inner):
+            # ~/.claude itself: its history.jsonl is no transcript, its projects look like sessions.
+            log.warn("--root %s holds a projects folder: did you mean --root %s?" % (root, inner))
 
 
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
-    check_roots(roots)
+    check_roots(roots, log=log)
     token = None if args.no_auth else (given_token(args, log, "serve") or secrets.token_urlsafe(TOKEN_BYTES))
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)

@@ -1527,6 +1527,13 @@ class NoLossTests(unittest.TestCase):
         self.assertEqual([json.loads(l)["entry"]["uuid"] for l in client.stdout.lines if '"entry"' in l],
                          ["u-38", "u-39", "u-40"])
 
+    def test_untimed_lines_after_old_ones_are_not_in_a_window_whatever_the_files_mtime(self):
+        # A tree copied today: every mtime is new, but the entries are from last year.
+        append(self.path(0), entry_line(0, uuid="old", timestamp="2025-06-01T10:00:00Z")
+               + json.dumps({"type": "file-history-snapshot", "uuid": "old-snapshot"}) + "\n")
+        append(self.path(1), json.dumps({"type": "summary", "uuid": "untimed-only"}) + "\n")
+        self.assertEqual([e["uuid"] for e in self.replay(since="1h")], ["untimed-only"])
+
     def test_since_replays_the_window_then_continues_live_without_a_seam(self):
         now = time.time()
         recent = []
@@ -3869,6 +3876,13 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn("is not a folder", self.assertOneLine(result.stderr))
 
+    def test_the_config_folder_given_as_root_is_warned_about(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, ".claude", "projects"))
+            server = ServerProcess(self, [os.path.join(tmp, ".claude")])
+            said = server.stderr.wait_line(lambda l: "did you mean" in l, what="the warning")
+            self.assertIn("--root %s" % os.path.join(tmp, ".claude", "projects"), said)
+
     def test_a_root_made_later_is_found_at_once_with_inotify(self):
         # Issue 10.20: with roots checked every 50 s (--poll-interval 1), only the
         # watch on the nearest existing parent can find it within the deadline.
@@ -5047,6 +5061,13 @@ class StatusClientTests(unittest.TestCase):
         line = fresh.feed(status_message("idle", path=None, project=None, cwd="/home/u/my-app"))[0]
         self.assertIn(" my-app ", line)
 
+    def test_a_cost_nobody_knows_is_not_given_to_programs_as_zero(self):
+        self.assertIsNone(cs.known_cost(None))
+        self.assertIsNone(cs.known_cost({"cost_usd": 0.0, "unpriced_models": ["claude-opus-5-5"]}))
+        self.assertEqual(cs.known_cost({"cost_usd": 0.42, "unpriced_models": ["claude-opus-5-5"]}), 0.42)
+        self.assertEqual(cs.known_cost({"cost_usd": 0.0, "unpriced_models": []}), 0.0)
+        self.assertIsNone(cs.known_cost({"cost_usd": float("nan"), "unpriced_models": []}))
+
     def test_the_usage_is_shown_when_a_session_goes_idle(self):
         renderer = cs.Renderer()
         self.assertEqual(renderer.feed(usage_message()), [])        # kept, not a line of its own
@@ -5221,7 +5242,7 @@ class StatusClientTests(unittest.TestCase):
             "CLAUDE_STREAM_SERVER": cs.DEFAULT_URL, "CLAUDE_STREAM_COST_USD": "0.4231",
             "CLAUDE_STREAM_TEXT": "Claude needs you: %s: permission prompt" % cs.notice_text(evil)})
         self.assertEqual((envs[0]["CLAUDE_STREAM_EVENT"], envs[0]["CLAUDE_STREAM_WAITING_FOR"],
-                          envs[0]["CLAUDE_STREAM_TEXT"]), ("idle", "", "Claude finished: proj-1a: your turn ($0.42)"))
+                          envs[0]["CLAUDE_STREAM_TEXT"]), ("idle", "", "Claude finished: proj-1a: your turn, $0.42"))
         self.assertEqual(sorted(os.listdir(folder)), written)
         # What an environment cannot carry (a NUL, a lone surrogate from JSON) is dropped or a '?'.
         self.assertEqual(cs._env_value(json.loads('"a\\ud800b\\u0000c"')), "a?bc")
