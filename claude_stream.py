@@ -183,6 +183,7 @@ MAX_PENDING_CONNECTIONS = 64        # connections not yet authenticated; at this
                                     # one pushes out the oldest, so a flood cannot lock clients out
 ACCEPTS_PER_TICK = 16               # well below the above: a new connection is read before it could
                                     # be pushed out
+PENDING_PEEKS = 8                   # pending connections looked at for one that sent nothing yet
 ACCEPT_PAUSE = 0.5                  # seconds the listener rests when out of descriptors (EMFILE)
 MAX_FILTER_VALUES = 100             # values in one filter list (project, session, type) ...
 MAX_FILTER_CHARS = 200              # ... each at most this long
@@ -5534,6 +5535,17 @@ class UsageRelay:
         return text_frame(_json(fields)), MessageMeta(usage.project, (usage.session,), None, host)
 
 
+def _has_input(session: "ServerSession") -> bool:
+    """Bytes from the peer wait in the kernel, unread (a request on its way to us)."""
+    stream = session.stream
+    if stream is None or stream.closed:
+        return False
+    try:
+        return bool(stream.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:                 # nothing yet (EAGAIN), or the peer is gone
+        return False
+
+
 class StreamServer:
     """Listens, accepts, polls the tailer and drives the broadcast and the feeds."""
 
@@ -5647,8 +5659,10 @@ class StreamServer:
     def _add_pending(self, session: ServerSession) -> None:
         if len(self.pending) >= self.limits.max_pending_connections:
             # Room for those who can authenticate: the oldest connection that has not
-            # yet done so makes way, rather than every newcomer being refused.
-            oldest = next(iter(self.pending))
+            # yet done so makes way, rather than every newcomer being refused; but not
+            # one whose request is waiting to be read (a flood could push it out first).
+            oldest = next((s for s in itertools.islice(self.pending, PENDING_PEEKS) if not _has_input(s)),
+                          next(iter(self.pending)))
             del self.pending[oldest]
             if oldest.stream is not None:
                 oldest.lost_reason = "pushed out by newer connections before authenticating"
