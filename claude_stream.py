@@ -1003,6 +1003,18 @@ def own_host_name() -> str:
     return host_name(name) or "localhost"
 
 
+def mirror_parts(path: Any) -> Optional[List[str]]:
+    """A box's transcript path as safe parts of a path under DIR/<host>/, or None:
+    no '..', no absolute path, no empty part, nothing but a transcript."""
+    if not isinstance(path, str) or len(path) > 4096 or not path.endswith(TRANSCRIPT_SUFFIX):
+        return None
+    parts = path.split("/")
+    if any(p in ("", ".", "..") or "\\" in p or "\0" in p or len(p.encode("utf-8", "replace")) > 255
+           for p in parts):
+        return None
+    return parts
+
+
 @dataclass(eq=False)
 class FileRecord:
     """What the tailer knows of one transcript file."""
@@ -5546,6 +5558,50 @@ def _has_input(session: "ServerSession") -> bool:
         return False
 
 
+class BoxStatus:
+    """A hub's view of its boxes: the live sessions each said, relayed with its host
+    (the registry lives on the box; the hub never checks a pid of another machine),
+    and whether each box is connected. After a reconnection a box says its live
+    sessions again; one it does not say again ended while the link was down."""
+
+    def __init__(self, subscribers: Dict["ServerSession", None], wall: Callable[[], float],
+                 limits: Limits):
+        self.subscribers, self.wall, self.limits = subscribers, wall, limits
+        self.live: Dict[Tuple[str, str], Tuple[Dict[str, Any], bytes, MessageMeta]] = {}
+        self.said: Dict[str, Set[str]] = {}         # host -> sessions said since it connected
+        self.boxes: Dict[str, Dict[str, Any]] = {}  # host -> {"connected": bool, "since": ISO time}
+
+    def status(self, host: str, msg: Dict[str, Any]) -> None:
+        session = msg.get("session")
+        if not isinstance(session, str):
+            return
+        msg = dict(msg, host=host)
+        msg["path"] = host + "/" + msg["path"] if mirror_parts(msg.get("path")) else None
+        where = "\n".join(v for v in (msg.get("project"), msg.get("cwd")) if isinstance(v, str))
+        frame, meta = text_frame(_json(msg)), MessageMeta(where, (session,), None, host)
+        self.said.setdefault(host, set()).add(session)
+        if msg.get("state") == "ended":
+            self.live.pop((host, session), None)
+        elif (host, session) in self.live or len(self.live) < self.limits.registry_max_records:
+            self.live[(host, session)] = (msg, frame, meta)
+        send_notice(self.subscribers, frame, meta)
+
+    def link(self, host: str, up: bool) -> None:
+        """A box's link is live (its snapshot is in) or down."""
+        self.boxes[host] = {"connected": up, "since": iso_now(self.wall)}
+        if not up:
+            self.said[host] = set()
+            return
+        said = self.said.pop(host, set())
+        for (box, session), (msg, _, _) in list(self.live.items()):
+            if box == host and session not in said:
+                self.status(host, dict(msg, state="ended", waiting_for=None, since=iso_now(self.wall),
+                                       path=msg["path"][len(host) + 1:] if msg.get("path") else None))
+
+    def snapshot(self, filters: Filters) -> List[bytes]:
+        return [frame for _, frame, meta in self.live.values() if filters.match(meta)]
+
+
 class StreamServer:
     """Listens, accepts, polls the tailer and drives the broadcast and the feeds."""
 
@@ -5576,6 +5632,7 @@ class StreamServer:
         self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
         if self.usage is not None:
             self.broadcast.parsed = self.usage.count     # live lines' totals, decoded once
+        self.box_status = BoxStatus(self.subscribers, wall, limits)    # a hub's boxes, if it has any
         self.relay = None if registry is None else StatusRelay(
             loop, registry, tailer, self.subscribers, log, tailer.discovery.notify is not None,
             before_idle=self.usage.flush_session if self.usage is not None else lambda session: None)
@@ -5695,6 +5752,7 @@ class StreamServer:
                 "waiting": [r.path for r in self.tailer.discovery.roots if not r.present],
                 "files": len(self.tailer.files), "clients": len(self.subscribers),
                 "registry": [] if self.relay is None else self.relay.registry.folders,
+                "boxes": self.box_status.boxes,
                 "malformed": self.broadcast.malformed_count}
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
@@ -5720,6 +5778,7 @@ class StreamServer:
         if not sub.hold and session.unsent < self.limits.live_output_cap:
             if self.relay is not None:
                 session.send_frames(self.relay.snapshot(sub.filters))
+            session.send_frames(self.box_status.snapshot(sub.filters))
             if self.usage is not None:
                 session.send_frames(self.usage.snapshot(sub.filters, sub.since))
         session.sync()
@@ -8710,6 +8769,183 @@ class ClientApp:
 
 
 # =============================================================================
+# Mirror: a hub's copy of other machines' transcripts, byte for byte
+# =============================================================================
+#
+# serve --mirror DIR --mirror-from URL follows each box as the client does
+# (token, TLS, reconnection with backoff, resume) and writes each line it is
+# sent into DIR/<box's name>/<its path>, at the offset it has on the box. DIR is
+# one of the hub's roots, so its clients read the copies as they read local
+# files. The copies are the hub's cursors: on a start (after a kill -9 too) each
+# file's size says what it has, a torn last line cut back first.
+
+MIRROR_ASIDE = ".reset-"            # a copy the box reset is kept as <file>.reset-<n>
+MIRROR_OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0))     # appends only, never through a link
+
+
+def cut_torn_tail(path: str) -> int:
+    """The file's size after cutting a last line with no newline (a write a kill -9 broke)."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        pos = size
+        while pos > 0:
+            start = max(0, pos - BOUNDARY_SCAN_BLOCK)
+            fh.seek(start)
+            block = fh.read(pos - start)
+            at = block.rfind(b"\n")
+            if at >= 0:
+                pos = start + at + 1
+                break
+            pos = start
+    if pos != size:
+        os.truncate(path, pos)
+    return pos
+
+
+class MirrorApp:
+    """Each box a ClientLink (the client's own), its lines written into DIR/<host>/.
+
+    What a box sends is hostile like any peer's: its name must be one safe path
+    component, its paths safe parts, its offsets the next byte of the copy (a
+    line past it is preceded by blanks of the missing length, so that offsets
+    stay the box's; a line before it is had already). Its status messages are
+    relayed to the hub's clients with its host, through ``on_status``.
+    """
+
+    def __init__(self, loop: EventLoop, folder: str, urls: List[str], log: Log, limits: Limits,
+                 token: Optional[str], tls: Optional[ssl.SSLContext],
+                 on_status: Callable[[str, Dict[str, Any]], None],
+                 on_host: Callable[[str, bool], None]):
+        self.loop, self.folder, self.log, self.limits = loop, os.path.abspath(folder), log, limits
+        self.token, self.tls = token, tls
+        self.on_status, self.on_host = on_status, on_host
+        self.links = [ClientLink(self, url) for url in urls]   # type: ignore[arg-type]
+        self.hosts: Dict[ClientLink, str] = {}
+        self.sizes: Dict[str, int] = {}     # a copy's path -> its size: where its next line goes
+        os.makedirs(self.folder, exist_ok=True)
+        self._cut_torn_tails()
+
+    def _cut_torn_tails(self) -> None:
+        for top, dirs, names in os.walk(self.folder, followlinks=False):
+            for name in names:
+                path = os.path.join(top, name)
+                if name.endswith(TRANSCRIPT_SUFFIX) and not os.path.islink(path):
+                    try:
+                        self.sizes[path] = cut_torn_tail(path)
+                    except OSError as exc:
+                        self.log.warn("mirror: cannot read %s: %s" % (path, exc.strerror or exc))
+
+    def start(self) -> None:
+        for link in self.links:
+            link.connect()
+
+    def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
+        if not isinstance(message, TextMessage):
+            return
+        try:
+            msg = json.loads(message.text)
+        except ValueError:
+            return
+        kind = msg.get("kind") if isinstance(msg, dict) else None
+        if kind == "hello":
+            self._hello(link, msg)
+            return
+        host = self.hosts.get(link)
+        if host is None:
+            return
+        if kind == "entry":
+            self._entry(host, msg, message.text)
+        elif kind in ("malformed", "gap"):
+            self._hole(host, msg)
+        elif kind == "reset":
+            self._reset(host, msg)
+        elif kind == "status":
+            self.on_status(host, msg)
+        elif kind == "live":
+            link.failures = 0
+            self.on_host(host, True)
+
+    def _hello(self, link: ClientLink, msg: Dict[str, Any]) -> None:
+        host = host_name(msg.get("host"))
+        if host is None or any(h == host for l, h in self.hosts.items() if l is not link):
+            self.log.warn("mirror: %s says it is %r: %s; not mirrored" % (
+                link.url, msg.get("host"), "another box has that name" if host else "not a usable name"),
+                key="mirror")
+            link.close(CloseCode.POLICY_VIOLATION, "no usable host name")
+            return
+        self.hosts[link] = host
+        top = os.path.join(self.folder, host) + os.sep
+        cursors = {p[len(top):].replace(os.sep, "/"): size for p, size in self.sizes.items() if p.startswith(top)}
+        self.log.info("mirror: %s is %s; %d files here" % (link.url, host, len(cursors)))
+        link.send_text(_json({"kind": "subscribe", "since": "all", "cursors": cursors}))
+
+    def _copy(self, host: str, msg: Dict[str, Any]) -> Optional[str]:
+        parts = mirror_parts(msg.get("path"))
+        if parts is None:
+            self.log.warn("mirror: %s sent a path that is not a transcript's: %r" % (host, msg.get("path")),
+                          key="mirror")
+            return None
+        return os.path.join(self.folder, host, *parts)
+
+    def _entry(self, host: str, msg: Dict[str, Any], text: str) -> None:
+        path, offset = self._copy(host, msg), msg.get("offset")
+        at = text.find(',"entry":')     # the line itself, as the box framed it (never inside a string)
+        if path is None or not isinstance(offset, int) or at < 0 or not text.endswith("}"):
+            return
+        self._write(path, offset, text[at + 9:-1].encode("utf-8"))
+
+    def _hole(self, host: str, msg: Dict[str, Any]) -> None:
+        """A line the box could not send whole (malformed, over the size limit): blanks of its
+        length, when known, so the offsets after it stay the box's."""
+        path, offset, after = self._copy(host, msg), msg.get("offset"), msg.get("next")
+        if path is not None and isinstance(offset, int) and isinstance(after, int) and after > offset:
+            self._write(path, offset, b" " * (after - offset - 1))
+
+    def _write(self, path: str, offset: int, line: bytes) -> None:
+        size = self.sizes.get(path, 0)
+        if offset < size:
+            return                          # had already (a resume's first line, say)
+        data = (b" " * (offset - size - 1) + b"\n" if offset > size else b"") + line + b"\n"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, MIRROR_OPEN_FLAGS, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.log.warn("mirror: cannot write %s: %s" % (path, exc.strerror or exc), key="mirror")
+            return
+        self.sizes[path] = offset + len(line) + 1
+
+    def _reset(self, host: str, msg: Dict[str, Any]) -> None:
+        """The box's file starts again: the copy so far is kept aside, the file begins anew."""
+        path = self._copy(host, msg)
+        if path is None or path not in self.sizes:
+            return
+        n = 1
+        while os.path.exists(path + MIRROR_ASIDE + str(n)):
+            n += 1
+        try:
+            os.rename(path, path + MIRROR_ASIDE + str(n))
+        except OSError as exc:
+            self.log.warn("mirror: cannot keep %s aside: %s" % (path, exc.strerror or exc), key="mirror")
+        self.sizes.pop(path, None)
+
+    def link_down(self, link: ClientLink, description: str, retryable: bool, clean: bool = False) -> None:
+        """Every failure is retried with the client's backoff: a box may be down for hours."""
+        host = self.hosts.pop(link, None)
+        if host is not None:
+            self.on_host(host, False)
+        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
+        delay = delay / 2 + random.random() * delay / 2
+        link.failures += 1
+        self.log.info("mirror: %s; reconnecting in %.1fs" % (description, delay), key="mirror")
+        self.loop.call_later(delay, link.connect)
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -8795,6 +9031,13 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                       help="accept clients without a token (anyone who can connect reads everything)")
     serve.add_argument("--prices", metavar="FILE",
                        help="prices of models for the usage messages, as for 'usage --prices'")
+    serve.add_argument("--mirror", metavar="DIR",
+                       help="keep a copy of each box's transcripts in DIR/<its name>/, and serve "
+                            "them with this machine's own (a hub)")
+    serve.add_argument("--mirror-from", action="append", default=[], metavar="URL",
+                       help="a box to mirror: its ws:// or wss:// URL (repeatable; needs --mirror)")
+    serve.add_argument("--mirror-token-file", metavar="FILE",
+                       help="the token the boxes want, from the first line of FILE")
     serve.add_argument("--name", metavar="NAME",
                        help="this machine's name for clients and hubs (default: its host name; "
                             "letters, digits, '.', '_' and '-')")
@@ -8820,6 +9063,9 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
                         help="only entries of this type, e.g. user, assistant (repeatable)")
     client.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
                         help="no entries of this type (repeatable)")
+    client.add_argument("--machine", action="append", default=[], metavar="NAME",
+                        help="only the machine of this name (a hub's box, or the server's own; "
+                             "repeatable)")
     client.add_argument("--all", action="store_true",
                         help="also show Claude Code's bookkeeping records (%s), which the "
                              "readable output leaves out; --json always has everything"
@@ -9041,12 +9287,30 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     if name is None:
         raise UsageError("serve: --name %r: give up to 63 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit" % args.name)
-    tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only, host=name)
+    if args.mirror_from and not args.mirror:
+        raise UsageError("serve: --mirror-from needs --mirror DIR, the folder the copies go to")
+    for url in args.mirror_from:
+        parse_ws_url(url)               # a bad URL is a usage error now
+    if args.mirror:
+        check_roots([args.mirror])
+        roots = list(roots) + [args.mirror]
+    tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only, host=name,
+                    mirrors=[args.mirror] if args.mirror else [])
     folders = sorted({f for f in map(registry_folder, roots) if f is not None})
     server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
                           args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page,
                           registry=Registry(folders, log) if folders else None,
                           prices=load_prices(args.prices, "serve"))
+    mirror = None
+    if args.mirror:             # before the tailer starts: the torn tails are cut first
+        try:
+            mirror_token = read_secret_line(args.mirror_token_file) if args.mirror_token_file else None
+        except (OSError, ValueError) as exc:
+            raise UsageError("serve: --mirror-token-file: %s" % (getattr(exc, "strerror", None) or exc)) from None
+        mirror_tls = client_tls_context(None, False, log) if any(
+            parse_ws_url(u)[3] for u in args.mirror_from) else None
+        mirror = MirrorApp(loop, args.mirror, args.mirror_from, log, server.limits, mirror_token, mirror_tls,
+                           server.box_status.status, server.box_status.link)
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     server.listen()
     token_file = None
@@ -9063,6 +9327,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     elif token is None:
         log.warn("--no-auth: every process and user on this machine can read every transcript")
     server.start()
+    if mirror is not None:
+        mirror.start()
     # Everything alive now (modules, the file records of the first scan) lives for
     # the whole run: keep the garbage collector from walking it again in every
     # full collection during a burst (a quarter of the CPU of a 100k-line burst).
@@ -9112,7 +9378,8 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     if not (args.json or args.all):     # bookkeeping left out of what a person reads
         exclude += [t for t in BOOKKEEPING_TYPES if t not in args.type and t not in exclude]
     try:
-        filters = Filters.from_lists(args.project, args.session, args.type, exclude_types=exclude)
+        filters = Filters.from_lists(args.project, args.session, args.type, exclude_types=exclude,
+                                     hosts=args.machine)
     except ValueError as exc:
         raise UsageError("client: %s" % exc) from None
     if args.since is not None:
