@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import termios
+import threading
 import time
 import unittest
 from datetime import datetime, timedelta, timezone
@@ -1057,8 +1058,9 @@ class ServerProcess:
         self.stdout = Output(self.proc.stdout)
         self.stderr = Output(self.proc.stderr)
         self.banner = self.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
-        self.port = int(re.search(r"wss?://127\.0\.0\.1:(\d+)/", self.banner).group(1))
-        self.url = "ws://127.0.0.1:%d/" % self.port
+        found = re.search(r"wss?://(127\.0\.0\.\d+):(\d+)/", self.banner)
+        self.address, self.port = found.group(1), int(found.group(2))
+        self.url = "ws://%s:%d/" % (self.address, self.port)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -5279,6 +5281,235 @@ class StatusClientTests(unittest.TestCase):
             self.assertEqual(proc.returncode, 2, (args, proc.stderr))
             self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
             self.assertIn(said, proc.stderr)
+
+
+def real_lines(test, most=400):
+    """Lines of real transcripts (each with its newline, none over 64 KiB)."""
+    lines = []
+    for path in transcript_files(test):
+        with open(path, "rb") as fh:
+            lines += [l if l.endswith(b"\n") else l + b"\n" for l in fh if 1 < len(l) < 65536 and l.strip()]
+        if len(lines) >= most:
+            break
+    return lines[:most]
+
+
+class LinkCutter:
+    """A TCP relay in the test process, from a port of its own to a server's: ``cut`` drops
+    every connection through it and refuses new ones, ``mend`` takes them again."""
+
+    def __init__(self, target_port, target_host="127.0.0.1"):
+        self.target, self.target_host = target_port, target_host
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs, self.open, self.stopping = [], True, False
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        while not self.stopping:
+            for key, _ in sel.select(0.05):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    if not self.open:
+                        conn.close()
+                        continue
+                    try:
+                        upstream = socket.create_connection((self.target_host, self.target))
+                    except OSError:         # the server is down: so is this link
+                        conn.close()
+                        continue
+                    with self.lock:
+                        self.pairs.append((conn, upstream))
+                    sel.register(conn, selectors.EVENT_READ, upstream)
+                    sel.register(upstream, selectors.EVENT_READ, conn)
+                    continue
+                try:
+                    data = key.fileobj.recv(1 << 16)
+                    if data:
+                        key.data.sendall(data)
+                        continue
+                except OSError:
+                    pass
+                for sock in (key.fileobj, key.data):
+                    try:
+                        sel.unregister(sock)
+                    except (KeyError, ValueError):
+                        pass
+                    sock.close()
+            if not self.open:
+                with self.lock:
+                    pairs, self.pairs = self.pairs, []
+                for pair in pairs:
+                    for sock in pair:
+                        try:
+                            sel.unregister(sock)
+                        except (KeyError, ValueError):
+                            pass
+                        sock.close()
+
+    def cut(self):
+        self.open = False
+
+    def mend(self):
+        self.open = True
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join()
+        self.listener.close()
+
+
+class MirrorTests(unittest.TestCase):
+    """Issue 14: a hub mirrors boxes byte for byte and serves them, exactly once, through
+    kill -9 of the hub and of each box and a link cut for seconds."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.token = os.path.join(self.tmp.name, "token")
+        with open(self.token, "w") as fh:
+            fh.write("box-token-%s\n" % os.urandom(8).hex())
+        os.chmod(self.token, 0o600)
+
+    def box(self, name, port=0):
+        root = os.path.join(self.tmp.name, name, "projects")
+        os.makedirs(os.path.join(root, "-home-u-proj"), exist_ok=True)
+        # beta is reached through a relay on another port: it listens on 127.0.0.2, where the
+        # Host check (loopback names on its own port) does not apply, as behind any relay.
+        where = ["--host", "127.0.0.2"] if name == "beta" else []
+        return root, ServerProcess(self, [root], "--name", name, "--token-file", self.token, *where, port=port)
+
+    def hub(self, urls, port=0):
+        args = ["--mirror", os.path.join(self.tmp.name, "hub"), "--mirror-token-file", self.token,
+                "--name", "hub", "--token-file", self.token]
+        for url in urls:
+            args += ["--mirror-from", url]
+        return ServerProcess(self, [os.path.join(self.tmp.name, "hub-own", "projects")], *args, port=port)
+
+    def mirror_app(self):
+        return cs.MirrorApp(cs.EventLoop(cs.Log(stream=io.StringIO())), os.path.join(self.tmp.name, "hub"), [],
+                            cs.Log(stream=io.StringIO()), cs.DEFAULT_LIMITS, None, None,
+                            lambda host, msg: None, lambda host, up: None)
+
+    def test_the_copy_is_the_cursor_and_what_a_box_sends_is_checked(self):
+        copy = os.path.join(self.tmp.name, "hub", "box1", "-p", "s.jsonl")
+        os.makedirs(os.path.dirname(copy))
+        with open(copy, "wb") as fh:
+            fh.write(b'{"a":1}\n{"b":2}\n{"c":')       # a kill -9 broke the last write
+        app = self.mirror_app()
+        self.assertEqual(app.sizes[copy], 16)          # cut back to its last whole line
+        self.assertEqual(os.path.getsize(copy), 16)
+
+        def entry(path, offset, line, kind="entry"):
+            text = json.dumps({"kind": kind, "path": path, "offset": offset, "next": offset + len(line) + 1,
+                               "host": "x"}, separators=(",", ":"))[:-1] + ',"entry":' + line + "}"
+            app._entry("box1", json.loads(text), text)
+        entry("-p/s.jsonl", 8, '{"b":2}')                # had already: not written again
+        entry("-p/s.jsonl", 16, '{"c": 3,  "spaces":"kept"}')
+        app._hole("box1", {"path": "-p/s.jsonl", "offset": 43, "next": 50})     # a malformed line: blanks
+        entry("-p/s.jsonl", 50, '{"d":4}')
+        with open(copy, "rb") as fh:
+            self.assertEqual(fh.read(), b'{"a":1}\n{"b":2}\n{"c": 3,  "spaces":"kept"}\n      \n{"d":4}\n')
+        # A reset keeps the copy aside and starts the file again.
+        app._reset("box1", {"path": "-p/s.jsonl"})
+        entry("-p/s.jsonl", 0, '{"new":1}')
+        self.assertTrue(os.path.exists(copy + ".reset-1"))
+        with open(copy, "rb") as fh:
+            self.assertEqual(fh.read(), b'{"new":1}\n')
+        # Hostile names and paths go nowhere.
+        for bad in ("../escape.jsonl", "/etc/x.jsonl", "-p/../../x.jsonl", "-p//s.jsonl", "-p/s.txt", "a\\b.jsonl"):
+            self.assertIsNone(cs.mirror_parts(bad), bad)
+            entry(bad, 0, "{}")
+        for bad in ("..", ".", "", "a/b", "-lead", "x" * 64, "é", None, 5):
+            self.assertIsNone(cs.host_name(bad), bad)
+        self.assertEqual(cs.host_name("gpu-box.2_a"), "gpu-box.2_a")
+        written = sorted(os.path.relpath(os.path.join(d, f), self.tmp.name)
+                         for d, _, fs in os.walk(self.tmp.name) for f in fs if f != "token")
+        self.assertEqual(written, ["hub/box1/-p/s.jsonl", "hub/box1/-p/s.jsonl.reset-1"])
+
+    def test_a_hub_mirrors_every_box_byte_for_byte_through_kill_9_and_a_cut_link(self):
+        lines = real_lines(self)
+        boxes = {name: self.box(name) for name in ("alpha", "beta", "gamma")}
+        cutter = LinkCutter(boxes["beta"][1].port, "127.0.0.2")
+        self.addCleanup(cutter.stop)
+        urls = {"alpha": boxes["alpha"][1].url, "beta": "ws://127.0.0.1:%d/" % cutter.port,
+                "gamma": boxes["gamma"][1].url}
+        hub = self.hub(urls.values())
+        client = ClientProcess(self, hub.url, "--json", "--since", "all", "--token-file", self.token)
+        written = {}                                # (box, path) -> bytes written
+
+        def write(count):
+            for k in range(count):
+                for name, (root, _) in boxes.items():
+                    rel = "-home-u-proj/s%d.jsonl" % (k % 2)
+                    line = lines[len(written.get((name, rel), b"")) % len(lines)]
+                    append(os.path.join(root, rel), line)
+                    written[(name, rel)] = written.get((name, rel), b"") + line
+        write(10)
+        for step in ("hub", "alpha", "beta", "gamma", "cut"):
+            write(10)
+            if step == "hub":                       # kill -9 mid-stream, then the same port again
+                hub.proc.kill()
+                hub.proc.wait()
+                write(5)
+                hub = self.hub(urls.values(), port=hub.port)
+            elif step == "cut":                     # the link drops, and stays down for two tries
+                cutter.cut()
+                write(10)
+
+                def tries():
+                    hub.stderr.pump()
+                    return sum("reconnecting" in l and str(cutter.port) in l for l in hub.stderr.lines)
+                before = tries()
+                wait_for(lambda: tries() >= before + 2, timeout=DEADLINE * 2, message="the cut to last")
+                cutter.mend()
+            else:
+                root, server = boxes[step]
+                server.proc.kill()
+                server.proc.wait()
+                write(5)
+                boxes[step] = self.box(step, port=server.port)
+            write(10)
+
+        def copies_whole():
+            for (name, rel), data in written.items():
+                copy = os.path.join(self.tmp.name, "hub", name, rel)
+                if not os.path.exists(copy) or os.path.getsize(copy) != len(data):
+                    return False
+            return True
+        try:
+            wait_for(copies_whole, timeout=DEADLINE * 4, message="every copy to be whole")
+        except AssertionError:
+            hub.stderr.pump()
+            sizes = {"%s/%s" % key: (len(data), os.path.getsize(os.path.join(self.tmp.name, "hub", *key))
+                                     if os.path.exists(os.path.join(self.tmp.name, "hub", *key)) else None)
+                     for key, data in written.items()}
+            raise AssertionError("copies not whole: %s; the hub said: %s" % (sizes, hub.stderr.lines[-12:]))
+        for (name, rel), data in written.items():
+            with open(os.path.join(self.tmp.name, "hub", name, rel), "rb") as fh:
+                self.assertEqual(fh.read(), data, (name, rel))      # byte for byte
+        expected = sum(data.count(b"\n") for data in written.values())
+
+        def entries():
+            client.stdout.pump()
+            return [json.loads(l) for l in client.stdout.lines if l.startswith('{"kind":"entry"')]
+        wait_for(lambda: len(entries()) >= expected, timeout=DEADLINE * 4, message="every entry at the hub's client")
+        got = entries()
+        self.assertEqual(len(got), expected)
+        self.assertEqual(len({(m["path"], m["offset"]) for m in got}), expected)    # none twice
+        for (name, rel), data in written.items():
+            mine = [m for m in got if m["path"] == "%s/%s" % (name, rel)]
+            self.assertEqual([m["offset"] for m in mine], sorted(m["offset"] for m in mine))   # file order
+            self.assertEqual({m["host"] for m in mine}, {name})
+            self.assertEqual(len(mine), data.count(b"\n"))
+        # The hub says which boxes are connected.
+        boxes_said = RawClient(hub.port).message()["boxes"]
+        self.assertEqual({k: v["connected"] for k, v in boxes_said.items()},
+                         {"alpha": True, "beta": True, "gamma": True})
 
 
 class TerminalSafetyTests(unittest.TestCase):
