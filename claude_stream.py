@@ -198,6 +198,7 @@ SEND_GATHER_MAX = 512               # buffers handed to one sendmsg() (IOV_MAX i
 
 # --- Authentication ----------------------------------------------------------
 TOKEN_ENV = "CLAUDE_STREAM_TOKEN"   # a token for serve and client, instead of --token
+PUSH_PATH = "/push"                 # where a hub takes boxes that dial it (serve --push-to)
 TOKEN_BYTES = 32                    # of randomness in a generated token
 MAX_TOKEN_FILE_BYTES = 4096         # read of a token file; its first line is the token
 
@@ -4637,9 +4638,11 @@ def request_token(request: HttpHead, query: str) -> Optional[str]:
 
 @dataclass
 class Upgrade:
-    """The request becomes a WebSocket client with this subscription."""
+    """The request becomes a WebSocket client with this subscription, or, on the push
+    path, a box that serves its stream to this hub over it."""
     key: str
-    subscription: Subscription
+    subscription: Optional[Subscription]
+    push: bool = False
 
 
 @dataclass
@@ -4664,10 +4667,11 @@ class RequestPolicy:
 
     def __init__(self, host: str, token: Optional[str], allowed_origins: Iterable[str] = (),
                  secure: bool = False, page: Optional[PageSource] = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, push_token: Optional[str] = None):
         self.host = host
         self.port = 0                   # set once listening (--port 0 picks one)
         self.token = token              # None: --no-auth
+        self.push_token = push_token    # a hub's, for boxes that push: it reads nothing, and no read token pushes
         self.allowed_origins = frozenset(o.rstrip("/") for o in allowed_origins if o != "null")
         self.secure = secure
         self.page = page
@@ -4677,7 +4681,10 @@ class RequestPolicy:
         """Rules 1 and 2: (path, query) of a request that may be served; HandshakeError if not."""
         path, query = request_target(request.start[1])
         self.check_browser_rules(request, is_upgrade_request(request))
-        self.check_token(request, query)
+        if path == PUSH_PATH and self.push_token is not None:
+            self.check_token(request, "", self.push_token)      # in its header alone: no page pushes
+        else:
+            self.check_token(request, query, self.token)
         return path, query
 
     def route(self, request: HttpHead, path: str, query: str, clients: int,
@@ -4686,6 +4693,8 @@ class RequestPolicy:
         method = request.start[0]
         if is_upgrade_request(request):
             key = check_upgrade_request(request)
+            if path == PUSH_PATH and self.push_token is not None:
+                return Upgrade(key, None, push=True)
             if path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
             if clients >= self.limits.max_connections:
@@ -4734,17 +4743,17 @@ class RequestPolicy:
             raise HandshakeError(403, "Origin %r may not connect (only this server's own page may)"
                                  % origin[:100])
 
-    def check_token(self, request: HttpHead, query: str) -> None:
-        """401 before any upgrade unless the request carries our token.
+    def check_token(self, request: HttpHead, query: str, token: Optional[str]) -> None:
+        """401 before any upgrade unless the request carries ``token``.
 
         Compared with hmac.compare_digest: constant time, so the answer's timing
         says nothing about how much of a guess was right.
         """
-        if self.token is None:
+        if token is None:
             return
         given = request_token(request, query)
         if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"),
-                                                    self.token.encode("utf-8")):
+                                                    token.encode("utf-8")):
             raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
                                       "or ?token=TOKEN in a browser)",
                                  [("WWW-Authenticate", 'Bearer realm="claude_stream"')])
@@ -5610,7 +5619,7 @@ class StreamServer:
                  tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
                  limits: Optional[Limits] = None, page: Optional[PageSource] = None,
                  wall: Callable[[], float] = time.time, registry: Optional[Registry] = None,
-                 prices: Optional[Dict[str, Price]] = None):
+                 prices: Optional[Dict[str, Price]] = None, push_token: Optional[str] = None):
         self.loop, self.tailer, self.host, self.port, self.log = loop, tailer, host, port, log
         # One Limits for the tailer and the feeds: live reads and history must agree
         # on which lines are too long, or a line could be sent twice or never.
@@ -5618,7 +5627,9 @@ class StreamServer:
             raise ValueError("the server's and the tailer's max_line_bytes differ")
         limits = limits or tailer.limits
         self.limits, self.tls, self.wall = limits, tls, wall
-        self.policy = RequestPolicy(host, token, allowed_origins, tls is not None, page, limits)
+        self.policy = RequestPolicy(host, token, allowed_origins, tls is not None, page, limits, push_token)
+        self.pushes: Dict[ServerSession, None] = {}         # ... boxes that dialed this hub
+        self.push_handler: Optional[Any] = None             # the MirrorApp that takes them
         self.broadcast = Broadcast(log, limits)
         self.backpressure = Backpressure(limits)
         self.requested_port = port
@@ -5734,16 +5745,29 @@ class StreamServer:
     def route(self, session: ServerSession, request: HttpHead) -> None:
         path, query = self.policy.admit(request)
         self.pending.pop(session, None)     # authenticated: no longer among those pushed out
-        decision = self.policy.route(request, path, query, len(self.subscribers), self.status,
-                                     self.wall())
+        decision = self.policy.route(request, path, query, len(self.subscribers) + len(self.pushes),
+                                     self.status, self.wall())
         if isinstance(decision, Answer):
             session.respond(decision.response)
             return
         session.accept(decision.key)
+        if decision.push:               # a box dialed us: it speaks first (hello), the mirror answers
+            if self.push_handler is None:
+                session.close(CloseCode.POLICY_VIOLATION, "this server mirrors nothing")
+                return
+            peer = session.stream.sock.getpeername() if session.stream is not None else "?"
+            session.url = "a box pushing from %s" % (peer,)
+            session.failures = 0
+            self.pushes[session] = None
+            return
+        assert decision.subscription is not None
+        self.adopt(session, decision.subscription)
+
+    def adopt(self, session: Any, subscription: Subscription) -> None:
+        """A WebSocket that reads the stream: a client here, or the hub this box pushes to."""
         self.subscribers[session] = None
-        session.send_frames([hello_message(self.status(), iso_now(self.wall),
-                                           decision.subscription.filters)])
-        self.subscribe(session, decision.subscription, acknowledge=False)
+        session.send_frames([hello_message(self.status(), iso_now(self.wall), subscription.filters)])
+        self.subscribe(session, subscription, acknowledge=False)
         self.log.debug("client connected (%d now)" % len(self.subscribers))
 
     def status(self) -> Dict[str, Any]:
@@ -5756,6 +5780,9 @@ class StreamServer:
                 "malformed": self.broadcast.malformed_count}
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
+        if session in self.pushes and self.push_handler is not None:
+            self.push_handler.on_message(session, message)      # a box's stream, for the mirror
+            return
         if isinstance(message, BinaryMessage):
             session.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not understood")
             return
@@ -5793,6 +5820,10 @@ class StreamServer:
     def session_closed(self, session: ServerSession, code: int, reason: str) -> None:
         self.sessions.pop(session, None)
         self.pending.pop(session, None)
+        if session in self.pushes:
+            del self.pushes[session]
+            if self.push_handler is not None:
+                self.push_handler.gone(session)     # the box dials again
         if session in self.subscribers:
             del self.subscribers[session]
             self.log.debug("client gone: %d %s (%d left)" % (code, session.lost_reason or reason,
@@ -8933,6 +8964,13 @@ class MirrorApp:
             self.log.warn("mirror: cannot keep %s aside: %s" % (path, exc.strerror or exc), key="mirror")
         self.sizes.pop(path, None)
 
+    def gone(self, link: Any) -> None:
+        """A box that pushed to us went away: it dials again, from its side."""
+        host = self.hosts.pop(link, None)
+        if host is not None:
+            self.on_host(host, False)
+            self.log.info("mirror: %s (%s) went away" % (host, link.url), key="mirror")
+
     def link_down(self, link: ClientLink, description: str, retryable: bool, clean: bool = False) -> None:
         """Every failure is retried with the client's backoff: a box may be down for hours."""
         host = self.hosts.pop(link, None)
@@ -8942,6 +8980,79 @@ class MirrorApp:
         delay = delay / 2 + random.random() * delay / 2
         link.failures += 1
         self.log.info("mirror: %s; reconnecting in %.1fs" % (description, delay), key="mirror")
+        self.loop.call_later(delay, link.connect)
+
+
+# --- a box that dials its hub: serve --push-to URL ------------------------------
+
+
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a whole unmasked frame the server built (to send it again, masked)."""
+    length = frame[1] & 0x7F
+    return frame[2 + (2 if length == 126 else 8 if length == 127 else 0):]
+
+
+class PushLink(ClientLink):
+    """This box's stream, served over a connection it makes to its hub (no port of its
+    own needed: behind NAT, a firewall). To the server it is one more subscriber: it
+    gets hello, then the hub's subscribe (with the hub's cursors), then every line,
+    sent masked, as a WebSocket client's frames must be."""
+
+    def __init__(self, app: "PushApp", url: str):
+        super().__init__(app, url)      # type: ignore[arg-type]
+        self.server = app.server
+        self._fresh()
+
+    def _fresh(self) -> None:
+        limits, now = self.server.limits, self.loop.time()
+        self.feed = Feed(limits, self.server.log)
+        self.progress = (0, now)
+        self.subscribes = RateLimit(limits.subscribe_burst, limits.subscribe_rate, now)
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN and self.stream is not None \
+            and not self.stream.closed
+
+    def _opened(self) -> None:
+        super()._opened()
+        self._fresh()
+        self.app.link_up(self)
+
+    def send_frames(self, frames: List[bytes]) -> None:
+        if self.open:
+            assert self.ws is not None
+            for frame in frames:
+                self.ws.send_text(frame_payload(frame))
+
+
+class PushApp:
+    """serve --push-to: the links to the hubs, dialled again with backoff when they drop."""
+
+    def __init__(self, server: "StreamServer", urls: List[str], token: Optional[str],
+                 tls: Optional[ssl.SSLContext]):
+        self.server, self.loop, self.limits, self.log = server, server.loop, server.limits, server.log
+        self.token, self.tls = token, tls
+        self.links = [PushLink(self, url) for url in urls]
+
+    def start(self) -> None:
+        for link in self.links:
+            link.connect()
+
+    def link_up(self, link: PushLink) -> None:
+        self.log.info("pushing to %s" % link.url)
+        link.failures = 0
+        self.server.adopt(link, Subscription(Filters(), hold=True))     # the hub's subscribe next
+
+    def on_message(self, link: PushLink, message: Union[TextMessage, BinaryMessage]) -> None:
+        self.server.client_message(link, message)       # type: ignore[arg-type]
+
+    def link_down(self, link: PushLink, description: str, retryable: bool, clean: bool = False) -> None:
+        self.server.session_closed(link, 0, description)    # type: ignore[arg-type]
+        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
+        delay = delay / 2 + random.random() * delay / 2
+        link.failures += 1
+        self.log.info("push: %s; dialling again in %.1fs" % (description, delay), key="push")
         self.loop.call_later(delay, link.connect)
 
 
@@ -9004,8 +9115,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "~/.config/claude/projects)")
     serve.add_argument("--host",
                        help="address to listen on (default: 127.0.0.1 and ::1, this machine only)")
-    serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
-                       help="port to listen on; 0 picks a free one (default %(default)s)")
+    serve.add_argument("--port", type=_port, default=None,
+                       help="port to listen on; 0 picks a free one (default %d; with --push-to, "
+                            "none: the hub is reached from here)" % DEFAULT_PORT)
     serve.add_argument("--poll-interval", type=_positive_float, default=DEFAULT_POLL_INTERVAL,
                        metavar="SECONDS", help="how often a file written in the last minute is "
                        "checked; idle files less often (default %(default)s)")
@@ -9038,6 +9150,12 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="a box to mirror: its ws:// or wss:// URL (repeatable; needs --mirror)")
     serve.add_argument("--mirror-token-file", metavar="FILE",
                        help="the token the boxes want, from the first line of FILE")
+    serve.add_argument("--push-to", action="append", default=[], metavar="URL",
+                       help="dial this hub (ws://HUB:PORT/push) and serve this machine's stream to it "
+                            "over that connection: no port of this machine's own is needed (repeatable)")
+    serve.add_argument("--push-token-file", metavar="FILE",
+                       help="the push token, from the first line of FILE: on a hub, what boxes that "
+                            "push must give (it reads nothing); on a box, what it gives the hub")
     serve.add_argument("--name", metavar="NAME",
                        help="this machine's name for clients and hubs (default: its host name; "
                             "letters, digits, '.', '_' and '-')")
@@ -9277,6 +9395,16 @@ def check_roots(roots: List[str], command: str = "serve", log: Optional[Log] = N
             log.warn("--root %s holds a projects folder: did you mean --root %s?" % (root, inner))
 
 
+def secret_option(path: Optional[str], option: str) -> Optional[str]:
+    """The token in the first line of a file named on the command line, or a usage error."""
+    if path is None:
+        return None
+    try:
+        return read_secret_line(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError("serve: %s: %s" % (option, getattr(exc, "strerror", None) or exc)) from None
+
+
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
     check_roots(roots, log=log)
@@ -9289,38 +9417,47 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
                          "starting with a letter or digit" % args.name)
     if args.mirror_from and not args.mirror:
         raise UsageError("serve: --mirror-from needs --mirror DIR, the folder the copies go to")
-    for url in args.mirror_from:
+    for url in args.mirror_from + args.push_to:
         parse_ws_url(url)               # a bad URL is a usage error now
+    push_token = secret_option(args.push_token_file, "--push-token-file")
     if args.mirror:
         check_roots([args.mirror])
         roots = list(roots) + [args.mirror]
     tailer = Tailer(roots, args.poll_interval, log, wakeups=not args.poll_only, host=name,
                     mirrors=[args.mirror] if args.mirror else [])
     folders = sorted({f for f in map(registry_folder, roots) if f is not None})
-    server = StreamServer(loop, tailer, args.host or DEFAULT_HOST, args.port, log, token,
+    listening = args.port is not None or not args.push_to    # a box that pushes needs no port
+    server = StreamServer(loop, tailer, args.host or DEFAULT_HOST,
+                          DEFAULT_PORT if args.port is None else args.port, log, token,
                           args.allow_origin, tls, also_ipv6_loopback=args.host is None, page=live_page,
                           registry=Registry(folders, log) if folders else None,
-                          prices=load_prices(args.prices, "serve"))
+                          prices=load_prices(args.prices, "serve"),
+                          push_token=push_token if args.mirror else None)
     mirror = None
     if args.mirror:             # before the tailer starts: the torn tails are cut first
-        try:
-            mirror_token = read_secret_line(args.mirror_token_file) if args.mirror_token_file else None
-        except (OSError, ValueError) as exc:
-            raise UsageError("serve: --mirror-token-file: %s" % (getattr(exc, "strerror", None) or exc)) from None
+        mirror_token = secret_option(args.mirror_token_file, "--mirror-token-file")
         mirror_tls = client_tls_context(None, False, log) if any(
             parse_ws_url(u)[3] for u in args.mirror_from) else None
         mirror = MirrorApp(loop, args.mirror, args.mirror_from, log, server.limits, mirror_token, mirror_tls,
                            server.box_status.status, server.box_status.link)
+        server.push_handler = mirror if push_token is not None else None
+    pushing = None
+    if args.push_to:
+        pushing = PushApp(server, args.push_to, push_token, client_tls_context(None, False, log) if any(
+            parse_ws_url(u)[3] for u in args.push_to) else None)
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
-    server.listen()
+    if listening:
+        server.listen()
     token_file = None
-    if token is not None:
+    if token is not None and listening:
         try:
             token_file = write_token_file(server.port, token)
         except OSError as exc:
             log.warn("cannot store the token for local clients (%s); give it to them with "
                      "--token-file" % (exc.strerror or exc))
-    if server.host not in LOOPBACK_HOSTS and (token is None or tls is None):
+    if not listening:
+        pass
+    elif server.host not in LOOPBACK_HOSTS and (token is None or tls is None):
         log.warn("listening on %s: %s" % (server.host, "anyone who can reach this port reads every "
                  "transcript (--no-auth)" if token is None else "the token and every transcript "
                  "cross the network unencrypted (add --certfile/--keyfile, or use an SSH tunnel)"))
@@ -9329,6 +9466,8 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     server.start()
     if mirror is not None:
         mirror.start()
+    if pushing is not None:
+        pushing.start()
     # Everything alive now (modules, the file records of the first scan) lives for
     # the whole run: keep the garbage collector from walking it again in every
     # full collection during a burst (a quarter of the CPU of a 100k-line burst).
@@ -9337,8 +9476,10 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     waiting = [r.path for r in tailer.discovery.roots if not r.present]
     page = ("https" if tls else "http") + server.url[server.url.index(":"):] + (
         "?token=" + quote(token, safe="") if token else "")
-    line = "%s %s serving %s (page: %s), watching %s (%d transcripts, %s)" % (
-        PROG, __version__, server.url, page, ", ".join(watching) or "nothing yet", len(tailer.files),
+    line = "%s %s %s, watching %s (%d transcripts, %s)" % (
+        PROG, __version__, "serving %s (page: %s)" % (server.url, page) if listening else
+        "pushing to %s (no port of its own)" % ", ".join(args.push_to),
+        ", ".join(watching) or "nothing yet", len(tailer.files),
         "polling" if tailer.discovery.notify is None else "inotify wake-ups")
     if waiting:
         line += "; waiting for %s to appear" % ", ".join(waiting)

@@ -1048,8 +1048,9 @@ class Output:
 
 
 class ServerProcess:
-    def __init__(self, test, roots, *extra, port=0, env=None, preexec_fn=None):
-        args = [sys.executable, MODULE, "serve", "--port", str(port), "--poll-interval", "0.05"]
+    def __init__(self, test, roots, *extra, port=0, env=None, preexec_fn=None, pushing=False):
+        args = [sys.executable, MODULE, "serve", "--poll-interval", "0.05"] + ([] if pushing else
+                                                                               ["--port", str(port)])
         for root in roots:
             args += ["--root", root]
         self.proc = subprocess.Popen(args + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1057,7 +1058,11 @@ class ServerProcess:
         test.addCleanup(self.stop)
         self.stdout = Output(self.proc.stdout)
         self.stderr = Output(self.proc.stderr)
-        self.banner = self.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+        self.banner = self.stdout.wait_line(lambda l: "serving" in l or "pushing to" in l,
+                                            what="the server's banner")
+        if pushing:                     # a box that dials its hub listens nowhere
+            self.port = self.url = None
+            return
         found = re.search(r"wss?://(127\.0\.0\.\d+):(\d+)/", self.banner)
         self.address, self.port = found.group(1), int(found.group(2))
         self.url = "ws://%s:%d/" % (self.address, self.port)
@@ -5371,13 +5376,18 @@ class MirrorTests(unittest.TestCase):
         self.tmp = tempfile.TemporaryDirectory()
         self.addCleanup(self.tmp.cleanup)
         self.token = os.path.join(self.tmp.name, "token")
-        with open(self.token, "w") as fh:
-            fh.write("box-token-%s\n" % os.urandom(8).hex())
-        os.chmod(self.token, 0o600)
+        self.push_token = os.path.join(self.tmp.name, "push-token")
+        for path in (self.token, self.push_token):
+            with open(path, "w") as fh:
+                fh.write("token-%s\n" % os.urandom(8).hex())
+            os.chmod(path, 0o600)
 
-    def box(self, name, port=0):
+    def box(self, name, port=0, push_to=None):
         root = os.path.join(self.tmp.name, name, "projects")
         os.makedirs(os.path.join(root, "-home-u-proj"), exist_ok=True)
+        if push_to is not None:         # no port of its own: it dials the hub
+            return root, ServerProcess(self, [root], "--name", name, "--push-to", push_to,
+                                       "--push-token-file", self.push_token, pushing=True)
         # beta is reached through a relay on another port: it listens on 127.0.0.2, where the
         # Host check (loopback names on its own port) does not apply, as behind any relay.
         where = ["--host", "127.0.0.2"] if name == "beta" else []
@@ -5385,7 +5395,7 @@ class MirrorTests(unittest.TestCase):
 
     def hub(self, urls, port=0):
         args = ["--mirror", os.path.join(self.tmp.name, "hub"), "--mirror-token-file", self.token,
-                "--name", "hub", "--token-file", self.token]
+                "--name", "hub", "--token-file", self.token, "--push-token-file", self.push_token]
         for url in urls:
             args += ["--mirror-from", url]
         return ServerProcess(self, [os.path.join(self.tmp.name, "hub-own", "projects")], *args, port=port)
@@ -5428,17 +5438,47 @@ class MirrorTests(unittest.TestCase):
             self.assertIsNone(cs.host_name(bad), bad)
         self.assertEqual(cs.host_name("gpu-box.2_a"), "gpu-box.2_a")
         written = sorted(os.path.relpath(os.path.join(d, f), self.tmp.name)
-                         for d, _, fs in os.walk(self.tmp.name) for f in fs if f != "token")
+                         for d, _, fs in os.walk(self.tmp.name) for f in fs if not f.endswith("token"))
         self.assertEqual(written, ["hub/box1/-p/s.jsonl", "hub/box1/-p/s.jsonl.reset-1"])
 
+    def test_a_push_token_reads_nothing_a_read_token_pushes_nothing_and_a_bad_name_is_refused(self):
+        hub = self.hub([])
+        read, push = (open(p).read().strip() for p in (self.token, self.push_token))
+
+        def upgrade(path, token):
+            sock = socket.create_connection(("127.0.0.1", hub.port), timeout=DEADLINE)
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(cs.build_client_request("127.0.0.1:%d" % hub.port, path, key,
+                                                 [("Authorization", "Bearer " + token)]))
+            return sock, sock.recv(65536)
+        for path, token, status in (("/", push, b"401"), ("/push", read, b"401"), ("/", read, b"101"),
+                                    ("/push", push, b"101")):
+            sock, answer = upgrade(path, token)
+            sock.close()
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), (path, token == push, answer[:40]))
+        # A box that says a name that is no safe folder name is closed, and nothing is written.
+        sock, answer = upgrade("/push", push)
+        conn = cs.Connection(cs.Side.CLIENT, 1 << 20)
+        conn.receive_data(answer.split(b"\r\n\r\n", 1)[1])
+        conn.send_text(json.dumps({"kind": "hello", "host": "../../etc"}))
+        for chunk in conn.data_to_send():
+            sock.sendall(chunk)
+        data = sock.recv(65536)
+        self.assertEqual(data[0], 0x88)                  # a Close frame, 1008
+        self.assertEqual(int.from_bytes(data[2:4], "big"), cs.CloseCode.POLICY_VIOLATION)
+        sock.close()
+        self.assertEqual(os.listdir(os.path.join(self.tmp.name, "hub")), [])
+
     def test_a_hub_mirrors_every_box_byte_for_byte_through_kill_9_and_a_cut_link(self):
+        # alpha and beta are pulled by the hub (beta through a relay that is cut); gamma pushes.
         lines = real_lines(self)
-        boxes = {name: self.box(name) for name in ("alpha", "beta", "gamma")}
+        boxes = {name: self.box(name) for name in ("alpha", "beta")}
         cutter = LinkCutter(boxes["beta"][1].port, "127.0.0.2")
         self.addCleanup(cutter.stop)
-        urls = {"alpha": boxes["alpha"][1].url, "beta": "ws://127.0.0.1:%d/" % cutter.port,
-                "gamma": boxes["gamma"][1].url}
+        urls = {"alpha": boxes["alpha"][1].url, "beta": "ws://127.0.0.1:%d/" % cutter.port}
         hub = self.hub(urls.values())
+        push_to = "ws://127.0.0.1:%d/push" % hub.port
+        boxes["gamma"] = self.box("gamma", push_to=push_to)
         client = ClientProcess(self, hub.url, "--json", "--since", "all", "--token-file", self.token)
         written = {}                                # (box, path) -> bytes written
 
@@ -5472,7 +5512,7 @@ class MirrorTests(unittest.TestCase):
                 server.proc.kill()
                 server.proc.wait()
                 write(5)
-                boxes[step] = self.box(step, port=server.port)
+                boxes[step] = self.box(step, port=server.port, push_to=push_to if step == "gamma" else None)
             write(10)
 
         def copies_whole():
