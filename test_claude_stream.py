@@ -4936,13 +4936,20 @@ class RealClaudeStatusTests(unittest.TestCase):
         require(self, "realclaude", os.path.isfile(driver) and shutil.which("tmux") is not None,
                 "set CLAUDE_STREAM_REALCLAUDE_DRIVER to ../shared/realclaude/realclaude.py (.ci/setup does), "
                 "and install tmux")
-        out = tempfile.mkdtemp(prefix="rc-status-")
-        self.addCleanup(shutil.rmtree, out, True)
-        run = subprocess.run([sys.executable, driver, "--out", out, "--force", "--registry",
-                              "--session", "states:status", "--session", "states:kill9",
-                              "--stream", MODULE, "--stream-linger", "2", "--deadline", "400"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=450)
-        self.assertEqual(run.returncode, 0, run.stdout.decode("utf-8", "replace")[-3000:])
+        for attempt in range(2):
+            out = tempfile.mkdtemp(prefix="rc-status-")
+            self.addCleanup(shutil.rmtree, out, True)
+            run = subprocess.run([sys.executable, driver, "--out", out, "--force", "--registry",
+                                  "--session", "states:status", "--session", "states:kill9",
+                                  "--stream", MODULE, "--stream-linger", "2", "--deadline", "400"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=450)
+            said = run.stdout.decode("utf-8", "replace")
+            # The harness typing into the real UI can miss a dialog on a loaded machine (its
+            # session FAILED, the stream's checks fine): that walk is run once more.
+            walk_failed = re.search(r"^  \S+ +FAILED", said, re.M) and "exactly once" in said
+            if run.returncode == 0 or not walk_failed:
+                break
+        self.assertEqual(run.returncode, 0, said[-3000:])
         return out
 
     @staticmethod
