@@ -4731,9 +4731,10 @@ class RequestPolicy:
         if not host:
             raise HandshakeError(400, "a Host header is required")
         if self.host in LOOPBACK_HOSTS:
+            # The name must be loopback's own; any port, as through an SSH tunnel or a relay
+            # on another local port (a rebinding attacker's page cannot name loopback).
             match = _HOST_RE.match(host)
-            name, port = (match.group(1).lower(), match.group(2)) if match else ("", None)
-            if name not in LOOPBACK_HOSTS or port not in (None, str(self.port)):
+            if match is None or match.group(1).lower() not in LOOPBACK_HOSTS:
                 raise HandshakeError(403, "Host %r is not this machine (DNS rebinding protection)"
                                      % host[:100])
         origin = request.get("Origin")

@@ -1338,7 +1338,8 @@ class EndToEndTests(ProjectTreeTestCase):
         port = server.port
         for host, status in (("127.0.0.1:%d" % port, b"200"), ("localhost:%d" % port, b"200"),
                              ("[::1]:%d" % port, b"200"), ("localhost", b"200"),
-                             ("evil.example:%d" % port, b"403"), ("127.0.0.1:1", b"403"), ("", b"400"),
+                             ("evil.example:%d" % port, b"403"), ("127.0.0.1:9001", b"200"),    # a tunnel
+                             ("evil.127.0.0.1.example", b"403"), ("", b"400"),
                              ("127.0.0.1:%d:%d" % (port, port), b"403")):
             answer = http(port, b"GET /status HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
             self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), (host, answer[:60]))
