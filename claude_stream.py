@@ -5580,6 +5580,7 @@ class BoxStatus:
         self.live: Dict[Tuple[str, str], Tuple[Dict[str, Any], bytes, MessageMeta]] = {}
         self.said: Dict[str, Set[str]] = {}         # host -> sessions said since it connected
         self.boxes: Dict[str, Dict[str, Any]] = {}  # host -> {"connected": bool, "since": ISO time}
+        self.hub = False                            # this server mirrors boxes
 
     def status(self, host: str, msg: Dict[str, Any]) -> None:
         session = msg.get("session")
@@ -5599,6 +5600,8 @@ class BoxStatus:
     def link(self, host: str, up: bool) -> None:
         """A box's link is live (its snapshot is in) or down."""
         self.boxes[host] = {"connected": up, "since": iso_now(self.wall)}
+        send_notice(self.subscribers, text_frame(_json(dict({"kind": "box", "host": host}, **self.boxes[host]))),
+                    MessageMeta("", (), None, host))
         if not up:
             self.said[host] = set()
             return
@@ -5777,7 +5780,7 @@ class StreamServer:
                 "waiting": [r.path for r in self.tailer.discovery.roots if not r.present],
                 "files": len(self.tailer.files), "clients": len(self.subscribers),
                 "registry": [] if self.relay is None else self.relay.registry.folders,
-                "boxes": self.box_status.boxes,
+                "boxes": self.box_status.boxes if self.box_status.hub else None,
                 "malformed": self.broadcast.malformed_count}
 
     def client_message(self, session: ServerSession, message: Union[TextMessage, BinaryMessage]) -> None:
@@ -6595,6 +6598,8 @@ nav ul{list-style:none;margin:0;padding:0}
 .session[aria-selected=true]{background:var(--sel)}
 .session .title{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .session .sub{font-size:.8em;color:var(--muted);display:flex;gap:.6em;flex-wrap:wrap}
+.session .host{font-weight:600}
+#boxes{font-size:.8em;display:flex;gap:.6em;flex-wrap:wrap}#boxes .up{color:var(--ok)}#boxes .down{color:var(--muted)}
 .agents{margin:.3em 0 0 .8em;font-size:.85em}
 .agents li{padding:.1em .4em;border-left:2px solid var(--line);color:var(--muted);cursor:pointer}
 .agents li[aria-selected=true]{border-color:var(--accent);color:var(--fg)}
@@ -6651,6 +6656,7 @@ PAGE_BODY = r'''
 <header>
 <h1>claude_stream</h1>
 <span id="state" data-state="connecting">connecting…</span>
+<span id="boxes" hidden></span>
 <button id="notify" hidden aria-pressed="false">notify me</button>
 <input id="search" type="search" placeholder="Search sessions and entries" aria-label="Search">
 <select id="project" aria-label="Project"><option value="">All projects</option></select>
@@ -6697,6 +6703,8 @@ const state = {
   settled: false,             // the first history is in: the selection stays where it is
   registry: false,            // the server follows Claude Code's registry (hello's registry): states are known
   statuses: new Map(),        // session id -> its latest status message (and gen, the connection it came on)
+  hub: false,                 // the server mirrors boxes: hosts are shown, and which boxes are connected
+  boxes: new Map(),           // host -> {connected, since}
   served: new Map(),          // session id -> its latest usage message: the server's totals
   notify: false,              // browser notifications, turned on by a click
 };
@@ -6796,6 +6804,9 @@ function receive(msg) {
       return;
     case "status":
       return status(msg);
+    case "box":                 // a hub's link to a box came up or went down
+      if (typeof msg.host === "string") state.boxes.set(msg.host, {connected: msg.connected === true, since: msg.since});
+      return drawBoxes();
     case "usage":
       return usage(msg);
     case "entry": case "malformed": case "gap":
@@ -6838,9 +6849,24 @@ function live() {
 
 // --- live status, usage, notifications -----------------------------------------
 
+function drawBoxes() {          // a hub: its boxes, which are connected, and since when
+  const box = $("boxes");
+  box.hidden = !state.hub;
+  box.textContent = "";
+  for (const [host, b] of [...state.boxes].sort()) {
+    const item = el("span", "box" + (b.connected ? " up" : " down"), (b.connected ? "● " : "○ ") + host);
+    item.title = (b.connected ? "connected since " : "not connected since ") + new Date(b.since).toLocaleString();
+    box.append(item);
+  }
+  if (!state.boxes.size) box.append(el("span", "box down", "no box connected yet"));
+}
+
 function registry(msg) {
   // No registry (older Claude Code, a copied folder): no state at all, not a guess.
-  state.registry = Array.isArray(msg.registry) && msg.registry.length > 0;
+  // A hub has its boxes' registries: their states come relayed, with their host.
+  state.hub = msg.boxes !== null && typeof msg.boxes === "object";
+  if (state.hub) { state.boxes = new Map(Object.entries(msg.boxes)); drawBoxes(); }
+  state.registry = (Array.isArray(msg.registry) && msg.registry.length > 0) || state.hub;
   if (state.registry) return;
   state.statuses.clear();
   for (const s of state.sessions.values()) s.status = null;
@@ -6957,7 +6983,8 @@ function sessionFor(msg) {
   const id = msg.session || msg.path;
   let s = state.sessions.get(id);
   if (!s) {
-    s = {id, project: msg.project || "", cwd: "", title: "", prompt: "", last: 0, entries: [],
+    s = {id, project: msg.project || "", host: typeof msg.host === "string" ? msg.host : "",
+         cwd: "", title: "", prompt: "", last: 0, entries: [],
          paths: new Set(), agents: new Map(), tokensIn: 0, tokensOut: 0, usage: new Map(),
          promptTime: Infinity,
          status: state.statuses.get(id) || null,    // its state, from the registry
@@ -7125,6 +7152,7 @@ function drawList() {
     li.append(el("div", "title", title));
     const sub = el("div", "sub"), mark = badge(s.status);
     if (mark) sub.append(mark);
+    if (state.hub && s.host) sub.append(el("span", "host", s.host));     // which box it runs on
     sub.append(el("span", "project", name), el("span", "when", ago(activity(s), Date.now())));
     if (served) {                   // the server's count, by model and kind on hover
       const tokens = el("span", "tokens" + (served.partial ? " counting" : ""), served.cost + " · " + served.tokens);
@@ -9442,6 +9470,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
         mirror = MirrorApp(loop, args.mirror, args.mirror_from, log, server.limits, mirror_token, mirror_tls,
                            server.box_status.status, server.box_status.link)
         server.push_handler = mirror if push_token is not None else None
+        server.box_status.hub = True
     pushing = None
     if args.push_to:
         pushing = PushApp(server, args.push_to, push_token, client_tls_context(None, False, log) if any(

@@ -5477,6 +5477,20 @@ class MirrorTests(unittest.TestCase):
         sock.close()
         self.assertEqual(os.listdir(os.path.join(self.tmp.name, "hub")), [])
 
+    def test_the_hubs_page_shows_each_sessions_box_and_which_boxes_are_connected(self):
+        root, box = self.box("alpha")
+        append(os.path.join(root, "-home-u-proj", "s1.jsonl"), entry_line(0, "s1", timestamp=iso(time.time())))
+        hub = self.hub([box.url])
+        token = open(self.token).read().strip()
+        browser = Chromium(self)
+        browser.open("http://127.0.0.1:%d/?token=%s&since=all" % (hub.port, token))
+        browser.wait("document.querySelector('li.session .host') !== null && "
+                     "document.querySelector('li.session .host').textContent === 'alpha'", "the session's box")
+        browser.wait("document.getElementById('boxes').textContent === '\u25cf alpha'", "alpha connected")
+        box.proc.kill()                             # the box goes: the hub says so, with when
+        browser.wait("document.getElementById('boxes').textContent === '\u25cb alpha'", "alpha gone")
+        self.assertIn("not connected since", browser.js("document.querySelector('#boxes .box').title"))
+
     def test_a_hub_mirrors_every_box_byte_for_byte_through_kill_9_and_a_cut_link(self):
         # alpha and beta are pulled by the hub (beta through a relay that is cut); gamma pushes.
         lines = real_lines(self)
