@@ -5477,6 +5477,30 @@ class MirrorTests(unittest.TestCase):
         sock.close()
         self.assertEqual(os.listdir(os.path.join(self.tmp.name, "hub")), [])
 
+    def test_a_boxs_statuses_are_relayed_with_its_host_and_end_with_its_link(self):
+        require(self, "procfs", cs.ProcessProbe().domain is not None, "pids cannot be checked here")
+        root, box = self.box("alpha")
+        append(os.path.join(root, "-home-u-proj", "s-1.jsonl"), entry_line(0, "s-1"))
+        sessions = os.path.join(os.path.dirname(root), "sessions")
+        os.makedirs(sessions)
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.kill)
+        registry_record(sessions, proc, status="waiting", waitingFor="permission prompt")
+        hub = self.hub([box.url])
+        client = ClientProcess(self, hub.url, "--json", "--token-file", self.token, "--machine", "alpha")
+        said = json.loads(client.stdout.wait_line(lambda l: '"kind":"status"' in l, what="the box's status"))
+        self.assertEqual((said["host"], said["state"], said["waiting_for"], said["path"]),
+                         ("alpha", "waiting", "permission prompt", "alpha/-home-u-proj/s-1.jsonl"))
+        other = ClientProcess(self, hub.url, "--json", "--token-file", self.token, "--machine", "beta")
+        other.stdout.wait_line(lambda l: '"live"' in l, what="the other client")
+        # The box restarts without the session: after its snapshot, the hub ends it.
+        os.unlink(os.path.join(sessions, "%d.json" % proc.pid))
+        box.proc.kill()
+        box.proc.wait()
+        self.box("alpha", port=box.port)
+        client.stdout.wait_line(lambda l: '"state":"ended"' in l, what="the session ended")
+        self.assertFalse([l for l in other.stdout.lines if '"status"' in l])     # --machine beta: none
+
     def test_the_hubs_page_shows_each_sessions_box_and_which_boxes_are_connected(self):
         root, box = self.box("alpha")
         append(os.path.join(root, "-home-u-proj", "s1.jsonl"), entry_line(0, "s1", timestamp=iso(time.time())))
