@@ -4809,18 +4809,23 @@ class StatusTests(unittest.TestCase):
     def record(self, proc, **fields):
         registry_record(self.sessions, proc, **fields)
 
+    def live_session(self, **fields):
+        """A registry folder with the record of a live process (a ``sleep``), as Claude Code's."""
+        require(self, "procfs", cs.ProcessProbe().domain is not None,
+                "no /proc or /etc/machine-id here: pids cannot be checked")
+        os.makedirs(self.sessions, exist_ok=True)
+        proc = subprocess.Popen(["sleep", "120"])
+        self.addCleanup(proc.kill)
+        self.record(proc, **fields)
+        return proc
+
     def statuses(self, client, count):
         client.stdout.wait_line(lambda l: sum('"status"' in x for x in client.stdout.lines) >= count,
                                 what="%d status messages" % count)
         return [json.loads(l) for l in client.stdout.lines if '"kind":"status"' in l]
 
     def test_states_reach_the_clients_that_match_and_a_kill_9_ends_the_session(self):
-        require(self, "procfs", cs.ProcessProbe().domain is not None,
-                "no /proc or /etc/machine-id here: pids cannot be checked")
-        os.makedirs(self.sessions)
-        proc = subprocess.Popen(["sleep", "120"])
-        self.addCleanup(proc.kill)
-        self.record(proc, status="busy")
+        proc = self.live_session(status="busy")
         server = ServerProcess(self, [self.root])
         client = ClientProcess(self, server.url, "--json")
         other = ClientProcess(self, server.url, "--json", "--session", "zzz")
@@ -4889,12 +4894,7 @@ class StatusTests(unittest.TestCase):
         self.assertFalse([l for l in other.stdout.lines if '"usage"' in l])
 
     def test_a_turns_usage_comes_before_its_idle(self):
-        require(self, "procfs", cs.ProcessProbe().domain is not None,
-                "no /proc or /etc/machine-id here: pids cannot be checked")
-        os.makedirs(self.sessions)
-        proc = subprocess.Popen(["sleep", "120"])
-        self.addCleanup(proc.kill)
-        self.record(proc, status="busy")
+        proc = self.live_session(status="busy")
         server = ServerProcess(self, [self.root])
         client = ClientProcess(self, server.url, "--json")
         self.statuses(client, 1)
