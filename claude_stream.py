@@ -8863,6 +8863,10 @@ def cut_torn_tail(path: str) -> int:
     return pos
 
 
+class MirrorWriteFailed(Exception):
+    """A copy could not be written: the box's link is dropped, to resume from the copy later."""
+
+
 class MirrorApp:
     """Each box a ClientLink (the client's own), its lines written into DIR/<host>/.
 
@@ -8883,6 +8887,7 @@ class MirrorApp:
         self.links = [ClientLink(self, url) for url in urls]   # type: ignore[arg-type]
         self.hosts: Dict[ClientLink, str] = {}
         self.sizes: Dict[str, int] = {}     # a copy's path -> its size: where its next line goes
+        self.folders: Set[str] = set()      # folders of copies made already
         os.makedirs(self.folder, exist_ok=True)
         self._cut_torn_tails()
 
@@ -8914,8 +8919,16 @@ class MirrorApp:
         host = self.hosts.get(link)
         if host is None:
             return
+        try:
+            self._take(link, host, kind, msg, message.text)
+        except MirrorWriteFailed:
+            del self.hosts[link]            # what it sends until it is gone is not taken
+            self.on_host(host, False)
+            link.close(CloseCode.INTERNAL_ERROR, "the hub cannot write its copy")
+
+    def _take(self, link: Any, host: str, kind: Any, msg: Dict[str, Any], text: str) -> None:
         if kind == "entry":
-            self._entry(host, msg, message.text)
+            self._entry(host, msg, text)
         elif kind in ("malformed", "gap"):
             self._hole(host, msg)
         elif kind == "reset":
@@ -8926,9 +8939,14 @@ class MirrorApp:
             link.failures = 0
             self.on_host(host, True)
 
-    def _hello(self, link: ClientLink, msg: Dict[str, Any]) -> None:
+    def _hello(self, link: Any, msg: Dict[str, Any]) -> None:
         host = host_name(msg.get("host"))
-        if host is None or any(h == host for l, h in self.hosts.items() if l is not link):
+        holder = next((l for l, h in self.hosts.items() if h == host and l is not link), None)
+        if holder is not None and holder not in self.links:
+            self.hosts.pop(holder)          # a box that pushed before, its old link not yet seen gone
+            holder.close(CloseCode.POLICY_VIOLATION, "the same box connected again")
+            holder = None
+        if host is None or holder is not None:
             self.log.warn("mirror: %s says it is %r: %s; not mirrored" % (
                 link.url, msg.get("host"), "another box has that name" if host else "not a usable name"),
                 key="mirror")
@@ -8953,7 +8971,11 @@ class MirrorApp:
         at = text.find(',"entry":')     # the line itself, as the box framed it (never inside a string)
         if path is None or not isinstance(offset, int) or at < 0 or not text.endswith("}"):
             return
-        self._write(path, offset, text[at + 9:-1].encode("utf-8"))
+        line = text[at + 9:-1]
+        if "\n" in line or "\r" in line:    # not one line: a box's own framing, not ours
+            self._hole(host, msg)
+            return
+        self._write(path, offset, line.encode("utf-8"))
 
     def _hole(self, host: str, msg: Dict[str, Any]) -> None:
         """A line the box could not send whole (malformed, over the size limit): blanks of its
@@ -8968,15 +8990,24 @@ class MirrorApp:
             return                          # had already (a resume's first line, say)
         data = (b" " * (offset - size - 1) + b"\n" if offset > size else b"") + line + b"\n"
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            folder = os.path.dirname(path)
+            if folder not in self.folders:  # one mkdir per folder, not one per line
+                os.makedirs(folder, exist_ok=True)
+                self.folders.add(folder)
             fd = os.open(path, MIRROR_OPEN_FLAGS, 0o600)
             try:
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
         except OSError as exc:
+            # Not written: the link is dropped, and the box asked again, from the copy's size,
+            # later (blanks for it would lose the line). A folder removed meanwhile is made again.
             self.log.warn("mirror: cannot write %s: %s" % (path, exc.strerror or exc), key="mirror")
-            return
+            self.folders.discard(os.path.dirname(path))
+            self.sizes[path] = os.path.getsize(path) if os.path.exists(path) else 0
+            raise MirrorWriteFailed(path) from None
         self.sizes[path] = offset + len(line) + 1
 
     def _reset(self, host: str, msg: Dict[str, Any]) -> None:

@@ -5438,6 +5438,21 @@ class MirrorTests(unittest.TestCase):
         self.assertTrue(os.path.exists(copy + ".reset-1"))
         with open(copy, "rb") as fh:
             self.assertEqual(fh.read(), b'{"new":1}\n')
+        # A copy that cannot be written drops the link, to be asked again from the copy's size
+        # (blanks in its place would lose the line).
+        class Link:
+            url, closed = "a test link", None
+
+            def close(self, code, reason):
+                self.closed = code
+        link = Link()
+        app.hosts[link] = "box1"
+        with open(os.path.join(self.tmp.name, "hub", "box1", "-q"), "w"):
+            pass                                        # a file where a project folder should be
+        text = '{"kind":"entry","path":"-q/s.jsonl","offset":0,"next":3,"entry":{}}'
+        app.on_message(link, cs.TextMessage(text))
+        self.assertEqual((link.closed, link in app.hosts), (cs.CloseCode.INTERNAL_ERROR, False))
+        os.unlink(os.path.join(self.tmp.name, "hub", "box1", "-q"))
         # Hostile names and paths go nowhere.
         for bad in ("../escape.jsonl", "/etc/x.jsonl", "-p/../../x.jsonl", "-p//s.jsonl", "-p/s.txt", "a\\b.jsonl"):
             self.assertIsNone(cs.mirror_parts(bad), bad)
