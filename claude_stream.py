@@ -44,20 +44,26 @@ endpoint are given (``dataclasses.replace(DEFAULT_LIMITS, ...)`` to change one).
 Map, top to bottom, each part using only those above it:
   constants, Limits, Timer/TimerHeap, Log
   Log models            dataclasses for entries and blocks; decode_line, the one JSON decoder
-  Tailer                FileRecord, split_lines (the one splitter), Discovery (roots,
-                        folders, inotify), Tailer (schedule, reads), LineReader (history)
+  Tailer                host_name, FileRecord, split_lines (the one splitter), Discovery (roots,
+                        folders, inotify), Tailer (schedule, reads), LineReader and
+                        LastLines (history, a file's end first)
   WebSocket protocol    frames, the opening handshake, MessageAssembler, Connection
   Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
   Token files
   Wire format           entry_fields, Filters, Subscription, one builder per message kind
   Usage and cost        Price, BUILTIN_PRICES, UsageBook (deduplicated totals), read_usage
+  Session registry      RegistryRecord, ProcessProbe (/proc), Registry (Claude Code's own
+                        live states), status_message
   Request policy        Host, Origin, token, routes, statuses
   Per-client feed       Backlog, Phase, Feed: live, history, resume and catch-up alike
   Broadcast             Backpressure, Broadcast
-  Server                ServerSession, StreamServer
+  Server                ServerSession, StatusRelay (the registry in the loop), UsageRelay
+                        (totals on the server), BoxStatus (a hub's boxes), StreamServer
   The live page         PAGE_CONSTANTS, PAGE_LIB (tested by node), the page
   Client                Columns, EntryText (what a line says), SessionBoard (live states), Renderer,
                         Alerts (--notify, --notify-command), ClientLink, ClientApp
+  Mirror                MirrorApp (a hub's byte-for-byte copies), PushLink/PushApp (a box
+                        that dials its hub)
   Command line          argparse, run_serve, run_client, run_usage, main
 A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
