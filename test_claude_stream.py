@@ -6487,6 +6487,52 @@ def run_page_bench(count):
     print(json.dumps(figures, indent=1))
 
 
+def hub_latency(case, count=300, rate=50):
+    """ms from a line appended on a box to its arrival at a hub's ``client --json``: one box
+    pulled by one hub, both on this machine, ``count`` 1 KB lines at ``rate`` a second."""
+    tmp = tempfile.mkdtemp(prefix="hub-bench-")
+    case.addCleanup(shutil.rmtree, tmp, True)
+    root = os.path.join(tmp, "box", "projects")
+    os.makedirs(os.path.join(root, "-p"))
+    token = os.path.join(tmp, "token")
+    with open(token, "w") as fh:
+        fh.write("token-%s\n" % os.urandom(8).hex())
+    os.chmod(token, 0o600)
+    box = ServerProcess(case, [root], "--name", "box", "--token-file", token)
+    hub = ServerProcess(case, [os.path.join(tmp, "own", "projects")], "--mirror", os.path.join(tmp, "hub"),
+                        "--mirror-from", box.url, "--mirror-token-file", token, "--token-file", token)
+    client = ClientProcess(case, hub.url, "--json", "--token-file", token)
+    client.stdout.wait_line(lambda l: '"live"' in l, what="the hub's client to be live")
+    sent, arrived = {}, {}
+    for n in range(count):
+        uuid = "lat-%d" % n
+        sent[uuid] = time.monotonic()
+        append(os.path.join(root, "-p", "s.jsonl"), entry_line(n, uuid=uuid, pad="x" * 900))
+        deadline = time.monotonic() + 1.0 / rate
+        while time.monotonic() < deadline:      # pacing the writer, and taking what arrived
+            client.stdout.pump(max(0.0, deadline - time.monotonic()))
+            for line in client.stdout.lines:
+                if line.startswith('{"kind":"entry"'):
+                    arrived.setdefault(json.loads(line)["entry"]["uuid"], time.monotonic())
+            client.stdout.lines.clear()
+    wait_for(lambda: client.stdout.pump() or len(arrived) + sum(
+        1 for l in client.stdout.lines if l.startswith('{"kind":"entry"')) >= count, message="every line")
+    for line in client.stdout.lines:
+        if line.startswith('{"kind":"entry"'):
+            arrived.setdefault(json.loads(line)["entry"]["uuid"], time.monotonic())
+    ms = sorted((arrived[u] - sent[u]) * 1000 for u in sent)
+    return {"lines": count, "p50_ms": round(ms[len(ms) // 2], 1), "p99_ms": round(ms[int(len(ms) * 0.99)], 1),
+            "max_ms": round(ms[-1], 1)}
+
+
+def run_hub_bench():
+    case = unittest.TestCase()
+    try:
+        print(json.dumps(hub_latency(case), indent=1))
+    finally:
+        case.doCleanups()
+
+
 def main():
     runner = unittest.TextTestRunner(verbosity=2, resultclass=_SummaryResult)
     program = unittest.main(module=__name__, testRunner=runner, exit=False)
@@ -6504,5 +6550,7 @@ if __name__ == "__main__":
         run_echo_client(sys.argv[2], sys.argv[3])
     elif sys.argv[1:2] == ["page-bench"]:       # page-bench [entries]: the figures README quotes
         run_page_bench(int(sys.argv[2]) if sys.argv[2:] else 20000)
+    elif sys.argv[1:2] == ["hub-bench"]:        # a box's line to the hub's client, README's figure
+        run_hub_bench()
     else:
         main()
