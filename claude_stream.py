@@ -6665,6 +6665,7 @@ PAGE_BODY = r'''
 <span id="boxes" hidden></span>
 <button id="notify" hidden aria-pressed="false">notify me</button>
 <input id="search" type="search" placeholder="Search sessions and entries" aria-label="Search">
+<select id="machine" aria-label="Machine" hidden><option value="">All machines</option></select>
 <select id="project" aria-label="Project"><option value="">All projects</option></select>
 <select id="type" aria-label="Entry type"><option value="">All entries</option></select>
 <select id="window" aria-label="History"><option value="live">From now on</option><option value="10m">Last 10 min</option><option value="1h">Last hour</option><option value="1d">Last day</option><option value="7d">Last week</option><option value="all">Everything</option></select>
@@ -7135,9 +7136,9 @@ function collapsed(cls, title, text) {     // a <details>, closed unless opened 
 
 function drawList() {
   const list = $("session-list");
-  const project = $("project").value;
+  const project = $("project").value, machine = $("machine").value;
   const query = $("search").value.trim().toLowerCase();
-  const projects = new Set();
+  const projects = new Set(), machines = new Set();
   // Those that need you first, then the most recent.
   const sessions = [...state.sessions.values()].sort((a, b) =>
     needsYou(b.status) - needsYou(a.status) || activity(b) - activity(a));
@@ -7145,7 +7146,9 @@ function drawList() {
   for (const s of sessions) {
     const name = projectName(s);
     projects.add(name);
+    if (s.host) machines.add(s.host);
     if (project && name !== project) continue;
+    if (machine && s.host !== machine) continue;     // a hub: one box's sessions
     const title = s.title || s.prompt || (s.status && s.status.name) || "(no prompt yet)";
     if (query && !(title + " " + name + " " + s.id).toLowerCase().includes(query) &&
         !s.entries.some((item) => haystack(item).includes(query))) continue;
@@ -7181,6 +7184,8 @@ function drawList() {
     list.append(li);
   }
   fillOptions($("project"), projects);
+  $("machine").hidden = !state.hub;
+  if (state.hub) fillOptions($("machine"), machines);
   const current = state.sessions.get(state.selected);
   if (current) $("convo-title").textContent = heading(current);
   headState(current);
@@ -7706,6 +7711,7 @@ function start() {
     scheduleList();
   });
   $("project").addEventListener("change", scheduleList);
+  $("machine").addEventListener("change", scheduleList);
   $("window").addEventListener("change", () => { state.widen = false; setWindow($("window").value); });
   $("noise").addEventListener("click", () => { document.body.classList.toggle("noise-shown"); scheduleList(); });
   setInterval(scheduleList, 30000);     // "3 min ago" moves on

@@ -5519,15 +5519,25 @@ class MirrorTests(unittest.TestCase):
     def test_the_hubs_page_shows_each_sessions_box_and_which_boxes_are_connected(self):
         root, box = self.box("alpha")
         append(os.path.join(root, "-home-u-proj", "s1.jsonl"), entry_line(0, "s1", timestamp=iso(time.time())))
-        hub = self.hub([box.url])
+        other_root, other = self.box("zeta")
+        append(os.path.join(other_root, "-home-u-proj", "s2.jsonl"), entry_line(0, "s2", timestamp=iso(time.time())))
+        hub = self.hub([box.url, other.url])
         token = open(self.token).read().strip()
         browser = Chromium(self)
         browser.open("http://127.0.0.1:%d/?token=%s&since=all" % (hub.port, token))
-        browser.wait("document.querySelector('li.session .host') !== null && "
-                     "document.querySelector('li.session .host').textContent === 'alpha'", "the session's box")
-        browser.wait("document.getElementById('boxes').textContent === '\u25cf alpha'", "alpha connected")
+        hosts = "[...document.querySelectorAll('li.session .host')].map(e => e.textContent).sort().join()"
+        browser.wait(hosts + " === 'alpha,zeta'", "each session's box")
+        browser.wait("document.getElementById('boxes').textContent === '\u25cf alpha\u25cf zeta'", "both connected")
+        # The machine filter lists the boxes, and shows one box's sessions.
+        self.assertFalse(browser.js("document.getElementById('machine').hidden"))
+        self.assertEqual(browser.js("[...document.getElementById('machine').options].map(o => o.value)"),
+                         ["", "alpha", "zeta"])
+        for machine in ("zeta", "alpha"):
+            browser.js("{ const m = document.getElementById('machine'); m.value = '%s';"
+                       " m.dispatchEvent(new Event('change')); }" % machine)
+            browser.wait(hosts + " === '%s'" % machine, "%s's session alone" % machine)
         box.proc.kill()                             # the box goes: the hub says so, with when
-        browser.wait("document.getElementById('boxes').textContent === '\u25cb alpha'", "alpha gone")
+        browser.wait("document.getElementById('boxes').textContent === '\u25cb alpha\u25cf zeta'", "alpha gone")
         self.assertIn("not connected since", browser.js("document.querySelector('#boxes .box').title"))
 
     def test_a_hub_mirrors_every_box_byte_for_byte_through_kill_9_and_a_cut_link(self):
