@@ -209,6 +209,8 @@ TOKEN_BYTES = 32                    # of randomness in a generated token
 MAX_TOKEN_FILE_BYTES = 4096         # read of a token file; its first line is the token
 
 # --- Client ------------------------------------------------------------------
+STATE_SAVE_INTERVAL = 1.0           # --state is written at most this often (and on exit)
+MAX_STATE_BYTES = 64 << 20          # a --state file: cursors of about a million files
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
 RECONNECT_MAX = 30.0                # backoff cap
 CONNECT_TIMEOUT = 10.0
@@ -341,6 +343,7 @@ class Limits:
     listen_attempts: int = LISTEN_ATTEMPTS
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
+    state_save_interval: float = STATE_SAVE_INTERVAL
     notify_commands_max: int = NOTIFY_COMMANDS_MAX
     notify_reap_interval: float = NOTIFY_REAP_INTERVAL
     usage_max_messages: int = USAGE_MAX_MESSAGES
@@ -8552,6 +8555,7 @@ class ClientLink(WebSocketEndpoint):
         self.host, self.port, self.resource, self.secure = parse_ws_url(url)
         self.failures = 0           # consecutive failed attempts, for the backoff
         self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
+        self.acked: Dict[str, int] = {}     # ... of the lines written out: what --state keeps
         self.epoch: Optional[str] = None    # server time when we first went live
         self.since: Optional[str] = None    # --since, fixed to a server time at the first hello
         self.resuming = False               # not the first connection
@@ -8637,6 +8641,63 @@ class ClientLink(WebSocketEndpoint):
                                clean=code == CloseCode.NORMAL)
 
 
+class ClientState:
+    """``client --state FILE``: each server's cursors of what was written to stdout, kept
+    across runs, so that a pipeline restarted (by systemd, say) resumes where its output
+    stopped. Written to a new file then renamed over FILE (never half written), mode
+    0600 (it names every file), at most every ``state_save_interval`` and on exit."""
+
+    VERSION = 1
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.saved: Dict[str, Any] = {}
+        try:
+            with open_regular(self.path, follow=True) as fh:
+                data = fh.read(MAX_STATE_BYTES + 1)
+        except FileNotFoundError:
+            return                          # the first run: nothing to resume
+        if len(data) > MAX_STATE_BYTES:
+            raise ValueError("larger than %d MiB" % (MAX_STATE_BYTES >> 20))
+        obj = json.loads(data)
+        links = obj.get("links") if isinstance(obj, dict) and obj.get("version") == self.VERSION else None
+        if not isinstance(links, dict) or not all(
+                isinstance(v, dict) and _offsets(v.get("cursors")) for v in links.values()):
+            raise ValueError("not a state file of this client (version %d)" % self.VERSION)
+        self.saved = links
+
+    def restore(self, links: List["ClientLink"]) -> None:
+        """Each link's cursors and first-connection time, as the last run left them."""
+        for link in links:
+            saved = self.saved.get(link.url)
+            if saved is None:
+                continue
+            link.cursors = dict(saved["cursors"])
+            link.acked = dict(saved["cursors"])
+            epoch, since = saved.get("epoch"), saved.get("since")
+            link.epoch = epoch if isinstance(epoch, str) else None
+            link.since = since if isinstance(since, str) else None
+
+    def save(self, links: List["ClientLink"], log: Log) -> None:
+        for link in links:
+            self.saved[link.url] = {"cursors": dict(link.acked), "epoch": link.epoch, "since": link.since}
+        data = json.dumps({"version": self.VERSION, "links": self.saved}, separators=(",", ":")).encode()
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            log.warn("--state: cannot write %s: %s" % (self.path, exc.strerror or exc), key="state")
+
+
 class ClientApp:
     """The ``client`` command: one or more links, output to stdout."""
 
@@ -8644,7 +8705,7 @@ class ClientApp:
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
                  token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
                  limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None, notify: bool = False,
-                 notify_command: Optional[List[str]] = None):
+                 notify_command: Optional[List[str]] = None, state: Optional["ClientState"] = None):
         self.loop = loop
         self.limits = limits
         self.last = last
@@ -8667,6 +8728,10 @@ class ClientApp:
             self.alerts = Alerts(loop, log, limits, bell, notify_command)
         self._flush_timer: Optional[Timer] = None
         self.links = [ClientLink(self, url) for url in urls]
+        self.state = state
+        self._state_timer: Optional[Timer] = None
+        if state is not None:
+            state.restore(self.links)
         self.finished: Dict[ClientLink, None] = {}
         self.exit_code = EXIT_OK
         self.stopping = False
@@ -8700,6 +8765,16 @@ class ClientApp:
         for link in self.links:
             link.connect()
 
+    def _state_changed(self) -> None:
+        if self.state is not None and self._state_timer is None:
+            self._state_timer = self.loop.call_later(self.limits.state_save_interval, self.save_state)
+
+    def save_state(self) -> None:
+        """--state: the cursors of what was written, atomically (at most every second, and on exit)."""
+        self._state_timer = None
+        if self.state is not None:
+            self.state.save(self.links, self.log)
+
     def stop(self) -> None:
         """Ctrl-C or SIGTERM: close politely, exit 0."""
         if self.stopping:
@@ -8708,6 +8783,7 @@ class ClientApp:
         self.stopping = True
         if not self.json_mode:
             self._write_lines(self.renderer.flush(force=True))
+        self.save_state()
         for link in self.links:
             if link.opened and link.stream is not None and not link.stream.closed:
                 link.close(CloseCode.NORMAL, "client quit")
@@ -8754,6 +8830,12 @@ class ClientApp:
             self.log.info("%s: caught up, following live" % link.url)
         if not self.json_mode:
             self._write_lines(self.renderer.feed(msg))
+        path = msg.get("path")
+        if isinstance(path, str) and path in link.cursors and kind in ("entry", "malformed", "gap", "reset"):
+            link.acked[path] = link.cursors[path]   # written: the state may say so
+            self._state_changed()
+        elif kind == "hello":
+            self._state_changed()           # its time starts what a resume asks for
         if self.alerts is not None and kind == "usage":
             self.alerts.usage(msg)
         elif self.alerts is not None and kind == "status":
@@ -9253,6 +9335,9 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
                         help="only entries of this type, e.g. user, assistant (repeatable)")
     client.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
                         help="no entries of this type (repeatable)")
+    client.add_argument("--state", metavar="FILE",
+                        help="keep the cursors of what was written in FILE and resume from them "
+                             "on the next start (for a pipeline restarted by systemd)")
     client.add_argument("--machine", action="append", default=[], metavar="NAME",
                         help="only the machine of this name (a hub's box, or the server's own; "
                              "repeatable)")
@@ -9604,9 +9689,13 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         except ValueError as exc:
             raise UsageError("client: --since: %s" % exc) from None
     since = "all" if args.since is None and args.last else args.since
+    try:
+        state = ClientState(args.state) if args.state else None
+    except (OSError, ValueError) as exc:
+        raise UsageError("client: --state %s: %s" % (args.state, getattr(exc, "strerror", None) or exc)) from None
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=since,
                     token=given_token(args, log, "client"), tls=tls, last=args.last,
-                    notify=args.notify, notify_command=notify_argv(args.notify_command))
+                    notify=args.notify, notify_command=notify_argv(args.notify_command), state=state)
     resize = (signal.SIGWINCH,) if hasattr(signal, "SIGWINCH") else ()
     loop.handle_signals(STOP_SIGNALS + resize,
                         lambda signum: app.resized() if signum in resize else app.stop())
@@ -9614,6 +9703,7 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
     try:
         loop.run()
     finally:
+        app.save_state()
         loop.close()
     return app.exit_code
 

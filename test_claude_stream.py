@@ -5376,6 +5376,80 @@ class LinkCutter:
         self.listener.close()
 
 
+class StateTests(unittest.TestCase):
+    """Issue 15.1: client --state keeps the cursors of what was written; a restart resumes
+    from them: nothing lost, and after a clean stop nothing repeated."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        os.makedirs(os.path.join(self.root, "-p"))
+        self.state = os.path.join(self.tmp.name, "state.json")
+        self.written = []
+
+    def write(self, count):
+        for _ in range(count):
+            n = len(self.written)
+            append(os.path.join(self.root, "-p", "s%d.jsonl" % (n % 2)), entry_line(n, uuid="w-%d" % n))
+            self.written.append("w-%d" % n)
+
+    def run_client(self, server):
+        client = ClientProcess(self, server.url, "--json", "--since", "all", "--state", self.state)
+        client.stdout.wait_line(lambda l: '"live"' in l, what="the client to be live")
+        return client
+
+    def uuids(self, client, count):
+        def enough():
+            client.stdout.pump()
+            return len([l for l in client.stdout.lines if '"kind":"entry"' in l]) >= count
+        wait_for(enough, message="%d entries" % count)
+        return [json.loads(l)["entry"]["uuid"] for l in client.stdout.lines if '"kind":"entry"' in l]
+
+    def test_a_clean_stop_then_a_restart_repeats_nothing_and_loses_nothing(self):
+        self.write(10)
+        server = ServerProcess(self, [self.root])
+        first = self.run_client(server)
+        self.write(10)
+        got = self.uuids(first, 20)
+        first.proc.send_signal(signal.SIGTERM)          # as systemd stops it
+        self.assertEqual(first.proc.wait(timeout=DEADLINE), 0)
+        self.assertEqual(os.stat(self.state).st_mode & 0o777, 0o600)
+        self.write(10)                                  # while it is down, and a new file too
+        append(os.path.join(self.root, "-p", "late.jsonl"), entry_line(99, uuid="late"))
+        second = self.run_client(server)
+        again = self.uuids(second, 11)
+        self.assertEqual(sorted(got + again), sorted(self.written + ["late"]))     # each exactly once
+
+    def test_after_a_kill_9_only_what_came_after_the_last_save_comes_again(self):
+        self.write(10)
+        server = ServerProcess(self, [self.root])
+        first = self.run_client(server)
+        got = self.uuids(first, 10)
+        wait_for(lambda: os.path.exists(self.state), message="the state to be saved")
+        with open(self.state) as fh:
+            saved = json.load(fh)["links"][server.url]["cursors"]
+        first.proc.kill()
+        first.proc.wait()
+        self.write(10)
+        second = self.run_client(server)
+        again = self.uuids(second, 10)
+        self.assertEqual(set(got) | set(again), set(self.written))      # nothing lost
+        for line in second.stdout.lines:                # and what came again was past the save
+            if '"kind":"entry"' in line:
+                msg = json.loads(line)
+                self.assertGreaterEqual(msg["offset"], saved.get(msg["path"], 0))
+
+    def test_a_state_file_that_is_not_one_is_a_usage_error(self):
+        with open(self.state, "w") as fh:
+            fh.write('{"version": 99}')
+        result = subprocess.run([sys.executable, MODULE, "client", "--state", self.state, "--no-reconnect"],
+                                capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("not a state file", result.stderr)
+
+
 class MirrorTests(unittest.TestCase):
     """Issue 14: a hub mirrors boxes byte for byte and serves them, exactly once, through
     kill -9 of the hub and of each box and a link cut for seconds."""
