@@ -79,6 +79,7 @@ import collections
 import enum
 import errno
 import gc
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -209,6 +210,11 @@ TOKEN_BYTES = 32                    # of randomness in a generated token
 MAX_TOKEN_FILE_BYTES = 4096         # read of a token file; its first line is the token
 
 # --- Client ------------------------------------------------------------------
+OTLP_BATCH_BYTES = 4 << 20          # records per OTLP request, before gzip (a Collector takes 20 MiB)
+OTLP_MAX_DELAY = 1.0                # seconds a record waits for its batch
+OTLP_LINE_LIMIT = 256 << 10         # a record's body is cut here (Loki's default line limit)
+OTLP_PENDING_MAX = 16 << 20         # past this much waiting, the client stops reading its servers
+OTLP_RETRY_AFTER_MAX = 60.0         # the longest Retry-After taken as said
 STATE_SAVE_INTERVAL = 1.0           # --state is written at most this often (and on exit)
 MAX_STATE_BYTES = 64 << 20          # a --state file: cursors of about a million files
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
@@ -344,6 +350,11 @@ class Limits:
     reconnect_min: float = RECONNECT_MIN
     reconnect_max: float = RECONNECT_MAX
     state_save_interval: float = STATE_SAVE_INTERVAL
+    otlp_batch_bytes: int = OTLP_BATCH_BYTES
+    otlp_max_delay: float = OTLP_MAX_DELAY
+    otlp_line_limit: int = OTLP_LINE_LIMIT
+    otlp_pending_max: int = OTLP_PENDING_MAX
+    otlp_retry_after_max: float = OTLP_RETRY_AFTER_MAX
     notify_commands_max: int = NOTIFY_COMMANDS_MAX
     notify_reap_interval: float = NOTIFY_REAP_INTERVAL
     usage_max_messages: int = USAGE_MAX_MESSAGES
@@ -8641,6 +8652,222 @@ class ClientLink(WebSocketEndpoint):
                                clean=code == CloseCode.NORMAL)
 
 
+# --- OTLP export: client --otlp URL ---------------------------------------------
+#
+# Each message becomes an OpenTelemetry log record, sent as OTLP/HTTP JSON
+# (POST /v1/logs), gzipped. The HTTP status is the acknowledgement: a line's
+# cursor (and so --state) moves only once the batch holding it got a 2xx. 429
+# and 503 are tried again after Retry-After, other failures with backoff; a 400
+# (a record the receiver refuses) is said once and skipped, never tried for
+# ever. At least once, and each record carries its dedupe key: host, path, offset.
+
+OTLP_SEVERITY = {"INFO": 9, "ERROR": 17}
+
+
+def otlp_url(url: str) -> Tuple[str, int, str, bool]:
+    """(host, port, path, tls) of a receiver: URL/v1/logs, or URL itself if it ends so."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL is needed, not %r" % url)
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/v1/logs") else path + "/v1/logs"
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), path, parts.scheme == "https"
+
+
+def _attribute(key: str, value: Any) -> Dict[str, Any]:
+    if isinstance(value, bool):
+        return {"key": key, "value": {"boolValue": value}}
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": str(value)}}
+
+
+def otlp_record(msg: Dict[str, Any], text: str, observed_ns: int, limit: int) -> Dict[str, Any]:
+    """One message as a LogRecord: the line's own text as its body (cut at ``limit`` bytes),
+    Claude Code's names as attributes, ``session.id`` as Claude Code's own telemetry says it."""
+    kind = msg.get("kind")
+    entry = msg.get("entry") if isinstance(msg.get("entry"), dict) else {}
+    if kind == "entry":
+        at = text.find(',"entry":')
+        body = text[at + 9:-1] if at >= 0 and text.endswith("}") else json.dumps(entry)
+    else:
+        body = text
+    attributes = [_attribute("claude.kind", kind)]
+    for key, value in (("session.id", msg.get("session")), ("claude.uuid", entry.get("uuid")),
+                       ("claude.type", entry.get("type") if kind == "entry" else kind),
+                       ("claude.agent_id", msg.get("agent")), ("claude.project", msg.get("project")),
+                       ("claude.path", msg.get("path")), ("claude.offset", msg.get("offset"))):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            attributes.append(_attribute(key, value))
+    if kind == "status":
+        attributes.append(_attribute("event.name", "claude.status"))
+        attributes.append(_attribute("claude.state", msg.get("state") or ""))
+    data = body.encode("utf-8", "replace")
+    if len(data) > limit:
+        cut = data[:limit].decode("utf-8", "ignore")
+        attributes.append(_attribute("claude.truncated_bytes", len(data) - len(cut.encode("utf-8"))))
+        body = cut
+    error = kind == "malformed" or entry.get("isApiErrorMessage") is True or (
+        entry.get("type") == "system" and entry.get("level") == "error")
+    when = parse_timestamp(entry.get("timestamp") if kind == "entry" else msg.get("since"))
+    severity = "ERROR" if error else "INFO"
+    return {"timeUnixNano": str(int(when.timestamp() * 1e9) if when is not None else observed_ns),
+            "observedTimeUnixNano": str(observed_ns), "severityNumber": OTLP_SEVERITY[severity],
+            "severityText": severity, "body": {"stringValue": body}, "attributes": attributes}
+
+
+class HttpPost(Protocol):
+    """One POST on the loop, its answer's status and Retry-After, then close."""
+
+    def __init__(self, request: bytes, done: Callable[[int, Optional[str], str], None]):
+        self.request, self.done = request, done
+        self.reader = HeadReader()
+        self.stream: Optional[Stream] = None
+        self.finished = False
+
+    def connection_made(self, stream: "Stream") -> None:
+        self.stream = stream
+        stream.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.finished:
+            return
+        try:
+            head = self.reader.feed(data)
+        except HandshakeError:
+            head = (b"HTTP/1.1 502 bad answer", b"")
+        if head is None:
+            return
+        try:
+            response = parse_head(head[0], request=False)
+        except HandshakeError as exc:
+            self._finish(502, None, "a bad answer (%s)" % exc)
+            return
+        self._finish(int(response.start[1]), response.get("Retry-After"), response.start[2])
+
+    def _finish(self, status: int, retry_after: Optional[str], reason: str) -> None:
+        if not self.finished:
+            self.finished = True
+            self.done(status, retry_after, reason)
+        if self.stream is not None:
+            self.stream.abort()
+
+    def eof_received(self) -> None:
+        self._finish(0, None, "the receiver closed the connection without an answer")
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._finish(0, None, "connection lost: %s" % (exc or "closed"))
+
+
+class OtlpExporter:
+    """Batches of records to an OTLP/HTTP receiver; a line's cursor moves on a 2xx only.
+
+    Batched by bytes (``otlp_batch_bytes``, well under the Collector's 20 MiB) and by
+    time (``otlp_max_delay``); one request at a time. While more than
+    ``otlp_pending_max`` bytes wait, the links stop reading (TCP holds the server
+    back, and it catches this client up from disk later): memory stays bounded.
+    """
+
+    def __init__(self, app: "ClientApp", url: str, headers: List[Tuple[str, str]],
+                 tls: Optional[ssl.SSLContext]):
+        self.app, self.loop, self.log, self.limits = app, app.loop, app.log, app.limits
+        self.host, self.port, self.path, secure = otlp_url(url)
+        self.headers, self.tls = headers, tls if secure else None
+        self.pending: List[Tuple[Optional[str], bytes, Any, Optional[str], Optional[int]]] = []
+        self.pending_bytes = 0
+        self.batch: List[Tuple[Optional[str], bytes, Any, Optional[str], Optional[int]]] = []
+        self.failures = 0
+        self.refused: Set[str] = set()  # bodies of 400s said once
+        self._timer: Optional[Timer] = None
+        self.in_flight = False
+        self.paused = False
+
+    def add(self, link: Any, host: Optional[str], msg: Dict[str, Any], text: str) -> None:
+        record = otlp_record(msg, text, time.time_ns(), self.limits.otlp_line_limit)
+        data = _json(record)
+        path, after = msg.get("path"), msg.get("next")
+        self.pending.append((host, data, link, path if isinstance(path, str) else None,
+                             after if isinstance(after, int) else None))
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= self.limits.otlp_batch_bytes:
+            self._send()
+        elif self._timer is None and not self.in_flight:
+            self._timer = self.loop.call_later(self.limits.otlp_max_delay, self._send)
+        self._backpressure()
+
+    def flush(self) -> None:
+        self._send()
+
+    def _backpressure(self) -> None:
+        over = self.pending_bytes > self.limits.otlp_pending_max
+        if over != self.paused:
+            self.paused = over
+            for link in self.app.links:
+                if link.stream is not None and not link.stream.closed:
+                    (link.stream.pause_reading if over else link.stream.resume_reading)()
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.in_flight or not (self.pending or self.batch):
+            return
+        if not self.batch:                  # a new batch; a failed one is sent again as it was
+            size, count = 0, 0
+            for item in self.pending:
+                if count and size + len(item[1]) > self.limits.otlp_batch_bytes:
+                    break
+                size, count = size + len(item[1]), count + 1
+            self.batch, self.pending = self.pending[:count], self.pending[count:]
+            self.pending_bytes -= size
+        body = gzip.compress(self._body(self.batch), 6)
+        head = ["POST %s HTTP/1.1" % self.path, "Host: %s:%d" % (self.host, self.port),
+                "Content-Type: application/json", "Content-Encoding: gzip",
+                "Content-Length: %d" % len(body), "Connection: close"]
+        head += ["%s: %s" % (k, v) for k, v in self.headers]
+        self.in_flight = True
+        post = HttpPost(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body, self._answered)
+        open_connection(self.loop, self.host, self.port, post, lambda exc: self._answered(0, None, str(exc)),
+                        self.tls, self.limits)
+
+    def _body(self, batch: List[Tuple[Optional[str], bytes, Any, Optional[str], Optional[int]]]) -> bytes:
+        by_host: Dict[Optional[str], List[bytes]] = {}
+        for host, data, _, _, _ in batch:
+            by_host.setdefault(host, []).append(data)
+        scope = b'{"scope":{"name":"claude_stream","version":"%s"},"logRecords":[' % __version__.encode()
+        parts = []
+        for host, records in by_host.items():
+            resource = [_attribute("service.name", "claude-code")] + (
+                [_attribute("host.name", host)] if host else [])
+            parts.append(b'{"resource":{"attributes":' + _json(resource) + b'},"scopeLogs":[' + scope
+                         + b",".join(records) + b"]}]}")
+        return b'{"resourceLogs":[' + b",".join(parts) + b"]}"
+
+    def _answered(self, status: int, retry_after: Optional[str], reason: str) -> None:
+        self.in_flight = False
+        if 200 <= status < 300 or status == 400:
+            if status == 400 and reason not in self.refused:
+                self.refused.add(reason)
+                self.log.warn("--otlp: the receiver refused %d records (400 %s); skipped"
+                              % (len(self.batch), reason), key="otlp")
+            for _, _, link, path, after in self.batch:   # acknowledged: the cursors move on
+                if link is not None and path is not None and after is not None:
+                    link.acked[path] = max(link.acked.get(path, 0), after)
+            self.batch, self.failures = [], 0
+            self.app._state_changed()
+            self._backpressure()
+            if self.pending:
+                self._send()
+            return
+        self.failures += 1
+        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(self.failures, 64))
+        if status in (429, 503) and retry_after and retry_after.strip().isdigit():
+            delay = min(float(retry_after.strip()), self.limits.otlp_retry_after_max)
+        self.log.warn("--otlp: %s; trying again in %.1fs" % (
+            "HTTP %d %s" % (status, reason) if status else reason, delay), key="otlp")
+        self._timer = self.loop.call_later(delay, self._send)
+
+
 class ClientState:
     """``client --state FILE``: each server's cursors of what was written to stdout, kept
     across runs, so that a pipeline restarted (by systemd, say) resumes where its output
@@ -8705,7 +8932,8 @@ class ClientApp:
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
                  token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
                  limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None, notify: bool = False,
-                 notify_command: Optional[List[str]] = None, state: Optional["ClientState"] = None):
+                 notify_command: Optional[List[str]] = None, state: Optional["ClientState"] = None,
+                 otlp: Optional[Tuple[str, List[Tuple[str, str]]]] = None):
         self.loop = loop
         self.limits = limits
         self.last = last
@@ -8730,6 +8958,7 @@ class ClientApp:
         self.links = [ClientLink(self, url) for url in urls]
         self.state = state
         self._state_timer: Optional[Timer] = None
+        self.exporter = None if otlp is None else OtlpExporter(self, otlp[0], otlp[1], tls)
         if state is not None:
             state.restore(self.links)
         self.finished: Dict[ClientLink, None] = {}
@@ -8783,6 +9012,8 @@ class ClientApp:
         self.stopping = True
         if not self.json_mode:
             self._write_lines(self.renderer.flush(force=True))
+        if self.exporter is not None:
+            self.exporter.flush()           # the records waiting for their batch: one last try
         self.save_state()
         for link in self.links:
             if link.opened and link.stream is not None and not link.stream.closed:
@@ -8810,7 +9041,11 @@ class ClientApp:
         kind = msg.get("kind")
         if kind not in ("hello", "error", "live") and not self._track(link, msg):
             return                  # a line we already have: never written twice
-        if self.json_mode:
+        if self.exporter is not None:
+            if kind in ("entry", "malformed", "gap", "reset", "status"):
+                self.exporter.add(link, msg.get("host") if isinstance(msg.get("host"), str) else None,
+                                  msg, message.text)
+        elif self.json_mode:
             self._write(message.text.encode("utf-8") + b"\n")
         if kind == "hello":
             resuming = link.resuming = link.epoch is not None
@@ -8828,10 +9063,12 @@ class ClientApp:
         elif kind == "live":
             link.failures = 0       # a working connection, not just a handshake: reset the backoff
             self.log.info("%s: caught up, following live" % link.url)
-        if not self.json_mode:
+        if not self.json_mode and self.exporter is None:
             self._write_lines(self.renderer.feed(msg))
         path = msg.get("path")
-        if isinstance(path, str) and path in link.cursors and kind in ("entry", "malformed", "gap", "reset"):
+        if self.exporter is not None:
+            pass                            # the receiver's 2xx moves the cursors, not the write
+        elif isinstance(path, str) and path in link.cursors and kind in ("entry", "malformed", "gap", "reset"):
             link.acked[path] = link.cursors[path]   # written: the state may say so
             self._state_changed()
         elif kind == "hello":
@@ -9335,6 +9572,12 @@ def add_client_arguments(client: argparse.ArgumentParser) -> None:
                         help="only entries of this type, e.g. user, assistant (repeatable)")
     client.add_argument("--exclude-type", action="append", default=[], metavar="TYPE",
                         help="no entries of this type (repeatable)")
+    client.add_argument("--otlp", metavar="URL",
+                        help="send every entry as an OpenTelemetry log record to URL/v1/logs "
+                             "(OTLP/HTTP JSON, gzip) instead of writing it; with --state, nothing "
+                             "the receiver acknowledged (a 2xx) is sent again")
+    client.add_argument("--otlp-header", action="append", default=[], metavar="'NAME: VALUE'",
+                        help="a header for the receiver, e.g. 'Authorization: Bearer ...' (repeatable)")
     client.add_argument("--state", metavar="FILE",
                         help="keep the cursors of what was written in FILE and resume from them "
                              "on the next start (for a pipeline restarted by systemd)")
@@ -9654,6 +9897,15 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     return EXIT_OK
 
 
+def otlp_header(text: str) -> Tuple[str, str]:
+    """'Name: value' as a header for the receiver, or ValueError (no line breaks inside)."""
+    name, sep, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not _TOKEN_RE.match(name) or any(c in value for c in "\r\n\0"):
+        raise ValueError("--otlp-header %r: give 'Name: value'" % text)
+    return name, value
+
+
 def notify_argv(command: Optional[str]) -> Optional[List[str]]:
     """--notify-command as argv, split once here: the events' details go in its
     environment, never into a string a shell reads."""
@@ -9693,9 +9945,20 @@ def run_client(args: argparse.Namespace, log: Log) -> int:
         state = ClientState(args.state) if args.state else None
     except (OSError, ValueError) as exc:
         raise UsageError("client: --state %s: %s" % (args.state, getattr(exc, "strerror", None) or exc)) from None
+    otlp = None
+    if args.otlp is not None:
+        try:
+            otlp_url(args.otlp)
+            headers = [otlp_header(h) for h in args.otlp_header]
+        except ValueError as exc:
+            raise UsageError("client: --otlp: %s" % exc) from None
+        otlp = (args.otlp, headers)
+        if tls is None and urlsplit(args.otlp).scheme == "https":
+            tls = client_tls_context(args.cafile, args.insecure, log)
     app = ClientApp(loop, urls, args.json, filters, not args.no_reconnect, log, since=since,
                     token=given_token(args, log, "client"), tls=tls, last=args.last,
-                    notify=args.notify, notify_command=notify_argv(args.notify_command), state=state)
+                    notify=args.notify, notify_command=notify_argv(args.notify_command), state=state,
+                    otlp=otlp)
     resize = (signal.SIGWINCH,) if hasattr(signal, "SIGWINCH") else ()
     loop.handle_signals(STOP_SIGNALS + resize,
                         lambda signum: app.resized() if signum in resize else app.stop())

@@ -5376,6 +5376,128 @@ class LinkCutter:
         self.listener.close()
 
 
+class OtlpTests(unittest.TestCase):
+    """Issue 15: client --otlp sends every line as an OTLP log record, validated against the
+    official schema; the cursor moves only on a 2xx, through 503s, refusals, a receiver
+    restart and a kill -9 of the client: every line arrives at least once."""
+
+    def setUp(self):
+        python = os.environ.get("CLAUDE_STREAM_OTLP_PYTHON", "")
+        require(self, "otlp", os.path.isfile(python), "set CLAUDE_STREAM_OTLP_PYTHON to a Python with "
+                "opentelemetry-proto (.ci/setup makes one)")
+        self.python = python
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.root = os.path.join(self.tmp.name, "projects")
+        os.makedirs(os.path.join(self.root, "-p"))
+        self.log = os.path.join(self.tmp.name, "received.jsonl")
+        self.control = os.path.join(self.tmp.name, "control.json")
+        self.plan([])
+        self.port = free_port()
+
+    def plan(self, statuses):
+        with open(self.control, "w") as fh:
+            json.dump(statuses, fh)
+
+    def receiver(self):
+        proc = subprocess.Popen([self.python, os.path.join(HERE, "test_claude_stream.py"), "otlp-receiver",
+                                 str(self.port), self.log, self.control], stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.kill(), proc.wait()))
+        wait_for(lambda: self._listening(), message="the receiver to listen")
+        return proc
+
+    def _listening(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def received(self):
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as fh:
+            return [json.loads(l) for l in fh]
+
+    def attrs(self, item):
+        return {a["key"]: list(a["value"].values())[0] for a in item["record"]["attributes"]}
+
+    def client(self, server, *extra):
+        return ClientProcess(self, server.url, "--otlp", "http://127.0.0.1:%d" % self.port, "--since", "all",
+                             "--otlp-header", "X-Scope-OrgID: tenant-1", *extra)
+
+    def test_every_line_becomes_a_record_of_the_official_schema(self):
+        lines = real_lines(self, 60)
+        path = os.path.join(self.root, "-p", "s1.jsonl")
+        append(path, b"".join(lines) + b'{"torn": \n')
+        self.receiver()
+        server = ServerProcess(self, [self.root], "--name", "box1")
+        self.client(server)
+        wait_for(lambda: len(self.received()) >= len(lines) + 1, message="every line as a record")
+        got = self.received()
+        self.assertFalse([g for g in got if "invalid" in g], got[:1])
+        self.assertEqual({g["resource"]["service.name"]["stringValue"] for g in got}, {"claude-code"})
+        self.assertEqual({g["resource"]["host.name"]["stringValue"] for g in got}, {"box1"})
+        entries = [g for g in got if self.attrs(g)["claude.kind"] == "entry"]
+        offset = 0
+        for g, line in zip(entries, lines):
+            attrs = self.attrs(g)
+            self.assertEqual((attrs["claude.path"], int(attrs["claude.offset"])), ("-p/s1.jsonl", offset))
+            self.assertEqual(g["record"]["body"]["stringValue"].encode(), line.rstrip(b"\n"))    # the line itself
+            entry = json.loads(line)
+            if isinstance(entry.get("sessionId"), str):
+                self.assertEqual(attrs["session.id"], entry["sessionId"])
+            offset += len(line)
+        torn = [g for g in got if self.attrs(g)["claude.kind"] == "malformed"]
+        self.assertEqual([g["record"]["severityText"] for g in torn], ["ERROR"])
+
+    def test_nothing_is_lost_through_503s_refusals_a_receiver_restart_and_a_kill_9(self):
+        lines = real_lines(self, 200)
+        written = []
+
+        def write(count):
+            for _ in range(count):
+                n = len(written)
+                rel = "-p/s%d.jsonl" % (n % 2)
+                line = lines[n % len(lines)]
+                offset = sum(len(lines[k % len(lines)]) for k in range(n % 2, n, 2))
+                append(os.path.join(self.root, rel), line)
+                written.append((rel, offset))
+        write(20)
+        self.plan([503, 503, 503])                      # busy at first: Retry-After 1
+        receiver = self.receiver()
+        server = ServerProcess(self, [self.root])
+        state = os.path.join(self.tmp.name, "state.json")
+        client = self.client(server, "--state", state)
+        write(20)
+        wait_for(lambda: len(self.received()) >= 20, message="the first records, after the 503s")
+        receiver.kill()                                 # refused for a while
+        receiver.wait()
+        write(20)
+        wait_for(lambda: client.stderr.pump() or sum("trying again" in l for l in client.stderr.lines) >= 5,
+                 message="the client to be refused a few times")
+        client.proc.kill()                              # and the client dies too
+        client.proc.wait()
+        write(20)
+        self.receiver()
+        self.client(server, "--state", state)
+        write(20)
+
+        def keys():
+            return {(self.attrs(g)["claude.path"], int(self.attrs(g)["claude.offset"])) for g in self.received()
+                    if self.attrs(g).get("claude.kind") == "entry"}
+        wait_for(lambda: keys() >= set(written), timeout=DEADLINE * 4, message="every line, at least once")
+        got = [g for g in self.received() if "record" in g and self.attrs(g).get("claude.kind") == "entry"]
+        self.assertFalse([g for g in self.received() if "invalid" in g])
+        self.assertEqual(keys(), set(written))          # nothing else
+        # What came twice is the same record (its dedupe key says so): the same body at the same place.
+        bodies = {}
+        for g in got:
+            key = (self.attrs(g)["claude.path"], int(self.attrs(g)["claude.offset"]))
+            self.assertEqual(bodies.setdefault(key, g["record"]["body"]["stringValue"]),
+                             g["record"]["body"]["stringValue"])
+
+
 class StateTests(unittest.TestCase):
     """Issue 15.1: client --state keeps the cursors of what was written; a restart resumes
     from them: nothing lost, and after a clean stop nothing repeated."""
@@ -6609,6 +6731,51 @@ def hub_latency(case, count=300, rate=50):
             "max_ms": round(ms[-1], 1)}
 
 
+def run_otlp_receiver(port, log_path, control_path):
+    """An OTLP/HTTP receiver for the tests (run by a Python with opentelemetry-proto): each
+    request body is parsed with protobuf's JSON parser into ExportLogsServiceRequest,
+    unknown fields refused; the answers come from CONTROL (a JSON list of statuses, taken
+    one per request; 200 when empty); each record of an accepted request is logged."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    import gzip as gzip_module
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip_module.decompress(body)
+            with open(control_path) as fh:
+                plan = json.load(fh)
+            status = plan.pop(0) if plan else 200
+            with open(control_path, "w") as fh:
+                json.dump(plan, fh)
+            if status == 200:
+                try:
+                    json_format.Parse(body, ExportLogsServiceRequest())     # unknown fields: ParseError
+                except json_format.ParseError as exc:
+                    status = 400
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps({"invalid": str(exc)}) + "\n")
+            if status == 200:
+                with open(log_path, "a") as fh:
+                    for resource in json.loads(body)["resourceLogs"]:
+                        res = {a["key"]: a["value"] for a in resource["resource"]["attributes"]}
+                        for scope in resource["scopeLogs"]:
+                            for record in scope["logRecords"]:
+                                fh.write(json.dumps({"resource": res, "record": record}) + "\n")
+            self.send_response(status)
+            if status in (429, 503):
+                self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
 def run_hub_bench():
     case = unittest.TestCase()
     try:
@@ -6636,5 +6803,7 @@ if __name__ == "__main__":
         run_page_bench(int(sys.argv[2]) if sys.argv[2:] else 20000)
     elif sys.argv[1:2] == ["hub-bench"]:        # a box's line to the hub's client, README's figure
         run_hub_bench()
+    elif sys.argv[1:2] == ["otlp-receiver"]:    # otlp-receiver PORT LOG CONTROL, for OtlpTests
+        run_otlp_receiver(int(sys.argv[2]), sys.argv[3], sys.argv[4])
     else:
         main()
