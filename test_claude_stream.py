@@ -5426,6 +5426,24 @@ class OtlpTests(unittest.TestCase):
         return ClientProcess(self, server.url, "--otlp", "http://127.0.0.1:%d" % self.port, "--since", "all",
                              "--otlp-header", "X-Scope-OrgID: tenant-1", *extra)
 
+    def test_a_long_line_is_cut_and_an_api_error_is_an_error(self):
+        text = json.dumps({"kind": "entry", "path": "p/s.jsonl", "offset": 0, "next": 9, "session": "s",
+                           "entry": {"type": "assistant", "isApiErrorMessage": True, "text": "é" * 200000}},
+                          ensure_ascii=False, separators=(",", ":"))      # as the server frames it
+        record = cs.otlp_record(json.loads(text), text, 5, 256 << 10)
+        attrs = {a["key"]: list(a["value"].values())[0] for a in record["attributes"]}
+        body = record["body"]["stringValue"].encode()
+        self.assertLessEqual(len(body), 256 << 10)
+        whole = text[text.index(',"entry":') + 9:-1].encode()
+        self.assertEqual(int(attrs["claude.truncated_bytes"]), len(whole) - len(body))
+        self.assertTrue(whole.startswith(body))
+        self.assertEqual((record["severityText"], record["timeUnixNano"]), ("ERROR", "5"))    # no time: observed
+        status = cs.otlp_record({"kind": "status", "session": "s", "state": "waiting",
+                                 "since": "2026-12-01T10:00:00Z"}, "{}", 5, 1024)
+        attrs = {a["key"]: list(a["value"].values())[0] for a in status["attributes"]}
+        self.assertEqual((attrs["event.name"], attrs["claude.state"], status["timeUnixNano"]),
+                         ("claude.status", "waiting", str(int(1796119200 * 1e9))))
+
     def test_every_line_becomes_a_record_of_the_official_schema(self):
         lines = real_lines(self, 60)
         path = os.path.join(self.root, "-p", "s1.jsonl")
