@@ -8780,6 +8780,7 @@ class OtlpExporter:
         self.refused: Set[str] = set()  # bodies of 400s said once
         self._timer: Optional[Timer] = None
         self.in_flight = False
+        self.retrying = False           # a failed batch waits for its retry: nothing is sent before
         self.paused = False
 
     def add(self, link: Any, host: Optional[str], msg: Dict[str, Any], text: str) -> None:
@@ -8798,6 +8799,10 @@ class OtlpExporter:
     def flush(self) -> None:
         self._send()
 
+    def _retry(self) -> None:
+        self._timer, self.retrying = None, False
+        self._send()
+
     def _backpressure(self) -> None:
         over = self.pending_bytes > self.limits.otlp_pending_max
         if over != self.paused:
@@ -8807,11 +8812,11 @@ class OtlpExporter:
                     (link.stream.pause_reading if over else link.stream.resume_reading)()
 
     def _send(self) -> None:
+        if self.in_flight or self.retrying or not (self.pending or self.batch):
+            return                          # one request at a time; a Retry-After is kept
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.in_flight or not (self.pending or self.batch):
-            return
         if not self.batch:                  # a new batch; a failed one is sent again as it was
             size, count = 0, 0
             for item in self.pending:
@@ -8865,7 +8870,8 @@ class OtlpExporter:
             delay = min(float(retry_after.strip()), self.limits.otlp_retry_after_max)
         self.log.warn("--otlp: %s; trying again in %.1fs" % (
             "HTTP %d %s" % (status, reason) if status else reason, delay), key="otlp")
-        self._timer = self.loop.call_later(delay, self._send)
+        self.retrying = True
+        self._timer = self.loop.call_later(delay, self._retry)
 
 
 class ClientState:

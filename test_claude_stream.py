@@ -5451,8 +5451,9 @@ class OtlpTests(unittest.TestCase):
         self.receiver()
         server = ServerProcess(self, [self.root], "--name", "box1")
         self.client(server)
-        wait_for(lambda: len(self.received()) >= len(lines) + 1, message="every line as a record")
-        got = self.received()
+        wait_for(lambda: len([g for g in self.received() if "record" in g]) >= len(lines) + 1,
+                 message="every line as a record")
+        got = [g for g in self.received() if "request" not in g]
         self.assertFalse([g for g in got if "invalid" in g], got[:1])
         self.assertEqual({g["resource"]["service.name"]["stringValue"] for g in got}, {"claude-code"})
         self.assertEqual({g["resource"]["host.name"]["stringValue"] for g in got}, {"box1"})
@@ -5488,7 +5489,12 @@ class OtlpTests(unittest.TestCase):
         state = os.path.join(self.tmp.name, "state.json")
         client = self.client(server, "--state", state)
         write(20)
-        wait_for(lambda: len(self.received()) >= 20, message="the first records, after the 503s")
+        wait_for(lambda: len([g for g in self.received() if "record" in g]) >= 20,
+                 message="the first records, after the 503s")
+        asked = [g for g in self.received() if "request" in g]
+        self.assertEqual([g["request"] for g in asked[:4]], [503, 503, 503, 200])
+        for before, after in zip(asked, asked[1:4]):       # each after its Retry-After: 1
+            self.assertGreaterEqual(after["t"] - before["t"], 0.9)
         receiver.kill()                                 # refused for a while
         receiver.wait()
         write(20)
@@ -5503,7 +5509,7 @@ class OtlpTests(unittest.TestCase):
 
         def keys():
             return {(self.attrs(g)["claude.path"], int(self.attrs(g)["claude.offset"])) for g in self.received()
-                    if self.attrs(g).get("claude.kind") == "entry"}
+                    if "record" in g and self.attrs(g).get("claude.kind") == "entry"}
         wait_for(lambda: keys() >= set(written), timeout=DEADLINE * 4, message="every line, at least once")
         got = [g for g in self.received() if "record" in g and self.attrs(g).get("claude.kind") == "entry"]
         self.assertFalse([g for g in self.received() if "invalid" in g])
@@ -6769,6 +6775,8 @@ def run_otlp_receiver(port, log_path, control_path):
             status = plan.pop(0) if plan else 200
             with open(control_path, "w") as fh:
                 json.dump(plan, fh)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"request": status, "t": time.time()}) + "\n")
             if status == 200:
                 try:
                     json_format.Parse(body, ExportLogsServiceRequest())     # unknown fields: ParseError
