@@ -8611,6 +8611,12 @@ class ClientLink(WebSocketEndpoint):
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.app.on_message(self, message)
 
+    def output_drained(self) -> None:
+        exporter = getattr(self.app, "exporter", None)
+        if exporter is not None and exporter.paused:
+            return                          # the receiver is behind: this link reads nothing yet
+        super().output_drained()
+
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         if isinstance(exc, ssl.SSLError):
             self.tls_failure = exc
@@ -8804,12 +8810,16 @@ class OtlpExporter:
         self._send()
 
     def _backpressure(self) -> None:
-        over = self.pending_bytes > self.limits.otlp_pending_max
-        if over != self.paused:
-            self.paused = over
-            for link in self.app.links:
-                if link.stream is not None and not link.stream.closed:
-                    (link.stream.pause_reading if over else link.stream.resume_reading)()
+        """Past ``otlp_pending_max`` waiting, no link reads (a link that connected again too);
+        under half of it, they read again."""
+        if self.pending_bytes > self.limits.otlp_pending_max:
+            self.paused = True
+        elif self.pending_bytes <= self.limits.otlp_pending_max // 2:
+            self.paused = False
+        for link in self.app.links:
+            stream = link.stream
+            if stream is not None and not stream.closed and stream.reading_paused != self.paused:
+                (stream.pause_reading if self.paused else stream.resume_reading)()
 
     def _send(self) -> None:
         if self.in_flight or self.retrying or not (self.pending or self.batch):
