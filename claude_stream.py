@@ -1250,6 +1250,13 @@ def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: 
         raise
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` to a regular file (a short write goes on where it stopped)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def split_lines(state: Any, chunk: bytes, limit: int) -> List[Tuple[int, Optional[bytes]]]:
     """Cut newly read bytes into complete lines: the one splitter, live and history alike.
 
@@ -4027,10 +4034,16 @@ def usage_scope(rel: str, entry: Dict[str, Any]) -> Tuple[str, str]:
     belongs to, sub-agents' files with their parent (a 2.0.x ``agent-<id>.jsonl``
     beside the sessions names it only in its lines' ``sessionId``)."""
     project, session, agent = classify_path(rel)
-    if session is None:
-        session_id = entry.get("sessionId")
-        session = session_id if isinstance(session_id, str) else "agent-%s" % agent
-    return project, session
+    return project, usage_session(session, agent, entry)
+
+
+def usage_session(session: Optional[str], agent: Optional[str], entry: Dict[str, Any]) -> str:
+    """The session a file's line counts for: the file's own, else (a 2.0.x agent file)
+    the one its lines name."""
+    if session is not None:
+        return session
+    session_id = entry.get("sessionId")
+    return session_id if isinstance(session_id, str) else "agent-%s" % agent
 
 
 def utc_day(stamp: str) -> str:
@@ -5491,10 +5504,7 @@ class UsageRelay:
             self.log.internal_error(exc)
 
     def _count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
-        session = rec.session
-        if session is None:             # a 2.0.x agent-<id>.jsonl: its lines name the session
-            session_id = entry.get("sessionId")
-            session = session_id if isinstance(session_id, str) else "agent-%s" % rec.agent
+        session = usage_session(rec.session, rec.agent, entry)     # the record's: a hub's paths have a host first
         for usage in self.book.add(entry, rec.project, session, rec.rel):
             self.dirty[usage] = None
             self.hosts.setdefault(usage, rec.host)
@@ -8670,6 +8680,19 @@ class ClientLink(WebSocketEndpoint):
 OTLP_SEVERITY = {"INFO": 9, "ERROR": 17}
 
 
+def envelope_line(text: str) -> Optional[str]:
+    """An ``entry`` message's line, as the server framed it around the line's own text (the
+    key's quotes cannot occur inside a JSON string), or None for another framing."""
+    at = text.find(',"entry":')
+    return text[at + 9:-1] if at >= 0 and text.endswith("}") else None
+
+
+def reconnect_delay(limits: Limits, failures: int) -> float:
+    """Exponential backoff with full jitter, so that restarted servers are not stampeded."""
+    delay = min(limits.reconnect_max, limits.reconnect_min * 2 ** min(failures, 64))
+    return delay / 2 + random.random() * delay / 2
+
+
 def otlp_url(url: str) -> Tuple[str, int, str, bool]:
     """(host, port, path, tls) of a receiver: URL/v1/logs, or URL itself if it ends so."""
     parts = urlsplit(url)
@@ -8693,11 +8716,7 @@ def otlp_record(msg: Dict[str, Any], text: str, observed_ns: int, limit: int) ->
     Claude Code's names as attributes, ``session.id`` as Claude Code's own telemetry says it."""
     kind = msg.get("kind")
     entry = msg.get("entry") if isinstance(msg.get("entry"), dict) else {}
-    if kind == "entry":
-        at = text.find(',"entry":')
-        body = text[at + 9:-1] if at >= 0 and text.endswith("}") else json.dumps(entry)
-    else:
-        body = text
+    body = (envelope_line(text) or json.dumps(entry)) if kind == "entry" else text
     attributes = [_attribute("claude.kind", kind)]
     for key, value in (("session.id", msg.get("session")), ("claude.uuid", entry.get("uuid")),
                        ("claude.type", entry.get("type") if kind == "entry" else kind),
@@ -8875,7 +8894,7 @@ class OtlpExporter:
                 self._send()
             return
         self.failures += 1
-        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(self.failures, 64))
+        delay = reconnect_delay(self.limits, self.failures)
         if status in (429, 503) and retry_after and retry_after.strip().isdigit():
             delay = min(float(retry_after.strip()), self.limits.otlp_retry_after_max)
         self.log.warn("--otlp: %s; trying again in %.1fs" % (
@@ -8930,9 +8949,7 @@ class ClientState:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
                          | getattr(os, "O_CLOEXEC", 0), 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -9167,9 +9184,7 @@ class ClientApp:
             if len(self.finished) == len(self.links):
                 self.loop.stop()
             return
-        # Exponential backoff with full jitter, so restarted servers are not stampeded.
-        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
-        delay = delay / 2 + random.random() * delay / 2
+        delay = reconnect_delay(self.limits, link.failures)
         link.failures += 1
         self.log.info("%s; reconnecting in %.1fs" % (description, delay))
         self.loop.call_later(delay, link.connect)
@@ -9314,11 +9329,9 @@ class MirrorApp:
         return os.path.join(self.folder, host, *parts)
 
     def _entry(self, host: str, msg: Dict[str, Any], text: str) -> None:
-        path, offset = self._copy(host, msg), msg.get("offset")
-        at = text.find(',"entry":')     # the line itself, as the box framed it (never inside a string)
-        if path is None or not isinstance(offset, int) or at < 0 or not text.endswith("}"):
+        path, offset, line = self._copy(host, msg), msg.get("offset"), envelope_line(text)
+        if path is None or not isinstance(offset, int) or line is None:
             return
-        line = text[at + 9:-1]
         if "\n" in line or "\r" in line:    # not one line: a box's own framing, not ours
             self._hole(host, msg)
             return
@@ -9343,9 +9356,7 @@ class MirrorApp:
                 self.folders.add(folder)
             fd = os.open(path, MIRROR_OPEN_FLAGS, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -9383,8 +9394,7 @@ class MirrorApp:
         host = self.hosts.pop(link, None)
         if host is not None:
             self.on_host(host, False)
-        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
-        delay = delay / 2 + random.random() * delay / 2
+        delay = reconnect_delay(self.limits, link.failures)
         link.failures += 1
         self.log.info("mirror: %s; reconnecting in %.1fs" % (description, delay), key="mirror")
         self.loop.call_later(delay, link.connect)
@@ -9456,8 +9466,7 @@ class PushApp:
 
     def link_down(self, link: PushLink, description: str, retryable: bool, clean: bool = False) -> None:
         self.server.session_closed(link, 0, description)    # type: ignore[arg-type]
-        delay = min(self.limits.reconnect_max, self.limits.reconnect_min * 2 ** min(link.failures, 64))
-        delay = delay / 2 + random.random() * delay / 2
+        delay = reconnect_delay(self.limits, link.failures)
         link.failures += 1
         self.log.info("push: %s; dialling again in %.1fs" % (description, delay), key="push")
         self.loop.call_later(delay, link.connect)
@@ -9811,6 +9820,11 @@ def check_roots(roots: List[str], command: str = "serve", log: Optional[Log] = N
             log.warn("--root %s holds a projects folder: did you mean --root %s?" % (root, inner))
 
 
+def tls_for(urls: List[str], log: Log) -> Optional[ssl.SSLContext]:
+    """A verifying client context when any of ``urls`` is wss://, else None."""
+    return client_tls_context(None, False, log) if any(parse_ws_url(u)[3] for u in urls) else None
+
+
 def secret_option(path: Optional[str], option: str) -> Optional[str]:
     """The token in the first line of a file named on the command line, or a usage error."""
     if path is None:
@@ -9852,16 +9866,14 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     mirror = None
     if args.mirror:             # before the tailer starts: the torn tails are cut first
         mirror_token = secret_option(args.mirror_token_file, "--mirror-token-file")
-        mirror_tls = client_tls_context(None, False, log) if any(
-            parse_ws_url(u)[3] for u in args.mirror_from) else None
+        mirror_tls = tls_for(args.mirror_from, log)
         mirror = MirrorApp(loop, args.mirror, args.mirror_from, log, server.limits, mirror_token, mirror_tls,
                            server.box_status.status, server.box_status.link)
         server.push_handler = mirror if push_token is not None else None
         server.box_status.hub = True
     pushing = None
     if args.push_to:
-        pushing = PushApp(server, args.push_to, push_token, client_tls_context(None, False, log) if any(
-            parse_ws_url(u)[3] for u in args.push_to) else None)
+        pushing = PushApp(server, args.push_to, push_token, tls_for(args.push_to, log))
     loop.handle_signals(STOP_SIGNALS, lambda signum: server.shutdown())   # before any output
     if listening:
         server.listen()
