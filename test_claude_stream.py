@@ -5182,6 +5182,7 @@ class StatusClientTests(unittest.TestCase):
         got = bytearray()
         terminal = lambda count, text, rings: self.terminal_shows(master, got, count, text, rings)  # noqa: E731
         terminal(1, "working", 0)                   # the snapshot: the session was working already
+        piped.stdout.wait_line(lambda l: "status     working" in l, what="the piped client's snapshot")
         record(status="waiting", waitingFor="permission prompt")
         terminal(1, "waiting: permission prompt", 1)
         record(status="busy")
