@@ -124,6 +124,16 @@ class RssSampler:
         return self.samples
 
 
+def cpu_s(pid):
+    """utime + stime of a live process, in seconds."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+
+
 def wait_listening(proc, port, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -239,6 +249,7 @@ def replay_stream(args, tree, stats, quiet=60.0):
             if live_at is not None:
                 break
         hwm_kb = status_kb(server.pid, "VmHWM")
+        server_cpu, client_cpu = cpu_s(server.pid), cpu_s(client.pid)
         samples = sampler.stop()
         seconds = done_at if done_at is not None else (live_at or (time.monotonic() - t0))
         return {"entries": count, "expected": stats["lines"], "complete": count >= stats["lines"],
@@ -247,6 +258,7 @@ def replay_stream(args, tree, stats, quiet=60.0):
                 "server_vmhwm_mb": hwm_kb / 1024 if hwm_kb else None,
                 "server_rss_max_mb": max(samples) if samples else None,
                 "server_idle_rss_mb": idle_kb / 1024 if idle_kb else None,
+                "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
                 "server_exit": server.poll()}
     finally:
         kill(client)
@@ -386,6 +398,7 @@ def extras(row, runs, args):
                 "reference_vmhwm_mb": med("reference", "rss_peak_mb")}
     if row == "replay":
         return {"seconds": med("claude_stream", "seconds"), "first_entry_s": med("claude_stream", "first_entry_s"),
+                "server_cpu_s": med("claude_stream", "server_cpu_s"), "client_cpu_s": med("claude_stream", "client_cpu_s"),
                 "live_s": med("claude_stream", "live_s"), "reference_seconds": med("reference", "seconds"),
                 "complete_runs": sum(1 for r in runs if fig(r.get("claude_stream"), "complete")),
                 "tree": runs[0].get("tree")}
@@ -528,7 +541,20 @@ def main(argv=None):
     if bad:
         ap.error("unknown rows %s: choose from %s" % (",".join(bad), ",".join(ROWS)))
     logfile = open(args.log, "a") if args.log else None
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Everything temporary (wsbench's trees, websocketd-tail.sh's file lists) in one folder,
+    # removed at the end.
+    scratch = tempfile.mkdtemp(prefix="claude_stream-bench-")
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None
+    try:
+        return run_rows(args, ap, runs, live1, live10, rows, logfile)
+    finally:
+        kill_all()
+        shutil.rmtree(scratch, ignore_errors=True)
 
+
+def run_rows(args, ap, runs, live1, live10, rows, logfile):
     def emit(obj):
         line = json.dumps(obj, default=str)
         print(line, flush=True)
@@ -536,7 +562,6 @@ def main(argv=None):
             logfile.write(line + "\n")
             logfile.flush()
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     info = machine(args)
     say("machine: %d cores, %s, %s MB, Python %s (%s), kernel %s, load %s"
         % (info["nproc"], info["cpu"], info["mem_mb"], info["python"], args.python, info["kernel"],
@@ -607,8 +632,9 @@ def main(argv=None):
         extra = ""
         d = t["details"]
         if t["row"] == "replay":
-            extra = "; first entry %s s, all in %s s" % (fmt_spread(d["first_entry_s"], "ratio"),
-                                                         fmt_spread(d["seconds"], ""))
+            extra = "; first entry %s s, all in %s s (CPU: server %s s, client %s s)" % (
+                fmt_spread(d["first_entry_s"], "ratio"), fmt_spread(d["seconds"], ""),
+                fmt_spread(d["server_cpu_s"], ""), fmt_spread(d["client_cpu_s"], ""))
         elif t["row"] == "live10_rss":
             extra = "; VmHWM %s" % fmt_spread(d["claude_stream_vmhwm_mb"], "")
             if d.get("reference_vmhwm_mb"):
