@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """claude_stream's performance figures, each against its reference in the same run.
 
-    python3 .ci/bench/bench.py                 # every row, 3 runs (about 10 minutes)
-    python3 .ci/bench/bench.py --quick         # tiny sizes, one run: a smoke test (< 60 s)
+    python3 .ci/bench/bench.py                 # every row, 3 runs (about 100 s on 2 cores)
+    python3 .ci/bench/bench.py --quick         # tiny sizes, one run: a smoke test (~13 s)
     python3 .ci/bench/bench.py --only live1,replay --runs 5
 
 Rows (see .ci/bench/README.md):
@@ -575,6 +575,7 @@ def run_rows(args, ap, runs, live1, live10, rows, logfile):
             measures.append(MEASURES[r])
     results, took, ctx = {}, {}, {}
     started = time.monotonic()
+    interrupted = False
     try:
         for m in measures:
             t0 = time.monotonic()
@@ -596,6 +597,7 @@ def run_rows(args, ap, runs, live1, live10, rows, logfile):
             say("%s: %d run(s) in %.0f s" % (m, runs, took[m]))
     except KeyboardInterrupt:
         say("interrupted: the rows measured so far")
+        interrupted = True
     finally:
         kill_all()
     table = []
@@ -654,7 +656,7 @@ def run_rows(args, ap, runs, live1, live10, rows, logfile):
             fmt_spread(t["ratio"], "ratio"), t["goal"], met))
     if logfile:
         logfile.close()
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
