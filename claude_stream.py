@@ -110,7 +110,7 @@ import traceback
 import unicodedata
 from dataclasses import dataclass, field, replace as replace_fields
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
 __version__ = "0.1.0"
@@ -244,6 +244,7 @@ USAGE_RECENT_MESSAGES = 4096        # ... of which the latest with their counts 
 MAX_TOKEN_COUNT = 1 << 40          # more tokens than any response has; past it a count is not one
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
+PRICE_MEMORY = 256                  # model names whose price lookup is remembered
 
 # --- Claude Code's session registry (<config>/sessions/<pid>.json) ---------------
 USAGE_INTERVAL = 1.0                # a session's usage message is sent at most this often
@@ -1058,6 +1059,9 @@ class FileRecord:
     due: float = 0.0                # when the next stat is scheduled
     gone: bool = False
     host: Optional[str] = None      # the machine it is from: this server's name, or a mirrored box's
+    # Its lines' envelope pieces by (session, agent, type, cwd): see envelope_pieces.
+    envelopes: Dict[Tuple[Any, ...], Tuple[bytes, bytes, "MessageMeta"]] = field(
+        default_factory=dict, repr=False, compare=False)
 
     @property
     def delivered_end(self) -> int:
@@ -3781,17 +3785,38 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     if parsed is not None and b'"usage"' in line:
         parsed(rec, obj)
     session, agent, kind, cwd, stamp = entry_fields(obj, rec)
-    # The envelope, keys in this order, around the line's own bytes, and the
-    # frame header before it, in one join of cached pieces: json.dumps per line
-    # was a third of the cost, and the frame needs no second copy.
-    pieces = [b"", b'{"kind":"entry","path":', _json_text(rec.rel),
-              b',"offset":%d,"next":%d,"project":' % (offset, after), _json_text(rec.project),
-              b',"session":', _json_text(session), b',"agent":', _json_text(agent),
-              b',"host":', _json_text(rec.host), b',"entry":', line, b"}"]
-    pieces[0] = frame_header(Opcode.TEXT, sum(map(len, pieces)))
+    # The envelope, keys in this order, around the line's own bytes, and the frame
+    # header before it, in one join: json.dumps per line was a third of the cost.
+    # What is the same for a file's lines (its path, project, session, agent, host,
+    # and what filters see) is made once per file and kind, not per line.
+    pieces = rec.envelopes.get((session, agent, kind, cwd))
+    if pieces is None:
+        pieces = envelope_pieces(rec, session, agent, kind, cwd)
+    head, middle, meta = pieces
+    numbers = b'%d,"next":%d' % (offset, after)
+    size = len(head) + len(numbers) + len(middle) + len(line) + 1
+    header = _FRAME_HEAD_16(0x81, 126, size) if 126 <= size < 65536 else frame_header(Opcode.TEXT, size)
+    return LineMessage(offset, after, b"".join((header, head, numbers, middle, line, b"}")), meta,
+                       sort_key=stamp)
+
+
+_FRAME_HEAD_16 = struct.Struct(">BBH").pack     # a text frame's header for 126..65535 bytes
+ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept
+
+
+def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str], kind: str,
+                    cwd: Optional[str]) -> Tuple[bytes, bytes, MessageMeta]:
+    """An entry envelope's bytes before the offsets and between them and the line, and its
+    filters' view: the same for most of a file's lines, so remembered on its record."""
+    head = b'{"kind":"entry","path":' + _json_text(rec.rel) + b',"offset":'
+    middle = b"".join((b',"project":', _json_text(rec.project), b',"session":', _json_text(session),
+                       b',"agent":', _json_text(agent), b',"host":', _json_text(rec.host), b',"entry":'))
     meta = MessageMeta(rec.project + "\n" + cwd if cwd is not None else rec.project,
                        tuple(filter(None, (rec.session, session, agent))), kind, rec.host)
-    return LineMessage(offset, after, b"".join(pieces), meta, sort_key=stamp)
+    if len(rec.envelopes) >= ENVELOPES_PER_FILE:
+        rec.envelopes.clear()
+    rec.envelopes[(session, agent, kind, cwd)] = pieces = (head, middle, meta)
+    return pieces
 
 
 def oversize_reason(limit: int) -> str:
@@ -3941,17 +3966,16 @@ def parse_prices(text: str) -> Dict[str, Price]:
     return prices
 
 
-def _count(obj: Dict[str, Any], key: str) -> int:
-    value = obj.get(key)        # not bools, floats, negatives; nor 10**400, whose price overflows a float
+def _count(value: Any) -> int:
+    """A token count as counted: not bools, floats, negatives; nor 10**400, whose price overflows a float."""
     return value if type(value) is int and 0 < value <= MAX_TOKEN_COUNT else 0
 
 
-@dataclass(frozen=True)
-class MessageUsage:
+class MessageUsage(NamedTuple):
     """One API response's usage as counted: its model (``-fast`` added in fast
     mode, priced apart), the token kinds (cache writes by lifetime, as they are
-    priced apart) and its cost, None when the model has no price."""
-    __slots__ = ("model", "input", "output", "write_5m", "write_1h", "read", "cost")
+    priced apart) and its cost, None when the model has no price. A tuple: one
+    is made per message counted, and a frozen dataclass cost three times as much."""
     model: str
     input: int
     output: int
@@ -3973,6 +3997,10 @@ def _tiered(count: int, base: float, above: Optional[float]) -> float:
 
 def message_cost(price: Price, input: int, output: int, write_5m: int, write_1h: int, read: int) -> float:
     """USD for one message; the tier applies to each kind's own count in it."""
+    if input <= PRICE_TIER_TOKENS and output <= PRICE_TIER_TOKENS and write_5m <= PRICE_TIER_TOKENS \
+            and write_1h <= PRICE_TIER_TOKENS and read <= PRICE_TIER_TOKENS:     # no tier: most messages
+        return (input * price.input + output * price.output + write_5m * price.cache_write
+                + write_1h * 2 * price.input + read * price.cache_read) / 1e6
     write_1h_above = None if price.input_above is None else 2 * price.input_above
     return (_tiered(input, price.input, price.input_above)
             + _tiered(output, price.output, price.output_above)
@@ -3985,30 +4013,40 @@ def usage_counts(entry: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any], T
     """(model, usage, its token counts: input, output, 5 min and 1 h cache writes, cache
     reads) of a transcript entry, or None (no usage, or <synthetic>)."""
     message = entry.get("message")
-    usage = message.get("usage") if isinstance(message, dict) else None
-    if not isinstance(usage, dict):
+    if type(message) is not dict:       # type, not isinstance: decoded JSON has no subclasses
         return None
-    model = message.get("model") if isinstance(message.get("model"), str) else ""
-    if model == SYNTHETIC_MODEL:
+    usage = message.get("usage")
+    if type(usage) is not dict:
         return None
-    parts = usage.get("cache_creation")
-    if isinstance(parts, dict):     # split by lifetime since mid-2025; 1 h writes cost more
-        write_5m, write_1h = _count(parts, "ephemeral_5m_input_tokens"), _count(parts, "ephemeral_1h_input_tokens")
+    model = message.get("model")
+    if type(model) is not str:
+        model = ""
+    elif model == SYNTHETIC_MODEL:
+        return None
+    get = usage.get
+    parts = get("cache_creation")
+    if type(parts) is dict:         # split by lifetime since mid-2025; 1 h writes cost more
+        write_5m, write_1h = parts.get("ephemeral_5m_input_tokens", 0), parts.get("ephemeral_1h_input_tokens", 0)
     else:
-        write_5m, write_1h = _count(usage, "cache_creation_input_tokens"), 0
-    return model, usage, (_count(usage, "input_tokens"), _count(usage, "output_tokens"), write_5m, write_1h,
-                          _count(usage, "cache_read_input_tokens"))
+        write_5m, write_1h = get("cache_creation_input_tokens", 0), 0
+    counts = (get("input_tokens", 0), get("output_tokens", 0), write_5m, write_1h, get("cache_read_input_tokens", 0))
+    if not (type(counts[0]) is int and type(counts[1]) is int and type(write_5m) is int
+            and type(write_1h) is int and type(counts[4]) is int    # not bools, floats, strings
+            and min(counts) >= 0 and max(counts) <= MAX_TOKEN_COUNT):
+        counts = tuple(_count(c) for c in counts)
+    return model, usage, counts  # type: ignore[return-value]
 
 
 def message_usage(entry: Dict[str, Any], prices: Dict[str, Price],
-                  found: Optional[Tuple[str, Dict[str, Any], Tuple[int, int, int, int, int]]] = None
+                  found: Optional[Tuple[str, Dict[str, Any], Tuple[int, int, int, int, int]]] = None,
+                  price_of: Callable[[Dict[str, Price], str], Optional[Price]] = find_price
                   ) -> Optional[MessageUsage]:
     """The usage a transcript entry carries, priced, or None (no usage, or <synthetic>)."""
     found = found or usage_counts(entry)
     if found is None:
         return None
     model, usage, counts = found
-    price = find_price(prices, model)
+    price = price_of(prices, model)
     cost = None if price is None else message_cost(price, *counts)
     if usage.get("speed") == "fast":
         model += "-fast"
@@ -4130,8 +4168,11 @@ class SessionUsage:
         self.totals = UsageTotals()
         self.files: Dict[str, UsageTotals] = {}
 
-    def add(self, usage: MessageUsage, path: str, sign: int, stamp: str) -> None:
+    def add(self, usage: MessageUsage, path: Optional[str], sign: int, stamp: str) -> None:
+        """Count ``usage`` (``sign`` -1 takes it back) for the session, and for file ``path`` if given."""
         self.totals.add(usage, sign, stamp)
+        if path is None:
+            return
         totals = self.files.get(path)
         if totals is None:
             totals = self.files[path] = UsageTotals()
@@ -4157,9 +4198,11 @@ class UsageBook:
     """
 
     def __init__(self, prices: Optional[Dict[str, Price]] = None, limits: Limits = DEFAULT_LIMITS,
-                 by_day: bool = True):
+                 by_day: bool = True, by_file: bool = True):
         self.prices = BUILTIN_PRICES if prices is None else prices
         self.by_day = by_day            # also per day and in all: the command's tables; the server's not
+        self.by_file = by_file          # each file's own totals too: the command's; the server's not
+        self._prices_found: Dict[str, Optional[Price]] = {}     # by model name: a few models, many lines
         self.max_messages = limits.usage_max_messages
         self.recent_messages = min(limits.usage_recent_messages, limits.usage_max_messages)
         self.sessions: Dict[Tuple[str, str], SessionUsage] = {}
@@ -4188,11 +4231,13 @@ class UsageBook:
             return []                   # a message's later line, no larger: most lines, so not priced
         if old is None and key is not None and self._older and hash(key) in self._older:
             return []                   # a copy of a message counted long ago
-        usage = message_usage(entry, self.prices, found)
+        usage = message_usage(entry, self.prices, found, self._price)
         assert usage is not None
-        stamp = entry.get("timestamp") if isinstance(entry.get("timestamp"), str) else ""
-        day = utc_day(stamp)
-        counted = (usage, self.session(project, session), path, self._day_names.setdefault(day, day))
+        stamp = entry.get("timestamp")
+        if type(stamp) is not str:
+            stamp = ""
+        day = self._day_names.setdefault(utc_day(stamp), utc_day(stamp)) if self.by_day else ""
+        counted = (usage, self.session(project, session), path, day)
         if key is None:
             self._count(counted, 1, stamp)
             return [counted[1]]
@@ -4212,9 +4257,19 @@ class UsageBook:
         self._count(counted, 1, stamp)
         return changed
 
+    def _price(self, prices: Dict[str, Price], model: str) -> Optional[Price]:
+        """find_price, remembered per model (a model name without its own price costs a regex)."""
+        try:
+            return self._prices_found[model]
+        except KeyError:
+            if len(self._prices_found) >= PRICE_MEMORY:
+                self._prices_found.clear()
+            found = self._prices_found[model] = find_price(prices, model)
+            return found
+
     def _count(self, counted: Counted, sign: int, stamp: str = "") -> None:
         usage, session, path, day = counted
-        session.add(usage, path, sign, stamp)
+        session.add(usage, path if self.by_file else None, sign, stamp)
         if not self.by_day:
             return
         totals = self.days.get(day)
@@ -5474,7 +5529,7 @@ class UsageRelay:
     def __init__(self, loop: EventLoop, tailer: Tailer, subscribers: Dict["ServerSession", None],
                  log: Log, prices: Dict[str, Price], limits: Limits):
         self.loop, self.tailer, self.subscribers, self.log, self.limits = loop, tailer, subscribers, log, limits
-        self.book = UsageBook(prices, limits, by_day=False)
+        self.book = UsageBook(prices, limits, by_day=False, by_file=False)
         self.history: Deque[Tuple[FileRecord, int]] = collections.deque()   # files, and where to stop
         self.reader: Optional[LineReader] = None    # the first one's, made when it is its turn
         self.dirty: Dict[SessionUsage, None] = {}
@@ -8164,7 +8219,7 @@ def known_cost(usage: Optional[Dict[str, Any]]) -> Optional[float]:
 def usage_text(usage: Dict[str, Any]) -> str:
     """A ``usage`` message in a few words: tokens in, out, cache written and read, cost."""
     text = "{:,} in, {:,} out, cache {:,} written, {:,} read, ".format(
-        *(_count(usage, kind) for kind in TOKEN_KINDS)) + usage_cost(usage)
+        *(_count(usage.get(kind)) for kind in TOKEN_KINDS)) + usage_cost(usage)
     return text + (" (so far: older lines still being counted)" if usage.get("complete") is False else "")
 
 
