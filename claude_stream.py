@@ -216,6 +216,7 @@ OTLP_LINE_LIMIT = 256 << 10         # a record's body is cut here (Loki's defaul
 OTLP_PENDING_MAX = 16 << 20         # past this much waiting, the client stops reading its servers
 OTLP_RETRY_AFTER_MAX = 60.0         # the longest Retry-After taken as said
 STATE_SAVE_INTERVAL = 1.0           # --state is written at most this often (and on exit)
+OUTPUT_GATHER_BYTES = 1 << 20       # --json output of one read written at once, up to this much
 MAX_STATE_BYTES = 64 << 20          # a --state file: cursors of about a million files
 RECONNECT_MIN = 0.5                 # first reconnect delay, seconds
 RECONNECT_MAX = 30.0                # backoff cap
@@ -248,6 +249,7 @@ PRICE_MEMORY = 256                  # model names whose price lookup is remember
 
 # --- Claude Code's session registry (<config>/sessions/<pid>.json) ---------------
 USAGE_INTERVAL = 1.0                # a session's usage message is sent at most this often
+USAGE_YIELD_STEPS = 20             # while a client catches up, the totals' history reads one step in this many
 USAGE_SNAPSHOT_MAX = 1000           # usage messages sent on a subscribe: the latest sessions (~1 KB each)
 
 REGISTRY_POLL_INTERVAL = 0.5        # seconds between listings of the folder without wake-ups ...
@@ -928,17 +930,20 @@ def _reject_constant(name: str) -> None:
 
 
 _LINE_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # built once, not per line
-_JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_JSON_BRACKETS_RE = re.compile(rb"[\[\]{}]")
-
-
-def _json_depth(data: bytes) -> int:
-    """How deep brackets nest outside strings (only asked of lines with many brackets)."""
-    depth = deepest = 0
-    for bracket in _JSON_BRACKETS_RE.findall(_JSON_STRING_RE.sub(b"", data)):
-        depth += 1 if bracket in b"[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
+def _nested_deeper(obj: Any, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` in a decoded line, walking its
+    containers a level at a time. Asked only of lines with many brackets; most of
+    those have few containers (the brackets are in a tool result's text), so this
+    costs a fraction of a scan of the bytes for brackets outside strings, which
+    cost as much as decoding them and was the biggest cost of a replay."""
+    level = [obj]
+    for _ in range(limit):
+        level = [value for container in level
+                 for value in (container.values() if type(container) is dict else container)
+                 if type(value) is dict or type(value) is list]
+        if not level:
+            return False
+    return True
 
 
 def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
@@ -946,31 +951,39 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
 
     UTF-8 is checked strictly first: ``json.loads(bytes)`` would accept
     encoded surrogates, and the line's bytes are forwarded as they are.
+    Nesting deeper than ``max_depth`` is malformed: Python's own limit depends on
+    its version (3.13 parses what 3.8 cannot), so one fixed limit lets every client
+    read what the server forwards. A line too deep for this Python's decoder stops
+    it with RecursionError; one it parsed is checked after, if it has the brackets.
     """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
-    if data.count(b"[") + data.count(b"{") > max_depth and _json_depth(data) > max_depth:
-        # Python's own limit depends on its version (3.13 parses what 3.8 cannot):
-        # one fixed limit, so every client can read what the server forwards. It
-        # also keeps the decoders below from ever recursing too deep.
-        raise MalformedLine("invalid JSON: nested deeper than %d levels" % max_depth)
+    too_deep = "invalid JSON: nested deeper than %d levels" % max_depth
+    obj: Any = None
     try:                            # the common case in one C call, no whitespace handling
         obj, end = _LINE_DECODER.scan_once(text, 0)
-        if end == len(text) and isinstance(obj, dict):
-            return obj
+        if end != len(text):
+            obj = None
     except (StopIteration, ValueError):
         pass
-    try:                            # anything else: the full decoder, for its message
-        obj = _LINE_DECODER.decode(text)
-    except ValueError as exc:
-        reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
-        if "Extra data" in reason:
-            reason += " (two records spliced onto one line?)"
-        raise MalformedLine(reason) from None
+    except RecursionError:
+        raise MalformedLine(too_deep) from None
     if not isinstance(obj, dict):
-        raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
+        try:                        # anything else: the full decoder, for its message
+            obj = _LINE_DECODER.decode(text)
+        except RecursionError:
+            raise MalformedLine(too_deep) from None
+        except ValueError as exc:
+            reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
+            if "Extra data" in reason:
+                reason += " (two records spliced onto one line?)"
+            raise MalformedLine(reason) from None
+        if not isinstance(obj, dict):
+            raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
+    if data.count(b"[") + data.count(b"{") > max_depth and _nested_deeper(obj, max_depth):
+        raise MalformedLine(too_deep)
     return obj
 
 
@@ -3801,6 +3814,7 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
 
 
 _FRAME_HEAD_16 = struct.Struct(">BBH").pack     # a text frame's header for 126..65535 bytes
+ENTRY_ENVELOPE_START = '{"kind":"entry","path":'   # how every entry message begins
 ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept
 
 
@@ -3808,7 +3822,7 @@ def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str
                     cwd: Optional[str]) -> Tuple[bytes, bytes, MessageMeta]:
     """An entry envelope's bytes before the offsets and between them and the line, and its
     filters' view: the same for most of a file's lines, so remembered on its record."""
-    head = b'{"kind":"entry","path":' + _json_text(rec.rel) + b',"offset":'
+    head = ENTRY_ENVELOPE_START.encode() + _json_text(rec.rel) + b',"offset":'
     middle = b"".join((b',"project":', _json_text(rec.project), b',"session":', _json_text(session),
                        b',"agent":', _json_text(agent), b',"host":', _json_text(rec.host), b',"entry":'))
     meta = MessageMeta(rec.project + "\n" + cwd if cwd is not None else rec.project,
@@ -5390,6 +5404,11 @@ class ServerSession(WebSocketEndpoint):
             assert self.ws is not None
             self.ws.send_prebuilt_frames(frames)
 
+    def output_drained(self) -> None:
+        super().output_drained()
+        if self.feed.phase is Phase.CATCHING_UP and self.unsent < self.limits.catchup_low_water:
+            self.server.step_soon()     # room for more history: now, not at the next tick
+
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         try:
             self.server.client_message(self, message)
@@ -5535,6 +5554,7 @@ class UsageRelay:
         self.dirty: Dict[SessionUsage, None] = {}
         self.hosts: Dict[SessionUsage, Optional[str]] = {}     # the machine of each session
         self._flush_timer: Optional[Timer] = None
+        self._yielded = 0               # history steps left out for clients catching up
 
     @property
     def complete(self) -> bool:
@@ -5594,7 +5614,14 @@ class UsageRelay:
 
     def _history_step(self) -> None:
         try:
-            self._read_history()
+            if not any(s.feed.phase is Phase.CATCHING_UP for s in self.subscribers):
+                self._read_history()
+                self._yielded = 0
+            elif self._yielded >= USAGE_YIELD_STEPS:
+                self._read_history()        # a client behind for long: the totals go on, slowly
+                self._yielded = 0
+            else:
+                self._yielded += 1          # a client waits for its history: it goes first
         finally:
             if self.history:
                 self.loop.call_later(self.limits.catchup_interval, self._history_step)
@@ -5730,6 +5757,7 @@ class StreamServer:
         self._poll_timer: Optional[Timer] = None
         self.shutting_down = False
         self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
+        self._catchup_busy = False      # the last catch-up tick used its whole budget: the next comes at once
         if self.usage is not None:
             self.broadcast.parsed = self.usage.count     # live lines' totals, decoded once
         self.box_status = BoxStatus(self.subscribers, wall, limits)    # a hub's boxes, if it has any
@@ -5941,9 +5969,19 @@ class StreamServer:
         due = self.tailer.next_due()
         if self.backpressure.congested_since is not None:
             due = now + self.limits.catchup_interval    # waiting for clients to drain, not for files
+        elif self._catchup_busy:
+            due = now
         elif any(s.feed.wants_steps for s in self.subscribers):
             due = min(due, now + self.limits.catchup_interval)
         self._poll_timer = self.loop.call_at(due, self._poll)
+
+    def step_soon(self) -> None:
+        """The next poll and catch-up step now (after the loop's I/O), if it was due later."""
+        timer = self._poll_timer
+        now = self.loop.time()
+        if timer is not None and timer.when > now:
+            timer.cancel()
+            self._poll_timer = self.loop.call_at(now, self._poll)
 
     def _poll(self) -> None:
         if self._poll_timer is not None:
@@ -5968,8 +6006,13 @@ class StreamServer:
         return self.backpressure.may_read(now, live)
 
     def catch_up(self) -> None:
-        """Step every client that is behind, a bounded amount per tick in all."""
+        """Step every client that is behind, a bounded amount per tick in all.
+
+        A tick that used its whole budget is followed by the next at once (after the
+        loop's I/O), not after ``catchup_interval``: a replay runs at the speed of
+        reading and sending, and live lines and other clients still come between."""
         budget = self.limits.catchup_tick_budget
+        self._catchup_busy = False
         for session in list(self.subscribers):
             if session.feed.phase is not Phase.CATCHING_UP or not session.open:
                 continue
@@ -5978,6 +6021,7 @@ class StreamServer:
             session.sync()
             budget -= used
             if budget <= 0:
+                self._catchup_busy = True
                 break
 
     def shutdown(self) -> None:
@@ -8676,6 +8720,14 @@ class ClientLink(WebSocketEndpoint):
     def on_message(self, message: Union[TextMessage, BinaryMessage]) -> None:
         self.app.on_message(self, message)
 
+    def _handle_input(self) -> None:
+        """The messages of one read, their output written together at the end."""
+        self.app.begin_input()
+        try:
+            super()._handle_input()
+        finally:
+            self.app.end_input()
+
     def output_drained(self) -> None:
         exporter = getattr(self.app, "exporter", None)
         if exporter is not None and exporter.paused:
@@ -9052,6 +9104,12 @@ class ClientApp:
         self.finished: Dict[ClientLink, None] = {}
         self.exit_code = EXIT_OK
         self.stopping = False
+        # While a link hands over what one read brought, output is gathered and written
+        # at its end (or past OUTPUT_GATHER_BYTES) in one write, not one per message.
+        # Nothing else runs meanwhile, so --state never sees a cursor before its write.
+        self._gathering = False
+        self._gathered: List[bytes] = []
+        self._gathered_bytes = 0
 
     def terminal_width(self) -> Optional[int]:
         """Columns of the terminal we write to, or None for a pipe or file (nothing cut)."""
@@ -9115,9 +9173,24 @@ class ClientApp:
         if all(link.stream is None or link.stream.closed for link in self.links):
             self.loop.stop()
 
+    def begin_input(self) -> None:
+        self._gathering = True
+
+    def end_input(self) -> None:
+        self._gathering = False
+        self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        if self._gathered:
+            data = b"".join(self._gathered)
+            self._gathered, self._gathered_bytes = [], 0
+            self._write(data)
+
     def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
             self.log.warn("%s sent a binary message; ignored" % link.url, key="peer")
+            return
+        if self.json_mode and self.exporter is None and self._entry_as_is(link, message.text):
             return
         try:
             msg = decode_line(message.text.encode("utf-8"), MAX_JSON_DEPTH + ENVELOPE_DEPTH)
@@ -9177,6 +9250,38 @@ class ClientApp:
         self._flush_timer = None
         self._write_lines(self.renderer.flush())
 
+    def _entry_as_is(self, link: ClientLink, text: str) -> bool:
+        """--json: an ``entry`` message written as it came, its cursor taken from the envelope.
+
+        The server checked the line; its envelope (path, offsets, ids) comes before
+        ``"entry":``, so that part alone is decoded: decoding each entry again here
+        was half of a replay's cost. False for anything else (the general path).
+        """
+        if not text.startswith(ENTRY_ENVELOPE_START) or "\n" in text:
+            return False            # another kind; or a line break that would split the NDJSON line
+        at = text.find(',"entry":')
+        if at < 0 or not text.endswith("}"):
+            return False
+        try:
+            head = _LINE_DECODER.decode(text[:at] + "}")
+        except ValueError:
+            return False
+        if not self._track(link, head):
+            return True             # a line we already have: never written twice
+        data = text.encode("utf-8") + b"\n"
+        if self._gathering:
+            self._gathered.append(data)
+            self._gathered_bytes += len(data)
+            if self._gathered_bytes >= OUTPUT_GATHER_BYTES:
+                self._write_gathered()
+        else:
+            self._write(data)
+        path = head.get("path")
+        if isinstance(path, str) and path in link.cursors:
+            link.acked[path] = link.cursors[path]   # written (or in this read's one write): the state may say so
+            self._state_changed()
+        return True
+
     @staticmethod
     def _track(link: ClientLink, msg: Dict[str, Any]) -> bool:
         """Move the link's cursor; False for a line we already have (never shown twice)."""
@@ -9196,12 +9301,16 @@ class ClientApp:
         return True
 
     def _write(self, data: bytes) -> None:
-        """Write all of ``data`` to stdout, now.
+        """Write all of ``data`` to stdout, now (after what was gathered, in order).
 
         os.write() in a loop, not sys.stdout.buffer: CPython's buffered writer
         was seen here to drop the rest of a message when a write blocked on a
         full pipe is interrupted (SIGSTOP/SIGCONT), and a message is never cut.
         """
+        if self._gathered:
+            self._gathered.append(data)
+            data = b"".join(self._gathered)
+            self._gathered, self._gathered_bytes = [], 0
         try:
             fd = self.out.fileno()
         except (AttributeError, ValueError, OSError):
@@ -9321,6 +9430,11 @@ class MirrorApp:
     def start(self) -> None:
         for link in self.links:
             link.connect()
+
+    def begin_input(self) -> None:
+        """ClientLink's hooks around one read's messages: nothing is gathered here."""
+
+    end_input = begin_input
 
     def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
         if not isinstance(message, TextMessage):
@@ -9515,6 +9629,11 @@ class PushApp:
         self.log.info("pushing to %s" % link.url)
         link.failures = 0
         self.server.adopt(link, Subscription(Filters(), hold=True))     # the hub's subscribe next
+
+    def begin_input(self) -> None:
+        """ClientLink's hooks around one read's messages: nothing is gathered here."""
+
+    end_input = begin_input
 
     def on_message(self, link: PushLink, message: Union[TextMessage, BinaryMessage]) -> None:
         self.server.client_message(link, message)       # type: ignore[arg-type]
