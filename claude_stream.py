@@ -173,7 +173,9 @@ LIVE_OUTPUT_CAP = 8 << 20           # unsent bytes past which a client gets no l
                                     # and is caught up from disk instead, from its cursors
 CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than this is unsent
 CATCHUP_FIRST_BLOCK = 16 << 10      # first read of each file behind: small, as there may be many
-CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step
+CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step, at most ...
+CATCHUP_READAHEAD = 4 << 20         # ... as the files a client is behind share this much read-ahead
+CATCHUP_MIN_BLOCK = 4 << 10         # ... but a read is never less than this
 CATCHUP_TICK_BUDGET = 4 << 20       # bytes read for all catching-up clients per loop tick
 CATCHUP_INTERVAL = 0.005            # seconds between catch-up steps while any client is behind
 CONGESTION_GRACE = 1.0              # seconds the tailer waits for a live client to drain
@@ -274,6 +276,7 @@ FRAME_COPY_MAX = 4096               # payloads up to this are joined to their he
 WAKE_DRAIN_BYTES = 4096             # signal wake-up bytes read per recv
 TIMESTAMP_LOOKAHEAD = 50            # read-ahead lines searched for a time to sort an untimed line
 HOUSEKEEPING_INTERVAL = 1.0         # seconds between checks for clients that read nothing
+MEMORY_RELEASE_INTERVAL = 5.0       # free memory given back at most this often (after a catch-up)
 SHUTDOWN_GRACE = 1.0                # seconds clients get to answer our close before we stop
 RETRY_AFTER = 5                     # seconds a refused client is told to wait (503)
 TIMER_SLACK = 0.01                  # a keepalive check is never scheduled closer than this
@@ -331,6 +334,8 @@ class Limits:
     catchup_low_water: int = CATCHUP_LOW_WATER
     catchup_first_block: int = CATCHUP_FIRST_BLOCK
     catchup_block: int = CATCHUP_BLOCK
+    catchup_min_block: int = CATCHUP_MIN_BLOCK
+    catchup_readahead: int = CATCHUP_READAHEAD
     catchup_tick_budget: int = CATCHUP_TICK_BUDGET
     catchup_interval: float = CATCHUP_INTERVAL
     congestion_grace: float = CONGESTION_GRACE
@@ -471,6 +476,28 @@ class TimerHeap:
         if when is None or when > now:
             return None
         return heapq.heappop(self._heap)[2]
+
+
+_MALLOC_TRIM: Any = None    # glibc's malloc_trim, False where there is none (musl, macOS)
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free pages back to the system.
+
+    Compiling this file at start-up (a script is never loaded from a cached .pyc)
+    leaves about 17 MB free but held in glibc's heap, and a replay's buffers leave
+    more: without this, a server's RSS stays at its highest ever. Cheap (a walk
+    of the free lists); called after start-up and after a client's history is sent.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (ImportError, OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 class Log:
@@ -930,6 +957,9 @@ def _reject_constant(name: str) -> None:
 
 
 _LINE_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # built once, not per line
+_NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
+
+
 def _nested_deeper(obj: Any, limit: int) -> bool:
     """Whether containers nest deeper than ``limit`` in a decoded line, walking its
     containers a level at a time. Asked only of lines with many brackets; most of
@@ -982,7 +1012,8 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
             raise MalformedLine(reason) from None
         if not isinstance(obj, dict):
             raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
-    if data.count(b"[") + data.count(b"{") > max_depth and _nested_deeper(obj, max_depth):
+    if len(data) > 2 * max_depth and len(data.translate(None, _NOT_OPENING)) > max_depth \
+            and _nested_deeper(obj, max_depth):     # one pass for the openers, not a count of each
         raise MalformedLine(too_deep)
     return obj
 
@@ -4950,9 +4981,13 @@ class Backlog:
         self.older = False                      # a timed line before the window was seen
         self.ready: Deque[LineMessage] = collections.deque()
         self.last_key = ""                      # for merging files in time order
+        self.taken = 0                          # messages merged so far (ties take turns)
 
-    def prepare(self, log: Log) -> Tuple[int, bool]:
-        """Ready the next message(s), applying ``since``, reading at most one block.
+    def prepare(self, log: Log, block: int) -> Tuple[int, bool]:
+        """Ready the next message(s), applying ``since``, reading blocks of ``block`` bytes
+        (the file's share of the feed's read-ahead), at most ``catchup_block`` a call.
+        A line longer than a block is read in blocks as long as what is held of it, so
+        a 12 MB line takes a dozen reads, not three thousand.
 
         Returns the bytes read and whether the file is read up to the live edge.
         A file that cannot be read becomes one ``gap`` in its place in the
@@ -4964,22 +4999,25 @@ class Backlog:
         read = 0
         while not self.ready:
             if not reader.lines:
-                if read:
-                    return read, False      # one block per call: the tick stays short
+                if read >= limits.catchup_block:
+                    return read, False      # enough for one call: the tick stays short
                 limit = self.rec.delivered_end if self.until is None else self.until
+                size = max(block if reader.blocks else min(block, limits.catchup_first_block), len(reader.pending))
                 try:
-                    read = reader.fill(limit, limits.catchup_block if reader.blocks
-                                       else limits.catchup_first_block)
+                    got = reader.fill(limit, size)
                 except OSError as exc:
                     self._unreadable(log, exc, limit)
                     return 0, False
-                if not read:
+                if not got:
+                    if read:
+                        return read, False
                     # Untimed lines at the end: in the window if the file has no time of its own
                     # but its mtime (a copied file's is new); after older timed lines, not.
                     if self.held and not self.older and self.rec.mtime >= (self.since or 0):
                         self.ready.extend(self.held)
                     self.held = []
                     return 0, not self.ready
+                read += got
                 continue
             offset, line = reader.lines.popleft()
             message = line_message(self.rec, offset, line) if line is not None \
@@ -5008,6 +5046,12 @@ class Backlog:
         self.ready.append(gap_message(self.rec, self.reader.line_start,
                                       "cannot read: %s" % (exc.strerror or exc)))
         self.reader.give_up(limit)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read ahead and not made into messages yet."""
+        reader = self.reader
+        return reader.read_pos - (reader.lines[0][0] if reader.lines else reader.line_start)
 
     @property
     def next_offset(self) -> int:
@@ -5076,7 +5120,15 @@ class Feed:
         self.phase = Phase.LIVE
         self.position: Dict[str, int] = {}
         self.backlog: Dict[str, Backlog] = {}
-        self._merge_seq = 0
+        self._held = 0                          # bytes the files read ahead: see step
+        # The merge across files, kept from step to step (rebuilt when the backlog
+        # changes otherwise): a heap of the files whose next message is ready, and
+        # the files still to ready theirs. Rebuilt every step, it cost a call per
+        # file behind per step: 800 files, 350,000 calls in a replay.
+        self._merge_valid = False
+        self._heads: List[Tuple[str, int, int, str]] = []   # (time key, lines taken, rank, path)
+        self._unready: Dict[str, None] = {}
+        self._rank: Dict[str, int] = {}         # each file's place in the backlog's order
 
     @property
     def wants_steps(self) -> bool:
@@ -5086,6 +5138,7 @@ class Feed:
     def subscribe(self, sub: Subscription, files: Iterable[FileRecord], acknowledge: bool) -> List[bytes]:
         """Apply filters, cursors and history; files behind go to the backlog."""
         self.filters = sub.filters
+        self._merge_valid = False           # the backlog changes: the merge starts again
         if sub.hold:
             self.phase = Phase.HELD
             return []
@@ -5162,6 +5215,7 @@ class Feed:
                                    % ((self.limits.live_output_cap - room) >> 10))
                     self.phase = Phase.CATCHING_UP
                 backlog[rel] = Backlog(rec, message.offset, self.limits)
+                self._merge_valid = False
                 continue
             frames.append(message.frame)
             room -= len(message.frame)
@@ -5174,11 +5228,13 @@ class Feed:
         self.position.pop(rel, None)
         if rel in self.backlog:
             self.backlog[rel] = Backlog(rec, 0, self.limits)
+            self._merge_valid = False
         return [notice[0]] if self.filters.match(notice[1]) else []
 
     def file_removed(self, rec: FileRecord) -> None:
         self.position.pop(rec.rel, None)
-        self.backlog.pop(rec.rel, None)
+        if self.backlog.pop(rec.rel, None) is not None:
+            self._merge_valid = False
 
     def step(self, budget: int, unsent: int) -> Tuple[List[bytes], int]:
         """Catch up: (frames, bytes read and sent), the oldest line first across files.
@@ -5193,20 +5249,31 @@ class Feed:
             return [], 0
         frames: List[bytes] = []
         used = 0
-        heads: List[Tuple[str, int, str]] = []      # (time key, tie-break, path)
+        if not self._merge_valid:
+            self._heads, self._unready = [], dict.fromkeys(self.backlog)
+            self._rank = {rel: rank for rank, rel in enumerate(self.backlog)}
+            # What the files read ahead, together, stays within the feed's read-ahead:
+            # a file reads what is left of it (at least catchup_min_block), so 800 files
+            # behind hold a few MiB between them, not a block each, while the one being
+            # sent reads big blocks. Counted here, then what reads add and sends take.
+            self._held = sum(backlog.buffered for backlog in self.backlog.values())
+            self._merge_valid = True
+        heads, unready = self._heads, self._unready
         complete = True
-        for rel, backlog in list(self.backlog.items()):
+        for rel in list(unready):           # files whose next message is not ready yet
             if used >= budget:
                 complete = False
                 break
-            read, scanning = self._refill(rel, backlog, heads)
+            read, scanning = self._refill(rel, self.backlog[rel], heads)
             used += read
             complete = complete and not scanning
         low_water = self.limits.catchup_low_water
         while complete and heads and used < budget and unsent < low_water:
-            rel = heapq.heappop(heads)[2]
+            rel = heapq.heappop(heads)[-1]
             backlog = self.backlog[rel]
             message = backlog.ready.popleft()
+            backlog.taken += 1
+            self._held -= message.next - message.offset
             if backlog.until is None:       # a range sent again leaves the position where it was
                 self.position[rel] = message.next
             if self.filters.match(message.meta):
@@ -5221,19 +5288,25 @@ class Feed:
             frames.append(LIVE_MESSAGE)
         return frames, used
 
-    def _refill(self, rel: str, backlog: Backlog, heads: List[Tuple[str, int, str]]) -> Tuple[int, bool]:
+    def _refill(self, rel: str, backlog: Backlog, heads: List[Tuple[str, int, int, str]]) -> Tuple[int, bool]:
         """Ready the backlog's next line and push it on the merge heap; drop it when done.
 
         Returns the bytes read and whether the file is still scanning for its window.
         """
-        read, exhausted = backlog.prepare(self.log)
+        limits = self.limits
+        block = max(limits.catchup_min_block, min(limits.catchup_block, limits.catchup_readahead - self._held))
+        read, exhausted = backlog.prepare(self.log, block)
+        self._held += read
         if backlog.ready:
-            self._merge_seq += 1
-            heapq.heappush(heads, (backlog.sort_key(), self._merge_seq, rel))
+            # Ties (lines of the same time in several files) go a line from each file in
+            # turn, the files in the backlog's order, whatever the steps' boundaries.
+            heapq.heappush(heads, (backlog.sort_key(), backlog.taken, self._rank[rel], rel))
+            self._unready.pop(rel, None)
             return read, False
         rec = backlog.rec
         if exhausted or rec.gone:
             del self.backlog[rel]           # caught up: live delivery takes over
+            self._unready.pop(rel, None)
             after = backlog.then
             if after is None:
                 at = self.position[rel] = max(self.position.get(rel, 0), backlog.next_offset)
@@ -5244,6 +5317,7 @@ class Feed:
             self.backlog[rel] = after       # a range is sent: what the file gained meanwhile
             more, scanning = self._refill(rel, after, heads)
             return read + more, scanning
+        self._unready[rel] = None           # still looking for its next message
         return read, True
 
 
@@ -5758,6 +5832,8 @@ class StreamServer:
         self.shutting_down = False
         self.usage = None if prices is None else UsageRelay(loop, tailer, self.subscribers, log, prices, limits)
         self._catchup_busy = False      # the last catch-up tick used its whole budget: the next comes at once
+        self.caught_up = False          # a client's catch-up ended since memory was last released
+        self._released_at = 0.0
         if self.usage is not None:
             self.broadcast.parsed = self.usage.count     # live lines' totals, decoded once
         self.box_status = BoxStatus(self.subscribers, wall, limits)    # a hub's boxes, if it has any
@@ -5960,6 +6036,9 @@ class StreamServer:
             elif now - session.progress[1] >= timeout:
                 self.log.info("closing a client that read nothing for %gs" % timeout, key="clients")
                 session.close(CLOSE_TOO_SLOW, "too slow: reconnect and resume from your cursors")
+        if self.caught_up and now - self._released_at >= MEMORY_RELEASE_INTERVAL:
+            self.caught_up, self._released_at = False, now
+            release_free_memory()           # what the history's buffers held, back to the system
         self.loop.call_later(self.limits.housekeeping_interval, self._check_slow_clients)
 
     # --- the stream -------------------------------------------------------------
@@ -6019,6 +6098,8 @@ class StreamServer:
             frames, used = session.feed.step(budget, session.unsent)
             session.send_frames(frames)
             session.sync()
+            if session.feed.phase is Phase.LIVE:
+                self.caught_up = True
             budget -= used
             if budget <= 0:
                 self._catchup_busy = True
@@ -10075,6 +10156,7 @@ def run_serve(args: argparse.Namespace, log: Log) -> int:
     # the whole run: keep the garbage collector from walking it again in every
     # full collection during a burst (a quarter of the CPU of a 100k-line burst).
     gc.freeze()
+    release_free_memory()
     watching = ["%s" % r.path for r in tailer.discovery.roots if r.present]
     waiting = [r.path for r in tailer.discovery.roots if not r.present]
     page = ("https" if tls else "http") + server.url[server.url.index(":"):] + (
@@ -10204,6 +10286,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_ERROR
 
 
+# Run as a script, Python keeps the whole file's syntax tree (about 17 MB) until the
+# script ends, so a server run for days would carry it for days. ``serve`` therefore
+# starts the same interpreter again, with the same
+# flags, in the same process (exec: same pid, signals, descriptors), loading this
+# file as a module: its tree is freed once compiled, and the bytecode is cached
+# where Python caches it. CLAUDE_STREAM_NO_REEXEC=1 turns this off.
+_REEXEC = ("import importlib.util, sys; path = sys.argv[1]; "
+           "spec = importlib.util.spec_from_file_location('claude_stream', path); "
+           "module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec); "
+           "spec.loader.exec_module(module); sys.argv[:2] = [path]; sys.exit(module.main())")
+
+
+def reexec_as_module(argv: List[str]) -> None:
+    """exec this file again as a module, for ``serve``; returns if not (a client starts
+    faster without: its first line matters more than 17 MB)."""
+    path = globals().get("__file__")
+    if argv[1:2] != ["serve"] or os.name != "posix" or not path \
+            or os.environ.get("CLAUDE_STREAM_NO_REEXEC") or not sys.executable:
+        return
+    import subprocess as flags_of          # its helper says which -X/-W/-O/... this Python got
+    command = [sys.executable] + flags_of._args_from_interpreter_flags() + [
+        "-c", _REEXEC, os.path.abspath(path)] + argv[1:]
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
+    except OSError:
+        pass                        # run as we are: only the memory differs
+
+
 if __name__ == "__main__":
+    reexec_as_module(sys.argv)
     sys.exit(main())
 
