@@ -175,7 +175,8 @@ CATCHUP_LOW_WATER = 1 << 20         # catch-up reads more only while less than t
 CATCHUP_FIRST_BLOCK = 16 << 10      # first read of each file behind: small, as there may be many
 CATCHUP_BLOCK = 256 << 10           # bytes read per file per catch-up step, at most ...
 CATCHUP_READAHEAD = 4 << 20         # ... as the files a client is behind share this much read-ahead
-CATCHUP_MIN_BLOCK = 4 << 10         # ... but a read is never less than this
+CATCHUP_MIN_BLOCK = 4 << 10         # ... but a read is never less than this, unless the files
+CATCHUP_LEAST_BLOCK = 512           # are so many that it must be, down to this
 CATCHUP_TICK_BUDGET = 4 << 20       # bytes read for all catching-up clients per loop tick
 CATCHUP_INTERVAL = 0.005            # seconds between catch-up steps while any client is behind
 CONGESTION_GRACE = 1.0              # seconds the tailer waits for a live client to drain
@@ -5130,6 +5131,7 @@ class Feed:
         self.position: Dict[str, int] = {}
         self.backlog: Dict[str, Backlog] = {}
         self._held = 0                          # bytes the files read ahead: see step
+        self._floor = limits.catchup_min_block  # the least a file reads at once: see step
         # The merge across files, kept from step to step (rebuilt when the backlog
         # changes otherwise): a heap of the files whose next message is ready, and
         # the files still to ready theirs. Rebuilt every step, it cost a call per
@@ -5262,10 +5264,14 @@ class Feed:
             self._heads, self._unready = [], dict.fromkeys(self.backlog)
             self._rank = {rel: rank for rank, rel in enumerate(self.backlog)}
             # What the files read ahead, together, stays within the feed's read-ahead:
-            # a file reads what is left of it (at least catchup_min_block), so 800 files
-            # behind hold a few MiB between them, not a block each, while the one being
-            # sent reads big blocks. Counted here, then what reads add and sends take.
+            # a file reads what is left of it, so 800 files behind hold a few MiB between
+            # them, not a block each, while the one being sent reads big blocks. Counted
+            # here, then what reads add and sends take. The least a read takes is
+            # catchup_min_block, less when so many files are behind that those would
+            # pass the read-ahead (50,000 files: 512 bytes, a line read in a few).
             self._held = sum(backlog.buffered for backlog in self.backlog.values())
+            self._floor = max(CATCHUP_LEAST_BLOCK, min(self.limits.catchup_min_block,
+                                                       self.limits.catchup_readahead // max(1, len(self.backlog))))
             self._merge_valid = True
         heads, unready = self._heads, self._unready
         complete = True
@@ -5306,7 +5312,7 @@ class Feed:
             read, exhausted = 0, False      # messages made from what was read already
         else:
             limits = self.limits
-            block = max(limits.catchup_min_block, min(limits.catchup_block, limits.catchup_readahead - self._held))
+            block = max(self._floor, min(limits.catchup_block, limits.catchup_readahead - self._held))
             read, exhausted = backlog.prepare(self.log, block)
             self._held += read
         if backlog.ready:
