@@ -253,6 +253,59 @@ class DecodeLineTests(unittest.TestCase):
                 cs.decode_line(data)
             self.assertIn(reason, str(caught.exception))
 
+    def test_the_depth_limit_is_exact_whatever_the_length_of_the_line(self):
+        # Nesting is checked after decoding, and only for lines longer than 2 * max_depth
+        # with more than max_depth openers: the shortest line one level too deep (one
+        # opener per level, every opener a container) must still be refused.
+        def nested(depth, key=b'""'):       # the shortest object-rooted line of this depth
+            inner = b"[" * (depth - 1) + b"]" * (depth - 1) if depth > 1 else b"1"
+            return b"{" + key + b":" + inner + b"}"
+        for limit in (1, 2, 3, 10, 199, cs.MAX_JSON_DEPTH):
+            for key in (b'""', b'"a"'):
+                ok, deep = nested(limit, key), nested(limit + 1, key)
+                self.assertEqual(cs.decode_line(ok, limit), json.loads(ok), (limit, len(ok)))
+                with self.assertRaises(cs.MalformedLine, msg=(limit, len(deep))) as caught:
+                    cs.decode_line(deep, limit)
+                self.assertIn("nested deeper than %d levels" % limit, str(caught.exception))
+        self.assertEqual(len(nested(201)), 405)     # 2 * 200 + 5 bytes: just past the shortcut
+        objects = b'{"a":' * cs.MAX_JSON_DEPTH + b"1" + b"}" * cs.MAX_JSON_DEPTH
+        self.assertIn("a", cs.decode_line(objects))
+        mixed = b'{"a":[' * 100 + b"1" + b"]}" * 100            # 200: an object, a list, ...
+        self.assertIn("a", cs.decode_line(mixed))
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(b'{"a":[' * 100 + b'{"b":1}' + b"]}" * 100)     # 201
+        # The deepest branch counts, wherever it is among shallow ones.
+        wide = b'{"x":[' + b"[]," * 500 + b"[" * 199 + b"]" * 199 + b"]}"
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(wide)
+        self.assertEqual(len(cs.decode_line(wide.replace(b"[" * 199, b"[" * 198, 1)
+                                            .replace(b"]" * 199, b"]" * 198, 1))["x"]), 501)
+
+    def test_a_line_too_deep_for_this_pythons_decoder_has_the_same_reason(self):
+        # 100,000 levels stop 3.8's and 3.11's decoders with RecursionError (3.13 may
+        # decode them): the same MalformedLine either way, never the RecursionError.
+        for data in (b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}",
+                     b'{"a":' * 100000 + b"1" + b"}" * 100000,
+                     b'{"a":' + b'[{"b":' * 50000 + b"1" + b"}]" * 50000 + b"}",
+                     b' {"a":' + b"[" * 100000 + b"]" * 100000 + b"} "):     # the full decoder's path
+            with self.assertRaises(cs.MalformedLine, msg=data[:12]) as caught:
+                cs.decode_line(data)
+            self.assertEqual(str(caught.exception), "invalid JSON: nested deeper than 200 levels")
+        self.assertEqual(cs.decode_line(b'{"type":"user"}'), {"type": "user"})   # nothing left behind
+
+    def test_brackets_inside_strings_never_count(self):
+        text = "[[[[{{{{" * 12500                   # 100 KB of openers, all in strings
+        for data in (json.dumps({"type": "user", "x": text}).encode(),
+                     json.dumps({"type": "user", text[:300]: [text, {"y": text}]}).encode(),
+                     json.dumps({"type": "user", "x": "\\\"" + text + "\\"}).encode(),
+                     json.dumps({"type": "user", "x": [[[text]]],
+                                 "deep": json.loads("[" * 190 + "]" * 190)}).encode()):
+            self.assertEqual(cs.decode_line(data)["type"], "user")
+        # ... while real depth next to them still does.
+        data = json.dumps({"type": "user", "x": text, "deep": json.loads("[" * 200 + "]" * 200)}).encode()
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(data)
+
     def test_excerpt_is_short_and_printable(self):
         self.assertEqual(cs.excerpt(b"abc"), "abc")
         text = cs.excerpt(b"\xff\x00" + b"x" * 500, limit=10)
