@@ -24,6 +24,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import select
 import selectors
@@ -2001,6 +2002,142 @@ class FeedTests(TailerTestCase):
                     {"until": {"p/": 0}}, {"until": []}):
             with self.assertRaises(ValueError, msg=bad):
                 cs.Subscription.from_message(dict({"kind": "subscribe"}, **bad), time.time())
+
+
+def decoded_entries(frames, decoder):
+    """(path, offset, uuid, timestamp) of each entry frame, in order; other kinds by name."""
+    out = []
+    for frame in frames:
+        decoder.receive_data(frame)
+        message = json.loads(decoder.next_event().text)
+        if message["kind"] == "entry":
+            entry = message["entry"]
+            out.append((message["path"], message["offset"], entry.get("uuid"), entry.get("timestamp")))
+        else:
+            out.append(message["kind"])
+    return out
+
+
+class CatchUpMergeTests(TailerTestCase):
+    """Feed.step's merge across files, kept from step to step: the same order whatever
+    the steps' boundaries, ties a line from each file in turn, every line exactly once."""
+
+    LIMITS = cs.Limits(catchup_first_block=256, catchup_block=1024, catchup_min_block=256,
+                       catchup_readahead=4096)
+
+    def tree(self, files):
+        """files: name -> [(uuid, timestamp or None)]; the tailer that read them."""
+        root = tempfile.mkdtemp(dir=self.tmp.name)
+        os.makedirs(os.path.join(root, "p"))
+        for name, lines in files.items():
+            append(os.path.join(root, "p", name), "".join(
+                json.dumps(dict({"type": "user", "uuid": uuid, "pad": "x" * (37 * len(uuid) % 200)},
+                                **({"timestamp": stamp} if stamp else {}))) + "\n" for uuid, stamp in lines))
+        tailer = self.make_tailer([root], self.LIMITS)
+        self.poll(tailer)
+        return root, tailer
+
+    def replay(self, tailer, budget, between=None):
+        """Subscribe since all and step with ``budget`` until live; the entries in order."""
+        feed = cs.Feed(self.LIMITS, tailer.log)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        got = decoded_entries(feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf")),
+                                             tailer.files.values(), acknowledge=True), decoder)
+        order = list(feed.backlog)
+        for steps in range(100000):
+            if feed.phase is cs.Phase.LIVE:
+                break
+            got += decoded_entries(feed.step(budget, 0)[0], decoder)
+            if between is not None:
+                got += decoded_entries(between(feed, steps), decoder)
+        self.assertIs(feed.phase, cs.Phase.LIVE)
+        self.assertEqual(got[0], "subscribed")
+        self.assertEqual(got[-1], "live")
+        if budget <= 100:
+            self.assertGreater(steps, 20)         # the merge spans many steps
+        return [e for e in got if isinstance(e, tuple)], order
+
+    def test_ties_take_turns_in_the_backlogs_order_whatever_the_budget(self):
+        # Four files, three times with three lines each of every file: the files take
+        # turns, a line each, in the backlog's order, however many steps the merge spans.
+        stamps = ["2026-01-02T03:04:0%d.000Z" % k for k in range(3)]
+        names = ["d.jsonl", "a.jsonl", "c.jsonl", "b.jsonl"]
+        files = {n: [("%s-%d-%d" % (n[0], k, i), stamps[k]) for k in range(3) for i in range(3)] for n in names}
+        _, tailer = self.tree(files)
+        one_step, order = self.replay(tailer, 1 << 30)
+        self.assertEqual(sorted(order), ["p/" + n for n in sorted(names)])
+        turns = ["%s-%d-%d" % (rel[2], k, i) for k in range(3) for i in range(3) for rel in order]
+        self.assertEqual([e[2] for e in one_step], turns)
+        for budget in (1, 100, 333, 1000, 5000):
+            many_steps, _ = self.replay(tailer, budget)
+            self.assertEqual(many_steps, one_step, budget)
+
+    def test_each_line_once_in_time_order_whatever_the_budget(self):
+        # Five files of lines at random times (many equal), untimed lines among them.
+        rng = random.Random(7)
+        files = {}
+        for f in range(5):
+            times = sorted(rng.randrange(40) for _ in range(rng.randrange(20, 60)))
+            files["s%d.jsonl" % f] = [("%d-%d" % (f, i), None if rng.random() < 0.1 else
+                                       "2026-01-02T03:%02d:00.000Z" % t) for i, t in enumerate(times)]
+        _, tailer = self.tree(files)
+        one_step, _ = self.replay(tailer, 1 << 30)
+        expected = {"p/" + name: [u for u, _ in lines] for name, lines in files.items()}
+        for budget in (1, 50, 700, 1 << 30):
+            got, _ = self.replay(tailer, budget)
+            self.assertEqual(got, one_step, budget)
+            by_file = {}
+            for path, offset, uuid, _ in got:
+                by_file.setdefault(path, []).append(uuid)
+            self.assertEqual(by_file, expected, budget)         # each once, in file order
+            timed = [stamp for _, _, _, stamp in got if stamp]
+            self.assertEqual(timed, sorted(timed), budget)      # and in time order across files
+
+    def test_a_live_line_offered_mid_catch_up_arrives_exactly_once(self):
+        # c.jsonl is caught up (its cursor at its end); a line written to it while a and b
+        # are still replaying puts it in the backlog, after the merge began: it must come,
+        # once, as must lines written meanwhile to a file still in the backlog.
+        stamp = "2026-01-02T03:04:05.000Z"
+        files = {"a.jsonl": [("a-%d" % i, stamp) for i in range(30)],
+                 "b.jsonl": [("b-%d" % i, stamp) for i in range(30)],
+                 "c.jsonl": [("c-0", stamp)]}
+        root, tailer = self.tree(files)
+        for budget in (1, 300, 1 << 30):
+            feed = cs.Feed(self.LIMITS, tailer.log)
+            client = FeedClient(feed)
+            c = next(r for r in tailer.files.values() if r.rel == "p/c.jsonl")
+            sub = cs.Subscription(cs.Filters(), cursors={"p/a.jsonl": 0, "p/b.jsonl": 0, "p/c.jsonl": c.line_start})
+            client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
+            self.assertEqual(sorted(feed.backlog), ["p/a.jsonl", "p/b.jsonl"])
+            broadcast = cs.Broadcast(tailer.log, self.LIMITS)
+            written, joined = [], 0
+            for steps in range(100000):
+                if feed.phase is cs.Phase.LIVE:
+                    break
+                client.send_frames(feed.step(budget, 0)[0])
+                if steps in (2, 5) or (budget > 1 << 20 and steps == 0):
+                    for name in ("c.jsonl", "a.jsonl"):
+                        uuid = "%s-live-%d-%d" % (name[0], budget, steps)
+                        append(os.path.join(root, "p", name), json.dumps({"type": "user", "uuid": uuid}) + "\n")
+                        written.append(uuid)
+                    catching_up = feed.phase is cs.Phase.CATCHING_UP
+                    broadcast.publish(self.poll(tailer), [client])
+                    if catching_up:             # c joined the backlog while the merge was under way
+                        self.assertIn("p/c.jsonl", feed.backlog)
+                        joined += 1
+            self.assertIs(feed.phase, cs.Phase.LIVE, budget)
+            self.assertGreaterEqual(joined, 0 if budget > 1 << 20 else 2, budget)
+            for _ in range(3):                  # anything left comes live
+                broadcast.publish(self.poll(tailer), [client])
+                client.send_frames(feed.step(budget, 0)[0])
+            self.assertEqual(client.duplicates, [], budget)
+            self.assertEqual(client.out_of_order, [], budget)
+            got = [u for uuids in client.entries.values() for u in uuids]
+            for uuid in written:
+                self.assertEqual(got.count(uuid), 1, (budget, uuid))
+            self.assertEqual(client.entries["p/b.jsonl"], ["b-%d" % i for i in range(30)])
+            files["a.jsonl"] += [(u, None) for u in written if u.startswith("a-")]
+            self.assertEqual(client.entries["p/a.jsonl"], [u for u, _ in files["a.jsonl"]], budget)
 
 
 class SlowClientTests(unittest.TestCase):
