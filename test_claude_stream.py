@@ -17,6 +17,7 @@ Environment:
 
 import ast
 import base64
+import collections
 import errno
 import fcntl
 import hashlib
@@ -2138,6 +2139,78 @@ class CatchUpMergeTests(TailerTestCase):
             self.assertEqual(client.entries["p/b.jsonl"], ["b-%d" % i for i in range(30)])
             files["a.jsonl"] += [(u, None) for u in written if u.startswith("a-")]
             self.assertEqual(client.entries["p/a.jsonl"], [u for u, _ in files["a.jsonl"]], budget)
+
+
+class ReadAheadTests(TailerTestCase):
+    """The files a client is behind in share one read-ahead: memory bounded by it (and a
+    minimum block per file), not by a block per file; a long line read in growing blocks."""
+
+    LIMITS = cs.Limits(catchup_readahead=64 << 10, catchup_min_block=1 << 10)
+
+    def catch_up(self, root, check):
+        tailer = self.make_tailer([root], self.LIMITS)
+        self.poll(tailer)
+        feed = cs.Feed(self.LIMITS, tailer.log)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        got = decoded_entries(feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf")),
+                                             tailer.files.values(), acknowledge=True), decoder)
+        for _ in range(100000):
+            if feed.phase is cs.Phase.LIVE:
+                break
+            frames, _ = feed.step(self.LIMITS.catchup_tick_budget, 0)
+            got += decoded_entries(frames, decoder)
+            check(feed)
+        self.assertIs(feed.phase, cs.Phase.LIVE)
+        return [e for e in got if isinstance(e, tuple)]
+
+    def test_300_files_behind_hold_the_shared_read_ahead_not_a_block_each(self):
+        root = os.path.join(self.tmp.name, "many")
+        os.makedirs(os.path.join(root, "p"))
+        files, lines = 300, 128
+        for f in range(files):          # 64 KB each, their lines at the same times: the merge
+            append(os.path.join(root, "p", "s%03d.jsonl" % f), "".join(   # takes a line of each in turn
+                json.dumps({"type": "user", "uuid": "%d-%d" % (f, k), "pad": "x" * (400 + (f * k) % 100),
+                            "timestamp": "2026-01-02T03:%02d:%02d.000Z" % divmod(k, 60)}) + "\n"
+                for k in range(lines)))
+        longest = 600
+        bound = self.LIMITS.catchup_readahead + files * self.LIMITS.catchup_min_block + longest
+        peak = [0]
+
+        def check(feed):
+            held = sum(b.buffered for b in feed.backlog.values())
+            peak[0] = max(peak[0], held)
+            self.assertLessEqual(held, bound)
+        got = self.catch_up(root, check)
+        self.assertEqual(len(got), files * lines)
+        self.assertEqual(len(set((path, offset) for path, offset, _, _ in got)), files * lines)
+        self.assertGreater(peak[0], self.LIMITS.catchup_readahead // 2)    # it was used, and held
+
+    def test_a_3_mb_line_among_small_ones_comes_whole_in_few_reads(self):
+        root = os.path.join(self.tmp.name, "long")
+        os.makedirs(os.path.join(root, "p"))
+        for f in range(5):
+            append(os.path.join(root, "p", "small%d.jsonl" % f), "".join(
+                entry_line(k, uuid="s%d-%d" % (f, k), pad="y" * 3000) for k in range(40)))
+        big = os.path.join(root, "p", "big.jsonl")
+        huge = "z" * (3 << 20)
+        append(big, entry_line(0, uuid="before") + entry_line(1, uuid="huge", pad=huge)
+               + entry_line(2, uuid="after"))
+        reads = collections.Counter()
+        fill = cs.LineReader.fill
+
+        def counting_fill(reader, limit, block=cs.READ_BLOCK):
+            reads[reader.abspath] += 1
+            return fill(reader, limit, block)
+        cs.LineReader.fill = counting_fill
+        self.addCleanup(setattr, cs.LineReader, "fill", fill)
+        got = self.catch_up(root, lambda feed: None)
+        self.assertEqual([u for p, _, u, _ in got if p == "p/big.jsonl"], ["before", "huge", "after"])
+        self.assertEqual(len(got), 5 * 40 + 3)
+        # Read in blocks as long as what is held of it: a dozen reads, not 3 MB / 1 KiB.
+        self.assertLess(reads[big], 40)
+        self.assertGreater((3 << 20) // self.LIMITS.catchup_min_block, 40 * 50)
+        for f in range(5):              # the small files were not starved of their share either
+            self.assertLess(reads[os.path.join(root, "p", "small%d.jsonl" % f)], 200)
 
 
 class SlowClientTests(unittest.TestCase):
