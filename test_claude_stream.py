@@ -2213,6 +2213,84 @@ class ReadAheadTests(TailerTestCase):
             self.assertLess(reads[os.path.join(root, "p", "small%d.jsonl" % f)], 200)
 
 
+class EnvelopeTests(unittest.TestCase):
+    """An entry's envelope pieces are remembered per file and (session, agent, type, cwd):
+    each line still gets its own envelope and filters' view, and the memory is bounded."""
+
+    @staticmethod
+    def record(host=None):
+        return cs.FileRecord("/r", "-home-u-alpha/f1le.jsonl", "/r/-home-u-alpha/f1le.jsonl", "-home-u-alpha",
+                             "f1le", None, 0, 0, 0, 0, 0.0, host=host)
+
+    def test_lines_of_one_file_get_their_own_envelope_and_filters_whatever_the_cache_holds(self):
+        rng = random.Random(3)
+        sessions = ["s-one", "s-two", "s-three", "s-four", "s-five", None, 17]
+        cwds = ["/home/u/alpha", "/home/u/BETA", "/srv/gamma", None, ["not", "a", "path"]]
+        kinds = ["user", "assistant", "system", "progress", None]
+        filters = [cs.Filters.from_lists(*f) for f in (
+            (["beta"], [], []), (["alpha"], [], []), (["gamma"], ["s-t"], []), ([], ["s-f"], ["user"]),
+            ([], ["f1le"], ["assistant", "system"]), ([], ["agent-7"], []), ([], [], []))]
+        rec, offset, variants = self.record(host="box"), 0, set()
+        for n in range(600):
+            obj = {"uuid": "u-%d" % n, "n": "\u00e9\u2028\"\\" * (n % 3)}
+            for key, values in (("sessionId", sessions), ("cwd", cwds), ("type", kinds)):
+                value = rng.choice(values)
+                if value is not None:
+                    obj[key] = value
+            if rng.random() < 0.2:
+                obj.update(isSidechain=True, agentId="agent-%d" % rng.randrange(9))
+            line = json.dumps(obj, ensure_ascii=False).encode()
+            message = cs.line_message(rec, offset, line)
+            fresh = cs.line_message(self.record(host="box"), offset, line)    # nothing remembered
+            self.assertEqual(message.frame, fresh.frame, obj)
+            self.assertEqual(message.meta, fresh.meta, obj)
+            self.assertLessEqual(len(rec.envelopes), cs.ENVELOPES_PER_FILE)
+            decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+            decoder.receive_data(message.frame)
+            text = decoder.next_event().text
+            envelope = json.loads(text)
+            session = obj.get("sessionId") if isinstance(obj.get("sessionId"), str) else "f1le"
+            agent = obj.get("agentId")
+            cwd = obj.get("cwd") if isinstance(obj.get("cwd"), str) else None
+            self.assertEqual(envelope, {"kind": "entry", "path": "-home-u-alpha/f1le.jsonl", "offset": offset,
+                                        "next": offset + len(line) + 1, "project": "-home-u-alpha",
+                                        "session": session, "agent": agent, "host": "box", "entry": obj})
+            self.assertEqual(text.split(',"entry":', 1)[1][:-1].encode(), line)   # the line's own bytes
+            for f in filters:
+                where = ("-home-u-alpha" + ("\n" + cwd if cwd else "")).lower()
+                expected = ((not f.projects or any(p in where for p in f.projects))
+                            and (not f.sessions or any(i.startswith(s) for s in f.sessions
+                                                       for i in filter(None, ("f1le", session, agent))))
+                            and (not f.types or obj.get("type") in f.types))
+                self.assertEqual(f.match(message.meta), expected, (obj, f))
+            variants.add((session, agent, obj.get("type") if isinstance(obj.get("type"), str) else "", cwd))
+            offset += len(line) + 1
+        self.assertGreater(len(variants), 2 * cs.ENVELOPES_PER_FILE)    # the cache was cleared, and refilled
+
+    def test_frame_headers_at_the_length_encodings_edges(self):
+        rec = cs.FileRecord("/r", "p/s", "/r/p/s", "p", None, None, 0, 0, 0, 0, 0.0)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        decoder.receive_data(cs.line_message(rec, 100, b'{"":""}').frame)   # 3 digits up to 65537
+        base = len(decoder.next_event().text.encode())     # the payload with an empty pad
+        self.assertLessEqual(base, 125)
+        for size in (125, 126, 127, 65535, 65536, 65537):
+            pad = size - base
+            for _ in range(3):          # the "next" offset's digits grow with the line
+                line = b'{"":"' + b"x" * pad + b'"}'
+                frame = cs.line_message(rec, 100, line).frame
+                decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+                decoder.receive_data(frame)
+                pad += size - len(decoder.next_event().text.encode())
+            line = b'{"":"' + b"x" * pad + b'"}'
+            frame = cs.line_message(rec, 100, line).frame
+            header = cs.frame_header(cs.Opcode.TEXT, size)
+            self.assertEqual(frame[:len(header)], header, size)
+            self.assertEqual(len(frame), len(header) + size, size)
+            decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+            decoder.receive_data(frame)
+            self.assertEqual(json.loads(decoder.next_event().text)["entry"][""], "x" * pad)
+
+
 class SlowClientTests(unittest.TestCase):
     """In process, with shortened limits: a client that stops reading."""
 
