@@ -5928,6 +5928,55 @@ class StateTests(unittest.TestCase):
                 msg = json.loads(line)
                 self.assertGreaterEqual(msg["offset"], saved.get(msg["path"], 0))
 
+    def test_a_kill_9_mid_burst_loses_nothing_and_the_state_never_runs_ahead_of_the_output(self):
+        # client --json writes one read's entries in one write, and --state must never hold
+        # a cursor whose line is not in the output yet: kill -9 it while lines pour in.
+        self.write(2000)
+        server = ServerProcess(self, [self.root])
+        first = self.run_client(server)
+        self.uuids(first, 2000)
+        ends = {}
+        for line in first.stdout.lines:
+            if line.startswith('{"kind":"entry"'):
+                msg = json.loads(line)
+                ends[msg["path"]] = msg["next"]
+
+        def saved():
+            try:
+                with open(self.state) as fh:
+                    return json.load(fh)["links"][server.url]["cursors"]
+            except (OSError, ValueError, KeyError):
+                return {}
+        wait_for(lambda: all(saved().get(p, 0) >= n for p, n in ends.items()),
+                 message="a save of the first 2000 lines")
+        for _ in range(5):          # a burst, the client still writing it when it dies
+            self.write(300)
+            first.stdout.pump(0)
+        first.proc.kill()
+        first.proc.wait()
+        os.set_blocking(first.proc.stdout.fileno(), True)
+        *complete, _ = (first.stdout.buffer + first.proc.stdout.read()).split(b"\n")   # all it wrote
+        out = [json.loads(l) for l in first.stdout.lines + [c.decode() for c in complete]
+               if l.startswith('{"kind":"entry"')]
+        self.assertEqual(len(out), len({(m["path"], m["offset"]) for m in out}))     # none twice
+        state = saved()
+        for path, cursor in state.items():  # every cursor saved is the end of a line written out
+            self.assertIn(cursor, {m["next"] for m in out if m["path"] == path}, path)
+            self.assertGreaterEqual(cursor, ends[path])
+        self.write(10)
+        second = self.run_client(server)
+        got = {m["entry"]["uuid"] for m in out}
+
+        def again():
+            second.stdout.pump()
+            return {json.loads(l)["entry"]["uuid"] for l in second.stdout.lines if '"kind":"entry"' in l}
+        wait_for(lambda: got | again() >= set(self.written), message="every line, in one run or the other")
+        self.assertEqual(got | again(), set(self.written))      # nothing lost, nothing else
+        for line in second.stdout.lines:                # what came again was past the save
+            if '"kind":"entry"' in line:
+                msg = json.loads(line)
+                self.assertGreaterEqual(msg["offset"], state.get(msg["path"], 0))
+
     def test_a_state_file_that_is_not_one_is_a_usage_error(self):
         with open(self.state, "w") as fh:
             fh.write('{"version": 99}')
