@@ -4460,6 +4460,49 @@ class UsageTests(unittest.TestCase):
         self.assertIsNone(cs.message_usage({"message": {"usage": None}}, {}))
         self.assertIsNone(cs.message_usage({"message": "text"}, {}))
 
+    def test_each_count_that_is_not_a_count_is_zero_and_the_others_are_kept(self):
+        # usage_counts takes a fast path when every count is a plain int in range, and
+        # counts each one alone otherwise: one bad kind must not zero, or let through, another.
+        good = {"input_tokens": 11, "output_tokens": 22, "cache_creation_input_tokens": 33,
+                "cache_read_input_tokens": 44}
+        order = ["input_tokens", "output_tokens", "cache_creation_input_tokens", None, "cache_read_input_tokens"]
+        bad = [True, False, 2.0, 2.5, -1, -(1 << 70), cs.MAX_TOKEN_COUNT + 1, 10 ** 400, "7", None, [3], {"n": 1}]
+        for kind in good:
+            for value in bad:
+                usage = dict(good, **{kind: value})
+                model, got_usage, counts = cs.usage_counts(usage_entry(**usage))
+                expected = tuple(0 if k == kind else good.get(k, 0) for k in order)
+                self.assertEqual(counts, expected, (kind, value))
+                self.assertTrue(all(type(c) is int for c in counts), (kind, value))
+                self.assertIs(got_usage["input_tokens"], usage["input_tokens"])     # the usage as it came
+            usage = dict(good, **{kind: cs.MAX_TOKEN_COUNT})        # the largest count that is one
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2],
+                             tuple(cs.MAX_TOKEN_COUNT if k == kind else good.get(k, 0) for k in order))
+            other = next(k for k in good if k != kind)              # ... also next to one that is not
+            usage = dict(good, **{kind: cs.MAX_TOKEN_COUNT, other: -5})
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2], tuple(
+                cs.MAX_TOKEN_COUNT if k == kind else 0 if k == other else good.get(k, 0) for k in order))
+            usage = dict(good)
+            del usage[kind]                                         # absent: 0
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2],
+                             tuple(0 if k == kind else good.get(k, 0) for k in order))
+        # The cache writes split by lifetime, each part checked the same way.
+        for part in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
+            for value in bad:
+                split = dict({"ephemeral_5m_input_tokens": 5, "ephemeral_1h_input_tokens": 6}, **{part: value})
+                counts = cs.usage_counts(usage_entry(input_tokens=1, cache_creation=split))[2]
+                self.assertEqual(counts[2:4], (0, 6) if part.startswith("ephemeral_5m") else (5, 0), (part, value))
+                self.assertEqual(counts[0], 1)
+        self.assertEqual(cs.usage_counts(usage_entry(input_tokens=0))[2], (0, 0, 0, 0, 0))
+        for entry in ({"message": {"usage": {"input_tokens": 1}, "model": 5}},):   # no model: ""
+            self.assertEqual(cs.usage_counts(entry)[0], "")
+        self.assertIsNone(cs.usage_counts(usage_entry(model="<synthetic>", input_tokens=1)))
+        # ... and the totals and costs of the server's book follow the counts.
+        priced = cs.message_usage(usage_entry(input_tokens=True, output_tokens=1000000), cs.BUILTIN_PRICES)
+        self.assertEqual((priced.input, priced.output), (0, 1000000))
+        self.assertAlmostEqual(priced.cost, cs.message_usage(usage_entry(output_tokens=1000000),
+                                                             cs.BUILTIN_PRICES).cost)
+
     def test_the_dedupe_memory_is_bounded(self):
         book = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
                          usage_entry("m0", output_tokens=2), usage_max_messages=3)
