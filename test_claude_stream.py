@@ -1444,6 +1444,59 @@ class EndToEndTests(ProjectTreeTestCase):
         self.assertEqual(server.proc.wait(DEADLINE), 0)
         self.assertLess(time.monotonic() - started, DEADLINE)
 
+    def cmdline(self, pid):
+        path = "/proc/%d/cmdline" % pid
+        if not os.path.exists(path):
+            self.skipTest("no /proc here")
+        with open(path, "rb") as fh:
+            return [a.decode() for a in fh.read().split(b"\0")[:-1]]
+
+    def check_serves(self, server):
+        """The process the test started listens, streams and stops cleanly (SIGINT, then SIGTERM)."""
+        raw = RawClient(server.port, "/?since=all")
+        self.assertEqual(raw.message()["kind"], "hello")
+        append(os.path.join(self.project, "s.jsonl"), entry_line(0, uuid="reexec"))
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "entry":
+                break
+        self.assertEqual(msg["entry"]["uuid"], "reexec")
+
+    def test_serve_runs_again_as_a_module_in_the_same_process(self):
+        # The pid the test started is the one listening (exec, not a child), now running
+        # this file as a module with the interpreter's flags, and it stops with status 0.
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            proc = subprocess.Popen([sys.executable, "-X", "utf8", "-W", "ignore::ResourceWarning", MODULE,
+                                     "serve", "--port", "0", "--root", self.root],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            server = ServerProcess.__new__(ServerProcess)
+            server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
+            self.addCleanup(server.stop)
+            banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+            server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+            args = self.cmdline(proc.pid)
+            self.assertEqual(args[0], sys.executable)
+            self.assertTrue(any("spec_from_file_location" in a for a in args), args)
+            self.assertIn(os.path.abspath(MODULE), args)
+            self.assertEqual(args[args.index(os.path.abspath(MODULE)) + 1:],
+                             ["serve", "--port", "0", "--root", self.root])
+            before = args[1:args.index("-c")]
+            self.assertIn("-Wignore::ResourceWarning", before)         # the same flags
+            self.assertTrue(any(before[i:i + 2] == ["-X", "utf8"] for i in range(len(before))), before)
+            self.check_serves(server)
+            proc.send_signal(stop)
+            self.assertEqual(proc.wait(DEADLINE), 0, stop)
+
+    def test_without_reexec_serve_runs_as_the_script_it_was_started_as(self):
+        env = dict(os.environ, CLAUDE_STREAM_NO_REEXEC="1")
+        server = ServerProcess(self, [self.root], env=env)
+        args = self.cmdline(server.proc.pid)
+        self.assertEqual(args[:3], [sys.executable, MODULE, "serve"])
+        self.assertFalse(any("spec_from_file_location" in a for a in args), args)
+        self.check_serves(server)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+
     def test_no_threads_and_no_asyncio(self):
         # Seed failure: "a watcher thread poking an asyncio loop".
         tree = ast.parse(open(MODULE).read())
