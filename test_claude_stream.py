@@ -6096,14 +6096,37 @@ class JsonClientTests(ProjectTreeTestCase):
     """client --json writes an entry as it came (only its envelope decoded), one read's
     output in one write: each line once, byte for byte, in order, never split."""
 
-    def app(self):
+    def app(self, state=None):
         loop = cs.EventLoop()
         self.addCleanup(loop.close)
         out = tempfile.TemporaryFile()          # a real descriptor: the os.write path
         self.addCleanup(out.close)
         app = cs.ClientApp(loop, [cs.DEFAULT_URL], True, cs.Filters(), False,
-                           cs.Log(stream=io.StringIO()), out=out)
+                           cs.Log(stream=io.StringIO()), out=out, state=state)
         return app, app.links[0], out
+
+    def test_the_state_never_holds_a_cursor_of_a_line_still_gathered(self):
+        path = os.path.join(self.tmp.name, "state.json")
+        app, link, out = self.app(cs.ClientState(path))
+
+        def saved():
+            if not os.path.exists(path):
+                return {}
+            with open(path) as fh:
+                return json.load(fh)["links"][cs.DEFAULT_URL]["cursors"]
+        offset = 0
+        for read in range(3):
+            app.begin_input()
+            for _ in range(4):
+                line = '{"type":"user","uuid":"r%d-%d"}' % (read, offset)
+                app.on_message(link, cs.TextMessage(entry_text("p/a.jsonl", offset, line)))
+                offset += len(line) + 1
+                written = {json.loads(l)["next"] for l in self.written(out).splitlines()}
+                self.assertTrue(set(saved().values()) <= written | {0}, (saved(), written))
+            app.end_input()
+            app.save_state()            # as its timer does, between reads
+            self.assertEqual(saved(), {"p/a.jsonl": offset})
+        self.assertEqual(self.written(out).count("\n"), 12)
 
     @staticmethod
     def written(out):
