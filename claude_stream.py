@@ -5019,11 +5019,15 @@ class Backlog:
                     return 0, not self.ready
                 read += got
                 continue
-            offset, line = reader.lines.popleft()
-            message = line_message(self.rec, offset, line) if line is not None \
-                else gap_message(self.rec, offset, oversize_reason(limits.max_line_bytes))
-            if message is not None:
-                self._window(message)
+            # Every line read becomes its message now, not one per call: the merge
+            # then takes a file's messages without a call per line to get each ready.
+            rec, window = self.rec, self._window
+            while reader.lines:
+                offset, line = reader.lines.popleft()
+                message = line_message(rec, offset, line) if line is not None \
+                    else gap_message(rec, offset, oversize_reason(limits.max_line_bytes))
+                if message is not None:
+                    window(message)
         return read, False
 
     def _seek(self, log: Log) -> int:
@@ -5049,9 +5053,14 @@ class Backlog:
 
     @property
     def buffered(self) -> int:
-        """Bytes read ahead and not made into messages yet."""
+        """Bytes read ahead and not merged yet (as lines, or as messages ready or held)."""
         reader = self.reader
-        return reader.read_pos - (reader.lines[0][0] if reader.lines else reader.line_start)
+        first = reader.lines[0][0] if reader.lines else reader.line_start
+        if self.ready:
+            first = min(first, self.ready[0].offset)
+        if self.held:
+            first = min(first, self.held[0].offset)
+        return reader.read_pos - first
 
     @property
     def next_offset(self) -> int:
@@ -5293,10 +5302,13 @@ class Feed:
 
         Returns the bytes read and whether the file is still scanning for its window.
         """
-        limits = self.limits
-        block = max(limits.catchup_min_block, min(limits.catchup_block, limits.catchup_readahead - self._held))
-        read, exhausted = backlog.prepare(self.log, block)
-        self._held += read
+        if backlog.ready:
+            read, exhausted = 0, False      # messages made from what was read already
+        else:
+            limits = self.limits
+            block = max(limits.catchup_min_block, min(limits.catchup_block, limits.catchup_readahead - self._held))
+            read, exhausted = backlog.prepare(self.log, block)
+            self._held += read
         if backlog.ready:
             # Ties (lines of the same time in several files) go a line from each file in
             # turn, the files in the backlog's order, whatever the steps' boundaries.
