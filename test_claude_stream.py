@@ -2225,8 +2225,10 @@ class ReadAheadTests(TailerTestCase):
                 json.dumps({"type": "user", "uuid": "%d-%d" % (f, k), "pad": "x" * (400 + (f * k) % 100),
                             "timestamp": "2026-01-02T03:%02d:%02d.000Z" % divmod(k, 60)}) + "\n"
                 for k in range(lines)))
+        # Each file may hold the part of a line it read (up to the longest) besides its
+        # minimum block; beyond that, what they read together stays within the read-ahead.
         longest = 600
-        bound = self.LIMITS.catchup_readahead + files * self.LIMITS.catchup_min_block + longest
+        bound = self.LIMITS.catchup_readahead + files * (self.LIMITS.catchup_min_block + longest)
         peak = [0]
 
         def check(feed):
