@@ -17,6 +17,7 @@ Environment:
 
 import ast
 import base64
+import collections
 import errno
 import fcntl
 import hashlib
@@ -24,6 +25,7 @@ import io
 import itertools
 import json
 import os
+import random
 import re
 import select
 import selectors
@@ -252,6 +254,59 @@ class DecodeLineTests(unittest.TestCase):
             with self.assertRaises(cs.MalformedLine, msg=data[:20]) as caught:
                 cs.decode_line(data)
             self.assertIn(reason, str(caught.exception))
+
+    def test_the_depth_limit_is_exact_whatever_the_length_of_the_line(self):
+        # Nesting is checked after decoding, and only for lines longer than 2 * max_depth
+        # with more than max_depth openers: the shortest line one level too deep (one
+        # opener per level, every opener a container) must still be refused.
+        def nested(depth, key=b'""'):       # the shortest object-rooted line of this depth
+            inner = b"[" * (depth - 1) + b"]" * (depth - 1) if depth > 1 else b"1"
+            return b"{" + key + b":" + inner + b"}"
+        for limit in (1, 2, 3, 10, 199, cs.MAX_JSON_DEPTH):
+            for key in (b'""', b'"a"'):
+                ok, deep = nested(limit, key), nested(limit + 1, key)
+                self.assertEqual(cs.decode_line(ok, limit), json.loads(ok), (limit, len(ok)))
+                with self.assertRaises(cs.MalformedLine, msg=(limit, len(deep))) as caught:
+                    cs.decode_line(deep, limit)
+                self.assertIn("nested deeper than %d levels" % limit, str(caught.exception))
+        self.assertEqual(len(nested(201)), 405)     # 2 * 200 + 5 bytes: just past the shortcut
+        objects = b'{"a":' * cs.MAX_JSON_DEPTH + b"1" + b"}" * cs.MAX_JSON_DEPTH
+        self.assertIn("a", cs.decode_line(objects))
+        mixed = b'{"a":[' * 100 + b"1" + b"]}" * 100            # 200: an object, a list, ...
+        self.assertIn("a", cs.decode_line(mixed))
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(b'{"a":[' * 100 + b'{"b":1}' + b"]}" * 100)     # 201
+        # The deepest branch counts, wherever it is among shallow ones.
+        wide = b'{"x":[' + b"[]," * 500 + b"[" * 199 + b"]" * 199 + b"]}"
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(wide)
+        self.assertEqual(len(cs.decode_line(wide.replace(b"[" * 199, b"[" * 198, 1)
+                                            .replace(b"]" * 199, b"]" * 198, 1))["x"]), 501)
+
+    def test_a_line_too_deep_for_this_pythons_decoder_has_the_same_reason(self):
+        # 100,000 levels stop 3.8's and 3.11's decoders with RecursionError (3.13 may
+        # decode them): the same MalformedLine either way, never the RecursionError.
+        for data in (b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}",
+                     b'{"a":' * 100000 + b"1" + b"}" * 100000,
+                     b'{"a":' + b'[{"b":' * 50000 + b"1" + b"}]" * 50000 + b"}",
+                     b' {"a":' + b"[" * 100000 + b"]" * 100000 + b"} "):     # the full decoder's path
+            with self.assertRaises(cs.MalformedLine, msg=data[:12]) as caught:
+                cs.decode_line(data)
+            self.assertEqual(str(caught.exception), "invalid JSON: nested deeper than 200 levels")
+        self.assertEqual(cs.decode_line(b'{"type":"user"}'), {"type": "user"})   # nothing left behind
+
+    def test_brackets_inside_strings_never_count(self):
+        text = "[[[[{{{{" * 12500                   # 100 KB of openers, all in strings
+        for data in (json.dumps({"type": "user", "x": text}).encode(),
+                     json.dumps({"type": "user", text[:300]: [text, {"y": text}]}).encode(),
+                     json.dumps({"type": "user", "x": "\\\"" + text + "\\"}).encode(),
+                     json.dumps({"type": "user", "x": [[[text]]],
+                                 "deep": json.loads("[" * 190 + "]" * 190)}).encode()):
+            self.assertEqual(cs.decode_line(data)["type"], "user")
+        # ... while real depth next to them still does.
+        data = json.dumps({"type": "user", "x": text, "deep": json.loads("[" * 200 + "]" * 200)}).encode()
+        with self.assertRaises(cs.MalformedLine):
+            cs.decode_line(data)
 
     def test_excerpt_is_short_and_printable(self):
         self.assertEqual(cs.excerpt(b"abc"), "abc")
@@ -1389,6 +1444,59 @@ class EndToEndTests(ProjectTreeTestCase):
         self.assertEqual(server.proc.wait(DEADLINE), 0)
         self.assertLess(time.monotonic() - started, DEADLINE)
 
+    def cmdline(self, pid):
+        path = "/proc/%d/cmdline" % pid
+        if not os.path.exists(path):
+            self.skipTest("no /proc here")
+        with open(path, "rb") as fh:
+            return [a.decode() for a in fh.read().split(b"\0")[:-1]]
+
+    def check_serves(self, server):
+        """The process the test started listens, streams and stops cleanly (SIGINT, then SIGTERM)."""
+        raw = RawClient(server.port, "/?since=all")
+        self.assertEqual(raw.message()["kind"], "hello")
+        append(os.path.join(self.project, "s.jsonl"), entry_line(0, uuid="reexec"))
+        while True:
+            msg = raw.message()
+            if msg["kind"] == "entry":
+                break
+        self.assertEqual(msg["entry"]["uuid"], "reexec")
+
+    def test_serve_runs_again_as_a_module_in_the_same_process(self):
+        # The pid the test started is the one listening (exec, not a child), now running
+        # this file as a module with the interpreter's flags, and it stops with status 0.
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            proc = subprocess.Popen([sys.executable, "-X", "utf8", "-W", "ignore::ResourceWarning", MODULE,
+                                     "serve", "--port", "0", "--root", self.root],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            server = ServerProcess.__new__(ServerProcess)
+            server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
+            self.addCleanup(server.stop)
+            banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+            server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+            args = self.cmdline(proc.pid)
+            self.assertEqual(args[0], sys.executable)
+            self.assertTrue(any("spec_from_file_location" in a for a in args), args)
+            self.assertIn(os.path.abspath(MODULE), args)
+            self.assertEqual(args[args.index(os.path.abspath(MODULE)) + 1:],
+                             ["serve", "--port", "0", "--root", self.root])
+            before = args[1:args.index("-c")]
+            self.assertIn("-Wignore::ResourceWarning", before)         # the same flags
+            self.assertTrue(any(before[i:i + 2] == ["-X", "utf8"] for i in range(len(before))), before)
+            self.check_serves(server)
+            proc.send_signal(stop)
+            self.assertEqual(proc.wait(DEADLINE), 0, stop)
+
+    def test_without_reexec_serve_runs_as_the_script_it_was_started_as(self):
+        env = dict(os.environ, CLAUDE_STREAM_NO_REEXEC="1")
+        server = ServerProcess(self, [self.root], env=env)
+        args = self.cmdline(server.proc.pid)
+        self.assertEqual(args[:3], [sys.executable, MODULE, "serve"])
+        self.assertFalse(any("spec_from_file_location" in a for a in args), args)
+        self.check_serves(server)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
+
     def test_no_threads_and_no_asyncio(self):
         # Seed failure: "a watcher thread poking an asyncio loop".
         tree = ast.parse(open(MODULE).read())
@@ -1948,6 +2056,294 @@ class FeedTests(TailerTestCase):
                     {"until": {"p/": 0}}, {"until": []}):
             with self.assertRaises(ValueError, msg=bad):
                 cs.Subscription.from_message(dict({"kind": "subscribe"}, **bad), time.time())
+
+
+def decoded_entries(frames, decoder):
+    """(path, offset, uuid, timestamp) of each entry frame, in order; other kinds by name."""
+    out = []
+    for frame in frames:
+        decoder.receive_data(frame)
+        message = json.loads(decoder.next_event().text)
+        if message["kind"] == "entry":
+            entry = message["entry"]
+            out.append((message["path"], message["offset"], entry.get("uuid"), entry.get("timestamp")))
+        else:
+            out.append(message["kind"])
+    return out
+
+
+class CatchUpMergeTests(TailerTestCase):
+    """Feed.step's merge across files, kept from step to step: the same order whatever
+    the steps' boundaries, ties a line from each file in turn, every line exactly once."""
+
+    LIMITS = cs.Limits(catchup_first_block=256, catchup_block=1024, catchup_min_block=256,
+                       catchup_readahead=4096)
+
+    def tree(self, files):
+        """files: name -> [(uuid, timestamp or None)]; the tailer that read them."""
+        root = tempfile.mkdtemp(dir=self.tmp.name)
+        os.makedirs(os.path.join(root, "p"))
+        for name, lines in files.items():
+            append(os.path.join(root, "p", name), "".join(
+                json.dumps(dict({"type": "user", "uuid": uuid, "pad": "x" * (37 * len(uuid) % 200)},
+                                **({"timestamp": stamp} if stamp else {}))) + "\n" for uuid, stamp in lines))
+        tailer = self.make_tailer([root], self.LIMITS)
+        self.poll(tailer)
+        return root, tailer
+
+    def replay(self, tailer, budget, between=None):
+        """Subscribe since all and step with ``budget`` until live; the entries in order."""
+        feed = cs.Feed(self.LIMITS, tailer.log)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        got = decoded_entries(feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf")),
+                                             tailer.files.values(), acknowledge=True), decoder)
+        order = list(feed.backlog)
+        for steps in range(100000):
+            if feed.phase is cs.Phase.LIVE:
+                break
+            got += decoded_entries(feed.step(budget, 0)[0], decoder)
+            if between is not None:
+                got += decoded_entries(between(feed, steps), decoder)
+        self.assertIs(feed.phase, cs.Phase.LIVE)
+        self.assertEqual(got[0], "subscribed")
+        self.assertEqual(got[-1], "live")
+        if budget <= 100:
+            self.assertGreater(steps, 20)         # the merge spans many steps
+        return [e for e in got if isinstance(e, tuple)], order
+
+    def test_ties_take_turns_in_the_backlogs_order_whatever_the_budget(self):
+        # Four files, three times with three lines each of every file: the files take
+        # turns, a line each, in the backlog's order, however many steps the merge spans.
+        stamps = ["2026-01-02T03:04:0%d.000Z" % k for k in range(3)]
+        names = ["d.jsonl", "a.jsonl", "c.jsonl", "b.jsonl"]
+        files = {n: [("%s-%d-%d" % (n[0], k, i), stamps[k]) for k in range(3) for i in range(3)] for n in names}
+        _, tailer = self.tree(files)
+        one_step, order = self.replay(tailer, 1 << 30)
+        self.assertEqual(sorted(order), ["p/" + n for n in sorted(names)])
+        turns = ["%s-%d-%d" % (rel[2], k, i) for k in range(3) for i in range(3) for rel in order]
+        self.assertEqual([e[2] for e in one_step], turns)
+        for budget in (1, 100, 333, 1000, 5000):
+            many_steps, _ = self.replay(tailer, budget)
+            self.assertEqual(many_steps, one_step, budget)
+
+    def test_each_line_once_in_time_order_whatever_the_budget(self):
+        # Five files of lines at random times (many equal), untimed lines among them.
+        rng = random.Random(7)
+        files = {}
+        for f in range(5):
+            times = sorted(rng.randrange(40) for _ in range(rng.randrange(20, 60)))
+            files["s%d.jsonl" % f] = [("%d-%d" % (f, i), None if rng.random() < 0.1 else
+                                       "2026-01-02T03:%02d:00.000Z" % t) for i, t in enumerate(times)]
+        _, tailer = self.tree(files)
+        one_step, _ = self.replay(tailer, 1 << 30)
+        expected = {"p/" + name: [u for u, _ in lines] for name, lines in files.items()}
+        for budget in (1, 50, 700, 1 << 30):
+            got, _ = self.replay(tailer, budget)
+            self.assertEqual(got, one_step, budget)
+            by_file = {}
+            for path, offset, uuid, _ in got:
+                by_file.setdefault(path, []).append(uuid)
+            self.assertEqual(by_file, expected, budget)         # each once, in file order
+            timed = [stamp for _, _, _, stamp in got if stamp]
+            self.assertEqual(timed, sorted(timed), budget)      # and in time order across files
+
+    def test_a_live_line_offered_mid_catch_up_arrives_exactly_once(self):
+        # c.jsonl is caught up (its cursor at its end); a line written to it while a and b
+        # are still replaying puts it in the backlog, after the merge began: it must come,
+        # once, as must lines written meanwhile to a file still in the backlog.
+        stamp = "2026-01-02T03:04:05.000Z"
+        files = {"a.jsonl": [("a-%d" % i, stamp) for i in range(30)],
+                 "b.jsonl": [("b-%d" % i, stamp) for i in range(30)],
+                 "c.jsonl": [("c-0", stamp)]}
+        root, tailer = self.tree(files)
+        for budget in (1, 300, 1 << 30):
+            feed = cs.Feed(self.LIMITS, tailer.log)
+            client = FeedClient(feed)
+            c = next(r for r in tailer.files.values() if r.rel == "p/c.jsonl")
+            sub = cs.Subscription(cs.Filters(), cursors={"p/a.jsonl": 0, "p/b.jsonl": 0, "p/c.jsonl": c.line_start})
+            client.send_frames(feed.subscribe(sub, tailer.files.values(), acknowledge=True))
+            self.assertEqual(sorted(feed.backlog), ["p/a.jsonl", "p/b.jsonl"])
+            broadcast = cs.Broadcast(tailer.log, self.LIMITS)
+            written, joined = [], 0
+            for steps in range(100000):
+                if feed.phase is cs.Phase.LIVE:
+                    break
+                client.send_frames(feed.step(budget, 0)[0])
+                if steps in (2, 5) or (budget > 1 << 20 and steps == 0):
+                    for name in ("c.jsonl", "a.jsonl"):
+                        uuid = "%s-live-%d-%d" % (name[0], budget, steps)
+                        append(os.path.join(root, "p", name), json.dumps({"type": "user", "uuid": uuid}) + "\n")
+                        written.append(uuid)
+                    catching_up = feed.phase is cs.Phase.CATCHING_UP
+                    broadcast.publish(self.poll(tailer), [client])
+                    if catching_up:             # c joined the backlog while the merge was under way
+                        self.assertIn("p/c.jsonl", feed.backlog)
+                        joined += 1
+            self.assertIs(feed.phase, cs.Phase.LIVE, budget)
+            self.assertGreaterEqual(joined, 0 if budget > 1 << 20 else 2, budget)
+            for _ in range(3):                  # anything left comes live
+                broadcast.publish(self.poll(tailer), [client])
+                client.send_frames(feed.step(budget, 0)[0])
+            self.assertEqual(client.duplicates, [], budget)
+            self.assertEqual(client.out_of_order, [], budget)
+            got = [u for uuids in client.entries.values() for u in uuids]
+            for uuid in written:
+                self.assertEqual(got.count(uuid), 1, (budget, uuid))
+            self.assertEqual(client.entries["p/b.jsonl"], ["b-%d" % i for i in range(30)])
+            files["a.jsonl"] += [(u, None) for u in written if u.startswith("a-")]
+            self.assertEqual(client.entries["p/a.jsonl"], [u for u, _ in files["a.jsonl"]], budget)
+
+
+class ReadAheadTests(TailerTestCase):
+    """The files a client is behind in share one read-ahead: memory bounded by it (and a
+    minimum block per file), not by a block per file; a long line read in growing blocks."""
+
+    LIMITS = cs.Limits(catchup_readahead=64 << 10, catchup_min_block=1 << 10)
+
+    def catch_up(self, root, check):
+        tailer = self.make_tailer([root], self.LIMITS)
+        self.poll(tailer)
+        feed = cs.Feed(self.LIMITS, tailer.log)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        got = decoded_entries(feed.subscribe(cs.Subscription(cs.Filters(), since=float("-inf")),
+                                             tailer.files.values(), acknowledge=True), decoder)
+        for _ in range(100000):
+            if feed.phase is cs.Phase.LIVE:
+                break
+            frames, _ = feed.step(self.LIMITS.catchup_tick_budget, 0)
+            got += decoded_entries(frames, decoder)
+            check(feed)
+        self.assertIs(feed.phase, cs.Phase.LIVE)
+        return [e for e in got if isinstance(e, tuple)]
+
+    def test_300_files_behind_hold_the_shared_read_ahead_not_a_block_each(self):
+        root = os.path.join(self.tmp.name, "many")
+        os.makedirs(os.path.join(root, "p"))
+        files, lines = 300, 128
+        for f in range(files):          # 64 KB each, their lines at the same times: the merge
+            append(os.path.join(root, "p", "s%03d.jsonl" % f), "".join(   # takes a line of each in turn
+                json.dumps({"type": "user", "uuid": "%d-%d" % (f, k), "pad": "x" * (400 + (f * k) % 100),
+                            "timestamp": "2026-01-02T03:%02d:%02d.000Z" % divmod(k, 60)}) + "\n"
+                for k in range(lines)))
+        # Each file may hold the part of a line it read (up to the longest) besides its
+        # minimum block; beyond that, what they read together stays within the read-ahead.
+        longest = 600
+        bound = self.LIMITS.catchup_readahead + files * (self.LIMITS.catchup_min_block + longest)
+        peak = [0]
+
+        def check(feed):
+            held = sum(b.buffered for b in feed.backlog.values())
+            peak[0] = max(peak[0], held)
+            self.assertLessEqual(held, bound)
+        got = self.catch_up(root, check)
+        self.assertEqual(len(got), files * lines)
+        self.assertEqual(len(set((path, offset) for path, offset, _, _ in got)), files * lines)
+        self.assertGreater(peak[0], self.LIMITS.catchup_readahead // 2)    # it was used, and held
+
+    def test_a_3_mb_line_among_small_ones_comes_whole_in_few_reads(self):
+        root = os.path.join(self.tmp.name, "long")
+        os.makedirs(os.path.join(root, "p"))
+        for f in range(5):
+            append(os.path.join(root, "p", "small%d.jsonl" % f), "".join(
+                entry_line(k, uuid="s%d-%d" % (f, k), pad="y" * 3000) for k in range(40)))
+        big = os.path.join(root, "p", "big.jsonl")
+        huge = "z" * (3 << 20)
+        append(big, entry_line(0, uuid="before") + entry_line(1, uuid="huge", pad=huge)
+               + entry_line(2, uuid="after"))
+        reads = collections.Counter()
+        fill = cs.LineReader.fill
+
+        def counting_fill(reader, limit, block=cs.READ_BLOCK):
+            reads[reader.abspath] += 1
+            return fill(reader, limit, block)
+        cs.LineReader.fill = counting_fill
+        self.addCleanup(setattr, cs.LineReader, "fill", fill)
+        got = self.catch_up(root, lambda feed: None)
+        self.assertEqual([u for p, _, u, _ in got if p == "p/big.jsonl"], ["before", "huge", "after"])
+        self.assertEqual(len(got), 5 * 40 + 3)
+        # Read in blocks as long as what is held of it: a dozen reads, not 3 MB / 1 KiB.
+        self.assertLess(reads[big], 40)
+        self.assertGreater((3 << 20) // self.LIMITS.catchup_min_block, 40 * 50)
+        for f in range(5):              # the small files were not starved of their share either
+            self.assertLess(reads[os.path.join(root, "p", "small%d.jsonl" % f)], 200)
+
+
+class EnvelopeTests(unittest.TestCase):
+    """An entry's envelope pieces are remembered per file and (session, agent, type, cwd):
+    each line still gets its own envelope and filters' view, and the memory is bounded."""
+
+    @staticmethod
+    def record(host=None):
+        return cs.FileRecord("/r", "-home-u-alpha/f1le.jsonl", "/r/-home-u-alpha/f1le.jsonl", "-home-u-alpha",
+                             "f1le", None, 0, 0, 0, 0, 0.0, host=host)
+
+    def test_lines_of_one_file_get_their_own_envelope_and_filters_whatever_the_cache_holds(self):
+        rng = random.Random(3)
+        sessions = ["s-one", "s-two", "s-three", "s-four", "s-five", None, 17]
+        cwds = ["/home/u/alpha", "/home/u/BETA", "/srv/gamma", None, ["not", "a", "path"]]
+        kinds = ["user", "assistant", "system", "progress", None]
+        filters = [cs.Filters.from_lists(*f) for f in (
+            (["beta"], [], []), (["alpha"], [], []), (["gamma"], ["s-t"], []), ([], ["s-f"], ["user"]),
+            ([], ["f1le"], ["assistant", "system"]), ([], ["agent-7"], []), ([], [], []))]
+        rec, offset, variants = self.record(host="box"), 0, set()
+        for n in range(600):
+            obj = {"uuid": "u-%d" % n, "n": "\u00e9\u2028\"\\" * (n % 3)}
+            for key, values in (("sessionId", sessions), ("cwd", cwds), ("type", kinds)):
+                value = rng.choice(values)
+                if value is not None:
+                    obj[key] = value
+            if rng.random() < 0.2:
+                obj.update(isSidechain=True, agentId="agent-%d" % rng.randrange(9))
+            line = json.dumps(obj, ensure_ascii=False).encode()
+            message = cs.line_message(rec, offset, line)
+            fresh = cs.line_message(self.record(host="box"), offset, line)    # nothing remembered
+            self.assertEqual(message.frame, fresh.frame, obj)
+            self.assertEqual(message.meta, fresh.meta, obj)
+            self.assertLessEqual(len(rec.envelopes), cs.ENVELOPES_PER_FILE)
+            decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+            decoder.receive_data(message.frame)
+            text = decoder.next_event().text
+            envelope = json.loads(text)
+            session = obj.get("sessionId") if isinstance(obj.get("sessionId"), str) else "f1le"
+            agent = obj.get("agentId")
+            cwd = obj.get("cwd") if isinstance(obj.get("cwd"), str) else None
+            self.assertEqual(envelope, {"kind": "entry", "path": "-home-u-alpha/f1le.jsonl", "offset": offset,
+                                        "next": offset + len(line) + 1, "project": "-home-u-alpha",
+                                        "session": session, "agent": agent, "host": "box", "entry": obj})
+            self.assertEqual(text.split(',"entry":', 1)[1][:-1].encode(), line)   # the line's own bytes
+            for f in filters:
+                where = ("-home-u-alpha" + ("\n" + cwd if cwd else "")).lower()
+                expected = ((not f.projects or any(p in where for p in f.projects))
+                            and (not f.sessions or any(i.startswith(s) for s in f.sessions
+                                                       for i in filter(None, ("f1le", session, agent))))
+                            and (not f.types or obj.get("type") in f.types))
+                self.assertEqual(f.match(message.meta), expected, (obj, f))
+            variants.add((session, agent, obj.get("type") if isinstance(obj.get("type"), str) else "", cwd))
+            offset += len(line) + 1
+        self.assertGreater(len(variants), 2 * cs.ENVELOPES_PER_FILE)    # the cache was cleared, and refilled
+
+    def test_frame_headers_at_the_length_encodings_edges(self):
+        rec = cs.FileRecord("/r", "p/s", "/r/p/s", "p", None, None, 0, 0, 0, 0, 0.0)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        decoder.receive_data(cs.line_message(rec, 100, b'{"":""}').frame)   # 3 digits up to 65537
+        base = len(decoder.next_event().text.encode())     # the payload with an empty pad
+        self.assertLessEqual(base, 125)
+        for size in (125, 126, 127, 65535, 65536, 65537):
+            pad = size - base
+            for _ in range(3):          # the "next" offset's digits grow with the line
+                line = b'{"":"' + b"x" * pad + b'"}'
+                frame = cs.line_message(rec, 100, line).frame
+                decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+                decoder.receive_data(frame)
+                pad += size - len(decoder.next_event().text.encode())
+            line = b'{"":"' + b"x" * pad + b'"}'
+            frame = cs.line_message(rec, 100, line).frame
+            header = cs.frame_header(cs.Opcode.TEXT, size)
+            self.assertEqual(frame[:len(header)], header, size)
+            self.assertEqual(len(frame), len(header) + size, size)
+            decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+            decoder.receive_data(frame)
+            self.assertEqual(json.loads(decoder.next_event().text)["entry"][""], "x" * pad)
 
 
 class SlowClientTests(unittest.TestCase):
@@ -4119,6 +4515,49 @@ class UsageTests(unittest.TestCase):
         self.assertIsNone(cs.message_usage({"message": {"usage": None}}, {}))
         self.assertIsNone(cs.message_usage({"message": "text"}, {}))
 
+    def test_each_count_that_is_not_a_count_is_zero_and_the_others_are_kept(self):
+        # usage_counts takes a fast path when every count is a plain int in range, and
+        # counts each one alone otherwise: one bad kind must not zero, or let through, another.
+        good = {"input_tokens": 11, "output_tokens": 22, "cache_creation_input_tokens": 33,
+                "cache_read_input_tokens": 44}
+        order = ["input_tokens", "output_tokens", "cache_creation_input_tokens", None, "cache_read_input_tokens"]
+        bad = [True, False, 2.0, 2.5, -1, -(1 << 70), cs.MAX_TOKEN_COUNT + 1, 10 ** 400, "7", None, [3], {"n": 1}]
+        for kind in good:
+            for value in bad:
+                usage = dict(good, **{kind: value})
+                model, got_usage, counts = cs.usage_counts(usage_entry(**usage))
+                expected = tuple(0 if k == kind else good.get(k, 0) for k in order)
+                self.assertEqual(counts, expected, (kind, value))
+                self.assertTrue(all(type(c) is int for c in counts), (kind, value))
+                self.assertIs(got_usage["input_tokens"], usage["input_tokens"])     # the usage as it came
+            usage = dict(good, **{kind: cs.MAX_TOKEN_COUNT})        # the largest count that is one
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2],
+                             tuple(cs.MAX_TOKEN_COUNT if k == kind else good.get(k, 0) for k in order))
+            other = next(k for k in good if k != kind)              # ... also next to one that is not
+            usage = dict(good, **{kind: cs.MAX_TOKEN_COUNT, other: -5})
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2], tuple(
+                cs.MAX_TOKEN_COUNT if k == kind else 0 if k == other else good.get(k, 0) for k in order))
+            usage = dict(good)
+            del usage[kind]                                         # absent: 0
+            self.assertEqual(cs.usage_counts(usage_entry(**usage))[2],
+                             tuple(0 if k == kind else good.get(k, 0) for k in order))
+        # The cache writes split by lifetime, each part checked the same way.
+        for part in ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"):
+            for value in bad:
+                split = dict({"ephemeral_5m_input_tokens": 5, "ephemeral_1h_input_tokens": 6}, **{part: value})
+                counts = cs.usage_counts(usage_entry(input_tokens=1, cache_creation=split))[2]
+                self.assertEqual(counts[2:4], (0, 6) if part.startswith("ephemeral_5m") else (5, 0), (part, value))
+                self.assertEqual(counts[0], 1)
+        self.assertEqual(cs.usage_counts(usage_entry(input_tokens=0))[2], (0, 0, 0, 0, 0))
+        for entry in ({"message": {"usage": {"input_tokens": 1}, "model": 5}},):   # no model: ""
+            self.assertEqual(cs.usage_counts(entry)[0], "")
+        self.assertIsNone(cs.usage_counts(usage_entry(model="<synthetic>", input_tokens=1)))
+        # ... and the totals and costs of the server's book follow the counts.
+        priced = cs.message_usage(usage_entry(input_tokens=True, output_tokens=1000000), cs.BUILTIN_PRICES)
+        self.assertEqual((priced.input, priced.output), (0, 1000000))
+        self.assertAlmostEqual(priced.cost, cs.message_usage(usage_entry(output_tokens=1000000),
+                                                             cs.BUILTIN_PRICES).cost)
+
     def test_the_dedupe_memory_is_bounded(self):
         book = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
                          usage_entry("m0", output_tokens=2), usage_max_messages=3)
@@ -5587,6 +6026,55 @@ class StateTests(unittest.TestCase):
                 msg = json.loads(line)
                 self.assertGreaterEqual(msg["offset"], saved.get(msg["path"], 0))
 
+    def test_a_kill_9_mid_burst_loses_nothing_and_the_state_never_runs_ahead_of_the_output(self):
+        # client --json writes one read's entries in one write, and --state must never hold
+        # a cursor whose line is not in the output yet: kill -9 it while lines pour in.
+        self.write(2000)
+        server = ServerProcess(self, [self.root])
+        first = self.run_client(server)
+        self.uuids(first, 2000)
+        ends = {}
+        for line in first.stdout.lines:
+            if line.startswith('{"kind":"entry"'):
+                msg = json.loads(line)
+                ends[msg["path"]] = msg["next"]
+
+        def saved():
+            try:
+                with open(self.state) as fh:
+                    return json.load(fh)["links"][server.url]["cursors"]
+            except (OSError, ValueError, KeyError):
+                return {}
+        wait_for(lambda: all(saved().get(p, 0) >= n for p, n in ends.items()),
+                 message="a save of the first 2000 lines")
+        for _ in range(5):          # a burst, the client still writing it when it dies
+            self.write(300)
+            first.stdout.pump(0)
+        first.proc.kill()
+        first.proc.wait()
+        os.set_blocking(first.proc.stdout.fileno(), True)
+        *complete, _ = (first.stdout.buffer + first.proc.stdout.read()).split(b"\n")   # all it wrote
+        out = [json.loads(l) for l in first.stdout.lines + [c.decode() for c in complete]
+               if l.startswith('{"kind":"entry"')]
+        self.assertEqual(len(out), len({(m["path"], m["offset"]) for m in out}))     # none twice
+        state = saved()
+        for path, cursor in state.items():  # every cursor saved is the end of a line written out
+            self.assertIn(cursor, {m["next"] for m in out if m["path"] == path}, path)
+            self.assertGreaterEqual(cursor, ends[path])
+        self.write(10)
+        second = self.run_client(server)
+        got = {m["entry"]["uuid"] for m in out}
+
+        def again():
+            second.stdout.pump()
+            return {json.loads(l)["entry"]["uuid"] for l in second.stdout.lines if '"kind":"entry"' in l}
+        wait_for(lambda: got | again() >= set(self.written), message="every line, in one run or the other")
+        self.assertEqual(got | again(), set(self.written))      # nothing lost, nothing else
+        for line in second.stdout.lines:                # what came again was past the save
+            if '"kind":"entry"' in line:
+                msg = json.loads(line)
+                self.assertGreaterEqual(msg["offset"], state.get(msg["path"], 0))
+
     def test_a_state_file_that_is_not_one_is_a_usage_error(self):
         with open(self.state, "w") as fh:
             fh.write('{"version": 99}')
@@ -5595,6 +6083,167 @@ class StateTests(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertIn("not a state file", result.stderr)
+
+
+def entry_text(path, offset, line, **envelope):
+    """An ``entry`` message as the server writes it, around ``line``'s own text."""
+    fields = dict({"project": "p", "session": "s", "agent": None, "host": None}, **envelope)
+    head = '{"kind":"entry","path":%s,"offset":%d,"next":%d' % (json.dumps(path), offset,
+                                                                offset + len(line.encode()) + 1)
+    return head + "".join(",%s:%s" % (json.dumps(k), json.dumps(v)) for k, v in fields.items()) \
+        + ',"entry":' + line + "}"
+
+
+class JsonClientTests(ProjectTreeTestCase):
+    """client --json writes an entry as it came (only its envelope decoded), one read's
+    output in one write: each line once, byte for byte, in order, never split."""
+
+    def app(self, state=None):
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        out = tempfile.TemporaryFile()          # a real descriptor: the os.write path
+        self.addCleanup(out.close)
+        app = cs.ClientApp(loop, [cs.DEFAULT_URL], True, cs.Filters(), False,
+                           cs.Log(stream=io.StringIO()), out=out, state=state)
+        return app, app.links[0], out
+
+    def test_the_state_never_holds_a_cursor_of_a_line_still_gathered(self):
+        path = os.path.join(self.tmp.name, "state.json")
+        app, link, out = self.app(cs.ClientState(path))
+
+        def saved():
+            if not os.path.exists(path):
+                return {}
+            with open(path) as fh:
+                return json.load(fh)["links"][cs.DEFAULT_URL]["cursors"]
+        offset = 0
+        for read in range(3):
+            app.begin_input()
+            for _ in range(4):
+                line = '{"type":"user","uuid":"r%d-%d"}' % (read, offset)
+                app.on_message(link, cs.TextMessage(entry_text("p/a.jsonl", offset, line)))
+                offset += len(line) + 1
+                written = {json.loads(l)["next"] for l in self.written(out).splitlines()}
+                self.assertTrue(set(saved().values()) <= written | {0}, (saved(), written))
+            app.end_input()
+            app.save_state()            # as its timer does, between reads
+            self.assertEqual(saved(), {"p/a.jsonl": offset})
+        self.assertEqual(self.written(out).count("\n"), 12)
+
+    @staticmethod
+    def written(out):
+        out.seek(0)
+        return out.read().decode("utf-8")
+
+    def test_every_line_arrives_once_byte_identical_to_the_line_on_disk(self):
+        path = os.path.join(self.project, "s.jsonl")
+        lines = []
+        for n in range(400):            # what a naive envelope split or re-encoding would get wrong
+            extra = [{"text": "caf\u00e9 \U0001f600 \u2028\u2029"},
+                     {"text": ',"entry":{"kind":"entry","path":"x"}'},
+                     {"pad": "p" * (70000 if n % 97 == 0 else n)},
+                     {"escaped": "tab\tquote\"back\\slash\u0001"},
+                     {"nested": {"entry": [1, {"entry": None}], "kind": "entry"}}][n % 5]
+            raw = json.dumps(dict({"type": "user", "uuid": "j-%d" % n}, **extra),
+                             ensure_ascii=n % 2 == 0, separators=(",", ":") if n % 3 else (", ", ": "))
+            lines.append(raw)
+        append(path, "".join(l + "\n" for l in lines[:300]))
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, server.url, "--json", "--since", "all")
+        raw = RawClient(server.port, "/?since=all")
+        client.stdout.wait_line(lambda l: l.startswith('{"kind":"live"'), what="the client to be live")
+        append(path, "".join(l + "\n" for l in lines[300:]))         # and live, in several reads
+        client.stdout.wait_line(lambda l: '"j-399"' in l, what="the last live line")
+        with open(path, "rb") as fh:
+            disk = fh.read()
+        entries = [l for l in client.stdout.lines if l.startswith('{"kind":"entry"')]
+        self.assertEqual(len(entries), len(lines))
+        offsets = []
+        for text in entries:
+            envelope = json.loads(text)
+            offset, after = envelope["offset"], envelope["next"]
+            self.assertEqual(text.split(',"entry":', 1)[1][:-1].encode("utf-8"), disk[offset:after - 1])
+            offsets.append(offset)
+        self.assertEqual(offsets, sorted(set(offsets)))             # each once, in file order
+        self.assertEqual([json.loads(t)["entry"]["uuid"] for t in entries], ["j-%d" % n for n in range(400)])
+        sent = []                   # ... and every line is what the server sent, whole
+        while len(sent) < len(lines):
+            event = raw.next_event()
+            if isinstance(event, cs.TextMessage) and event.text.startswith('{"kind":"entry"'):
+                sent.append(event.text)
+        self.assertEqual(entries, sent)
+
+    def test_one_reads_messages_are_written_in_order_and_a_line_already_written_never_again(self):
+        app, link, out = self.app()
+        a = [entry_text("p/a.jsonl", 0, '{"type":"user","uuid":"a0"}'),
+             entry_text("p/a.jsonl", 28, '{"type":"user","uuid":"a1"}')]
+        b = entry_text("p/b.jsonl", 0, '{"type":"user","uuid":"b0"}', session="\u00e9\n")
+        live = '{"kind":"live"}'
+        app.begin_input()               # the messages of one read
+        for text in (a[0], b, a[0]):
+            app.on_message(link, cs.TextMessage(text))
+        self.assertEqual(self.written(out), "")     # gathered until the read ends ...
+        for text in (live, a[1], a[0], b):          # (or another kind is written: after them)
+            app.on_message(link, cs.TextMessage(text))
+        app.end_input()
+        self.assertEqual(self.written(out), "".join(t + "\n" for t in (a[0], b, live, a[1])))   # ... then once each
+        self.assertEqual(link.cursors, {"p/a.jsonl": 56, "p/b.jsonl": 28})
+        self.assertEqual(link.duplicates, 3)
+        self.assertEqual(link.acked, link.cursors)   # what --state may keep: only lines written
+        app.on_message(link, cs.TextMessage(a[1]))      # outside a read: not written again either
+        app.on_message(link, cs.TextMessage(entry_text("p/a.jsonl", 10, '{"type":"user"}')))
+        self.assertEqual(self.written(out).count("\n"), 4)
+        reset = '{"kind":"reset","path":"p/a.jsonl","reason":"truncated"}'
+        app.on_message(link, cs.TextMessage(reset))     # the file starts again: its lines are new
+        app.on_message(link, cs.TextMessage(a[0]))
+        self.assertEqual(self.written(out).splitlines()[-2:], [reset, a[0]])
+
+    def test_gathered_output_is_written_at_the_gather_limit_within_a_read(self):
+        app, link, out = self.app()
+        line = '{"type":"user","pad":"%s"}' % ("x" * 100000)
+        app.begin_input()
+        offset, count = 0, cs.OUTPUT_GATHER_BYTES // 100000 + 2
+        for _ in range(count):
+            app.on_message(link, cs.TextMessage(entry_text("p/a.jsonl", offset, line)))
+            offset += len(line) + 1
+        self.assertGreaterEqual(len(self.written(out)), cs.OUTPUT_GATHER_BYTES)    # not all held
+        app.end_input()
+        self.assertEqual(self.written(out).count("\n"), count)
+
+    @unittest.expectedFailure   # the general path writes the text as it came, newline and all
+    def test_an_entry_with_a_raw_newline_is_not_written_as_two_lines(self):
+        # JSON allows a raw newline between tokens; the server never sends one, but a peer
+        # (a proxy pretty-printing, a hand-made server) may: NDJSON output must stay one
+        # line per message. The fast path leaves it to the general path (checked below);
+        # that one writes message.text as it came, so this fails today.
+        app, link, out = self.app()
+        text = entry_text("p/a.jsonl", 0, '{"type":"user",\n"uuid":"nl"}')
+        app.begin_input()
+        app.on_message(link, cs.TextMessage(text))
+        app.end_input()
+        self.assertEqual(link.cursors, {"p/a.jsonl": len('{"type":"user",\n"uuid":"nl"}') + 1})
+        written = self.written(out)
+        self.assertEqual(written.count("\n"), 1, written)
+        self.assertEqual(json.loads(written), json.loads(text))
+
+    def test_an_entry_with_a_raw_newline_goes_the_general_way_and_is_written_once(self):
+        app, link, out = self.app()
+        line = '{"type":"user",\n"uuid":"nl"}'
+        text = entry_text("p/a.jsonl", 0, line)
+        for _ in range(2):
+            app.begin_input()
+            app.on_message(link, cs.TextMessage(text))
+            app.end_input()
+        self.assertEqual(link.cursors, {"p/a.jsonl": len(line) + 1})
+        self.assertEqual(link.duplicates, 1)
+        self.assertEqual(self.written(out), text + "\n")         # once: the duplicate is dropped
+        # Not an entry, or not the server's envelope order: the general way too, each once.
+        for other in ('{"path":"p/b.jsonl","kind":"entry","offset":0,"next":5,"entry":{"type":"user"}}',
+                      '{"kind": "entry", "path": "p/c.jsonl", "offset": 0, "next": 5, "entry": {}}'):
+            for _ in range(2):
+                app.on_message(link, cs.TextMessage(other))
+            self.assertEqual(self.written(out).count(other), 1, other)
+        self.assertEqual(sorted(link.cursors), ["p/a.jsonl", "p/b.jsonl", "p/c.jsonl"])
 
 
 class MirrorTests(unittest.TestCase):
