@@ -9306,7 +9306,9 @@ class ClientApp:
                 self.exporter.add(link, msg.get("host") if isinstance(msg.get("host"), str) else None,
                                   msg, message.text)
         elif self.json_mode:
-            self._write(message.text.encode("utf-8") + b"\n")
+            text = message.text if "\n" not in message.text else _json(msg).decode("ascii")
+            self._write(text.encode("utf-8") + b"\n")     # one message, one line: a raw newline
+            # between a hostile server's JSON tokens would make two
         if kind == "hello":
             resuming = link.resuming = link.epoch is not None
             if not resuming:
