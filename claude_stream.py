@@ -485,10 +485,10 @@ _MALLOC_TRIM: Any = None    # glibc's malloc_trim, False where there is none (mu
 def release_free_memory() -> None:
     """Give the C allocator's free pages back to the system.
 
-    Compiling this file at start-up (a script is never loaded from a cached .pyc)
-    leaves about 17 MB free but held in glibc's heap, and a replay's buffers leave
-    more: without this, a server's RSS stays at its highest ever. Cheap (a walk
-    of the free lists); called after start-up and after a client's history is sent.
+    What start-up (compiling this module, the first scan) and a replay's buffers
+    free stays in glibc's heap, held for this process: without this a server's RSS
+    stays near its highest ever. Cheap (a walk of the free lists); called after
+    start-up and after a client's history is sent.
     """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
