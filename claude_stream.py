@@ -5266,12 +5266,13 @@ class Feed:
             # What the files read ahead, together, stays within the feed's read-ahead:
             # a file reads what is left of it, so 800 files behind hold a few MiB between
             # them, not a block each, while the one being sent reads big blocks. Counted
-            # here, then what reads add and sends take. The least a read takes is
-            # catchup_min_block, less when so many files are behind that those would
-            # pass the read-ahead (50,000 files: 512 bytes, a line read in a few).
+            # here, then what reads add and sends take. A file's first read, and the
+            # least any read takes, is catchup_min_block, less when so many files are
+            # behind that those would take over half the read-ahead (50,000 files:
+            # 512 bytes, a line read in a few), so the file being sent reads big blocks.
             self._held = sum(backlog.buffered for backlog in self.backlog.values())
             self._floor = max(CATCHUP_LEAST_BLOCK, min(self.limits.catchup_min_block,
-                                                       self.limits.catchup_readahead // max(1, len(self.backlog))))
+                                                       self.limits.catchup_readahead // max(1, 2 * len(self.backlog))))
             self._merge_valid = True
         heads, unready = self._heads, self._unready
         complete = True
@@ -5283,21 +5284,30 @@ class Feed:
             used += read
             complete = complete and not scanning
         low_water = self.limits.catchup_low_water
+        match, position = self.filters.match, self.position
         while complete and heads and used < budget and unsent < low_water:
             rel = heapq.heappop(heads)[-1]
-            backlog = self.backlog[rel]
-            message = backlog.ready.popleft()
-            backlog.taken += 1
-            self._held -= message.next - message.offset
-            if backlog.until is None:       # a range sent again leaves the position where it was
-                self.position[rel] = message.next
-            if self.filters.match(message.meta):
-                frames.append(message.frame)
-                used += len(message.frame)
-                unsent += len(message.frame)
-            read, scanning = self._refill(rel, backlog, heads)
-            used += read
-            complete = not scanning
+            backlog, rank = self.backlog[rel], self._rank[rel]
+            ready, ranged = backlog.ready, backlog.until is not None
+            while True:                     # this file's messages while they come first
+                message = ready.popleft()
+                backlog.taken += 1
+                self._held -= message.next - message.offset
+                if not ranged:              # a range sent again leaves the position where it was
+                    position[rel] = message.next
+                if match(message.meta):
+                    frames.append(message.frame)
+                    used += len(message.frame)
+                    unsent += len(message.frame)
+                if not ready:               # read on (or done): as any file's next
+                    read, scanning = self._refill(rel, backlog, heads)
+                    used += read
+                    complete = not scanning
+                    break
+                head = (backlog.sort_key(), backlog.taken, rank, rel)
+                if used >= budget or unsent >= low_water or (heads and heads[0] < head):
+                    heapq.heappush(heads, head)
+                    break
         if not self.backlog and unsent < low_water:
             self.phase = Phase.LIVE
             frames.append(LIVE_MESSAGE)
@@ -5311,8 +5321,9 @@ class Feed:
         if backlog.ready:
             read, exhausted = 0, False      # messages made from what was read already
         else:
-            limits = self.limits
-            block = max(self._floor, min(limits.catchup_block, limits.catchup_readahead - self._held))
+            limits = self.limits    # a file's first read is the least (it needs one line for the merge):
+            block = self._floor if not backlog.reader.blocks else \
+                max(self._floor, min(limits.catchup_block, limits.catchup_readahead - self._held))
             read, exhausted = backlog.prepare(self.log, block)
             self._held += read
         if backlog.ready:
