@@ -3847,7 +3847,9 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
 
 _FRAME_HEAD_16 = struct.Struct(">BBH").pack     # a text frame's header for 126..65535 bytes
 ENTRY_ENVELOPE_START = '{"kind":"entry","path":'   # how every entry message begins
-ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept
+ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept ...
+ENVELOPE_FILES = 1024       # ... by this many files at most (a history of 50,000 files kept each: 36 MB)
+_ENVELOPE_HOLDERS: "collections.OrderedDict[int, FileRecord]" = collections.OrderedDict()   # by id, latest last
 
 
 def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str], kind: str,
@@ -3862,6 +3864,11 @@ def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str
     if len(rec.envelopes) >= ENVELOPES_PER_FILE:
         rec.envelopes.clear()
     rec.envelopes[(session, agent, kind, cwd)] = pieces = (head, middle, meta)
+    holders = _ENVELOPE_HOLDERS
+    holders[id(rec)] = rec
+    holders.move_to_end(id(rec))
+    while len(holders) > ENVELOPE_FILES:        # the files that made one longest ago forget theirs
+        holders.popitem(last=False)[1].envelopes.clear()
     return pieces
 
 

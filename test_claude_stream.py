@@ -2277,6 +2277,23 @@ class EnvelopeTests(unittest.TestCase):
         return cs.FileRecord("/r", "-home-u-alpha/f1le.jsonl", "/r/-home-u-alpha/f1le.jsonl", "-home-u-alpha",
                              "f1le", None, 0, 0, 0, 0, 0.0, host=host)
 
+    def test_only_the_files_that_made_one_last_keep_their_envelopes(self):
+        # A history of 50,000 files made each remember its pieces for good (36 MB).
+        limit = cs.ENVELOPE_FILES
+        self.addCleanup(setattr, cs, "ENVELOPE_FILES", limit)
+        cs.ENVELOPE_FILES = 8
+        records = [cs.FileRecord("/r", "-p/s%02d.jsonl" % i, "/r/-p/s%02d.jsonl" % i, "-p", "s%02d" % i,
+                                 None, 0, 0, 0, 0, 0.0) for i in range(20)]
+        line = b'{"type":"user","sessionId":"x"}'
+        for rec in records:
+            cs.line_message(rec, 0, line)
+        self.assertEqual([bool(rec.envelopes) for rec in records], [False] * 12 + [True] * 8)
+        self.assertLessEqual(len(cs._ENVELOPE_HOLDERS), 8)
+        again = json.loads(cs.line_message(records[0], 40, line).frame[4:])     # forgotten: made again
+        self.assertEqual((again["path"], again["offset"], again["session"]), ("-p/s00.jsonl", 40, "x"))
+        self.assertTrue(records[0].envelopes)
+        self.assertFalse(records[12].envelopes)     # the oldest of those that kept theirs
+
     def test_lines_of_one_file_get_their_own_envelope_and_filters_whatever_the_cache_holds(self):
         rng = random.Random(3)
         sessions = ["s-one", "s-two", "s-three", "s-four", "s-five", None, 17]
