@@ -9299,9 +9299,7 @@ class ClientApp:
 
     def _write_gathered(self) -> None:
         if self._gathered:
-            data = b"".join(self._gathered)
-            self._gathered, self._gathered_bytes = [], 0
-            self._write(data)
+            self._write(b"")            # what was gathered, in one write
 
     def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
@@ -10326,10 +10324,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 # Run as a script, Python keeps the whole file's syntax tree (about 17 MB) until the
 # script ends, so a server run for days would carry it for days. ``serve`` therefore
-# starts the same interpreter again, with the same
-# flags, in the same process (exec: same pid, signals, descriptors), loading this
-# file as a module: its tree is freed once compiled, and the bytecode is cached
-# where Python caches it. CLAUDE_STREAM_NO_REEXEC=1 turns this off.
+# starts the same interpreter again with the same flags in the same process (exec:
+# the same pid, signals and descriptors), loading this file as a module: its tree is
+# freed once compiled, and the bytecode is cached where Python caches it.
+# CLAUDE_STREAM_NO_REEXEC=1 turns this off.
 _REEXEC = ("import importlib.util, sys; path = sys.argv[1]; "
            "spec = importlib.util.spec_from_file_location('claude_stream', path); "
            "module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec); "
@@ -10343,8 +10341,8 @@ def reexec_as_module(argv: List[str]) -> None:
     if argv[1:2] != ["serve"] or os.name != "posix" or not path \
             or os.environ.get("CLAUDE_STREAM_NO_REEXEC") or not sys.executable:
         return
-    import subprocess as flags_of          # its helper says which -X/-W/-O/... this Python got
-    command = [sys.executable] + flags_of._args_from_interpreter_flags() + [
+    flags = subprocess._args_from_interpreter_flags()     # type: ignore[attr-defined] # -X, -W, -O...
+    command = [sys.executable] + flags + [
         "-c", _REEXEC, os.path.abspath(path)] + argv[1:]
     try:
         sys.stdout.flush()
