@@ -5653,6 +5653,9 @@ class StatusClientTests(unittest.TestCase):
         server.stop()
         server = ServerProcess(self, [root], port=port)     # its snapshot says idle again
         stderr.wait_line(lambda l: "reconnected to" in l, what="the client to reconnect")
+        # The piped client too, before the next change: one that reconnected after it
+        # would see only the snapshot, and miss the lines counted below (1 run in 3).
+        piped.stderr.wait_line(lambda l: "reconnected to" in l, what="the piped client to reconnect")
         record(status="busy")
         terminal(3, "working", 2)
         record(status="idle")
