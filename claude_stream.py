@@ -2017,10 +2017,15 @@ def frame_header(opcode: int, n: int, fin: bool = True, masked: bool = False) ->
     first = (0x80 if fin else 0) | opcode
     mask_bit = 0x80 if masked else 0
     if n < 126:
-        return bytes((first, mask_bit | n))
-    if n < 65536:
-        return bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
-    return bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+        return _FRAME_HEAD_7(first, mask_bit | n)
+    if n < 65536:       # every entry of a transcript, nearly: made once per line
+        return _FRAME_HEAD_16(first, mask_bit | 126, n)
+    return _FRAME_HEAD_64(first, mask_bit | 127, n)
+
+
+_FRAME_HEAD_7 = struct.Struct(">BB").pack
+_FRAME_HEAD_16 = struct.Struct(">BBH").pack
+_FRAME_HEAD_64 = struct.Struct(">BBQ").pack
 
 
 def frame_parts(opcode: int, payload: bytes, fin: bool = True,
@@ -3840,12 +3845,11 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     head, middle, meta = pieces
     numbers = b'%d,"next":%d' % (offset, after)
     size = len(head) + len(numbers) + len(middle) + len(line) + 1
-    header = _FRAME_HEAD_16(0x81, 126, size) if 126 <= size < 65536 else frame_header(Opcode.TEXT, size)
-    return LineMessage(offset, after, b"".join((header, head, numbers, middle, line, b"}")), meta,
-                       sort_key=stamp)
+    return LineMessage(offset, after, b"".join((frame_header(TEXT_OPCODE, size), head, numbers, middle, line, b"}")),
+                       meta, sort_key=stamp)
 
 
-_FRAME_HEAD_16 = struct.Struct(">BBH").pack     # a text frame's header for 126..65535 bytes
+TEXT_OPCODE = int(Opcode.TEXT)      # a plain int: an IntEnum's arithmetic costs, once per line
 ENTRY_ENVELOPE_START = '{"kind":"entry","path":'   # how every entry message begins
 ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept ...
 ENVELOPE_FILES = 1024       # ... by this many files at most (a history of 50,000 files kept each: 36 MB)
@@ -9299,7 +9303,9 @@ class ClientApp:
 
     def _write_gathered(self) -> None:
         if self._gathered:
-            self._write(b"")            # what was gathered, in one write
+            data = b"".join(self._gathered)
+            self._gathered, self._gathered_bytes = [], 0
+            self._write_now(data)
 
     def on_message(self, link: ClientLink, message: Union[TextMessage, BinaryMessage]) -> None:
         if isinstance(message, BinaryMessage):
@@ -9346,9 +9352,8 @@ class ClientApp:
         path = msg.get("path")
         if self.exporter is not None:
             pass                            # the receiver's 2xx moves the cursors, not the write
-        elif isinstance(path, str) and path in link.cursors and kind in ("entry", "malformed", "gap", "reset"):
-            link.acked[path] = link.cursors[path]   # written: the state may say so
-            self._state_changed()
+        elif kind in ("entry", "malformed", "gap", "reset"):
+            self._acknowledge(link, path)
         elif kind == "hello":
             self._state_changed()           # its time starts what a resume asks for
         if self.alerts is not None and kind == "usage":
@@ -9385,19 +9390,15 @@ class ClientApp:
             return False
         if not self._track(link, head):
             return True             # a line we already have: never written twice
-        data = text.encode("utf-8") + b"\n"
-        if self._gathering:
-            self._gathered.append(data)
-            self._gathered_bytes += len(data)
-            if self._gathered_bytes >= OUTPUT_GATHER_BYTES:
-                self._write_gathered()
-        else:
-            self._write(data)
-        path = head.get("path")
-        if isinstance(path, str) and path in link.cursors:
-            link.acked[path] = link.cursors[path]   # written (or in this read's one write): the state may say so
-            self._state_changed()
+        self._write(text.encode("utf-8") + b"\n")
+        self._acknowledge(link, head.get("path"))
         return True
+
+    def _acknowledge(self, link: ClientLink, path: Any) -> None:
+        """A file's line is written (or in this read's one write): the state may say so."""
+        if isinstance(path, str) and path in link.cursors:
+            link.acked[path] = link.cursors[path]
+            self._state_changed()
 
     @staticmethod
     def _track(link: ClientLink, msg: Dict[str, Any]) -> bool:
@@ -9418,16 +9419,20 @@ class ClientApp:
         return True
 
     def _write(self, data: bytes) -> None:
-        """Write all of ``data`` to stdout, now (after what was gathered, in order).
+        """``data`` to stdout, after what was written before: now, or while a read's
+        messages are handled, at the end of it (or once OUTPUT_GATHER_BYTES wait)."""
+        self._gathered.append(data)
+        self._gathered_bytes += len(data)
+        if not self._gathering or self._gathered_bytes >= OUTPUT_GATHER_BYTES:
+            self._write_gathered()
+
+    def _write_now(self, data: bytes) -> None:
+        """Write all of ``data`` to stdout, now.
 
         os.write() in a loop, not sys.stdout.buffer: CPython's buffered writer
         was seen here to drop the rest of a message when a write blocked on a
         full pipe is interrupted (SIGSTOP/SIGCONT), and a message is never cut.
         """
-        if self._gathered:
-            self._gathered.append(data)
-            data = b"".join(self._gathered)
-            self._gathered, self._gathered_bytes = [], 0
         try:
             fd = self.out.fileno()
         except (AttributeError, ValueError, OSError):

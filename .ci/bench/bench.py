@@ -66,23 +66,16 @@ def kill(proc):
     """The process and its whole group (it was started in a session of its own)."""
     if proc is None:
         return
-    if proc.poll() is None:
+    # TERM first (a clean stop) if it still runs, then KILL for whatever of its group is left.
+    for sig in ((signal.SIGTERM,) if proc.poll() is None else ()) + (signal.SIGKILL,):
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         except OSError:
             pass
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
     PROCS.discard(proc)
 
 
