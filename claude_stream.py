@@ -80,22 +80,18 @@ import enum
 import errno
 import gc
 import gzip
-import hashlib
 import heapq
-import hmac
 import itertools
 import json
 import math
 import os
 import random
 import re
-import secrets
 import select
 import selectors
 import shlex
 import signal
 import socket
-import ssl
 import stat
 import struct
 import subprocess
@@ -110,8 +106,29 @@ import traceback
 import unicodedata
 from dataclasses import dataclass, field, replace as replace_fields
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Set,
+                    Tuple, Union)
 from urllib.parse import parse_qs, quote, urlsplit
+# OpenSSL is loaded only where TLS is used (``import ssl`` in the functions that use it):
+# ssl, hashlib, hmac and secrets each load it, and it costs 7.7 MB resident, a third of a
+# server serving ws:// on loopback. The two hashes and the comparison we need are built in.
+if TYPE_CHECKING:                   # pragma: no cover - for the annotations only
+    import ssl
+try:
+    from _sha1 import sha1
+except ImportError:                 # pragma: no cover - a Python built without it
+    from hashlib import sha1
+try:
+    from _sha2 import sha256        # Python 3.12 and later
+except ImportError:
+    try:
+        from _sha256 import sha256  # up to 3.11
+    except ImportError:             # pragma: no cover
+        from hashlib import sha256
+try:                                # hmac.compare_digest where OpenSSL is absent: constant time
+    from _operator import _compare_digest as compare_digest
+except ImportError:                 # pragma: no cover
+    from hmac import compare_digest
 
 __version__ = "0.1.0"
 __license__ = "MIT"
@@ -2174,7 +2191,7 @@ def parse_head(head: bytes, request: bool, max_headers: int = MAX_HEADERS) -> Ht
 
 def accept_value(key: str) -> str:
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (section 4.2.2, step 5.4)."""
-    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
+    return base64.b64encode(sha1((key + WS_GUID).encode("ascii")).digest()).decode("ascii")
 
 
 def is_upgrade_request(request: HttpHead) -> bool:
@@ -3028,6 +3045,12 @@ class Stream:
             self._interest = interest
 
 
+def is_tls_error(exc: Optional[BaseException], kind: str) -> bool:
+    """Whether ``exc`` is ssl's exception ``kind``; never, where ssl was not loaded (no TLS used)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, getattr(ssl, kind))
+
+
 class TLSStream(Stream):
     """A Stream speaking TLS through ``ssl.SSLObject`` and two memory BIOs.
 
@@ -3041,6 +3064,8 @@ class TLSStream(Stream):
     def __init__(self, loop: EventLoop, sock: socket.socket, protocol: Protocol,
                  context: Any, server_side: bool, server_hostname: Optional[str] = None,
                  limits: Limits = DEFAULT_LIMITS):
+        import ssl
+        self._ssl = ssl
         self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                      server_hostname=server_hostname)
@@ -3077,7 +3102,7 @@ class TLSStream(Stream):
         try:
             self._tls.do_handshake()
             self._handshaken = True
-        except ssl.SSLWantReadError:
+        except self._ssl.SSLWantReadError:
             pass
         self._send_ciphertext()
         if self._handshaken:
@@ -3093,9 +3118,9 @@ class TLSStream(Stream):
             while self._handshaken and not self.closed:
                 try:
                     plaintext = self._tls.read(self.limits.recv_size)
-                except ssl.SSLWantReadError:
+                except self._ssl.SSLWantReadError:
                     break
-                except ssl.SSLZeroReturnError:   # the peer's close_notify: an EOF
+                except self._ssl.SSLZeroReturnError:   # the peer's close_notify: an EOF
                     self._reading = False
                     self._set_interest()
                     self.protocol.eof_received()
@@ -3104,7 +3129,7 @@ class TLSStream(Stream):
                     break
                 super()._deliver(plaintext)
             self._send_ciphertext()             # e.g. session tickets, alerts
-        except ssl.SSLError as exc:
+        except self._ssl.SSLError as exc:
             self.abort(exc)
 
     def close(self) -> None:
@@ -3115,7 +3140,7 @@ class TLSStream(Stream):
         if self._handshaken:
             try:
                 self._tls.unwrap()
-            except ssl.SSLError:
+            except self._ssl.SSLError:
                 pass                            # want-read: the peer's half is optional
             self._send_ciphertext()
         super().close()
@@ -3489,7 +3514,7 @@ def write_token_file(port: int, token: str) -> str:
         raise OSError(errno.EPERM, "%s is not a folder of this user's" % folder)
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(folder, 0o700)
-    temporary = os.path.join(folder, ".token-%d.%s" % (port, secrets.token_hex(8)))
+    temporary = os.path.join(folder, ".token-%d.%s" % (port, os.urandom(8).hex()))
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                  | getattr(os, "O_CLOEXEC", 0), 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -4892,13 +4917,13 @@ class RequestPolicy:
     def check_token(self, request: HttpHead, query: str, token: Optional[str]) -> None:
         """401 before any upgrade unless the request carries ``token``.
 
-        Compared with hmac.compare_digest: constant time, so the answer's timing
+        Compared with compare_digest (hmac's): constant time, so the answer's timing
         says nothing about how much of a guess was right.
         """
         if token is None:
             return
         given = request_token(request, query)
-        if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"),
+        if given is None or not compare_digest(given.encode("utf-8", "replace"),
                                                     token.encode("utf-8")):
             raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
                                       "or ?token=TOKEN in a browser)",
@@ -5846,7 +5871,7 @@ class StreamServer:
 
     def __init__(self, loop: EventLoop, tailer: Tailer, host: str, port: int, log: Log,
                  token: Optional[str] = None, allowed_origins: Iterable[str] = (),
-                 tls: Optional[ssl.SSLContext] = None, also_ipv6_loopback: bool = False,
+                 tls: Optional["ssl.SSLContext"] = None, also_ipv6_loopback: bool = False,
                  limits: Optional[Limits] = None, page: Optional[PageSource] = None,
                  wall: Callable[[], float] = time.time, registry: Optional[Registry] = None,
                  prices: Optional[Dict[str, Price]] = None, push_token: Optional[str] = None):
@@ -7975,7 +8000,7 @@ PAGE_HTML = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 
 
 def _csp_hash(text: str) -> str:
-    return "'sha256-%s'" % base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+    return "'sha256-%s'" % base64.b64encode(sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
 PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src data:; "
@@ -8856,12 +8881,12 @@ class ClientLink(WebSocketEndpoint):
         super().output_drained()
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
-        if isinstance(exc, ssl.SSLError):
+        if is_tls_error(exc, "SSLError"):
             self.tls_failure = exc
         super().connection_lost(exc)
 
     def on_closed(self, code: int, reason: str) -> None:
-        if isinstance(self.tls_failure, ssl.SSLCertVerificationError):
+        if is_tls_error(self.tls_failure, "SSLCertVerificationError"):
             self.app.link_down(self, "%s: %s (trust its certificate with --cafile, or skip the "
                                      "check with --insecure)" % (self.url, self.tls_failure.verify_message
                                                                  or self.tls_failure), retryable=False)
@@ -9022,7 +9047,7 @@ class OtlpExporter:
     """
 
     def __init__(self, app: "ClientApp", url: str, headers: List[Tuple[str, str]],
-                 tls: Optional[ssl.SSLContext]):
+                 tls: Optional["ssl.SSLContext"]):
         self.app, self.loop, self.log, self.limits = app, app.loop, app.log, app.limits
         self.host, self.port, self.path, secure = otlp_url(url)
         self.headers, self.tls = headers, tls if secure else None
@@ -9191,7 +9216,7 @@ class ClientApp:
 
     def __init__(self, loop: EventLoop, urls: List[str], json_mode: bool, filters: Filters,
                  reconnect: bool, log: Log, out: Any = None, since: Optional[str] = None,
-                 token: Optional[str] = None, tls: Optional[ssl.SSLContext] = None,
+                 token: Optional[str] = None, tls: Optional["ssl.SSLContext"] = None,
                  limits: Limits = DEFAULT_LIMITS, last: Optional[int] = None, notify: bool = False,
                  notify_command: Optional[List[str]] = None, state: Optional["ClientState"] = None,
                  otlp: Optional[Tuple[str, List[Tuple[str, str]]]] = None):
@@ -9526,7 +9551,7 @@ class MirrorApp:
     """
 
     def __init__(self, loop: EventLoop, folder: str, urls: List[str], log: Log, limits: Limits,
-                 token: Optional[str], tls: Optional[ssl.SSLContext],
+                 token: Optional[str], tls: Optional["ssl.SSLContext"],
                  on_status: Callable[[str, Dict[str, Any]], None],
                  on_host: Callable[[str, bool], None]):
         self.loop, self.folder, self.log, self.limits = loop, os.path.abspath(folder), log, limits
@@ -9738,7 +9763,7 @@ class PushApp:
     """serve --push-to: the links to the hubs, dialled again with backoff when they drop."""
 
     def __init__(self, server: "StreamServer", urls: List[str], token: Optional[str],
-                 tls: Optional[ssl.SSLContext]):
+                 tls: Optional["ssl.SSLContext"]):
         self.server, self.loop, self.limits, self.log = server, server.loop, server.limits, server.log
         self.token, self.tls = token, tls
         self.links = [PushLink(self, url) for url in urls]
@@ -10057,11 +10082,12 @@ def run_usage(args: argparse.Namespace, log: Log) -> int:
     return EXIT_OK
 
 
-def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optional[ssl.SSLContext]:
+def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optional["ssl.SSLContext"]:
     if certfile is None and keyfile is None:
         return None
     if certfile is None:
         raise UsageError("serve: --keyfile needs --certfile")
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -10072,8 +10098,9 @@ def server_tls_context(certfile: Optional[str], keyfile: Optional[str]) -> Optio
     return context
 
 
-def client_tls_context(cafile: Optional[str], insecure: bool, log: Log) -> ssl.SSLContext:
+def client_tls_context(cafile: Optional[str], insecure: bool, log: Log) -> "ssl.SSLContext":
     """Verify certificates and host names, with --cafile trusted too; --insecure skips both."""
+    import ssl
     try:
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
@@ -10116,7 +10143,7 @@ def check_roots(roots: List[str], command: str = "serve", log: Optional[Log] = N
             log.warn("--root %s holds a projects folder: did you mean --root %s?" % (root, inner))
 
 
-def tls_for(urls: List[str], log: Log) -> Optional[ssl.SSLContext]:
+def tls_for(urls: List[str], log: Log) -> Optional["ssl.SSLContext"]:
     """A verifying client context when any of ``urls`` is wss://, else None."""
     return client_tls_context(None, False, log) if any(parse_ws_url(u)[3] for u in urls) else None
 
@@ -10134,7 +10161,7 @@ def secret_option(path: Optional[str], option: str) -> Optional[str]:
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
     check_roots(roots, log=log)
-    token = None if args.no_auth else (given_token(args, log, "serve") or secrets.token_urlsafe(TOKEN_BYTES))
+    token = None if args.no_auth else (given_token(args, log, "serve") or base64.urlsafe_b64encode(os.urandom(TOKEN_BYTES)).rstrip(b"=").decode("ascii"))
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     name = own_host_name() if args.name is None else host_name(args.name)
@@ -10331,7 +10358,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 # script ends, so a server run for days would carry it for days. ``serve`` therefore
 # starts the same interpreter again with the same flags in the same process (exec:
 # the same pid, signals and descriptors), loading this file as a module: its tree is
-# freed once compiled, and the bytecode is cached where Python caches it.
+# freed once compiled, and the bytecode is cached where Python caches it. It runs with
+# -S: this module needs the standard library only, and a site-packages' .pth files run
+# at every start whatever they import (on our CI machine, certifi and 80 modules: 2 MB).
 # CLAUDE_STREAM_NO_REEXEC=1 turns this off.
 _REEXEC = ("import importlib.util, sys; path = sys.argv[1]; "
            "spec = importlib.util.spec_from_file_location('claude_stream', path); "
@@ -10347,7 +10376,7 @@ def reexec_as_module(argv: List[str]) -> None:
             or os.environ.get("CLAUDE_STREAM_NO_REEXEC") or not sys.executable:
         return
     flags = subprocess._args_from_interpreter_flags()     # type: ignore[attr-defined] # -X, -W, -O...
-    command = [sys.executable] + flags + [
+    command = [sys.executable] + flags + ["-S",
         "-c", _REEXEC, os.path.abspath(path)] + argv[1:]
     try:
         sys.stdout.flush()
