@@ -72,6 +72,7 @@ Stream.flush (sendmsg).
 """
 
 import argparse
+import array
 import base64
 import binascii
 import codecs
@@ -79,10 +80,10 @@ import collections
 import enum
 import errno
 import gc
-import gzip
 import heapq
 import itertools
 import json
+import marshal
 import math
 import os
 import random
@@ -94,7 +95,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 try:                                # Unix only: how much of our output the peer has taken
     import fcntl
@@ -102,7 +102,6 @@ try:                                # Unix only: how much of our output the peer
 except ImportError:                 # pragma: no cover - Windows
     pass
 import time
-import traceback
 import unicodedata
 from dataclasses import dataclass, field, replace as replace_fields
 from datetime import datetime, timedelta, timezone
@@ -112,8 +111,11 @@ from urllib.parse import parse_qs, quote, urlsplit
 # OpenSSL is loaded only where TLS is used (``import ssl`` in the functions that use it):
 # ssl, hashlib, hmac and secrets each load it, and it costs 7.7 MB resident, a third of a
 # server serving ws:// on loopback. The two hashes and the comparison we need are built in.
+# So are subprocess (1 MB, with threading), gzip and traceback imported where they are
+# used, by the client's commands, the OTLP export and a bug's report.
 if TYPE_CHECKING:                   # pragma: no cover - for the annotations only
     import ssl
+    import subprocess
 try:
     from _sha1 import sha1
 except ImportError:                 # pragma: no cover - a Python built without it
@@ -258,10 +260,12 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # the last few lines: it keeps this many distinct messages, and forgets the oldest
 # beyond (a copy of a message made after that many others would be counted again;
 # ``forgotten`` says how often). The latest are kept with what they counted (about
-# 420 bytes each), as a larger later line replaces the count; the others by a hash
-# of their key (about 70 bytes): at most about 20 MB in all.
+# 500 bytes each), as a larger later line replaces the count; the others by a 64-bit
+# hash of their key in a table of 8-byte slots (12 to 24 bytes a message, where a set
+# of ints takes 80): at most 4.5 MB in all, where a set took 20 MB.
 USAGE_MAX_MESSAGES = 1 << 18
-USAGE_RECENT_MESSAGES = 4096        # ... of which the latest with their counts (~420 bytes), the rest by hash
+USAGE_RECENT_MESSAGES = 1024        # ... of which the latest with their counts; a message's lines
+                                    # come within seconds, not 1,024 other messages, apart
 MAX_TOKEN_COUNT = 1 << 40          # more tokens than any response has; past it a count is not one
 PRICE_TIER_TOKENS = 200_000         # per token kind and message, the part above is priced higher
 MAX_PRICES_FILE_BYTES = 1 << 20     # a --prices file
@@ -607,6 +611,7 @@ class Log:
     def internal_error(self, exc: BaseException) -> None:
         """A bug caught where it must not spread: one rate-limited line, a traceback with --debug."""
         self.warn("internal error: %s: %s" % (type(exc).__name__, exc), key="internal")
+        import traceback
         self.debug(traceback.format_exc().rstrip())
 
 
@@ -1199,9 +1204,8 @@ class Inotify:
 
     def __init__(self, read_bytes: int = WAKEUP_READ_BYTES) -> None:
         import ctypes                   # only here: no cost where inotify is not used
-        import ctypes.util
         self._ctypes = ctypes
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)    # the C library we run on (find_library runs ldconfig)
         self._add_watch = libc.inotify_add_watch
         self._add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._add_watch.restype = ctypes.c_int
@@ -3860,6 +3864,7 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     if parsed is not None and b'"usage"' in line:
         parsed(rec, obj)
     session, agent, kind, cwd, stamp = entry_fields(obj, rec)
+    del obj                         # a long line's decoded copy, gone before its frame is made
     # The envelope, keys in this order, around the line's own bytes, and the frame
     # header before it, in one join: json.dumps per line was a third of the cost.
     # What is the same for a file's lines (its path, project, session, agent, host,
@@ -4265,6 +4270,86 @@ class SessionUsage:
 Counted = Tuple[MessageUsage, SessionUsage, str, str]
 
 
+class KeyHashes:
+    """The hashes of up to ``capacity`` keys, for "was this one seen?", at 8 bytes a slot.
+
+    Two generations, each an open-addressing table (linear probing, at most two thirds
+    full, doubled as it fills) of 64-bit hashes in an array: when the current holds
+    half the capacity, the previous is forgotten, ``forgotten`` counts its keys, and
+    the current becomes the previous. So the latest half of the capacity, at least, is
+    always remembered, nothing is ever deleted from a table, and no order is kept.
+    The hashes are Python's own (``hash(str)``, 64 bits, salted per process: fine
+    for memory that lives as long as the process); two keys alike by hash are one.
+    Written for speed (every new message of a live stream passes here): no calls.
+    """
+
+    FIRST_SLOTS = 1024
+
+    def __init__(self, capacity: int) -> None:
+        self.generation = capacity // 2     # keys per table; 0: nothing is remembered
+        self.forgotten = 0
+        self.count = 0                      # keys held, in both tables
+        self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
+        self._previous = array.array("q", bytes(8))
+        self._current_count = 0
+
+    def seen(self, value: int) -> bool:
+        if not self.count:
+            return False
+        value = value or 1                  # 0 marks an empty slot
+        table = self._current
+        mask = len(table) - 1
+        i = value & mask
+        found = table[i]
+        while found:
+            if found == value:
+                return True
+            i = (i + 1) & mask
+            found = table[i]
+        table = self._previous
+        mask = len(table) - 1
+        i = value & mask
+        found = table[i]
+        while found:
+            if found == value:
+                return True
+            i = (i + 1) & mask
+            found = table[i]
+        return False
+
+    def add(self, value: int) -> None:
+        """Remember ``value``, which the caller found is not here (a second copy would cost a
+        slot, nothing else); with no room, none is."""
+        if not self.generation:
+            self.forgotten += 1
+            return
+        table = self._current
+        if self._current_count >= self.generation:
+            self.forgotten += self.count - self._current_count
+            self.count = self._current_count
+            self._previous = table
+            table = self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
+            self._current_count = 0
+        elif 3 * (self._current_count + 1) > 2 * len(table):
+            old, table = table, array.array("q", bytes(16 * len(table)))
+            mask = len(table) - 1
+            for kept in old:
+                if kept:
+                    i = kept & mask
+                    while table[i]:
+                        i = (i + 1) & mask
+                    table[i] = kept
+            self._current = table
+        value = value or 1
+        mask = len(table) - 1
+        i = value & mask
+        while table[i]:
+            i = (i + 1) & mask
+        table[i] = value
+        self._current_count += 1
+        self.count += 1
+
+
 class UsageBook:
     """Token and cost totals of sessions, fed one parsed transcript entry at a time.
 
@@ -4273,10 +4358,10 @@ class UsageBook:
     is remembered under its key: the latest ``limits.usage_recent_messages``
     with what they counted, so that a later line of a message with a larger
     usage replaces its count, wherever that was (a message's lines come within
-    seconds of each other); older ones by a hash of the key alone (about 70
-    bytes each), so that a copy of one (a fork, a resume) is not counted again.
-    Up to ``limits.usage_max_messages`` in all; past that the oldest is
-    forgotten, counted in ``forgotten``.
+    seconds of each other); older ones by a hash of the key alone (KeyHashes),
+    so that a copy of one (a fork, a resume) is not counted again. Up to
+    ``limits.usage_max_messages`` in all; past that the oldest half of those
+    known by hash is forgotten, counted in ``forgotten``.
     """
 
     def __init__(self, prices: Optional[Dict[str, Price]] = None, limits: Limits = DEFAULT_LIMITS,
@@ -4290,11 +4375,14 @@ class UsageBook:
         self.sessions: Dict[Tuple[str, str], SessionUsage] = {}
         self.days: Dict[str, UsageTotals] = {}
         self.totals = UsageTotals()
-        self.forgotten = 0
         self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
-        self._older: Set[int] = set()           # hashes of the keys of messages counted before those
-        self._older_order: Deque[int] = collections.deque()    # ... oldest first
+        self._older = KeyHashes(self.max_messages - self.recent_messages)   # messages counted before those
         self._day_names: Dict[str, str] = {}    # one string per day, not one per message
+
+    @property
+    def forgotten(self) -> int:
+        """Messages no longer remembered: a copy of one made now would be counted again."""
+        return self._older.forgotten
 
     def session(self, project: str, session: str) -> SessionUsage:
         found = self.sessions.get((project, session))
@@ -4311,7 +4399,7 @@ class UsageBook:
         old = self._counted.get(key) if key is not None else None
         if old is not None and sum(found[2]) <= old[0].total:
             return []                   # a message's later line, no larger: most lines, so not priced
-        if old is None and key is not None and self._older and hash(key) in self._older:
+        if old is None and key is not None and self._older.count and self._older.seen(hash(key)):
             return []                   # a copy of a message counted long ago
         usage = message_usage(entry, self.prices, found, self._price)
         assert usage is not None
@@ -4330,12 +4418,7 @@ class UsageBook:
                 changed.append(old[1])
         self._counted[key] = counted
         if old is None and len(self._counted) > self.recent_messages:
-            older = hash(self._counted.popitem(last=False)[0])
-            self._older.add(older)
-            self._older_order.append(older)
-            if len(self._older) + len(self._counted) > self.max_messages:
-                self._older.discard(self._older_order.popleft())
-                self.forgotten += 1
+            self._older.add(hash(self._counted.popitem(last=False)[0]))
         self._count(counted, 1, stamp)
         return changed
 
@@ -8715,7 +8798,7 @@ class Alerts:
         self.loop, self.log, self.limits = loop, log, limits
         self.bell, self.command = bell, command
         self.board = SessionBoard()
-        self.running: List[subprocess.Popen] = []
+        self.running: List["subprocess.Popen[bytes]"] = []
         self._reap_timer: Optional[Timer] = None
 
     def usage(self, msg: Dict[str, Any]) -> None:
@@ -8754,6 +8837,7 @@ class Alerts:
                    "TEXT": notice_text("%s: %s" % (self.TITLES[event], body)),     # as the desktop shows it
                    "COST_USD": known_cost(usage)}
         env.update(("CLAUDE_STREAM_" + k, _env_value(v)) for k, v in details.items())
+        import subprocess
         try:
             proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     env=env, close_fds=True)
@@ -9107,6 +9191,7 @@ class OtlpExporter:
                 size, count = size + len(item[1]), count + 1
             self.batch, self.pending = self.pending[:count], self.pending[count:]
             self.pending_bytes -= size
+        import gzip
         body = gzip.compress(self._body(self.batch), 6)
         head = ["POST %s HTTP/1.1" % self.path, "Host: %s:%d" % (self.host, self.port),
                 "Content-Type: application/json", "Content-Encoding: gzip",
@@ -10357,27 +10442,58 @@ def main(argv: Optional[List[str]] = None) -> int:
 # Run as a script, Python keeps the whole file's syntax tree (about 17 MB) until the
 # script ends, so a server run for days would carry it for days. ``serve`` therefore
 # starts the same interpreter again with the same flags in the same process (exec:
-# the same pid, signals and descriptors), loading this file as a module: its tree is
-# freed once compiled, and the bytecode is cached where Python caches it. It runs with
-# -S: this module needs the standard library only, and a site-packages' .pth files run
-# at every start whatever they import (on our CI machine, certifi and 80 modules: 2 MB).
+# the same pid, signals and descriptors), as a module, handing it the bytecode this
+# process compiled (marshalled into an anonymous file, as a .pyc holds it): the new
+# image neither builds the tree nor compiles (a compile there would leave 3 MB of its
+# garbage behind, and take 0.4 s). Where there is no memfd it loads the file as any
+# module is loaded ("-" below). It runs with -S: this module needs the standard
+# library only, and a site-packages' .pth files run at every start whatever they
+# import (on our CI machine, certifi and 80 modules: 2 MB).
 # CLAUDE_STREAM_NO_REEXEC=1 turns this off.
-_REEXEC = ("import importlib.util, sys; path = sys.argv[1]; "
-           "spec = importlib.util.spec_from_file_location('claude_stream', path); "
-           "module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec); "
-           "spec.loader.exec_module(module); sys.argv[:2] = [path]; sys.exit(module.main())")
+_REEXEC = """import importlib.util, marshal, os, sys
+path, code = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location('claude_stream', path)
+module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec)
+if code == '-':
+    spec.loader.exec_module(module)
+else:
+    with os.fdopen(int(code), 'rb') as fh:
+        exec(marshal.loads(fh.read()), module.__dict__)
+sys.argv[:3] = [path]
+sys.exit(module.main())"""
 
 
-def reexec_as_module(argv: List[str]) -> None:
-    """exec this file again as a module, for ``serve``; returns if not (a client starts
-    faster without: its first line matters more than 17 MB)."""
+def compiled_for_exec(code: Any) -> str:
+    """An inherited descriptor holding ``code`` marshalled, as text for argv; "-" if none."""
+    try:
+        fd = os.memfd_create("claude_stream", 0)        # type: ignore[attr-defined] # Linux only
+    except (AttributeError, OSError):
+        return "-"
+    try:
+        data = marshal.dumps(code)
+        with memoryview(data) as view:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, view[written:])
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+        return str(fd)
+    except (OSError, ValueError):
+        os.close(fd)
+        return "-"
+
+
+def reexec_as_module(argv: List[str], code: Any = None) -> None:
+    """exec this file again as a module, for ``serve``, given its compiled ``code``;
+    returns if not (a client starts faster without: its first line matters more than 17 MB)."""
     path = globals().get("__file__")
     if argv[1:2] != ["serve"] or os.name != "posix" or not path \
             or os.environ.get("CLAUDE_STREAM_NO_REEXEC") or not sys.executable:
         return
+    import subprocess
     flags = subprocess._args_from_interpreter_flags()     # type: ignore[attr-defined] # -X, -W, -O...
-    command = [sys.executable] + flags + ["-S",
-        "-c", _REEXEC, os.path.abspath(path)] + argv[1:]
+    command = [sys.executable] + flags + ["-S", "-c", _REEXEC, os.path.abspath(path),
+                                          "-" if code is None else compiled_for_exec(code)] + argv[1:]
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -10387,6 +10503,6 @@ def reexec_as_module(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
-    reexec_as_module(sys.argv)
+    reexec_as_module(sys.argv, sys._getframe().f_code)     # this script's own bytecode
     sys.exit(main())
 

@@ -1478,8 +1478,13 @@ class EndToEndTests(ProjectTreeTestCase):
             self.assertEqual(args[0], sys.executable)
             self.assertTrue(any("spec_from_file_location" in a for a in args), args)
             self.assertIn(os.path.abspath(MODULE), args)
-            self.assertEqual(args[args.index(os.path.abspath(MODULE)) + 1:],
+            code = args[args.index(os.path.abspath(MODULE)) + 1]
+            self.assertEqual(args[args.index(os.path.abspath(MODULE)) + 2:],
                              ["serve", "--port", "0", "--root", self.root])
+            # ... handed the bytecode this process compiled, in a memfd it read and closed
+            self.assertTrue(code.isdigit(), code)
+            held = [os.readlink("/proc/%d/fd/%s" % (proc.pid, fd)) for fd in os.listdir("/proc/%d/fd" % proc.pid)]
+            self.assertFalse([h for h in held if "memfd:claude_stream" in h], held)
             before = args[1:args.index("-c")]
             self.assertIn("-Wignore::ResourceWarning", before)         # the same flags
             self.assertIn("-S", before)             # the standard library only: no .pth runs
@@ -1487,6 +1492,20 @@ class EndToEndTests(ProjectTreeTestCase):
             self.check_serves(server)
             proc.send_signal(stop)
             self.assertEqual(proc.wait(DEADLINE), 0, stop)
+
+    def test_reexec_without_bytecode_loads_the_file_as_a_module(self):
+        # Where no memfd can hold the bytecode ("-"), the new image imports the file itself.
+        proc = subprocess.Popen([sys.executable, "-S", "-c", cs._REEXEC, os.path.abspath(MODULE), "-",
+                                 "serve", "--port", "0", "--root", self.root],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        server = ServerProcess.__new__(ServerProcess)
+        server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
+        self.addCleanup(server.stop)
+        banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+        server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+        self.check_serves(server)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(DEADLINE), 0)
 
     def test_without_reexec_serve_runs_as_the_script_it_was_started_as(self):
         env = dict(os.environ, CLAUDE_STREAM_NO_REEXEC="1")
@@ -4626,6 +4645,29 @@ class UsageTests(unittest.TestCase):
                           usage_entry("m0", output_tokens=1), usage_entry("m1", output_tokens=9),
                           usage_entry("m4", output_tokens=3), usage_max_messages=10, usage_recent_messages=2)
         self.assertEqual((older.totals.sum("output_tokens"), older.forgotten, len(older._counted)), (4 + 3, 0, 2))
+
+    def test_key_hashes_remember_the_latest_half_at_least(self):
+        rng = random.Random(7)
+        values = [0, -1, -(1 << 63), (1 << 63) - 1] + [rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)]
+        hashes = cs.KeyHashes(1 << 20)
+        for value in values:
+            self.assertFalse(hashes.seen(value))
+            hashes.add(value)
+        self.assertTrue(all(hashes.seen(v) for v in values))          # through six doublings of the table
+        others = {rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)} - set(values) - {1}
+        self.assertFalse(any(hashes.seen(v) for v in others))
+        self.assertEqual((hashes.count, hashes.forgotten), (len(values), 0))
+        # Two generations of capacity/2: the fifth key starts the second, the ninth forgets the first.
+        small = cs.KeyHashes(8)
+        for value in range(1, 9):
+            small.add(value)
+        self.assertTrue(all(small.seen(v) for v in range(1, 9)))
+        small.add(9)
+        self.assertEqual([v for v in range(1, 10) if small.seen(v)], [5, 6, 7, 8, 9])
+        self.assertEqual((small.count, small.forgotten), (5, 4))
+        none = cs.KeyHashes(1)                          # no room for a generation: nothing kept
+        none.add(5)
+        self.assertEqual((none.seen(5), none.forgotten), (False, 1))
 
     def test_prices_file_format(self):
         prices = cs.parse_prices('{"m": {"input": 2, "output": 8}, "n": {"input": 1, "output": 1, '
