@@ -257,9 +257,9 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # A message is written on several lines while it streams; its usage is counted
 # once, so the totals remember each message id they counted. Forks and replays
 # copy a message into another file at any distance, so the memory cannot be only
-# the last few lines: it keeps this many distinct messages, and forgets the oldest
-# beyond (a copy of a message made after that many others would be counted again;
-# ``forgotten`` says how often). The latest are kept with what they counted (about
+# the last few lines: it keeps up to this many distinct messages, and when full
+# forgets the oldest half of those known by hash (a copy of a message made after
+# that many others would be counted again; ``forgotten`` says how often). The latest are kept with what they counted (about
 # 500 bytes each), as a larger later line replaces the count; the others by a 64-bit
 # hash of their key in a table of 8-byte slots (12 to 24 bytes a message, where a set
 # of ints takes 80): at most 4.5 MB in all, where a set took 20 MB.
@@ -4294,8 +4294,6 @@ class KeyHashes:
         self._current_count = 0
 
     def seen(self, value: int) -> bool:
-        if not self.count:
-            return False
         value = value or 1                  # 0 marks an empty slot
         table = self._current
         mask = len(table) - 1
@@ -5006,8 +5004,7 @@ class RequestPolicy:
         if token is None:
             return
         given = request_token(request, query)
-        if given is None or not compare_digest(given.encode("utf-8", "replace"),
-                                                    token.encode("utf-8")):
+        if given is None or not compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8")):
             raise HandshakeError(401, "a valid token is required (Authorization: Bearer TOKEN, "
                                       "or ?token=TOKEN in a browser)",
                                  [("WWW-Authenticate", 'Bearer realm="claude_stream"')])
@@ -10243,10 +10240,15 @@ def secret_option(path: Optional[str], option: str) -> Optional[str]:
         raise UsageError("serve: %s: %s" % (option, getattr(exc, "strerror", None) or exc)) from None
 
 
+def new_token() -> str:
+    """A random token, made as secrets.token_urlsafe makes one (secrets would load OpenSSL)."""
+    return base64.urlsafe_b64encode(os.urandom(TOKEN_BYTES)).rstrip(b"=").decode("ascii")
+
+
 def run_serve(args: argparse.Namespace, log: Log) -> int:
     roots = args.root or default_roots()
     check_roots(roots, log=log)
-    token = None if args.no_auth else (given_token(args, log, "serve") or base64.urlsafe_b64encode(os.urandom(TOKEN_BYTES)).rstrip(b"=").decode("ascii"))
+    token = None if args.no_auth else (given_token(args, log, "serve") or new_token())
     tls = server_tls_context(args.certfile, args.keyfile)
     loop = EventLoop(log)
     name = own_host_name() if args.name is None else host_name(args.name)
@@ -10492,14 +10494,15 @@ def reexec_as_module(argv: List[str], code: Any = None) -> None:
         return
     import subprocess
     flags = subprocess._args_from_interpreter_flags()     # type: ignore[attr-defined] # -X, -W, -O...
-    command = [sys.executable] + flags + ["-S", "-c", _REEXEC, os.path.abspath(path),
-                                          "-" if code is None else compiled_for_exec(code)] + argv[1:]
+    held = "-" if code is None else compiled_for_exec(code)
+    command = [sys.executable] + flags + ["-S", "-c", _REEXEC, os.path.abspath(path), held] + argv[1:]
     try:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, command)
-    except OSError:
-        pass                        # run as we are: only the memory differs
+    except OSError:                 # run as we are: only the memory differs
+        if held != "-":
+            os.close(int(held))
 
 
 if __name__ == "__main__":
