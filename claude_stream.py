@@ -1013,7 +1013,6 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedLine("invalid UTF-8 at byte %d" % exc.start) from None
-    too_deep = "invalid JSON: nested deeper than %d levels" % max_depth
     obj: Any = None
     try:                            # the common case in one C call, no whitespace handling
         obj, end = _LINE_DECODER.scan_once(text, 0)
@@ -1022,12 +1021,12 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
     except (StopIteration, ValueError):
         pass
     except RecursionError:
-        raise MalformedLine(too_deep) from None
+        raise MalformedLine(_too_deep(max_depth)) from None
     if not isinstance(obj, dict):
         try:                        # anything else: the full decoder, for its message
             obj = _LINE_DECODER.decode(text)
         except RecursionError:
-            raise MalformedLine(too_deep) from None
+            raise MalformedLine(_too_deep(max_depth)) from None
         except ValueError as exc:
             reason = "invalid JSON: %s" % (exc.args[0] if exc.args else exc)
             if "Extra data" in reason:
@@ -1037,8 +1036,12 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
             raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
     if len(data) > 2 * max_depth and len(data.translate(None, _NOT_OPENING)) > max_depth \
             and _nested_deeper(obj, max_depth):     # one pass for the openers, not a count of each
-        raise MalformedLine(too_deep)
+        raise MalformedLine(_too_deep(max_depth))
     return obj
+
+
+def _too_deep(max_depth: int) -> str:
+    return "invalid JSON: nested deeper than %d levels" % max_depth
 
 
 def excerpt(data: bytes, limit: int = EXCERPT_CHARS) -> str:
@@ -3817,9 +3820,9 @@ def _json_text(value: Optional[str]) -> bytes:
     return cached
 
 
-@dataclass
-class LineMessage:
-    """One message in a file's order (an entry, malformed or gap), built once for every client."""
+class LineMessage(NamedTuple):
+    """One message in a file's order (an entry, malformed or gap), built once for every client.
+    A tuple, not a dataclass: one is made per line, and a tuple is made in half the time."""
     offset: int
     next: int                       # offset of the following line: the client's cursor
     frame: bytes                    # the whole WebSocket frame, built once for every client
