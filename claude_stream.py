@@ -10455,17 +10455,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 # library only, and a site-packages' .pth files run at every start whatever they
 # import (on our CI machine, certifi and 80 modules: 2 MB).
 # CLAUDE_STREAM_NO_REEXEC=1 turns this off.
-_REEXEC = """import importlib.util, marshal, os, sys
-path, code = sys.argv[1], sys.argv[2]
-spec = importlib.util.spec_from_file_location('claude_stream', path)
-module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec)
-if code == '-':
-    spec.loader.exec_module(module)
-else:
-    with os.fdopen(int(code), 'rb') as fh:
-        exec(marshal.loads(fh.read()), module.__dict__)
-sys.argv[:3] = [path]
-sys.exit(module.main())"""
+_REEXEC = ("import importlib.util, marshal, os, sys; path, code = sys.argv[1], sys.argv[2]; "
+           "spec = importlib.util.spec_from_file_location('claude_stream', path); "
+           "module = sys.modules['claude_stream'] = importlib.util.module_from_spec(spec); "
+           "fd = None if code == '-' else int(code); "
+           "spec.loader.exec_module(module) if fd is None else exec(marshal.loads(b''.join("
+           "iter(lambda: os.read(fd, 1 << 20), b''))), module.__dict__); "
+           "fd is None or os.close(fd); sys.argv[:3] = [path]; sys.exit(module.main())")   # one line, for ps
 
 
 def compiled_for_exec(code: Any) -> str:
