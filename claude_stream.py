@@ -51,7 +51,7 @@ Map, top to bottom, each part using only those above it:
   Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
   Token files
   Wire format           entry_fields, Filters, Subscription, one builder per message kind
-  Usage and cost        Price, BUILTIN_PRICES, UsageBook (deduplicated totals), read_usage
+  Usage and cost        Price, BUILTIN_PRICES, KeyHashes, UsageBook (deduplicated totals), read_usage
   Session registry      RegistryRecord, ProcessProbe (/proc), Registry (Claude Code's own
                         live states), status_message
   Request policy        Host, Origin, token, routes, statuses
@@ -4274,16 +4274,16 @@ Counted = Tuple[MessageUsage, SessionUsage, str, str]
 
 
 class KeyHashes:
-    """The hashes of up to ``capacity`` keys, for "was this one seen?", at 8 bytes a slot.
+    """The hashes of up to ``capacity`` keys, for "seen before?", at 8 bytes a slot.
 
-    Two generations, each an open-addressing table (linear probing, at most two thirds
+    Two generations, each an open-addressing table (linear probing, at most half
     full, doubled as it fills) of 64-bit hashes in an array: when the current holds
     half the capacity, the previous is forgotten, ``forgotten`` counts its keys, and
     the current becomes the previous. So the latest half of the capacity, at least, is
     always remembered, nothing is ever deleted from a table, and no order is kept.
     The hashes are Python's own (``hash(str)``, 64 bits, salted per process: fine
     for memory that lives as long as the process); two keys alike by hash are one.
-    Written for speed (every new message of a live stream passes here): no calls.
+    One call looks and remembers (every new message of a live stream passes here).
     """
 
     FIRST_SLOTS = 1024
@@ -4296,7 +4296,8 @@ class KeyHashes:
         self._previous = array.array("q", bytes(8))
         self._current_count = 0
 
-    def seen(self, value: int) -> bool:
+    def seen_or_add(self, value: int) -> bool:
+        """Whether ``value`` was seen; if not, it is now (when there is room at all)."""
         value = value or 1                  # 0 marks an empty slot
         table = self._current
         mask = len(table) - 1
@@ -4307,48 +4308,49 @@ class KeyHashes:
                 return True
             i = (i + 1) & mask
             found = table[i]
-        table = self._previous
-        mask = len(table) - 1
-        i = value & mask
-        found = table[i]
-        while found:
-            if found == value:
-                return True
-            i = (i + 1) & mask
-            found = table[i]
-        return False
-
-    def add(self, value: int) -> None:
-        """Remember ``value``, which the caller found is not here (a second copy would cost a
-        slot, nothing else); with no room, none is."""
-        if not self.generation:
-            self.forgotten += 1
-            return
-        table = self._current
-        if self._current_count >= self.generation:
-            self.forgotten += self.count - self._current_count
-            self.count = self._current_count
-            self._previous = table
-            table = self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
-            self._current_count = 0
-        elif 3 * (self._current_count + 1) > 2 * len(table):
-            old, table = table, array.array("q", bytes(16 * len(table)))
+        if self.count > self._current_count:        # a previous generation: look there too
+            previous = self._previous
+            previous_mask = len(previous) - 1
+            j = value & previous_mask
+            found = previous[j]
+            while found:
+                if found == value:
+                    return True
+                j = (j + 1) & previous_mask
+                found = previous[j]
+        if self._current_count >= self.generation or 2 * (self._current_count + 1) > len(table):
+            if not self.generation:
+                self.forgotten += 1
+                return False
+            table = self._make_room()
             mask = len(table) - 1
-            for kept in old:
-                if kept:
-                    i = kept & mask
-                    while table[i]:
-                        i = (i + 1) & mask
-                    table[i] = kept
-            self._current = table
-        value = value or 1
-        mask = len(table) - 1
-        i = value & mask
-        while table[i]:
-            i = (i + 1) & mask
+            i = value & mask
+            while table[i]:
+                i = (i + 1) & mask
         table[i] = value
         self._current_count += 1
         self.count += 1
+        return False
+
+    def _make_room(self) -> "array.array[int]":
+        """A new generation, or the current table twice as large; the table to add to."""
+        if self._current_count >= self.generation:
+            self.forgotten += self.count - self._current_count
+            self.count = self._current_count
+            self._previous = self._current
+            self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
+            self._current_count = 0
+            return self._current
+        old, table = self._current, array.array("q", bytes(16 * len(self._current)))
+        mask = len(table) - 1
+        for kept in old:
+            if kept:
+                i = kept & mask
+                while table[i]:
+                    i = (i + 1) & mask
+                table[i] = kept
+        self._current = table
+        return table
 
 
 class UsageBook:
@@ -4377,7 +4379,7 @@ class UsageBook:
         self.days: Dict[str, UsageTotals] = {}
         self.totals = UsageTotals()
         self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
-        self._older = KeyHashes(self.max_messages - self.recent_messages)   # messages counted before those
+        self._older = KeyHashes(self.max_messages)  # every key counted, by hash: also those past the recent
         self._day_names: Dict[str, str] = {}    # one string per day, not one per message
 
     @property
@@ -4400,7 +4402,7 @@ class UsageBook:
         old = self._counted.get(key) if key is not None else None
         if old is not None and sum(found[2]) <= old[0].total:
             return []                   # a message's later line, no larger: most lines, so not priced
-        if old is None and key is not None and self._older.count and self._older.seen(hash(key)):
+        if old is None and key is not None and self._older.seen_or_add(hash(key)):
             return []                   # a copy of a message counted long ago
         usage = message_usage(entry, self.prices, found, self._price)
         assert usage is not None
@@ -4408,7 +4410,7 @@ class UsageBook:
         if type(stamp) is not str:
             stamp = ""
         day = self._day_names.setdefault(utc_day(stamp), utc_day(stamp)) if self.by_day else ""
-        counted = (usage, self.session(project, session), path, day)
+        counted = (usage, self.sessions.get((project, session)) or self.session(project, session), path, day)
         if key is None:
             self._count(counted, 1, stamp)
             return [counted[1]]
@@ -4419,7 +4421,7 @@ class UsageBook:
                 changed.append(old[1])
         self._counted[key] = counted
         if old is None and len(self._counted) > self.recent_messages:
-            self._older.add(hash(self._counted.popitem(last=False)[0]))
+            self._counted.popitem(last=False)   # its key's hash stays, in _older
         self._count(counted, 1, stamp)
         return changed
 
@@ -4435,7 +4437,10 @@ class UsageBook:
 
     def _count(self, counted: Counted, sign: int, stamp: str = "") -> None:
         usage, session, path, day = counted
-        session.add(usage, path if self.by_file else None, sign, stamp)
+        if self.by_file:
+            session.add(usage, path, sign, stamp)
+        else:                           # the server's: a call less per message
+            session.totals.add(usage, sign, stamp)
         if not self.by_day:
             return
         totals = self.days.get(day)

@@ -4633,7 +4633,7 @@ class UsageTests(unittest.TestCase):
     def test_the_dedupe_memory_is_bounded(self):
         book = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
                          usage_entry("m0", output_tokens=2), usage_max_messages=3)
-        self.assertEqual(book.forgotten, 3)        # m0, m1, then m2 made room
+        self.assertEqual(book.forgotten, 4)        # generations of one: each new key forgot the one before
         self.assertEqual(len(book._counted), 3)
         self.assertEqual(book.totals.sum("output_tokens"), 5 + 2)    # m0 was forgotten: counted again
         kept = self.book(*(usage_entry("m%d" % i, output_tokens=1) for i in range(5)),
@@ -4650,24 +4650,21 @@ class UsageTests(unittest.TestCase):
         rng = random.Random(7)
         values = [0, -1, -(1 << 63), (1 << 63) - 1] + [rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)]
         hashes = cs.KeyHashes(1 << 20)
-        for value in values:
-            self.assertFalse(hashes.seen(value))
-            hashes.add(value)
-        self.assertTrue(all(hashes.seen(v) for v in values))          # through six doublings of the table
+        self.assertFalse(any(hashes.seen_or_add(v) for v in values))    # each new, now remembered
+        self.assertTrue(all(hashes.seen_or_add(v) for v in values))     # through six doublings of the table
         others = {rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)} - set(values) - {1}
-        self.assertFalse(any(hashes.seen(v) for v in others))
-        self.assertEqual((hashes.count, hashes.forgotten), (len(values), 0))
+        self.assertFalse(any(hashes.seen_or_add(v) for v in others))
+        self.assertEqual((hashes.count, hashes.forgotten), (len(values) + len(others), 0))
         # Two generations of capacity/2: the fifth key starts the second, the ninth forgets the first.
         small = cs.KeyHashes(8)
-        for value in range(1, 9):
-            small.add(value)
-        self.assertTrue(all(small.seen(v) for v in range(1, 9)))
-        small.add(9)
-        self.assertEqual([v for v in range(1, 10) if small.seen(v)], [5, 6, 7, 8, 9])
+        self.assertFalse(any(small.seen_or_add(v) for v in range(1, 9)))
+        self.assertTrue(all(small.seen_or_add(v) for v in range(1, 9)))
+        self.assertFalse(small.seen_or_add(9))
         self.assertEqual((small.count, small.forgotten), (5, 4))
+        self.assertTrue(all(small.seen_or_add(v) for v in range(5, 10)))   # found: nothing added
+        self.assertFalse(small.seen_or_add(1))                              # forgotten: new again
         none = cs.KeyHashes(1)                          # no room for a generation: nothing kept
-        none.add(5)
-        self.assertEqual((none.seen(5), none.forgotten), (False, 1))
+        self.assertEqual((none.seen_or_add(5), none.seen_or_add(5), none.forgotten), (False, False, 2))
 
     def test_prices_file_format(self):
         prices = cs.parse_prices('{"m": {"input": 2, "output": 8}, "n": {"input": 1, "output": 1, '
