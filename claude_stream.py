@@ -261,7 +261,7 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # forgets the oldest half of those known by hash (a copy of a message made after
 # that many others would be counted again; ``forgotten`` says how often). The latest are kept with what they counted (about
 # 500 bytes each), as a larger later line replaces the count; the others by a 64-bit
-# hash of their key in a table of 8-byte slots (12 to 24 bytes a message, where a set
+# hash of their key in a table of 8-byte slots (16 to 32 bytes a message, where a set
 # of ints takes 80): at most 4.5 MB in all, where a set took 20 MB.
 USAGE_MAX_MESSAGES = 1 << 18
 USAGE_RECENT_MESSAGES = 1024        # ... of which the latest with their counts; a message's lines
