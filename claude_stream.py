@@ -3820,9 +3820,9 @@ def _json_text(value: Optional[str]) -> bytes:
     return cached
 
 
-class LineMessage(NamedTuple):
-    """One message in a file's order (an entry, malformed or gap), built once for every client.
-    A tuple, not a dataclass: one is made per line, and a tuple is made in half the time."""
+@dataclass
+class LineMessage:
+    """One message in a file's order (an entry, malformed or gap), built once for every client."""
     offset: int
     next: int                       # offset of the following line: the client's cursor
     frame: bytes                    # the whole WebSocket frame, built once for every client
