@@ -262,7 +262,8 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # that many others would be counted again; ``forgotten`` says how often). The latest are kept with what they counted (about
 # 500 bytes each), as a larger later line replaces the count; the others by a 64-bit
 # hash of their key in a table of 8-byte slots (16 to 32 bytes a message, where a set
-# of ints takes 80): at most 4.5 MB in all, where a set took 20 MB.
+# of ints takes 80): two tables of at most 262,144 slots (4 MiB) and the latest 1,024
+# (0.5 MB), where a set took 20 MB.
 USAGE_MAX_MESSAGES = 1 << 18
 USAGE_RECENT_MESSAGES = 1024        # ... of which the latest with their counts; a message's lines
                                     # come within seconds, not 1,024 other messages, apart
@@ -4292,8 +4293,8 @@ class KeyHashes:
         self.generation = capacity // 2     # keys per table; 0: nothing is remembered
         self.forgotten = 0
         self.count = 0                      # keys held, in both tables
-        self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
-        self._previous = array.array("q", bytes(8))
+        self._current = array.array("q", [0]) * self.FIRST_SLOTS
+        self._previous = array.array("q", [0])
         self._current_count = 0
 
     def seen_or_add(self, value: int) -> bool:
@@ -4338,10 +4339,10 @@ class KeyHashes:
             self.forgotten += self.count - self._current_count
             self.count = self._current_count
             self._previous = self._current
-            self._current = array.array("q", bytes(8 * self.FIRST_SLOTS))
+            self._current = array.array("q", [0]) * self.FIRST_SLOTS
             self._current_count = 0
             return self._current
-        old, table = self._current, array.array("q", bytes(16 * len(self._current)))
+        old, table = self._current, array.array("q", [0]) * (2 * len(self._current))
         mask = len(table) - 1
         for kept in old:
             if kept:

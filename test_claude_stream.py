@@ -4666,6 +4666,21 @@ class UsageTests(unittest.TestCase):
         none = cs.KeyHashes(1)                          # no room for a generation: nothing kept
         self.assertEqual((none.seen_or_add(5), none.seen_or_add(5), none.forgotten), (False, False, 2))
 
+    def test_the_dedupe_memory_of_the_defaults_is_two_tables_of_at_most_4_mib(self):
+        # The bound README states, over 1.5 times USAGE_MAX_MESSAGES new messages.
+        book = cs.UsageBook(by_day=False, by_file=False)
+        largest = 0
+        for i in range(cs.USAGE_MAX_MESSAGES * 3 // 2):
+            book.add({"requestId": "r%d" % i, "message": {"id": "m%d" % i, "model": "m",
+                                                          "usage": {"output_tokens": 1}}}, "p", "s", "f")
+            if i % 4096 == 0:
+                hashes = book._older
+                largest = max(largest, 8 * (len(hashes._current) + len(hashes._previous)))
+                self.assertLessEqual(len(book._counted), cs.USAGE_RECENT_MESSAGES)
+        self.assertLessEqual(largest, 4 << 20)
+        self.assertEqual(book.forgotten, cs.USAGE_MAX_MESSAGES // 2)   # one generation, at once
+        self.assertEqual(book.sessions[("p", "s")].totals.sum("output_tokens"), cs.USAGE_MAX_MESSAGES * 3 // 2)
+
     def test_prices_file_format(self):
         prices = cs.parse_prices('{"m": {"input": 2, "output": 8}, "n": {"input": 1, "output": 1, '
                                  '"cache_read": 0.5, "input_above": 3, "fast": 2}}')
