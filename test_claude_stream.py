@@ -1462,18 +1462,23 @@ class EndToEndTests(ProjectTreeTestCase):
                 break
         self.assertEqual(msg["entry"]["uuid"], "reexec")
 
+    def started(self, command):
+        """A server started with exactly ``command`` (not ServerProcess's), once it serves."""
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        server = ServerProcess.__new__(ServerProcess)
+        server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
+        self.addCleanup(server.stop)
+        banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
+        server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+        return server
+
     def test_serve_runs_again_as_a_module_in_the_same_process(self):
         # The pid the test started is the one listening (exec, not a child), now running
         # this file as a module with the interpreter's flags, and it stops with status 0.
         for stop in (signal.SIGINT, signal.SIGTERM):
-            proc = subprocess.Popen([sys.executable, "-X", "utf8", "-W", "ignore::ResourceWarning", MODULE,
-                                     "serve", "--port", "0", "--root", self.root],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            server = ServerProcess.__new__(ServerProcess)
-            server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
-            self.addCleanup(server.stop)
-            banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
-            server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+            server = self.started([sys.executable, "-X", "utf8", "-W", "ignore::ResourceWarning", MODULE,
+                                   "serve", "--port", "0", "--root", self.root])
+            proc = server.proc
             args = self.cmdline(proc.pid)
             self.assertEqual(args[0], sys.executable)
             self.assertTrue(any("spec_from_file_location" in a for a in args), args)
@@ -1495,17 +1500,11 @@ class EndToEndTests(ProjectTreeTestCase):
 
     def test_reexec_without_bytecode_loads_the_file_as_a_module(self):
         # Where no memfd can hold the bytecode ("-"), the new image imports the file itself.
-        proc = subprocess.Popen([sys.executable, "-S", "-c", cs._REEXEC, os.path.abspath(MODULE), "-",
-                                 "serve", "--port", "0", "--root", self.root],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        server = ServerProcess.__new__(ServerProcess)
-        server.proc, server.stdout, server.stderr = proc, Output(proc.stdout), Output(proc.stderr)
-        self.addCleanup(server.stop)
-        banner = server.stdout.wait_line(lambda l: "serving" in l, what="the server's banner")
-        server.port = int(re.search(r"ws://127\.0\.0\.\d+:(\d+)/", banner).group(1))
+        server = self.started([sys.executable, "-S", "-c", cs._REEXEC, os.path.abspath(MODULE), "-",
+                               "serve", "--port", "0", "--root", self.root])
         self.check_serves(server)
-        proc.send_signal(signal.SIGINT)
-        self.assertEqual(proc.wait(DEADLINE), 0)
+        server.proc.send_signal(signal.SIGINT)
+        self.assertEqual(server.proc.wait(DEADLINE), 0)
 
     def test_without_reexec_serve_runs_as_the_script_it_was_started_as(self):
         env = dict(os.environ, CLAUDE_STREAM_NO_REEXEC="1")
