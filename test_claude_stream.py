@@ -4650,7 +4650,7 @@ class UsageTests(unittest.TestCase):
         values = [0, -1, -(1 << 63), (1 << 63) - 1] + [rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)]
         hashes = cs.KeyHashes(1 << 20)
         self.assertFalse(any(hashes.seen_or_add(v) for v in values))    # each new, now remembered
-        self.assertTrue(all(hashes.seen_or_add(v) for v in values))     # through six doublings of the table
+        self.assertTrue(all(hashes.seen_or_add(v) for v in values))     # through the table's doublings
         others = {rng.randrange(-(1 << 63), 1 << 63) for _ in range(5000)} - set(values) - {1}
         self.assertFalse(any(hashes.seen_or_add(v) for v in others))
         self.assertEqual((hashes.count, hashes.forgotten), (len(values) + len(others), 0))
