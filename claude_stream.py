@@ -110,7 +110,8 @@ from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, N
 from urllib.parse import parse_qs, quote, urlsplit
 # OpenSSL is loaded only where TLS is used (``import ssl`` in the functions that use it):
 # ssl, hashlib, hmac and secrets each load it, and it costs 7.7 MB resident, a third of a
-# server serving ws:// on loopback. The two hashes and the comparison we need are built in.
+# server serving ws:// on loopback. The handshake's SHA-1 and the comparison we need are
+# built in; the page's two SHA-256 hashes are written down (see PAGE_SCRIPT_SHA256).
 # So are subprocess (1 MB, with threading), gzip and traceback imported where they are
 # used, by the client's commands, the OTLP export and a bug's report.
 if TYPE_CHECKING:                   # pragma: no cover - for the annotations only
@@ -120,13 +121,6 @@ try:
     from _sha1 import sha1
 except ImportError:                 # pragma: no cover - a Python built without it
     from hashlib import sha1
-try:
-    from _sha2 import sha256        # Python 3.12 and later
-except ImportError:
-    try:
-        from _sha256 import sha256  # up to 3.11
-    except ImportError:             # pragma: no cover
-        from hashlib import sha256
 try:                                # hmac.compare_digest where OpenSSL is absent: constant time
     from _operator import _compare_digest as compare_digest
 except ImportError:                 # pragma: no cover
@@ -8089,13 +8083,15 @@ PAGE_HTML = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              + PAGE_BODY + "<script>" + PAGE_SCRIPT + "</script>\n</body></html>\n").encode("utf-8")
 
 
-def _csp_hash(text: str) -> str:
-    return "'sha256-%s'" % base64.b64encode(sha256(text.encode("utf-8")).digest()).decode("ascii")
-
-
-PAGE_CSP = ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'%%s; img-src data:; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-            % (_csp_hash(PAGE_SCRIPT), _csp_hash(PAGE_STYLE)))
+# The policy names the page's one script and one style by their SHA-256, written down
+# here: hashlib would load OpenSSL for two hashes of constants, and the built-in SHA-256
+# module is named differently from one Python to the next. PageTests checks both against
+# hashlib (and says the new value when the page changes).
+PAGE_SCRIPT_SHA256 = "TybOfiOcZlpgGXe8AssVoiiJWjkIl/r9ov7MB7ygYuY="
+PAGE_STYLE_SHA256 = "5AFPW71iE+YC3XbG+7hFqo6KA4DozW80933Sor59Q3g="
+PAGE_CSP = ("default-src 'none'; script-src 'sha256-%s'; style-src 'sha256-%s'; connect-src 'self'%%s; "
+            "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            % (PAGE_SCRIPT_SHA256, PAGE_STYLE_SHA256))
 _SAFE_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:\d+)?$|^\[[0-9A-Fa-f:.]+\](:\d+)?$")
 
 

@@ -1540,12 +1540,12 @@ class EndToEndTests(ProjectTreeTestCase):
             return names | {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
         tree = ast.parse(open(MODULE).read())
         names = imported(list(ast.walk(tree)))
-        # An import tried with a fallback on ImportError (a module of some Pythons only,
-        # e.g. _sha2 from 3.12) may be absent; every module that is there is the stdlib's.
+        # An import tried with a fallback on ImportError (a module some builds leave out,
+        # e.g. _sha1) may be absent; every module that is there is the stdlib's.
         optional = imported([n for t in ast.walk(tree) if isinstance(t, ast.Try)
                              and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError"
                                      for h in t.handlers) for b in t.body for n in ast.walk(b)])
-        self.assertIn("_sha2", optional)
+        self.assertIn("_sha1", optional)
         stdlib = getattr(sys, "stdlib_module_names", None)
         lib = sysconfig.get_paths()["stdlib"]
         for name in sorted(names):
@@ -2986,6 +2986,12 @@ class PageTests(ProjectTreeTestCase):
         browser.open(self.page_url(server))
         browser.wait("document.getElementById('state').dataset.state === 'live'", "the page to go live")
         return browser
+
+    def test_the_written_hashes_are_those_of_the_page_script_and_style(self):
+        for name in ("PAGE_SCRIPT", "PAGE_STYLE"):
+            digest = base64.b64encode(hashlib.sha256(getattr(cs, name).encode("utf-8")).digest()).decode()
+            self.assertEqual(getattr(cs, name + "_SHA256"), digest, "the page changed: %s_SHA256 = %r"
+                             % (name, digest))
 
     def test_the_page_is_one_self_contained_file_under_a_strict_policy(self):
         server = self.server()
