@@ -253,11 +253,11 @@ NOTIFY_ENV_MAX = 4096               # characters of one CLAUDE_STREAM_* value gi
 # copy a message into another file at any distance, so the memory cannot be only
 # the last few lines: it keeps up to this many distinct messages, and when full
 # forgets the oldest half of those known by hash (a copy of a message made after
-# that many others would be counted again; ``forgotten`` says how often). The latest are kept with what they counted (about
-# 500 bytes each), as a larger later line replaces the count; the others by a 64-bit
-# hash of their key in a table of 8-byte slots (16 to 32 bytes a message, where a set
-# of ints takes 80): two tables of at most 262,144 slots (4 MiB) and the latest 1,024
-# (0.5 MB), where a set took 20 MB.
+# that many others would be counted again; ``forgotten`` says how often). The latest
+# are kept with what they counted (about 500 bytes each), as a larger later line
+# replaces the count; every one by a 64-bit hash of its key in a table of 8-byte slots
+# (16 to 32 bytes a message, where a set of ints takes 80): two tables of at most
+# 262,144 slots (4 MiB) and the latest 1,024 (0.5 MB), where a set took 20 MB.
 USAGE_MAX_MESSAGES = 1 << 18
 USAGE_RECENT_MESSAGES = 1024        # ... of which the latest with their counts; a message's lines
                                     # come within seconds, not 1,024 other messages, apart
@@ -352,6 +352,7 @@ class Limits:
     catchup_first_block: int = CATCHUP_FIRST_BLOCK
     catchup_block: int = CATCHUP_BLOCK
     catchup_min_block: int = CATCHUP_MIN_BLOCK
+    catchup_least_block: int = CATCHUP_LEAST_BLOCK
     catchup_readahead: int = CATCHUP_READAHEAD
     catchup_tick_budget: int = CATCHUP_TICK_BUDGET
     catchup_interval: float = CATCHUP_INTERVAL
@@ -495,7 +496,23 @@ class TimerHeap:
         return heapq.heappop(self._heap)[2]
 
 
+_C_LIBRARY: Any = None      # the C library we run on, through ctypes; False where it cannot be had
 _MALLOC_TRIM: Any = None    # glibc's malloc_trim, False where there is none (musl, macOS)
+
+
+def c_library() -> Any:
+    """The C library this process runs on (ctypes, errno kept), loaded on first use, so
+    that ctypes costs nothing where neither inotify nor malloc_trim is wanted; None
+    where there is none. ``CDLL(None)``: the library already loaded, where
+    ``ctypes.util.find_library`` would run ldconfig to find it."""
+    global _C_LIBRARY
+    if _C_LIBRARY is None:
+        try:
+            import ctypes
+            _C_LIBRARY = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            _C_LIBRARY = False
+    return _C_LIBRARY or None
 
 
 def release_free_memory() -> None:
@@ -508,11 +525,7 @@ def release_free_memory() -> None:
     """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (ImportError, OSError, AttributeError):
-            _MALLOC_TRIM = False
+        _MALLOC_TRIM = getattr(c_library(), "malloc_trim", False)
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
 
@@ -1203,7 +1216,9 @@ class Inotify:
     def __init__(self, read_bytes: int = WAKEUP_READ_BYTES) -> None:
         import ctypes                   # only here: no cost where inotify is not used
         self._ctypes = ctypes
-        libc = ctypes.CDLL(None, use_errno=True)    # the C library we run on (find_library runs ldconfig)
+        libc = c_library()
+        if libc is None:
+            raise OSError(errno.ENOSYS, "no C library through ctypes")
         self._add_watch = libc.inotify_add_watch
         self._add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
         self._add_watch.restype = ctypes.c_int
@@ -4288,32 +4303,26 @@ class KeyHashes:
         self.forgotten = 0
         self.count = 0                      # keys held, in both tables
         self._current = array.array("q", [0]) * self.FIRST_SLOTS
-        self._previous = array.array("q", [0])
+        self._tables = (self._current,)     # the current, and the previous generation once there is one
         self._current_count = 0
 
     def seen_or_add(self, value: int) -> bool:
         """Whether ``value`` was seen; if not, it is now (when there is room at all)."""
         value = value or 1                  # 0 marks an empty slot
-        table = self._current
-        mask = len(table) - 1
-        i = value & mask
-        found = table[i]
-        while found:
-            if found == value:
-                return True
-            i = (i + 1) & mask
+        slot = -1
+        for table in self._tables:          # the current, then the previous if there is one
+            mask = len(table) - 1
+            i = value & mask
             found = table[i]
-        if self.count > self._current_count:        # a previous generation: look there too
-            # (the same probe as above, written out rather than called: once per new message)
-            previous = self._previous
-            previous_mask = len(previous) - 1
-            j = value & previous_mask
-            found = previous[j]
             while found:
                 if found == value:
                     return True
-                j = (j + 1) & previous_mask
-                found = previous[j]
+                i = (i + 1) & mask
+                found = table[i]
+            if slot < 0:
+                slot = i                    # where it goes in the current
+        table = self._current
+        i = slot
         if self._current_count >= self.generation or 2 * (self._current_count + 1) > len(table):
             if not self.generation:
                 self.forgotten += 1
@@ -4333,8 +4342,8 @@ class KeyHashes:
         if self._current_count >= self.generation:
             self.forgotten += self.count - self._current_count
             self.count = self._current_count
-            self._previous = self._current
-            self._current = array.array("q", [0]) * self.FIRST_SLOTS
+            self._tables = (array.array("q", [0]) * self.FIRST_SLOTS, self._current)
+            self._current = self._tables[0]
             self._current_count = 0
             return self._current
         old, table = self._current, array.array("q", [0]) * (2 * len(self._current))
@@ -4346,6 +4355,7 @@ class KeyHashes:
                     i = (i + 1) & mask
                 table[i] = kept
         self._current = table
+        self._tables = (table,) + self._tables[1:]
         return table
 
 
@@ -5391,7 +5401,7 @@ class Feed:
             # behind that those would take over half the read-ahead (50,000 files:
             # 512 bytes, a line read in a few), so the file being sent reads big blocks.
             self._held = sum(backlog.buffered for backlog in self.backlog.values())
-            self._floor = max(CATCHUP_LEAST_BLOCK, min(self.limits.catchup_min_block,
+            self._floor = max(self.limits.catchup_least_block, min(self.limits.catchup_min_block,
                                                        self.limits.catchup_readahead // max(1, 2 * len(self.backlog))))
             self._merge_valid = True
         heads, unready = self._heads, self._unready
@@ -10474,11 +10484,8 @@ def compiled_for_exec(code: Any) -> str:
     except (AttributeError, OSError):
         return "-"
     try:
-        data = marshal.dumps(code)
-        with memoryview(data) as view:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, view[written:])
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(marshal.dumps(code))
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(fd, True)
         return str(fd)

@@ -4680,7 +4680,7 @@ class UsageTests(unittest.TestCase):
                                                           "usage": {"output_tokens": 1}}}, "p", "s", "f")
             if i % 4096 == 0:
                 hashes = book._older
-                largest = max(largest, 8 * (len(hashes._current) + len(hashes._previous)))
+                largest = max(largest, 8 * sum(len(table) for table in hashes._tables))
                 self.assertLessEqual(len(book._counted), cs.USAGE_RECENT_MESSAGES)
         self.assertLessEqual(largest, 4 << 20)
         self.assertEqual(book.forgotten, cs.USAGE_MAX_MESSAGES // 2)   # one generation, at once
