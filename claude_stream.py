@@ -3874,8 +3874,10 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
         frame, meta = file_notice("malformed", rec, offset=offset, next=after,
                                   reason=str(exc), excerpt=excerpt(line))
         return LineMessage(offset, after, frame, meta, str(exc))
-    if parsed is not None and b'"usage"' in line:
-        parsed(rec, obj)
+    if parsed is not None:
+        message = obj.get("message")
+        if type(message) is dict and "usage" in message:
+            parsed(rec, obj)
     session, agent, kind, cwd, stamp = entry_fields(obj, rec)
     del obj                         # a long line's decoded copy, gone before its frame is made
     # The envelope, keys in this order, around the line's own bytes, and the frame
@@ -4129,12 +4131,13 @@ def usage_counts(entry: Dict[str, Any]) -> Optional[Tuple[str, Dict[str, Any], T
         write_5m, write_1h = parts.get("ephemeral_5m_input_tokens", 0), parts.get("ephemeral_1h_input_tokens", 0)
     else:
         write_5m, write_1h = get("cache_creation_input_tokens", 0), 0
-    counts = (get("input_tokens", 0), get("output_tokens", 0), write_5m, write_1h, get("cache_read_input_tokens", 0))
-    if not (type(counts[0]) is int and type(counts[1]) is int and type(write_5m) is int
-            and type(write_1h) is int and type(counts[4]) is int    # not bools, floats, strings
-            and min(counts) >= 0 and max(counts) <= MAX_TOKEN_COUNT):
-        counts = tuple(_count(c) for c in counts)
-    return model, usage, counts  # type: ignore[return-value]
+    input, output, read = get("input_tokens", 0), get("output_tokens", 0), get("cache_read_input_tokens", 0)
+    if type(input) is int and type(output) is int and type(write_5m) is int and type(write_1h) is int \
+            and type(read) is int and 0 <= input | output | write_5m | write_1h | read <= MAX_TOKEN_COUNT:
+        return model, usage, (input, output, write_5m, write_1h, read)      # plain ints in range: most
+    # Bools, floats, strings, negatives or too many: each is checked (the | of ints is < 0
+    # if one is, and past the limit if one is).
+    return model, usage, (_count(input), _count(output), _count(write_5m), _count(write_1h), _count(read))
 
 
 def message_usage(entry: Dict[str, Any], prices: Dict[str, Price],
@@ -4154,17 +4157,21 @@ def message_usage(entry: Dict[str, Any], prices: Dict[str, Price],
     return MessageUsage(model, *counts, cost)
 
 
-def usage_key(entry: Dict[str, Any], session: str) -> Optional[str]:
-    """What makes two lines the same message (see above); None: none can match."""
+def usage_key(entry: Dict[str, Any], session: str) -> Optional[int]:
+    """What makes two lines the same message (see above), by its hash; None: none can match.
+
+    A hash, not the text it is made of: the key is only ever compared, and two
+    messages alike by a 64-bit hash are one (the older ones are kept by hash anyway).
+    """
     message = entry.get("message")
-    message_id = message.get("id") if isinstance(message, dict) else None
-    if not isinstance(message_id, str):
+    message_id = message.get("id") if type(message) is dict else None
+    if type(message_id) is not str:
         return None
     request_id = entry.get("requestId")
-    if isinstance(request_id, str):
-        return "r\0%s\0%s" % (message_id, request_id)
+    if type(request_id) is str:
+        return hash(("r", message_id, request_id))
     session_id = entry.get("sessionId")
-    return "s\0%s\0%s" % (session_id if isinstance(session_id, str) else session, message_id)
+    return hash(("s", session_id if type(session_id) is str else session, message_id))
 
 
 def usage_scope(rel: str, entry: Dict[str, Any]) -> Tuple[str, str]:
@@ -4301,10 +4308,15 @@ class KeyHashes:
     def __init__(self, capacity: int) -> None:
         self.generation = capacity // 2     # keys per table; 0: nothing is remembered
         self.forgotten = 0
-        self.count = 0                      # keys held, in both tables
         self._current = array.array("q", [0]) * self.FIRST_SLOTS
         self._tables = (self._current,)     # the current, and the previous generation once there is one
-        self._current_count = 0
+        self._current_count = self._previous_count = 0
+        self._room = min(self.generation, self.FIRST_SLOTS // 2)   # keys the current takes as it is
+
+    @property
+    def count(self) -> int:
+        """Keys held, in both tables."""
+        return self._current_count + self._previous_count
 
     def seen_or_add(self, value: int) -> bool:
         """Whether ``value`` was seen; if not, it is now (when there is room at all)."""
@@ -4323,7 +4335,7 @@ class KeyHashes:
                 slot = i                    # where it goes in the current
         table = self._current
         i = slot
-        if self._current_count >= self.generation or 2 * (self._current_count + 1) > len(table):
+        if self._current_count >= self._room:
             if not self.generation:
                 self.forgotten += 1
                 return False
@@ -4334,17 +4346,16 @@ class KeyHashes:
                 i = (i + 1) & mask
         table[i] = value
         self._current_count += 1
-        self.count += 1
         return False
 
     def _make_room(self) -> "array.array[int]":
         """A new generation, or the current table twice as large; the table to add to."""
         if self._current_count >= self.generation:
-            self.forgotten += self.count - self._current_count
-            self.count = self._current_count
+            self.forgotten += self._previous_count
+            self._previous_count, self._current_count = self._current_count, 0
             self._tables = (array.array("q", [0]) * self.FIRST_SLOTS, self._current)
             self._current = self._tables[0]
-            self._current_count = 0
+            self._room = min(self.generation, self.FIRST_SLOTS // 2)
             return self._current
         old, table = self._current, array.array("q", [0]) * (2 * len(self._current))
         mask = len(table) - 1
@@ -4356,6 +4367,7 @@ class KeyHashes:
                 table[i] = kept
         self._current = table
         self._tables = (table,) + self._tables[1:]
+        self._room = min(self.generation, len(table) // 2)     # at most half full
         return table
 
 
@@ -4384,7 +4396,8 @@ class UsageBook:
         self.sessions: Dict[Tuple[str, str], SessionUsage] = {}
         self.days: Dict[str, UsageTotals] = {}
         self.totals = UsageTotals()
-        self._counted: "collections.OrderedDict[str, Counted]" = collections.OrderedDict()
+        self._counted: Dict[int, Counted] = {}     # the recent, by key ...
+        self._recent: Deque[int] = collections.deque()  # ... and their keys, oldest first
         self._older = KeyHashes(self.max_messages)  # every key counted, by hash: also those past the recent
         self._day_names: Dict[str, str] = {}    # one string per day, not one per message
 
@@ -4405,11 +4418,15 @@ class UsageBook:
         if found is None:
             return []
         key = usage_key(entry, session)
-        old = self._counted.get(key) if key is not None else None
-        if old is not None and sum(found[2]) <= old[0].total:
-            return []                   # a message's later line, no larger: most lines, so not priced
-        if old is None and key is not None and self._older.seen_or_add(hash(key)):
-            return []                   # a copy of a message counted long ago
+        if key is None:
+            old = None                  # nothing can be the same message
+        else:
+            old = self._counted.get(key)
+            if old is not None:
+                if sum(found[2]) <= old[0].total:
+                    return []           # a message's later line, no larger: most lines, so not priced
+            elif self._older.seen_or_add(key):
+                return []               # a copy of a message counted long ago
         usage = message_usage(entry, self.prices, found, self._price)
         assert usage is not None
         stamp = entry.get("timestamp")
@@ -4426,9 +4443,15 @@ class UsageBook:
             if old[1] is not counted[1]:
                 changed.append(old[1])
         self._counted[key] = counted
-        if old is None and len(self._counted) > self.recent_messages:
-            self._counted.popitem(last=False)   # its key's hash stays, in _older
-        self._count(counted, 1, stamp)
+        if old is None:
+            recent = self._recent
+            recent.append(key)
+            if len(recent) > self.recent_messages:
+                del self._counted[recent.popleft()]     # its key's hash stays, in _older
+        if self.by_file or self.by_day:
+            self._count(counted, 1, stamp)
+        else:                           # the server's: a message's one count, in its session
+            counted[1].totals.add(usage, 1, stamp)
         return changed
 
     def _price(self, prices: Dict[str, Price], model: str) -> Optional[Price]:
@@ -4445,7 +4468,7 @@ class UsageBook:
         usage, session, path, day = counted
         if self.by_file:
             session.add(usage, path, sign, stamp)
-        else:                           # the server's: a call less per message
+        else:
             session.totals.add(usage, sign, stamp)
         if not self.by_day:
             return
@@ -5806,18 +5829,17 @@ class UsageRelay:
 
         Called from inside the broadcast: whatever goes wrong in the totals stays there.
         """
-        try:
-            self._count(rec, entry)
+        try:                            # the record's session: a hub's paths have a host first
+            changed = self.book.add(entry, rec.project, rec.session if rec.session is not None
+                                    else usage_session(None, rec.agent, entry), rec.rel)
+            for usage in changed:
+                self.dirty[usage] = None
+                if usage not in self.hosts:
+                    self.hosts[usage] = rec.host
+            if self.dirty and self._flush_timer is None:
+                self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
         except Exception as exc:        # noqa: BLE001 - a bug in the totals costs a line's usage only
             self.log.internal_error(exc)
-
-    def _count(self, rec: FileRecord, entry: Dict[str, Any]) -> None:
-        session = usage_session(rec.session, rec.agent, entry)     # the record's: a hub's paths have a host first
-        for usage in self.book.add(entry, rec.project, session, rec.rel):
-            self.dirty[usage] = None
-            self.hosts.setdefault(usage, rec.host)
-        if self.dirty and self._flush_timer is None:
-            self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
 
     def snapshot(self, filters: Filters, since: Optional[float]) -> List[bytes]:
         """The totals of the sessions active since ``since`` that match, the latest
