@@ -65,7 +65,7 @@ Map, top to bottom, each part using only those above it:
   Mirror                MirrorApp (a hub's byte-for-byte copies), PushLink/PushApp (a box
                         that dials its hub)
   Command line          argparse, run_serve, run_client, run_usage, main
-A line's way: Tailer.poll -> split_lines -> LineEvent -> Broadcast.publish ->
+A line's way: Tailer.poll -> split_lines -> LinesEvent -> Broadcast.publish ->
 line_message (framed once) -> Feed.offer per client -> ServerSession.send_frames ->
 Connection -> WebSocketEndpoint.sync -> Stream.writelines -> EventLoop._flush ->
 Stream.flush (sendmsg).
@@ -1152,11 +1152,12 @@ class FileRecord:
 
 
 @dataclass
-class LineEvent:
-    """A complete line (without its newline) at ``offset`` of ``file``."""
+class LinesEvent:
+    """The complete lines of one read of ``file``, in order: (offset, the line without
+    its newline) each, or (offset, None) for a line longer than ``max_line_bytes``,
+    which is skipped. One event per read, not per line: a burst is 100,000 lines."""
     file: FileRecord
-    offset: int
-    data: bytes
+    lines: List[Tuple[int, Optional[bytes]]]
 
 
 @dataclass
@@ -1167,18 +1168,11 @@ class ResetEvent:
 
 
 @dataclass
-class OversizeEvent:
-    """A line longer than MAX_LINE_BYTES starts at ``offset``; it is skipped."""
-    file: FileRecord
-    offset: int
-
-
-@dataclass
 class RemovedEvent:
     file: FileRecord
 
 
-TailEvent = Union[LineEvent, ResetEvent, OversizeEvent, RemovedEvent]
+TailEvent = Union[LinesEvent, ResetEvent, RemovedEvent]
 
 
 @dataclass
@@ -1876,9 +1870,9 @@ class Tailer:
                 if not chunk:
                     break
                 total += len(chunk)
-                events.extend([LineEvent(rec, offset, line) if line is not None
-                               else OversizeEvent(rec, offset)
-                               for offset, line in split_lines(rec, chunk, self.limits.max_line_bytes)])
+                lines = split_lines(rec, chunk, self.limits.max_line_bytes)
+                if lines:
+                    events.append(LinesEvent(rec, lines))
         finally:
             if rec.fh is not fh:
                 fh.close()
@@ -5566,10 +5560,8 @@ class Broadcast:
         touched: Dict[Any, None] = {}
         lines: List[Tuple[FileRecord, LineMessage]] = []
         for event in events:
-            if isinstance(event, (LineEvent, OversizeEvent)):
-                message = self._message(event)
-                if message is not None:
-                    lines.append((event.file, message))
+            if isinstance(event, LinesEvent):
+                self._messages(event, lines)
                 continue
             if lines:                       # lines before a notice go out before it
                 self._offer(lines, clients, touched)
@@ -5580,19 +5572,24 @@ class Broadcast:
         for client in touched:
             client.sync()
 
-    def _message(self, event: Union[LineEvent, OversizeEvent]) -> Optional[LineMessage]:
-        rec = event.file
-        if isinstance(event, OversizeEvent):  # in the file's order, to whom the file's lines go
-            self.log.warn("skipped a line over %d MiB in %s at byte %d"
-                          % (self.limits.max_line_bytes >> 20, rec.rel, event.offset), key="files")
-            return gap_message(rec, event.offset, oversize_reason(self.limits.max_line_bytes))
-        message = line_message(rec, event.offset, event.data, self.parsed)
-        if message is not None and message.malformed:
-            self.malformed_count += 1
-            self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
-                          % (rec.rel, event.offset, message.malformed, self.malformed_count),
-                          key="malformed")
-        return message
+    def _messages(self, event: LinesEvent, out: List[Tuple[FileRecord, LineMessage]]) -> None:
+        """The messages of a read's lines, added to ``out``: the loop every live line goes through."""
+        rec, parsed = event.file, self.parsed
+        for offset, line in event.lines:
+            if line is None:            # in the file's order, to whom the file's lines go
+                self.log.warn("skipped a line over %d MiB in %s at byte %d"
+                              % (self.limits.max_line_bytes >> 20, rec.rel, offset), key="files")
+                out.append((rec, gap_message(rec, offset, oversize_reason(self.limits.max_line_bytes))))
+                continue
+            message = line_message(rec, offset, line, parsed)
+            if message is None:
+                continue
+            if message.malformed:
+                self.malformed_count += 1
+                self.log.warn("malformed line in %s at byte %d: %s (%d so far)"
+                              % (rec.rel, offset, message.malformed, self.malformed_count),
+                              key="malformed")
+            out.append((rec, message))
 
     @staticmethod
     def _offer(lines: List[Tuple[FileRecord, LineMessage]], clients: List[Any],

@@ -384,7 +384,8 @@ class TailerTestCase(unittest.TestCase):
         raise AssertionError("tailer never went quiet")
 
     def lines(self, events):
-        return [(e.file.rel, e.offset, e.data) for e in events if isinstance(e, cs.LineEvent)]
+        return [(e.file.rel, offset, line) for e in events if isinstance(e, cs.LinesEvent)
+                for offset, line in e.lines if line is not None]
 
 
 class _ListStream:
@@ -546,7 +547,7 @@ class TailerTests(TailerTestCase):
         path, tailer = self.watch("", cs.Limits(max_line_bytes=1000))
         append(path, "x" * 5000)
         events = self.poll(tailer)
-        self.assertEqual([(type(e).__name__, e.offset) for e in events], [("OversizeEvent", 0)])
+        self.assertEqual([(type(e).__name__, e.lines) for e in events], [("LinesEvent", [(0, None)])])
         append(path, "y" * 100 + "\nok\n")
         self.assertEqual(self.lines(self.poll(tailer)), [("-home-u-proj/s.jsonl", 5101, b"ok")])
 
@@ -2426,7 +2427,8 @@ class SlowClientTests(unittest.TestCase):
         self.assertEqual(rec.line_start, 0)             # nothing read while reads wait ...
         self.assertLessEqual(rec.due, loop.time())      # ... but the file is due the moment they resume
         del server.backpressure.may_read
-        self.assertEqual([e.data for e in tailer.poll() if isinstance(e, cs.LineEvent)], [entry_line(1)[:-1].encode()])
+        self.assertEqual([e.lines for e in tailer.poll() if isinstance(e, cs.LinesEvent)],
+                         [[(0, entry_line(1)[:-1].encode())]])
 
     def test_a_client_that_has_not_read_its_first_byte_yet_is_not_too_slow(self):
         # Issue 10.10: a new client's progress clock started at 0, so `since=all` on
