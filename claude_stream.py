@@ -3895,8 +3895,8 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     head, middle, meta = pieces
     numbers = b'%d,"next":%d' % (offset, after)
     size = len(head) + len(numbers) + len(middle) + len(line) + 1
-    return LineMessage(offset, after, b"".join((frame_header(TEXT_OPCODE, size), head, numbers, middle, line, b"}")),
-                       meta, sort_key=stamp)
+    header = _FRAME_HEAD_16(0x80 | TEXT_OPCODE, 126, size) if 126 <= size < 65536 else frame_header(TEXT_OPCODE, size)
+    return LineMessage(offset, after, b"".join((header, head, numbers, middle, line, b"}")), meta, "", stamp)
 
 
 TEXT_OPCODE = int(Opcode.TEXT)      # a plain int: an IntEnum's arithmetic costs, once per line
@@ -5372,9 +5372,15 @@ class Feed:
         match, position, backlog = self.filters.match, self.position, self.backlog
         room = self.limits.live_output_cap - unsent
         frames = []
+        seen_meta, matched = None, False    # a file's lines share their envelope's meta: matched once
         for rec, message in lines:
             rel = rec.rel
-            if rel in backlog or message.offset < position.get(rel, 0) or not match(message.meta):
+            if rel in backlog or message.offset < position.get(rel, 0):
+                continue
+            if message.meta is not seen_meta:
+                seen_meta = message.meta
+                matched = match(seen_meta)
+            if not matched:
                 continue
             if self.phase is not Phase.LIVE or room < 0:
                 # Too much unsent (or history still replaying): stop queueing live
