@@ -1138,7 +1138,7 @@ class FileRecord:
     gone: bool = False
     host: Optional[str] = None      # the machine it is from: this server's name, or a mirrored box's
     # Its lines' envelope pieces by (session, agent, type, cwd): see envelope_pieces.
-    envelopes: Dict[Tuple[Any, ...], Tuple[bytes, bytes, "MessageMeta"]] = field(
+    envelopes: Dict[Tuple[Any, ...], Tuple[bytes, bytes, int, "MessageMeta"]] = field(
         default_factory=dict, repr=False, compare=False)
 
     @property
@@ -3892,9 +3892,9 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     pieces = rec.envelopes.get((session, agent, kind, cwd))
     if pieces is None:
         pieces = envelope_pieces(rec, session, agent, kind, cwd)
-    head, middle, meta = pieces
+    head, middle, fixed, meta = pieces
     numbers = b'%d,"next":%d' % (offset, after)
-    size = len(head) + len(numbers) + len(middle) + len(line) + 1
+    size = fixed + len(numbers) + len(line)
     header = _FRAME_HEAD_16(0x80 | TEXT_OPCODE, 126, size) if 126 <= size < 65536 else frame_header(TEXT_OPCODE, size)
     return LineMessage(offset, after, b"".join((header, head, numbers, middle, line, b"}")), meta, "", stamp)
 
@@ -3907,9 +3907,10 @@ _ENVELOPE_HOLDERS: "collections.OrderedDict[int, FileRecord]" = collections.Orde
 
 
 def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str], kind: str,
-                    cwd: Optional[str]) -> Tuple[bytes, bytes, MessageMeta]:
-    """An entry envelope's bytes before the offsets and between them and the line, and its
-    filters' view: the same for most of a file's lines, so remembered on its record."""
+                    cwd: Optional[str]) -> Tuple[bytes, bytes, int, MessageMeta]:
+    """An entry envelope's bytes before the offsets and between them and the line, their
+    length with the closing brace, and its filters' view: the same for most of a file's
+    lines, so remembered on its record."""
     head = ENTRY_ENVELOPE_START.encode() + _json_text(rec.rel) + b',"offset":'
     middle = b"".join((b',"project":', _json_text(rec.project), b',"session":', _json_text(session),
                        b',"agent":', _json_text(agent), b',"host":', _json_text(rec.host), b',"entry":'))
@@ -3917,7 +3918,7 @@ def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str
                        tuple(filter(None, (rec.session, session, agent))), kind, rec.host)
     if len(rec.envelopes) >= ENVELOPES_PER_FILE:
         rec.envelopes.clear()
-    rec.envelopes[(session, agent, kind, cwd)] = pieces = (head, middle, meta)
+    rec.envelopes[(session, agent, kind, cwd)] = pieces = (head, middle, len(head) + len(middle) + 1, meta)
     holders = _ENVELOPE_HOLDERS
     holders[id(rec)] = rec
     holders.move_to_end(id(rec))
@@ -4162,23 +4163,6 @@ def message_usage(entry: Dict[str, Any], prices: Dict[str, Price],
     return MessageUsage(model, *counts, cost)
 
 
-def usage_key(entry: Dict[str, Any], session: str) -> Optional[int]:
-    """What makes two lines the same message (see above), by its hash; None: none can match.
-
-    A hash, not the text it is made of: the key is only ever compared, and two
-    messages alike by a 64-bit hash are one (the older ones are kept by hash anyway).
-    """
-    message = entry.get("message")
-    message_id = message.get("id") if type(message) is dict else None
-    if type(message_id) is not str:
-        return None
-    request_id = entry.get("requestId")
-    if type(request_id) is str:
-        return hash(("r", message_id, request_id))
-    session_id = entry.get("sessionId")
-    return hash(("s", session_id if type(session_id) is str else session, message_id))
-
-
 def usage_scope(rel: str, entry: Dict[str, Any]) -> Tuple[str, str]:
     """(project, session) a line of file ``rel`` counts for: the session the file
     belongs to, sub-agents' files with their parent (a 2.0.x ``agent-<id>.jsonl``
@@ -4215,17 +4199,6 @@ class Tally:
     cost_usd: float = 0.0
     unpriced: int = 0               # messages whose model has no price
 
-    def add(self, usage: MessageUsage, sign: int) -> None:
-        self.messages += sign
-        self.input_tokens += sign * usage.input
-        self.output_tokens += sign * usage.output
-        self.cache_creation_input_tokens += sign * (usage.write_5m + usage.write_1h)
-        self.cache_read_input_tokens += sign * usage.read
-        if usage.cost is None:
-            self.unpriced += sign
-        else:
-            self.cost_usd += sign * usage.cost
-
 
 TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
@@ -4240,10 +4213,20 @@ class UsageTotals:
         self.last = ""                  # the latest timestamp counted
 
     def add(self, usage: MessageUsage, sign: int, stamp: str = "") -> None:
+        """Count ``usage`` in its model's tally (``sign`` -1 takes it back)."""
         tally = self.models.get(usage.model)
         if tally is None:
             tally = self.models[usage.model] = Tally()
-        tally.add(usage, sign)
+        model, input, output, write_5m, write_1h, read, cost = usage
+        tally.messages += sign
+        tally.input_tokens += sign * input
+        tally.output_tokens += sign * output
+        tally.cache_creation_input_tokens += sign * (write_5m + write_1h)
+        tally.cache_read_input_tokens += sign * read
+        if cost is None:
+            tally.unpriced += sign
+        else:
+            tally.cost_usd += sign * cost
         if tally.messages <= 0:
             del self.models[usage.model]    # not a residue of float cost
         if stamp > self.last:
@@ -4422,10 +4405,18 @@ class UsageBook:
         found = usage_counts(entry)
         if found is None:
             return []
-        key = usage_key(entry, session)
-        if key is None:
-            old = None                  # nothing can be the same message
+        # What makes two lines the same message (the section's head), by its hash: the key is
+        # only ever compared, and two messages alike by a 64-bit hash are one.
+        message_id = entry["message"].get("id")    # usage_counts found the message a dict
+        if type(message_id) is not str:
+            key = old = None            # nothing can be the same message
         else:
+            request_id = entry.get("requestId")
+            if type(request_id) is str:
+                key = hash(("r", message_id, request_id))
+            else:
+                session_id = entry.get("sessionId")
+                key = hash(("s", session_id if type(session_id) is str else session, message_id))
             old = self._counted.get(key)
             if old is not None:
                 if sum(found[2]) <= old[0].total:
