@@ -50,7 +50,7 @@ Map, top to bottom, each part using only those above it:
   WebSocket protocol    frames, the opening handshake, MessageAssembler, Connection
   Event loop            EventLoop, Stream, TLSStream, sockets, WebSocketEndpoint
   Token files
-  Wire format           entry_fields, Filters, Subscription, one builder per message kind
+  Wire format           Filters, Subscription, one builder per message kind (line_message: an entry)
   Usage and cost        Price, BUILTIN_PRICES, KeyHashes, UsageBook (deduplicated totals), read_usage
   Session registry      RegistryRecord, ProcessProbe (/proc), Registry (Claude Code's own
                         live states), status_message
@@ -3643,23 +3643,6 @@ BOOKKEEPING_TYPES = ("api-request", "api-request-blob", "api-request-shape", "at
 SETTING_TYPES = ("mode", "permission-mode", "agent-setting")
 
 
-def entry_fields(obj: Dict[str, Any], rec: FileRecord) -> Tuple[Optional[str], Optional[str], str,
-                                                                 Optional[str], str]:
-    """What routing, filters and history order need of one line: (session, agent, type,
-    cwd, timestamp). The session is the entry's sessionId, else the file's; the agent
-    the file's sub-agent, else 1.0.x's inline agentId; type "" when absent; the
-    timestamp is the raw ISO-8601 text, "" if none (UTC sorts as text). A tuple, not
-    an object: this runs for every line, and an object per line cost a tenth of it.
-    """
-    session, kind, cwd, stamp = obj.get("sessionId"), obj.get("type"), obj.get("cwd"), obj.get("timestamp")
-    agent = rec.agent
-    if agent is None and obj.get("isSidechain") is True and isinstance(obj.get("agentId"), str):
-        agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
-    return (session if isinstance(session, str) else rec.session, agent,
-            kind if isinstance(kind, str) else "", cwd if isinstance(cwd, str) else None,
-            stamp if isinstance(stamp, str) else "")
-
-
 def peek_timestamp(line: Optional[bytes]) -> str:
     """The timestamp of a line not parsed yet (read ahead), or ""."""
     match = _TIMESTAMP_BYTES_RE.search(line or b"")
@@ -3883,7 +3866,22 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
         message = obj.get("message")
         if type(message) is dict and "usage" in message:
             parsed(rec, obj)
-    session, agent, kind, cwd, stamp = entry_fields(obj, rec)
+    # What routing, filters and history order need of it: the session is the entry's
+    # sessionId, else the file's; the agent the file's sub-agent, else 1.0.x's inline
+    # agentId; type "" when absent; the timestamp its raw ISO-8601 text, "" if none
+    # (UTC sorts as text). Read here, not in a function of their own: once per line.
+    session, kind, cwd, stamp = obj.get("sessionId"), obj.get("type"), obj.get("cwd"), obj.get("timestamp")
+    if type(session) is not str:
+        session = rec.session
+    if type(kind) is not str:
+        kind = ""
+    if type(cwd) is not str:
+        cwd = None
+    if type(stamp) is not str:
+        stamp = ""
+    agent = rec.agent
+    if agent is None and obj.get("isSidechain") is True and type(obj.get("agentId")) is str:
+        agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
     del obj                         # a long line's decoded copy, gone before its frame is made
     # The envelope, keys in this order, around the line's own bytes, and the frame
     # header before it, in one join: json.dumps per line was a third of the cost.
