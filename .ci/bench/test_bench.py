@@ -1,9 +1,11 @@
-"""The benchmark's own checks: a --quick run gives every row, the trees are deterministic.
+"""The benchmark's own checks: a --quick run gives every row, pipeline.py its figures,
+the trees are deterministic.
 
-    python3 .ci/bench/test_bench.py        # about 15 s
+    python3 .ci/bench/test_bench.py        # about 35 s
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,29 @@ class QuickRun(unittest.TestCase):
         row = [line for line in lines if line["event"] == "row"][0]
         self.assertEqual(row["details"]["tree"]["lines"], stats["lines"])
         self.assertEqual(row["details"]["complete_runs"], 1)
+
+
+class Pipeline(unittest.TestCase):
+    """pipeline.py: every line through the module's own Tailer, Broadcast and Feed, a figure out."""
+
+    def pipeline(self, *argv):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "pipeline.py")] + list(argv),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+        out = proc.stdout.decode()
+        self.assertEqual(proc.returncode, 0, out[-2000:])
+        return out
+
+    def test_microseconds_with_and_without_the_usage_totals(self):
+        for extra in ([], ["--no-usage"]):
+            out = self.pipeline("--lines", "2000", "--runs", "1", *extra)
+            self.assertRegex(out, r"claude_stream\.py: \d+\.\d\d us a line, best of 1 \(2000 lines")
+
+    def test_instructions_under_valgrind(self):
+        # CI installs valgrind (.ci/setup); the count is a difference of two runs.
+        out = self.pipeline("--instructions", "--lines", "1000")
+        found = re.search(r": (\d+) instructions a line \(1000 lines\)", out)
+        self.assertIsNotNone(found, out)
+        self.assertGreater(int(found.group(1)), 10000, out)     # a line costs more than nothing
 
 
 class Trees(unittest.TestCase):
