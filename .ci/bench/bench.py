@@ -397,6 +397,7 @@ def extras(row, runs, args):
         return {"complete_runs": sum(1 for r in runs if live_complete(r.get("claude_stream"))),
                 "reference_complete_runs": sum(1 for r in runs if live_complete(r.get("reference"))),
                 "server_cpu_s": med("claude_stream", "server_cpu_s"),
+                "reference_cpu_s": med("reference", "server_cpu_s"),
                 "receiver": fig(runs[0].get("claude_stream"), "receiver")}
     if row == "live10_rss":
         return {"claude_stream_vmhwm_mb": med("claude_stream", "rss_peak_mb"),
@@ -642,6 +643,12 @@ def run_rows(args, ap, runs, live1, live10, rows, logfile):
             extra = "; first entry %s s, all in %s s (CPU: server %s s, client %s s)" % (
                 fmt_spread(d["first_entry_s"], "ratio"), fmt_spread(d["seconds"], ""),
                 fmt_spread(d["server_cpu_s"], ""), fmt_spread(d["client_cpu_s"], ""))
+        elif t["row"] in ("live1", "live10") and d.get("server_cpu_s"):
+            # The CPU each side took for the same burst: on a machine whose speed
+            # changes within minutes, this says how fast the machine was in each run.
+            extra = "; server CPU %s s" % fmt_spread(d["server_cpu_s"], "ratio")
+            if d.get("reference_cpu_s"):
+                ref_text += "; CPU %s s" % fmt_spread(d["reference_cpu_s"], "ratio")
         elif t["row"] == "live10_rss":
             extra = "; VmHWM %s" % fmt_spread(d["claude_stream_vmhwm_mb"], "")
             if d.get("reference_vmhwm_mb"):
