@@ -1369,18 +1369,11 @@ def split_lines(state: Any, chunk: bytes, limit: int) -> List[Tuple[int, Optiona
             offset += len(line) + 1
             start = end + 1
             end = find(b"\n", start)
-        if len(chunk) - start <= limit:     # no line here can be too long
-            while end >= 0:
-                out.append((offset, chunk[start:end]))
-                offset += end - start + 1
-                start = end + 1
-                end = find(b"\n", start)
-        else:
-            while end >= 0:
-                out.append((offset, chunk[start:end] if end - start <= limit else None))
-                offset += end - start + 1
-                start = end + 1
-                end = find(b"\n", start)
+        while end >= 0:
+            out.append((offset, chunk[start:end] if end - start <= limit else None))
+            offset += end - start + 1
+            start = end + 1
+            end = find(b"\n", start)
         state.line_start = offset
     if start < len(chunk):
         state.pending += chunk[start:] if start else chunk
@@ -3893,8 +3886,8 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     head, middle, fixed, meta = pieces
     numbers = b'%d,"next":%d' % (offset, after)
     size = fixed + len(numbers) + len(line)
-    header = _FRAME_HEAD_16(0x80 | TEXT_OPCODE, 126, size) if 126 <= size < 65536 else frame_header(TEXT_OPCODE, size)
-    return LineMessage(offset, after, b"".join((header, head, numbers, middle, line, b"}")), meta, "", stamp)
+    return LineMessage(offset, after, b"".join((frame_header(TEXT_OPCODE, size), head, numbers, middle, line, b"}")),
+                       meta, "", stamp)
 
 
 TEXT_OPCODE = int(Opcode.TEXT)      # a plain int: an IntEnum's arithmetic costs, once per line
@@ -4215,7 +4208,7 @@ class UsageTotals:
         tally = self.models.get(usage.model)
         if tally is None:
             tally = self.models[usage.model] = Tally()
-        model, input, output, write_5m, write_1h, read, cost = usage
+        _, input, output, write_5m, write_1h, read, cost = usage
         tally.messages += sign
         tally.input_tokens += sign * input
         tally.output_tokens += sign * output
@@ -4297,7 +4290,7 @@ class KeyHashes:
         self._current = array.array("q", [0]) * self.FIRST_SLOTS
         self._tables = (self._current,)     # the current, and the previous generation once there is one
         self._current_count = self._previous_count = 0
-        self._room = min(self.generation, self.FIRST_SLOTS // 2)   # keys the current takes as it is
+        self._room = min(self.generation, len(self._current) // 2)     # keys the current takes: at most half full
 
     @property
     def count(self) -> int:
@@ -4341,7 +4334,7 @@ class KeyHashes:
             self._previous_count, self._current_count = self._current_count, 0
             self._tables = (array.array("q", [0]) * self.FIRST_SLOTS, self._current)
             self._current = self._tables[0]
-            self._room = min(self.generation, self.FIRST_SLOTS // 2)
+            self._room = min(self.generation, len(self._current) // 2)
             return self._current
         old, table = self._current, array.array("q", [0]) * (2 * len(self._current))
         mask = len(table) - 1
@@ -4353,7 +4346,7 @@ class KeyHashes:
                 table[i] = kept
         self._current = table
         self._tables = (table,) + self._tables[1:]
-        self._room = min(self.generation, len(table) // 2)     # at most half full
+        self._room = min(self.generation, len(self._current) // 2)
         return table
 
 
@@ -4442,10 +4435,7 @@ class UsageBook:
             recent.append(key)
             if len(recent) > self.recent_messages:
                 del self._counted[recent.popleft()]     # its key's hash stays, in _older
-        if self.by_file or self.by_day:
-            self._count(counted, 1, stamp)
-        else:                           # the server's: a message's one count, in its session
-            counted[1].totals.add(usage, 1, stamp)
+        self._count(counted, 1, stamp)
         return changed
 
     def _price(self, prices: Dict[str, Price], model: str) -> Optional[Price]:
@@ -4462,7 +4452,7 @@ class UsageBook:
         usage, session, path, day = counted
         if self.by_file:
             session.add(usage, path, sign, stamp)
-        else:
+        else:                           # the server's: a call less per message
             session.totals.add(usage, sign, stamp)
         if not self.by_day:
             return
@@ -5833,12 +5823,10 @@ class UsageRelay:
         Called from inside the broadcast: whatever goes wrong in the totals stays there.
         """
         try:                            # the record's session: a hub's paths have a host first
-            changed = self.book.add(entry, rec.project, rec.session if rec.session is not None
-                                    else usage_session(None, rec.agent, entry), rec.rel)
+            changed = self.book.add(entry, rec.project, usage_session(rec.session, rec.agent, entry), rec.rel)
             for usage in changed:
                 self.dirty[usage] = None
-                if usage not in self.hosts:
-                    self.hosts[usage] = rec.host
+                self.hosts.setdefault(usage, rec.host)
             if self.dirty and self._flush_timer is None:
                 self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
         except Exception as exc:        # noqa: BLE001 - a bug in the totals costs a line's usage only
