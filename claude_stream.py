@@ -2347,9 +2347,35 @@ class State(enum.Enum):
     CLOSED = "closed"               # both Close frames passed, or the connection failed
 
 
-@dataclass
 class TextMessage:
-    text: str
+    """A text message: its text, and its UTF-8 ``data`` as it came when it was one
+    frame, so a client that writes messages out as they are (``--json``) neither
+    decodes nor encodes them again. Each is made from the other when first asked."""
+
+    __slots__ = ("_text", "_data")
+
+    def __init__(self, text: Optional[str] = None, data: Optional[bytes] = None):
+        self._text, self._data = text, data
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self._data.decode("utf-8")     # validated already: see MessageAssembler.add
+        return self._text
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self._text.encode("utf-8")
+        return self._data
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, TextMessage) and self.text == other.text
+
+    __hash__ = None             # type: ignore[assignment] - equal by text, mutable cache
+
+    def __repr__(self) -> str:
+        return "TextMessage(%r)" % self.text
 
 
 @dataclass
@@ -2422,6 +2448,15 @@ class MessageAssembler:
 
     def add(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
         """A checked frame's payload (less what validate_partial took); the message once complete."""
+        if fin and opcode == Opcode.TEXT and self.decoder is None:
+            # A whole text message in one frame, none of it seen yet (the common case):
+            # validated in one call, ASCII by a word-at-a-time test, and kept as bytes.
+            if payload.isascii():
+                return TextMessage(None, payload)
+            try:
+                return TextMessage(payload.decode("utf-8"), payload)
+            except UnicodeDecodeError as exc:
+                raise InvalidPayload("invalid UTF-8 in text message") from exc
         if opcode != Opcode.CONT:
             self.opcode = opcode
             if opcode == Opcode.TEXT and self.decoder is None:   # else made by validate_partial
@@ -3891,7 +3926,7 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
 
 
 TEXT_OPCODE = int(Opcode.TEXT)      # a plain int: an IntEnum's arithmetic costs, once per line
-ENTRY_ENVELOPE_START = '{"kind":"entry","path":'   # how every entry message begins
+ENTRY_ENVELOPE_START = b'{"kind":"entry","path":'  # how every entry message begins
 ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept ...
 ENVELOPE_FILES = 1024       # ... by this many files at most (a history of 50,000 files kept each: 36 MB)
 _ENVELOPE_HOLDERS: "collections.OrderedDict[int, FileRecord]" = collections.OrderedDict()   # by id, latest last
@@ -3902,7 +3937,7 @@ def envelope_pieces(rec: FileRecord, session: Optional[str], agent: Optional[str
     """An entry envelope's bytes before the offsets and between them and the line, their
     length with the closing brace, and its filters' view: the same for most of a file's
     lines, so remembered on its record."""
-    head = ENTRY_ENVELOPE_START.encode() + _json_text(rec.rel) + b',"offset":'
+    head = ENTRY_ENVELOPE_START + _json_text(rec.rel) + b',"offset":'
     middle = b"".join((b',"project":', _json_text(rec.project), b',"session":', _json_text(session),
                        b',"agent":', _json_text(agent), b',"host":', _json_text(rec.host), b',"entry":'))
     meta = MessageMeta(rec.project + "\n" + cwd if cwd is not None else rec.project,
@@ -9447,10 +9482,10 @@ class ClientApp:
         if isinstance(message, BinaryMessage):
             self.log.warn("%s sent a binary message; ignored" % link.url, key="peer")
             return
-        if self.json_mode and self.exporter is None and self._entry_as_is(link, message.text):
+        if self.json_mode and self.exporter is None and self._entry_as_is(link, message.data):
             return
         try:
-            msg = decode_line(message.text.encode("utf-8"), MAX_JSON_DEPTH + ENVELOPE_DEPTH)
+            msg = decode_line(message.data, MAX_JSON_DEPTH + ENVELOPE_DEPTH)
         except MalformedLine:
             msg = None
         if msg is None:
@@ -9464,8 +9499,8 @@ class ClientApp:
                 self.exporter.add(link, msg.get("host") if isinstance(msg.get("host"), str) else None,
                                   msg, message.text)
         elif self.json_mode:
-            text = message.text if "\n" not in message.text else _json(msg).decode("ascii")
-            self._write(text.encode("utf-8") + b"\n")     # one message, one line: a raw newline
+            data = message.data if b"\n" not in message.data else _json(msg)
+            self._write(data + b"\n")      # one message, one line: a raw newline
             # between a hostile server's JSON tokens would make two
         if kind == "hello":
             resuming = link.resuming = link.epoch is not None
@@ -9508,25 +9543,27 @@ class ClientApp:
         self._flush_timer = None
         self._write_lines(self.renderer.flush())
 
-    def _entry_as_is(self, link: ClientLink, text: str) -> bool:
+    def _entry_as_is(self, link: ClientLink, data: bytes) -> bool:
         """--json: an ``entry`` message written as it came, its cursor taken from the envelope.
 
         The server checked the line; its envelope (path, offsets, ids) comes before
         ``"entry":``, so that part alone is decoded: decoding each entry again here
-        was half of a replay's cost. False for anything else (the general path).
+        was half of a replay's cost. ``data`` is the message's UTF-8 as received
+        (valid: the frame layer checked it), written without a decode or an encode.
+        False for anything else (the general path).
         """
-        if not text.startswith(ENTRY_ENVELOPE_START) or "\n" in text:
+        if not data.startswith(ENTRY_ENVELOPE_START) or b"\n" in data:
             return False            # another kind; or a line break that would split the NDJSON line
-        at = text.find(',"entry":')
-        if at < 0 or not text.endswith("}"):
-            return False
+        at = data.find(b',"entry":')
+        if at < 0 or not data.endswith(b"}"):
+            return False            # (before an ASCII comma: never inside a UTF-8 sequence)
         try:
-            head = _LINE_DECODER.decode(text[:at] + "}")
-        except ValueError:
+            head = decode_line(data[:at] + b"}", ENVELOPE_DEPTH)
+        except MalformedLine:
             return False
         if not self._track(link, head):
             return True             # a line we already have: never written twice
-        self._write(text.encode("utf-8") + b"\n")
+        self._write(data + b"\n")
         self._acknowledge(link, head.get("path"))
         return True
 
