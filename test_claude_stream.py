@@ -767,6 +767,20 @@ class ConnectionTests(unittest.TestCase):
                           + masked(cs.Opcode.CONT, b""))
         self.assertEqual(events_of(conn), [cs.BinaryMessage(b"\x00\xff")])
 
+    def test_a_text_message_gives_its_bytes_as_received_and_its_text(self):
+        # A one-frame message keeps its bytes (the --json client writes them as they are);
+        # an assembled one, and one made from text, encode theirs: all agree with the text.
+        cases = [(masked(cs.Opcode.TEXT, b'{"a":"plain"}'), '{"a":"plain"}'),
+                 (masked(cs.Opcode.TEXT, "h\u00e9llo \u2603 \U0001F600".encode()), "h\u00e9llo \u2603 \U0001F600"),
+                 (masked(cs.Opcode.TEXT, "h\u00e9".encode(), fin=False) + masked(cs.Opcode.CONT, b"llo"), "h\u00e9llo")]
+        for wire, text in cases:
+            for got in (events_cut_at(wire, len(wire))[0], events_byte_by_byte(wire)):
+                self.assertEqual(len(got), 1)
+                self.assertEqual((got[0].data, got[0].text), (text.encode("utf-8"), text))
+        made = cs.TextMessage("\u00e9t\u00e9")
+        self.assertEqual((made.data, made), ("\u00e9t\u00e9".encode(), cs.TextMessage(None, "\u00e9t\u00e9".encode())))
+        self.assertNotEqual(made, cs.TextMessage("ete"))
+
     def test_every_frame_shape_cut_at_every_byte(self):
         # Issue 10.14: an empty masked frame whose mask key had not fully arrived
         # was taken as complete with a short key, and the stream fell out of step.
