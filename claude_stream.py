@@ -1303,6 +1303,28 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOL
 
 def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
                     ours: bool = False) -> Any:
+    """``open_regular_fd``'s descriptor as an unbuffered binary file."""
+    return os.fdopen(open_regular_fd(path, identity, follow, ours), "rb", buffering=0)
+
+
+def read_regular(path: str, identity: Optional[Tuple[int, int]], offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` of the file examined as ``identity``: a
+    history read, one a block, so without a file object or a seek (pread)."""
+    fd = open_regular_fd(path, identity)
+    try:
+        if _PREAD is not None:
+            return _PREAD(fd, size, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+_PREAD = getattr(os, "pread", None)         # POSIX; elsewhere a seek and a read
+
+
+def open_regular_fd(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
+                    ours: bool = False) -> int:
     """Open a file found on disk to read, without ever blocking or following a link.
 
     O_NONBLOCK: a FIFO opens at once instead of waiting for a writer for ever;
@@ -1321,7 +1343,7 @@ def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: 
             raise OSError(errno.EPERM, "owned by another user")
         if identity is not None and (st.st_dev, st.st_ino) != identity:
             raise FileChanged(errno.ESTALE, "replaced while being opened")
-        return os.fdopen(fd, "rb", buffering=0)
+        return fd
     except BaseException:
         os.close(fd)
         raise
@@ -1951,9 +1973,7 @@ class LineReader:
         if self.read_pos >= limit:
             return 0
         try:
-            with open_regular(self.abspath, self.identity) as fh:
-                fh.seek(self.read_pos)
-                chunk = fh.read(min(block, limit - self.read_pos))
+            chunk = read_regular(self.abspath, self.identity, self.read_pos, min(block, limit - self.read_pos))
         except (FileChanged, FileNotFoundError):
             return 0
         if not chunk:
@@ -3927,6 +3947,8 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
 
 TEXT_OPCODE = int(Opcode.TEXT)      # a plain int: an IntEnum's arithmetic costs, once per line
 ENTRY_ENVELOPE_START = b'{"kind":"entry","path":'  # how every entry message begins
+# What a client reads of it (a path without escapes: a JSON string's plain bytes, these):
+_ENTRY_HEAD = re.compile(re.escape(ENTRY_ENVELOPE_START) + rb'"([^"\\\x00-\x1f]*)","offset":(\d{1,18}),"next":(\d{1,18}),')
 ENVELOPES_PER_FILE = 64     # (session, agent, type, cwd) variants of a file's envelope kept ...
 ENVELOPE_FILES = 1024       # ... by this many files at most (a history of 50,000 files kept each: 36 MB)
 _ENVELOPE_HOLDERS: "collections.OrderedDict[int, FileRecord]" = collections.OrderedDict()   # by id, latest last
@@ -5085,9 +5107,7 @@ def cursor_valid(rec: FileRecord, offset: int) -> bool:
     if offset > rec.line_start:
         return False
     try:
-        with open_regular(rec.abspath, (rec.dev, rec.ino)) as fh:
-            fh.seek(offset - 1)
-            return fh.read(1) == b"\n"
+        return read_regular(rec.abspath, (rec.dev, rec.ino), offset - 1, 1) == b"\n"
     except OSError:
         return False
 
@@ -5107,9 +5127,7 @@ class LastLines:
         """Read one block backwards; return its size. ``start`` is set when found."""
         low = max(self.floor, self.pos - self.block)
         try:
-            with open_regular(self.abspath, self.identity) as fh:
-                fh.seek(low)
-                chunk = fh.read(self.pos - low)
+            chunk = read_regular(self.abspath, self.identity, low, self.pos - low)
         except (FileChanged, FileNotFoundError):
             chunk = b""                 # replaced meanwhile: the tailer reports a reset
         if len(chunk) != self.pos - low:
@@ -9546,25 +9564,22 @@ class ClientApp:
     def _entry_as_is(self, link: ClientLink, data: bytes) -> bool:
         """--json: an ``entry`` message written as it came, its cursor taken from the envelope.
 
-        The server checked the line; its envelope (path, offsets, ids) comes before
-        ``"entry":``, so that part alone is decoded: decoding each entry again here
-        was half of a replay's cost. ``data`` is the message's UTF-8 as received
-        (valid: the frame layer checked it), written without a decode or an encode.
-        False for anything else (the general path).
+        The server checked the line; its envelope begins with the path and offsets, in
+        this order (``line_message``), so they alone are read, by one match: decoding
+        each entry again here was half of a replay's cost, its envelope a tenth of
+        the rest. ``data`` is the message's UTF-8 as received (valid: the frame layer
+        checked it), written without a decode or an encode. False for anything else,
+        a path with an escape included (the general path).
         """
-        if not data.startswith(ENTRY_ENVELOPE_START) or b"\n" in data:
-            return False            # another kind; or a line break that would split the NDJSON line
-        at = data.find(b',"entry":')
-        if at < 0 or not data.endswith(b"}"):
-            return False            # (before an ASCII comma: never inside a UTF-8 sequence)
-        try:
-            head = decode_line(data[:at] + b"}", ENVELOPE_DEPTH)
-        except MalformedLine:
-            return False
-        if not self._track(link, head):
+        head = _ENTRY_HEAD.match(data)
+        if head is None or b"\n" in data or not data.endswith(b"}") or b',"entry":' not in data:
+            return False            # another kind or shape; or a line break that would split the NDJSON line
+        path = head.group(1).decode("utf-8")
+        if not self._track(link, {"kind": "entry", "path": path, "offset": int(head.group(2)),
+                                  "next": int(head.group(3))}):
             return True             # a line we already have: never written twice
         self._write(data + b"\n")
-        self._acknowledge(link, head.get("path"))
+        self._acknowledge(link, path)
         return True
 
     def _acknowledge(self, link: ClientLink, path: Any) -> None:

@@ -6330,6 +6330,13 @@ class JsonClientTests(ProjectTreeTestCase):
         app.on_message(link, cs.TextMessage(reset))     # the file starts again: its lines are new
         app.on_message(link, cs.TextMessage(a[0]))
         self.assertEqual(self.written(out).splitlines()[-2:], [reset, a[0]])
+        # A path the server escapes (not ASCII, a quote) goes the general way: tracked the same.
+        for path in ("p/\u00fc.jsonl", 'p/"q".jsonl'):
+            c = entry_text(path, 0, '{"type":"user","uuid":"c0"}')
+            for _ in range(2):
+                app.on_message(link, cs.TextMessage(c))
+            self.assertEqual((self.written(out).splitlines()[-1], link.cursors[path]), (c, 28))
+        self.assertEqual(link.duplicates, 7)
 
     def test_gathered_output_is_written_at_the_gather_limit_within_a_read(self):
         app, link, out = self.app()
