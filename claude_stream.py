@@ -2459,12 +2459,14 @@ class MessageAssembler:
         self._decode(piece, final=False)
 
     def _decode(self, data: bytes, final: bool) -> None:
+        """Validate ``data``, the next piece of a text message, and keep its bytes: the
+        message is its UTF-8 as received, its text decoded only if asked for."""
         try:
-            text = self.decoder.decode(data, final)
+            self.decoder.decode(data, final)
         except UnicodeDecodeError as exc:
             raise InvalidPayload("invalid UTF-8 in text message") from exc
-        if text:
-            self.parts.append(text)
+        if data:
+            self.parts.append(data)
 
     def add(self, fin: bool, opcode: int, payload: bytes, length: int) -> Optional[WsEvent]:
         """A checked frame's payload (less what validate_partial took); the message once complete."""
@@ -2492,7 +2494,7 @@ class MessageAssembler:
         parts, kind = self.parts, self.opcode
         self.parts, self.opcode, self.size, self.fragments, self.decoder = [], None, 0, 0, None
         if kind == Opcode.TEXT:
-            return TextMessage("".join(parts))
+            return TextMessage(None, b"".join(parts))
         return BinaryMessage(b"".join(parts))
 
 
@@ -5937,7 +5939,7 @@ class UsageRelay:
                 read = 0
             while reader.lines:
                 _, line = reader.lines.popleft()
-                if line is not None and b'"usage"' in line:
+                if line is not None and line.find(b'"usage"') >= 0:     # not "in": see _entry_as_is
                     self._count_line(rec, line)
             budget -= max(read, 1)          # an empty read counts: a file's open costs too
             if not read:
@@ -9517,7 +9519,7 @@ class ClientApp:
                 self.exporter.add(link, msg.get("host") if isinstance(msg.get("host"), str) else None,
                                   msg, message.text)
         elif self.json_mode:
-            data = message.data if b"\n" not in message.data else _json(msg)
+            data = message.data if message.data.find(b"\n") < 0 else _json(msg)
             self._write(data + b"\n")      # one message, one line: a raw newline
             # between a hostile server's JSON tokens would make two
         if kind == "hello":
@@ -9572,7 +9574,8 @@ class ClientApp:
         a path with an escape included (the general path).
         """
         head = _ENTRY_HEAD.match(data)
-        if head is None or b"\n" in data or not data.endswith(b"}") or b',"entry":' not in data:
+        # (find, not "in": bytes' "in" tries the argument as an int first, an exception a call)
+        if head is None or data.find(b"\n") >= 0 or not data.endswith(b"}") or data.find(b',"entry":') < 0:
             return False            # another kind or shape; or a line break that would split the NDJSON line
         path = head.group(1).decode("utf-8")
         if not self._track(link, {"kind": "entry", "path": path, "offset": int(head.group(2)),
