@@ -5483,17 +5483,24 @@ class Feed:
             complete = complete and not scanning
         low_water = self.limits.catchup_low_water
         match, position = self.filters.match, self.position
+        seen_meta, matched = None, False    # a file's lines share their envelope's meta: matched once
         while complete and heads and used < budget and unsent < low_water:
             rel = heapq.heappop(heads)[-1]
             backlog, rank = self.backlog[rel], self._rank[rel]
             ready, ranged = backlog.ready, backlog.until is not None
+            # The next file's head, which this file's messages go before while theirs is
+            # earlier: its time compared first, the whole tuple only on a tie.
+            top = heads[0] if heads else None
             while True:                     # this file's messages while they come first
                 message = ready.popleft()
                 backlog.taken += 1
                 self._held -= message.next - message.offset
                 if not ranged:              # a range sent again leaves the position where it was
                     position[rel] = message.next
-                if match(message.meta):
+                if message.meta is not seen_meta:
+                    seen_meta = message.meta
+                    matched = match(seen_meta)
+                if matched:
                     frames.append(message.frame)
                     used += len(message.frame)
                     unsent += len(message.frame)
@@ -5502,9 +5509,14 @@ class Feed:
                     used += read
                     complete = not scanning
                     break
-                head = (backlog.sort_key(), backlog.taken, rank, rel)
-                if used >= budget or unsent >= low_water or (heads and heads[0] < head):
-                    heapq.heappush(heads, head)
+                key = ready[0].sort_key
+                if key:
+                    backlog.last_key = key  # as sort_key() does, without its call
+                else:
+                    key = backlog.sort_key()
+                if used >= budget or unsent >= low_water or (top is not None and (
+                        top[0] < key or (top[0] == key and top < (key, backlog.taken, rank, rel)))):
+                    heapq.heappush(heads, (key, backlog.taken, rank, rel))
                     break
         if not self.backlog and unsent < low_water:
             self.phase = Phase.LIVE

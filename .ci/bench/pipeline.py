@@ -1,8 +1,10 @@
-"""The live path's cost per line, in one process: Tailer -> Broadcast -> a client's Feed.
+"""The live path's cost per line, in one process: Tailer -> Broadcast -> a client's Feed;
+and, with --replay, what a replay's time is made of, each part against the reference.
 
     python3 .ci/bench/pipeline.py                      # microseconds a line, best of 5
     python3 .ci/bench/pipeline.py --instructions       # instructions a line, under valgrind
     python3 .ci/bench/pipeline.py --stream OTHER/claude_stream.py --no-usage
+    python3 .ci/bench/pipeline.py --replay             # the replay row's parts (419 MB tree)
 
 The live1 row's burst (wsbench's 1.1 KB entries, each a new API response, written to
 10 files) is read by the module's own Tailer, published by its Broadcast with the
@@ -11,8 +13,21 @@ is left is the server's work per line. On a shared machine whose speed varies by
 quarter within the hour, ``--instructions`` is the figure that holds: valgrind counts
 the instructions of a run with the pipeline and of one that only writes the files,
 and prints the difference per line (needs valgrind; about a minute for 20,000 lines).
+
+--replay takes the replay row's tree (generated and cached as bench.py does, or
+--replay-from DIR) through, in turn: the row's reference (json.loads of every line in
+one loop); the same loop with the module's decode_line, the check every line gets
+(strict UTF-8, the decoder, the depth limit): what validating alone costs; the server's
+history path in one process (Tailer, a Feed subscribed with since=all, its steps) with
+no socket; the same sending every frame over loopback TCP to a process that reads
+and drops them (the server's CPU, user and system); and a client process's start-up
+(``client --help``: Python compiling the module). Best of --runs each, in seconds,
+and the reference's time divided by each: what the replay's ratio could be at most.
 """
 import argparse
+import json
+import resource
+import socket
 import gc
 import importlib.util
 import os
@@ -89,6 +104,100 @@ def one_run(cs, lines, usage, pipeline=True):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def tree_files(tree):
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(tree)
+                  for name in names if name.endswith(".jsonl"))
+
+
+def loop_seconds(files, decode):
+    """The reference loop (bench.REFERENCE_LOOP) with ``decode`` for json.loads."""
+    t0 = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as fh:
+            data = fh.read()
+        for line in data.split(b"\n"):
+            if line.strip():
+                try:
+                    decode(line)
+                except ValueError:
+                    pass            # (the module's MalformedLine is one)
+    return time.perf_counter() - t0
+
+
+def history_seconds(cs, tree, send):
+    """The server's history path over ``tree``: (seconds, CPU seconds, frames)."""
+    log = cs.Log()
+    tailer = cs.Tailer([tree], 0.25, log, wakeups=False)
+    tailer.start()
+    sock = child = None
+    if send:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        child = os.fork()
+        if child == 0:                          # the reader: as fast as the kernel gives
+            try:
+                peer = socket.create_connection(listener.getsockname())
+                while peer.recv(1 << 20):
+                    pass
+            finally:
+                os._exit(0)
+        sock, _ = listener.accept()
+        listener.close()
+    feed = cs.Feed(cs.DEFAULT_LIMITS, log)
+    feed.subscribe(cs.Subscription.from_query("since=all", time.time()), list(tailer.files.values()), False)
+    gc.collect()
+    gc.freeze()
+    frames = 0
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    while feed.phase is cs.Phase.CATCHING_UP:
+        out, _ = feed.step(cs.DEFAULT_LIMITS.catchup_tick_budget, 0)
+        frames += len(out)
+        for i in range(0, len(out), cs.DEFAULT_LIMITS.send_gather_max) if sock else ():
+            batch = out[i:i + cs.DEFAULT_LIMITS.send_gather_max]
+            sent = sock.sendmsg(batch)          # a blocking socket: all of it, as a rule
+            if sent < sum(map(len, batch)):
+                sock.sendall(b"".join(batch)[sent:])
+    seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    if sock:
+        sock.close()
+        os.waitpid(child, 0)
+    tailer.close()
+    gc.unfreeze()
+    return seconds, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, frames
+
+
+def replay_parts(args):
+    import gentree
+    if args.replay_from:
+        tree = os.path.abspath(args.replay_from)
+    else:
+        tree, _ = gentree.tree(args.replay_mb, say=lambda text: print(text, file=sys.stderr))
+    files = tree_files(tree)
+    cs = load(args.stream)
+    best = lambda measure: min(measure() for _ in range(args.runs))     # noqa: E731
+    parts = [("reference: json.loads of every line, one loop", best(lambda: loop_seconds(files, json.loads)))]
+    parts.append(("the same loop with decode_line (every line checked as served)",
+                  best(lambda: loop_seconds(files, cs.decode_line))))
+    for send in (False, True):
+        seconds, cpu, frames = min(history_seconds(cs, tree, send) for _ in range(args.runs))
+        parts.append(("the server's history path, %s (CPU %.2f s, %d frames)"
+                      % ("sending over loopback TCP" if send else "no socket", cpu, frames), cpu))
+
+    def start():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, args.stream, "client", "--help"], stdout=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - t0
+    parts.append(("a client's start-up (client --help)", best(start)))
+    reference = parts[0][1]
+    print("%s over %s (%d files), best of %d:" % (args.stream, tree, len(files), args.runs))
+    for name, seconds in parts:
+        print("  %-95s %6.2f s  reference/this %.2f" % (name, seconds, reference / seconds))
+    floor = parts[3][1] + parts[4][1]
+    print("  %-95s %6.2f s  reference/this %.2f" % ("at most, the history sent plus a client's start", floor,
+                                                    reference / floor))
+
+
 def instructions(args):
     """valgrind's instruction count of a run with the pipeline minus one without, per line."""
     if shutil.which("valgrind") is None:
@@ -115,10 +224,16 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5, help="runs; the best is shown (default 5)")
     ap.add_argument("--no-usage", dest="usage", action="store_false", help="without the usage totals")
     ap.add_argument("--instructions", action="store_true", help="instructions a line, under valgrind")
+    ap.add_argument("--replay", action="store_true", help="the replay row's parts, each against the reference")
+    ap.add_argument("--replay-mb", type=float, default=419, help="with --replay: the generated tree's size (419)")
+    ap.add_argument("--replay-from", metavar="DIR", help="with --replay: this projects folder instead")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.stream = os.path.abspath(args.stream)
+    if args.replay:
+        replay_parts(args)
+        return
     if args.instructions:
         if args.lines == 40000:
             args.lines = 20000          # under valgrind: a minute, not two

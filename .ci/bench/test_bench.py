@@ -87,6 +87,17 @@ class Pipeline(unittest.TestCase):
         self.assertIsNotNone(found, out)
         self.assertGreater(int(found.group(1)), 10000, out)     # a line costs more than nothing
 
+    def test_the_replay_parts_each_against_the_reference(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = os.path.join(tmp, "projects")
+            stats = gentree._generate(root, gentree.params_for(2, seed=5))
+            out = self.pipeline("--replay", "--replay-from", root, "--runs", "1")
+        parts = re.findall(r"^  (.+?) +(\d+\.\d\d) s  reference/this (\d+\.\d\d)$", out, re.M)
+        self.assertEqual(len(parts), 6, out)
+        self.assertEqual(parts[0][2], "1.00", out)           # the reference against itself
+        self.assertIn("(CPU ", parts[2][0])
+        self.assertIn("%d frames)" % (stats["lines"] + 1), parts[3][0])     # every line, and "live"
+
 
 class Trees(unittest.TestCase):
     def test_deterministic_and_near_its_shape(self):
