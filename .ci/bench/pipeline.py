@@ -21,8 +21,10 @@ one loop); the same loop with the module's decode_line, the check every line get
 history path in one process (Tailer, a Feed subscribed with since=all, its steps) with
 no socket; the same sending every frame over loopback TCP to a process that reads
 and drops them (the server's CPU, user and system); and a client process's start-up
-(``client --help``: Python compiling the module). Best of --runs each, in seconds,
-and the reference's time divided by each: what the replay's ratio could be at most.
+(``client --help``: Python compiling the module). Each part is timed right after a
+run of the reference, --runs times; shown are the median seconds and the median of
+the reference's time divided by the part's: the last line is what the replay's
+ratio could be at most, were the rest free.
 """
 import argparse
 import json
@@ -175,27 +177,46 @@ def replay_parts(args):
         tree, _ = gentree.tree(args.replay_mb, say=lambda text: print(text, file=sys.stderr))
     files = tree_files(tree)
     cs = load(args.stream)
-    best = lambda measure: min(measure() for _ in range(args.runs))     # noqa: E731
-    parts = [("reference: json.loads of every line, one loop", best(lambda: loop_seconds(files, json.loads)))]
-    parts.append(("the same loop with decode_line (every line checked as served)",
-                  best(lambda: loop_seconds(files, cs.decode_line))))
-    for send in (False, True):
-        seconds, cpu, frames = min(history_seconds(cs, tree, send) for _ in range(args.runs))
-        parts.append(("the server's history path, %s (CPU %.2f s, %d frames)"
-                      % ("sending over loopback TCP" if send else "no socket", cpu, frames), cpu))
 
     def start():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, args.stream, "client", "--help"], stdout=subprocess.DEVNULL, check=True)
         return time.perf_counter() - t0
-    parts.append(("a client's start-up (client --help)", best(start)))
-    reference = parts[0][1]
-    print("%s over %s (%d files), best of %d:" % (args.stream, tree, len(files), args.runs))
-    for name, seconds in parts:
-        print("  %-95s %6.2f s  reference/this %.2f" % (name, seconds, reference / seconds))
-    floor = parts[3][1] + parts[4][1]
-    print("  %-95s %6.2f s  reference/this %.2f" % ("at most, the history sent plus a client's start", floor,
-                                                    reference / floor))
+    frames = []
+
+    def history(send):
+        _, cpu, count = history_seconds(cs, tree, send)
+        frames.append(count)
+        return cpu
+    parts = [("the same loop with decode_line (every line checked as served)", lambda: loop_seconds(files, cs.decode_line)),
+             ("the server's history path, no socket: its CPU", lambda: history(False)),
+             ("the same sending every frame over loopback TCP: its CPU", lambda: history(True)),
+             ("a client's start-up (client --help)", start)]
+    # The machine's speed changes within minutes: each part is timed right after a run
+    # of the reference, and what is shown is the median of those pairs' ratios.
+    seconds = {name: [] for name, _ in parts}
+    ratios = {name: [] for name, _ in parts}
+    references, floors = [], []
+    for _ in range(args.runs):
+        for name, measure in parts:
+            reference = loop_seconds(files, json.loads)
+            took = max(measure(), 1e-6)     # (a tiny tree's CPU time can round to nothing)
+            references.append(reference)
+            seconds[name].append(took)
+            ratios[name].append(reference / took)
+        sent, started = ratios[parts[2][0]][-1], ratios[parts[3][0]][-1]
+        floors.append(1 / (1 / sent + 1 / started))
+
+    def spread(values, digits):
+        values = sorted(values)
+        return "%.*f (%.*f-%.*f)" % (digits, values[len(values) // 2], digits, values[0], digits, values[-1])
+    print("%s over %s (%d files, %d frames), %d runs; the median (min-max):"
+          % (args.stream, tree, len(files), frames[0], args.runs))
+    print("  %-66s %s s" % ("reference: json.loads of every line, one loop", spread(references, 2)))
+    for name, _ in parts:
+        print("  %-66s %s s  reference/this %s" % (name, spread(seconds[name], 2), spread(ratios[name], 2)))
+    print("  %-66s %s" % ("so at most (the history sent, and a client started): reference/this",
+                          spread(floors, 2)))
 
 
 def instructions(args):

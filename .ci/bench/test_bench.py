@@ -92,11 +92,14 @@ class Pipeline(unittest.TestCase):
             root = os.path.join(tmp, "projects")
             stats = gentree._generate(root, gentree.params_for(2, seed=5))
             out = self.pipeline("--replay", "--replay-from", root, "--runs", "1")
-        parts = re.findall(r"^  (.+?) +(\d+\.\d\d) s  reference/this (\d+\.\d\d)$", out, re.M)
-        self.assertEqual(len(parts), 6, out)
-        self.assertEqual(parts[0][2], "1.00", out)           # the reference against itself
-        self.assertIn("(CPU ", parts[2][0])
-        self.assertIn("%d frames)" % (stats["lines"] + 1), parts[3][0])     # every line, and "live"
+        figure = r"(\d+\.\d\d) \(\d+\.\d\d-\d+\.\d\d\)"
+        parts = re.findall(r"^  (.+?) +%s s  reference/this %s$" % (figure, figure), out, re.M)
+        self.assertEqual([name for name, _, _ in parts][1:3], ["the server's history path, no socket: its CPU",
+                                                               "the same sending every frame over loopback TCP: its CPU"], out)
+        self.assertEqual(len(parts), 4, out)
+        self.assertTrue(all(float(ratio) > 0 for _, _, ratio in parts), out)
+        self.assertIsNotNone(re.search(r"^  so at most .*reference/this +%s$" % figure, out, re.M), out)
+        self.assertIn("%d frames)" % (stats["lines"] + 1), out)     # every line, and "live"
 
 
 class Trees(unittest.TestCase):
