@@ -1301,28 +1301,6 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOL
                | getattr(os, "O_CLOEXEC", 0))
 
 
-def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
-                    ours: bool = False) -> Any:
-    """``open_regular_fd``'s descriptor as an unbuffered binary file."""
-    return os.fdopen(open_regular_fd(path, identity, follow, ours), "rb", buffering=0)
-
-
-def read_regular(path: str, identity: Optional[Tuple[int, int]], offset: int, size: int) -> bytes:
-    """Up to ``size`` bytes at ``offset`` of the file examined as ``identity``: a
-    history read, one a block, so without a file object or a seek (pread)."""
-    fd = open_regular_fd(path, identity)
-    try:
-        if _PREAD is not None:
-            return _PREAD(fd, size, offset)
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
-
-
-_PREAD = getattr(os, "pread", None)         # POSIX; elsewhere a seek and a read
-
-
 def open_regular_fd(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
                     ours: bool = False) -> int:
     """Open a file found on disk to read, without ever blocking or following a link.
@@ -1347,6 +1325,33 @@ def open_regular_fd(path: str, identity: Optional[Tuple[int, int]] = None, follo
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_regular(path: str, identity: Optional[Tuple[int, int]] = None, follow: bool = False,
+                    ours: bool = False) -> Any:
+    """``open_regular_fd``'s descriptor as an unbuffered binary file."""
+    fd = open_regular_fd(path, identity, follow, ours)
+    try:
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str, identity: Optional[Tuple[int, int]], offset: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` of the file examined as ``identity``: a
+    history read, one a block, so without a file object or a seek (pread)."""
+    fd = open_regular_fd(path, identity)
+    try:
+        if _PREAD is not None:
+            return _PREAD(fd, size, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+_PREAD = getattr(os, "pread", None)         # POSIX; elsewhere a seek and a read
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -9586,7 +9591,7 @@ class ClientApp:
         a path with an escape included (the general path).
         """
         head = _ENTRY_HEAD.match(data)
-        # (find, not "in": bytes' "in" tries the argument as an int first, an exception a call)
+        # find, not "in": bytes' "in" first tries its argument as an int (a TypeError made each call)
         if head is None or data.find(b"\n") >= 0 or not data.endswith(b"}") or data.find(b',"entry":') < 0:
             return False            # another kind or shape; or a line break that would split the NDJSON line
         path = head.group(1).decode("utf-8")
