@@ -3294,8 +3294,10 @@ class PageTests(ProjectTreeTestCase):
         browser.wait("document.querySelectorAll('li.session').length === 1", "the session")
         self.assertEqual(browser.js("claudeStream.registry"), False)
         tokens = "document.querySelector('li.session .tokens')"
-        # The server's own count of it (its usage message), with the model it names (none: no price).
-        browser.wait(tokens + ".textContent.endsWith('7 in · 3 out')", "the server's count")
+        # The server's own count of it (its usage message), with the model it names (none: no price),
+        # once its history is counted: a later message of its own would replace those sent below.
+        browser.wait(tokens + ".textContent.endsWith('7 in · 3 out') && !" + tokens + ".classList.contains('counting')",
+                     "the server's count, complete")
         # A status from a server without a registry is not believed (nor is any guess made).
         browser.js("receive({kind: 'status', session: 's-1', state: 'waiting', waiting_for: 'permission prompt',"
                    " since: new Date().toISOString(), cwd: '/x', name: 'n', checked: true})")
@@ -6337,6 +6339,23 @@ class JsonClientTests(ProjectTreeTestCase):
                 app.on_message(link, cs.TextMessage(c))
             self.assertEqual((self.written(out).splitlines()[-1], link.cursors[path]), (c, 28))
         self.assertEqual(link.duplicates, 7)
+
+    def test_a_hostile_servers_raw_escape_or_newline_never_reaches_the_output(self):
+        # Valid JSON has neither raw: an entry message with an ESC (which would reach a
+        # terminal) or a newline (which would split the line), in a string or not, is refused.
+        app, link, out = self.app()
+        good = entry_text("p/a.jsonl", 0, '{"type":"user","t":"\\u001b[2J"}')
+        for offset, raw in enumerate(("\x1b[2J", "\x1b]52;c;QQ==\x07", "\n", "\x1b")):
+            bad = entry_text("p/b.jsonl", offset * 40, '{"type":"user","t":"%s"}' % raw)
+            app.on_message(link, cs.TextMessage(bad))
+            app.on_message(link, cs.TextMessage(bad.replace('"t":"', '"t":1,' + raw + '"u":"')))
+        app.on_message(link, cs.TextMessage(good))
+        written = self.written(out)
+        self.assertEqual(written, good + "\n")
+        self.assertNotIn("p/b.jsonl", link.cursors)
+        tabbed = entry_text("p/c.jsonl", 0, '{"type":"user",\t\r"t":1}')   # JSON's own whitespace: as is
+        app.on_message(link, cs.TextMessage(tabbed))
+        self.assertEqual(self.written(out), written + tabbed + "\n")
 
     def test_gathered_output_is_written_at_the_gather_limit_within_a_read(self):
         app, link, out = self.app()
