@@ -4351,10 +4351,14 @@ class KeyHashes:
     def __init__(self, capacity: int) -> None:
         self.generation = capacity // 2     # keys per table; 0: nothing is remembered
         self.forgotten = 0
-        self._current = array.array("q", [0]) * self.FIRST_SLOTS
-        self._tables = (self._current,)     # the current, and the previous generation once there is one
         self._current_count = self._previous_count = 0
-        self._room = min(self.generation, len(self._current) // 2)     # keys the current takes: at most half full
+        self._use((array.array("q", [0]) * self.FIRST_SLOTS,))
+
+    def _use(self, tables: Tuple["array.array[int]", ...]) -> None:
+        """Look in ``tables``, the current first (then the previous generation, once there
+        is one), and add to the current while it has room: at most half full."""
+        self._tables, self._current = tables, tables[0]
+        self._room = min(self.generation, len(tables[0]) // 2)
 
     @property
     def count(self) -> int:
@@ -4396,9 +4400,7 @@ class KeyHashes:
         if self._current_count >= self.generation:
             self.forgotten += self._previous_count
             self._previous_count, self._current_count = self._current_count, 0
-            self._tables = (array.array("q", [0]) * self.FIRST_SLOTS, self._current)
-            self._current = self._tables[0]
-            self._room = min(self.generation, len(self._current) // 2)
+            self._use((array.array("q", [0]) * self.FIRST_SLOTS, self._current))
             return self._current
         old, table = self._current, array.array("q", [0]) * (2 * len(self._current))
         mask = len(table) - 1
@@ -4408,9 +4410,7 @@ class KeyHashes:
                 while table[i]:
                     i = (i + 1) & mask
                 table[i] = kept
-        self._current = table
-        self._tables = (table,) + self._tables[1:]
-        self._room = min(self.generation, len(self._current) // 2)
+        self._use((table,) + self._tables[1:])
         return table
 
 
@@ -5514,11 +5514,7 @@ class Feed:
                     used += read
                     complete = not scanning
                     break
-                key = ready[0].sort_key
-                if key:
-                    backlog.last_key = key  # as sort_key() does, without its call
-                else:
-                    key = backlog.sort_key()
+                key = backlog.sort_key()
                 if used >= budget or unsent >= low_water or (top is not None and (
                         top[0] < key or (top[0] == key and top < (key, backlog.taken, rank, rel)))):
                     heapq.heappush(heads, (key, backlog.taken, rank, rel))
@@ -9600,8 +9596,7 @@ class ClientApp:
                 or data.find(b"\n") >= 0 or data.find(b"\x1b") >= 0:
             return False
         path = head.group(1).decode("utf-8")
-        if not self._track(link, {"kind": "entry", "path": path, "offset": int(head.group(2)),
-                                  "next": int(head.group(3))}):
+        if not self._advance(link, path, int(head.group(2)), int(head.group(3))):
             return True             # a line we already have: never written twice
         self._write(data + b"\n")
         self._acknowledge(link, path)
@@ -9625,6 +9620,12 @@ class ClientApp:
         after, offset = msg.get("next"), msg.get("offset")
         if not isinstance(after, int) or not isinstance(offset, int):
             return True
+        return ClientApp._advance(link, path, offset, after)
+
+    @staticmethod
+    def _advance(link: ClientLink, path: str, offset: int, after: int) -> bool:
+        """A line of ``path`` from ``offset`` to ``after``: the cursor moves past it, or,
+        below the cursor, it is one we already have (False: never shown twice)."""
         if offset < link.cursors.get(path, 0):
             link.duplicates += 1
             return False
