@@ -227,6 +227,12 @@ def replay_stream(args, tree, stats, quiet=60.0):
         count, tail, first, live_at, done_at, nbytes = 0, b"", None, None, None, 0
         last = time.monotonic()
         keep = max(len(ENTRY), len(LIVE)) - 1
+        # This reader shares the 2 cores with the server and the client, so it reads
+        # into one buffer and counts there. A new 1 MB bytes per read, copied again to
+        # join the previous tail, cost 0.37 to 0.96 s of CPU over the 452 MB of a
+        # replay (system time faulting in fresh buffers), against 0.24 to 0.26 s now.
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
         while True:
             ready, _, _ = select.select([fd], [], [], 1.0)
             now = time.monotonic()
@@ -234,20 +240,20 @@ def replay_stream(args, tree, stats, quiet=60.0):
                 if now - last > quiet:
                     break
                 continue
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
+            got = os.readv(fd, [buf])
+            if not got:
                 break
             last = now
-            nbytes += len(chunk)
-            data = tail + chunk
-            found = data.count(ENTRY)
+            nbytes += got
+            seam = tail + bytes(view[:min(keep, got)])     # a message cut between two reads
+            found = buf.count(ENTRY, 0, got) + seam.count(ENTRY)
             if found:
                 count += found
                 if first is None:
                     first = now - t0
-            if live_at is None and LIVE in data:
+            if live_at is None and (buf.find(LIVE, 0, got) >= 0 or LIVE in seam):
                 live_at = now - t0
-            tail = data[-keep:]
+            tail = seam[-keep:] if got < keep else bytes(view[got - keep:got])
             if count >= stats["lines"]:
                 done_at = now - t0
                 break
