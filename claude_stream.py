@@ -160,6 +160,9 @@ TICK_READ_BUDGET = 128 << 10         # bytes read from all files per loop tick; 
                                     # LIVE_OUTPUT_CAP, so one tick never trips a fast client
 MAX_LINE_BYTES = 64 << 20           # longer lines are reported, not delivered
 MAX_JSON_DEPTH = 200                # deeper nesting is malformed (real entries nest < 20)
+DEPTH_WALK_MAX_BYTES = 256 << 10    # lines up to this have their depth checked on the decoded
+                                    # object (a list per level: 16 bytes an object at most, for
+                                    # a moment); longer ones by counting their brackets
 ENVELOPE_DEPTH = 1                  # the levels a message adds around its entry (for the client)
 JSON_TEXT_CACHE_SIZE = 4096         # encoded paths and ids kept for envelopes
 JSON_TEXT_CACHE_MAX_CHARS = 256     # ... if they are no longer than this
@@ -988,15 +991,11 @@ def _reject_constant(name: str) -> None:
 
 
 _LINE_DECODER = json.JSONDecoder(parse_constant=_reject_constant)   # built once, not per line
-_NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
 
 
 def _nested_deeper(obj: Any, limit: int) -> bool:
     """Whether containers nest deeper than ``limit`` in a decoded line, walking its
-    containers a level at a time. Asked only of lines with many brackets; most of
-    those have few containers (the brackets are in a tool result's text), so this
-    costs a fraction of a scan of the bytes for brackets outside strings, which
-    cost as much as decoding them and was the biggest cost of a replay."""
+    containers a level at a time: exact, and asked only of lines ``_shallow`` cannot clear."""
     level = [obj]
     for _ in range(limit):
         level = [value for container in level
@@ -1007,6 +1006,30 @@ def _nested_deeper(obj: Any, limit: int) -> bool:
     return True
 
 
+_REFERENTS = gc.get_referents
+_NOT_OPENING = bytes(b for b in range(256) if b not in b"[{")
+
+
+def _shallow(obj: Any, limit: int) -> bool:
+    """Whether a decoded line certainly nests no deeper than ``limit``: a level of its
+    values per call, walked in C by gc.get_referents (a dict's values, a list's items;
+    a string or a number has none), so the level after the deepest is empty.
+
+    Just decoded, the object is still in the cache, and this costs half of what
+    counting the line's brackets does, a pass over every byte that was a tenth
+    of a replay; on a long line of small values, the lists of a level would cost
+    more memory than the count (see DEPTH_WALK_MAX_BYTES). A leaf container that a
+    traversal skipped (none does today; the documentation allows it) could hide
+    one level: hence ``limit - 1``.
+    """
+    level = [obj]
+    for _ in range(limit - 1):
+        level = _REFERENTS(*level)
+        if not level:
+            return True
+    return False
+
+
 def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
     """The JSON object on one line, or MalformedLine saying briefly why not.
 
@@ -1015,7 +1038,7 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
     Nesting deeper than ``max_depth`` is malformed: Python's own limit depends on
     its version (3.13 parses what 3.8 cannot), so one fixed limit lets every client
     read what the server forwards. A line too deep for this Python's decoder stops
-    it with RecursionError; one it parsed is checked after, if it has the brackets.
+    it with RecursionError; one it parsed is checked after, if long enough to be.
     """
     try:
         text = data.decode("utf-8")
@@ -1042,9 +1065,11 @@ def decode_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Dict[str, Any]:
             raise MalformedLine(reason) from None
         if not isinstance(obj, dict):
             raise MalformedLine("a JSON %s, not an object" % type(obj).__name__)
-    if len(data) > 2 * max_depth and len(data.translate(None, _NOT_OPENING)) > max_depth \
-            and _nested_deeper(obj, max_depth):     # one pass for the openers, not a count of each
-        raise MalformedLine(_too_deep(max_depth))
+    if len(data) > 2 * max_depth:
+        cleared = _shallow(obj, max_depth) if len(data) <= DEPTH_WALK_MAX_BYTES else \
+            len(data.translate(None, _NOT_OPENING)) <= max_depth      # fewer openers than levels
+        if not cleared and _nested_deeper(obj, max_depth):
+            raise MalformedLine(_too_deep(max_depth))
     return obj
 
 

@@ -256,9 +256,9 @@ class DecodeLineTests(unittest.TestCase):
             self.assertIn(reason, str(caught.exception))
 
     def test_the_depth_limit_is_exact_whatever_the_length_of_the_line(self):
-        # Nesting is checked after decoding, and only for lines longer than 2 * max_depth
-        # with more than max_depth openers: the shortest line one level too deep (one
-        # opener per level, every opener a container) must still be refused.
+        # Nesting is checked after decoding, and only for lines longer than 2 * max_depth:
+        # the shortest line one level too deep (one opener per level, every opener a
+        # container) must still be refused.
         def nested(depth, key=b'""'):       # the shortest object-rooted line of this depth
             inner = b"[" * (depth - 1) + b"]" * (depth - 1) if depth > 1 else b"1"
             return b"{" + key + b":" + inner + b"}"
@@ -283,6 +283,40 @@ class DecodeLineTests(unittest.TestCase):
         self.assertEqual(len(cs.decode_line(wide.replace(b"[" * 199, b"[" * 198, 1)
                                             .replace(b"]" * 199, b"]" * 198, 1))["x"]), 501)
 
+    def test_the_quick_depth_check_clears_real_entries_and_never_a_deep_line(self):
+        # _shallow walks a decoded line in C (gc.get_referents) and clears most lines;
+        # what it cannot clear goes to the exact walk. Were it to clear a line that is
+        # too deep, the limit would leak; were it to clear nothing, every line would
+        # pay for the exact walk.
+        limit = cs.MAX_JSON_DEPTH
+        real = json.loads(json.dumps({
+            "type": "assistant", "uuid": "u", "sessionId": "s", "timestamp": "2026-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": [
+                {"type": "text", "text": "x" * 500},
+                {"type": "tool_use", "id": "t", "name": "Edit",
+                 "input": {"edits": [{"old": "a", "new": "b"}] * 20, "opts": {"a": [[[1]]]}}}],
+                "usage": {"input_tokens": 1, "cache_creation": {"ephemeral_5m_input_tokens": 0}}},
+            "toolUseResult": {"structuredPatch": [{"lines": ["-a", "+b"]}], "deep": json.loads("[" * 190 + "]" * 190)}}))
+        self.assertTrue(cs._shallow(real, limit))
+        def depth_of(obj):                  # levels of containers, the top one included
+            level, levels = [obj], 0
+            while level:
+                levels += 1
+                level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)
+                         if isinstance(v, (dict, list))]
+            return levels
+        for leaf in ("1", '"s"', "[]", "{}", "[1]", '{"x":1}', '[[],{"y":[]}]'):
+            for depth in (1, 2, limit - 3, limit - 2, limit - 1, limit, limit + 1, limit + 2, 3 * limit):
+                for wrap in ("[%s]", '{"a":%s}', '[1,{"b":2},%s]'):
+                    text = leaf
+                    for _ in range(depth):
+                        text = wrap % text
+                    obj = json.loads(text)
+                    if cs._shallow(obj, limit):
+                        self.assertFalse(cs._nested_deeper(obj, limit), (leaf, depth, wrap))
+                    if depth_of(obj) <= limit - 2:  # all but the last two levels: cleared
+                        self.assertTrue(cs._shallow(obj, limit), (leaf, depth, wrap))
+
     def test_a_line_too_deep_for_this_pythons_decoder_has_the_same_reason(self):
         # 100,000 levels stop 3.8's and 3.11's decoders with RecursionError (3.13 may
         # decode them): the same MalformedLine either way, never the RecursionError.
@@ -296,7 +330,10 @@ class DecodeLineTests(unittest.TestCase):
         self.assertEqual(cs.decode_line(b'{"type":"user"}'), {"type": "user"})   # nothing left behind
 
     def test_brackets_inside_strings_never_count(self):
-        text = "[[[[{{{{" * 12500                   # 100 KB of openers, all in strings
+        for size in (100000, 2 * cs.DEPTH_WALK_MAX_BYTES):  # the decoded object walked; the brackets counted
+            self._brackets_inside_strings_never_count("[[[[{{{{" * (size // 8))
+
+    def _brackets_inside_strings_never_count(self, text):
         for data in (json.dumps({"type": "user", "x": text}).encode(),
                      json.dumps({"type": "user", text[:300]: [text, {"y": text}]}).encode(),
                      json.dumps({"type": "user", "x": "\\\"" + text + "\\"}).encode(),
