@@ -1816,6 +1816,12 @@ class NoLossTests(unittest.TestCase):
         got = [e["uuid"] for e in self.replay(cursors={"-p/abcd1234/": 0,       # the page's "load earlier"
                                                         "-p/abcd1234/subagents/agent-x2.jsonl": 0})]
         self.assertEqual(sorted(got), ["u-10", "u-11", "u-20", "u-21"])
+        # A folder is a whole part of the path, at any depth; looked up, not tried key by key.
+        folders = {"-p/abcd1234/", "-q/"}
+        for rel, start in (("-p/abcd1234/subagents/agent-x.jsonl", 0), ("-p/abcd1234/s.jsonl", 0),
+                           ("-q/s.jsonl", 0), ("-p/abcd12345/s.jsonl", None), ("-p/s.jsonl", None),
+                           ("-qq/s.jsonl", None), ("x-q/s.jsonl", None)):
+            self.assertEqual(cs.folder_cursor(folders, rel), start, rel)
 
     def test_history_holds_long_lines_and_filters_by_working_directory(self):
         big = "z" * (600 << 10)             # longer than any catch-up read block
@@ -2193,6 +2199,29 @@ class CatchUpMergeTests(TailerTestCase):
         if budget <= 100:
             self.assertGreater(steps, 20)         # the merge spans many steps
         return [e for e in got if isinstance(e, tuple)], order
+
+    def test_untimed_lines_held_for_a_window_are_bounded_in_bytes_the_latest_kept(self):
+        # 40 untimed lines of 100 KB, then one in the window: only the latest of them fit
+        # max_held_bytes (with the latest whatever its size), not 4 MB per file and client.
+        root = tempfile.mkdtemp(dir=self.tmp.name)
+        os.makedirs(os.path.join(root, "p"))
+        lines = [json.dumps({"type": "summary", "uuid": "s-%d" % i, "pad": "x" * 100000}) for i in range(40)]
+        lines.append(json.dumps({"type": "user", "uuid": "timed", "timestamp": iso(time.time())}))
+        append(os.path.join(root, "p", "s.jsonl"), "".join(l + "\n" for l in lines))
+        tailer = self.make_tailer([root], cs.DEFAULT_LIMITS)
+        self.poll(tailer)
+        feed = cs.Feed(cs.DEFAULT_LIMITS, tailer.log)
+        decoder = cs.Connection(cs.Side.CLIENT, 1 << 30)
+        got = decoded_entries(feed.subscribe(cs.Subscription(cs.Filters(), since=time.time() - 3600),
+                                             tailer.files.values(), acknowledge=False), decoder)
+        most = 0
+        while feed.phase is not cs.Phase.LIVE:
+            most = max([most] + [b.held_bytes for b in feed.backlog.values()])
+            got += decoded_entries(feed.step(cs.DEFAULT_LIMITS.catchup_tick_budget, 0)[0], decoder)
+        self.assertLessEqual(most, cs.MAX_HELD_BYTES)
+        kept = cs.MAX_HELD_BYTES // len(lines[0] + "\n")
+        self.assertEqual([e[2] for e in got if isinstance(e, tuple)],
+                         ["s-%d" % i for i in range(40 - kept, 40)] + ["timed"])
 
     def test_ties_take_turns_in_the_backlogs_order_whatever_the_budget(self):
         # Four files, three times with three lines each of every file: the files take
