@@ -425,18 +425,21 @@ class OperationalError(Exception):
     """A failure the user must act on (port in use, cannot connect): exit 1."""
 
 
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
+# C0, DEL, C1; and the bidi embeddings, overrides and isolates, which reorder what
+# follows them on the line ("Trojan Source": a command shown otherwise than it reads).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _show_control(match: "re.Match[str]") -> str:
     code = ord(match.group())
     if code < 0x20:
         return chr(0x2400 + code)       # the Control Pictures block: NUL is \u2400, ESC \u241b
-    return "\u2421" if code == 0x7F else "\\x%02x" % code
+    return "\u2421" if code == 0x7F else "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
 
 
 def visible(text: str) -> str:
-    """``text`` with every C0, DEL and C1 control character shown instead of obeyed.
+    """``text`` with every C0, DEL and C1 control character, and every bidi control that
+    reorders the rest of a line, shown instead of obeyed.
 
     Transcripts hold fetched web pages and command output, and a peer can send
     anything: an ESC that reached a terminal could set its title, write the
@@ -9441,6 +9444,17 @@ class ClientState:
             log.warn("--state: cannot write %s: %s" % (self.path, exc.strerror or exc), key="state")
 
 
+_C1_OR_DEL = re.compile(b"\x7f|\xc2[\x80-\x9f]")     # DEL, and U+0080-U+009F in UTF-8
+
+
+def escape_c1(data: bytes) -> bytes:
+    """JSON text with raw DEL and C1 controls as \\u escapes: the same JSON (they can
+    only be in its strings), and nothing a terminal could take for a control."""
+    if data.find(b"\x7f") < 0 and data.find(b"\xc2") < 0:
+        return data
+    return _C1_OR_DEL.sub(lambda m: b"\\u%04x" % m.group()[-1], data)
+
+
 class ClientApp:
     """The ``client`` command: one or more links, output to stdout."""
 
@@ -9461,6 +9475,9 @@ class ClientApp:
         self.reconnect = reconnect
         self.log = log
         self.out = out if out is not None else sys.stdout
+        # --json to a terminal: the C1 controls and DEL that JSON leaves raw in a string
+        # (U+009B is a CSI to some terminals) go out as \u escapes; to a pipe, as they came.
+        self.escape_c1 = json_mode and self.out.isatty()
         color = self.out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
         self.renderer = Renderer(color=color, width=self.terminal_width(), clock=loop.time)
         self.alerts: Optional[Alerts] = None
@@ -9513,8 +9530,27 @@ class ClientApp:
         return _json(request)
 
     def start(self) -> None:
+        self._watch_reader()
         for link in self.links:
             link.connect()
+
+    def _watch_reader(self) -> None:
+        """`client | head`: when the reader of our stdout pipe goes, stop now, not at the next
+        write, which may not come for hours when nothing is written to the transcripts.
+        The write end of a pipe is never readable; epoll reports the reader's close on it
+        as an error, which selectors hands over as readable."""
+        try:
+            fd = self.out.fileno()
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return
+            self.loop.register(fd, selectors.EVENT_READ, self._reader_gone)
+        except (AttributeError, ValueError, OSError):
+            return                          # no descriptor, or a selector that cannot watch it
+
+    def _reader_gone(self, mask: int) -> None:
+        self.loop.unregister(self.out.fileno())
+        self.stopping = True
+        self.loop.stop()
 
     def _state_changed(self) -> None:
         if self.state is not None and self._state_timer is None:
@@ -9584,8 +9620,8 @@ class ClientApp:
                                   msg, message.text)
         elif self.json_mode:
             data = message.data if message.data.find(b"\n") < 0 else _json(msg)
-            self._write(data + b"\n")      # one message, one line: a raw newline
-            # between a hostile server's JSON tokens would make two
+            self._write((escape_c1(data) if self.escape_c1 else data) + b"\n")  # one message, one line:
+            # a raw newline between a hostile server's JSON tokens would make two
         if kind == "hello":
             resuming = link.resuming = link.epoch is not None
             if not resuming:
@@ -9649,7 +9685,7 @@ class ClientApp:
         path = head.group(1).decode("utf-8")
         if not self._advance(link, path, int(head.group(2)), int(head.group(3))):
             return True             # a line we already have: never written twice
-        self._write(data + b"\n")
+        self._write((escape_c1(data) if self.escape_c1 else data) + b"\n")
         self._acknowledge(link, path)
         return True
 

@@ -1728,6 +1728,19 @@ class NoLossTests(unittest.TestCase):
         self.assertEqual([json.loads(l)["entry"]["uuid"] for l in client.stdout.lines if '"entry"' in l],
                          ["u-38", "u-39", "u-40"])
 
+    def test_client_stops_when_the_reader_of_its_output_goes_even_with_nothing_new_to_write(self):
+        # `client | head -2`: head exits; the client must too, not at its next write, which
+        # waits for a line written to a transcript (an idle session: hours).
+        append(self.path(0), entry_line(0) + entry_line(1))
+        server = ServerProcess(self, [self.root])
+        proc = subprocess.Popen([sys.executable, MODULE, "client", server.url, "--json", "--since", "all"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        while b'"kind":"live"' not in proc.stdout.readline():
+            pass
+        proc.stdout.close()                 # the reader goes; no transcript line is written after
+        self.assertEqual(proc.wait(DEADLINE), 0)
+
     def test_untimed_lines_after_old_ones_are_not_in_a_window_whatever_the_files_mtime(self):
         # A tree copied today: every mtime is new, but the entries are from last year.
         append(self.path(0), entry_line(0, uuid="old", timestamp="2025-06-01T10:00:00Z")
@@ -4911,9 +4924,9 @@ class UsageTests(unittest.TestCase):
 # Hardening: nothing a transcript, a file or a peer sends can hurt the user
 # =============================================================================
 
-ESCAPES = "\x1b]52;c;cHduZWQ=\x07\x1b]0;owned\x07\x1b[2J\x1b[8m\x1b[?25l\x9b31m\x7f\x00\r"
+ESCAPES = "\x1b]52;c;cHduZWQ=\x07\x1b]0;owned\x07\x1b[2J\x1b[8m\x1b[?25l\x9b31m\x7f\x00\r\u202esl\u2066"
 OUR_COLOURS_RE = re.compile(r"\x1b\[(?:%s)m" % "|".join(sorted(set(cs.ANSI.values()) | {"0"})))
-CONTROL_RE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")     # all but the newline
+CONTROL_RE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")   # all but the newline
 
 
 def hostile_messages():
@@ -6422,6 +6435,24 @@ class JsonClientTests(ProjectTreeTestCase):
         tabbed = entry_text("p/c.jsonl", 0, '{"type":"user",\t\r"t":1}')   # JSON's own whitespace: as is
         app.on_message(link, cs.TextMessage(tabbed))
         self.assertEqual(self.written(out), written + tabbed + "\n")
+
+    def test_to_a_terminal_c1_controls_and_del_go_out_escaped_to_a_pipe_as_they_came(self):
+        # JSON leaves U+0080-U+009F and DEL raw in a string, and U+009B is a CSI to some
+        # terminals: --json to a terminal writes them as \u escapes (the same JSON).
+        raw = '{"type":"user","t":"\u009b2J \u009d0;title\u009c \u007f \u00e9 \u00c2"}'
+        for tty in (False, True):
+            app, link, out = self.app()
+            app.escape_c1 = tty                 # what a terminal on stdout sets
+            first = entry_text("p/a.jsonl", 0, raw)
+            second = entry_text("p/a.jsonl", 99, raw).replace('"kind":"entry"', '"kind": "entry"')  # the general way
+            for text in (first, second):
+                app.on_message(link, cs.TextMessage(text))
+            written = self.written(out).splitlines()
+            self.assertEqual([json.loads(l) for l in written], [json.loads(first), json.loads(second)])
+            controls = [c for l in written for c in l if "\x7f" <= c <= "\x9f"]
+            self.assertEqual(len(controls), 0 if tty else 8, tty)
+            self.assertEqual(written[0].count("\\u009b"), 1 if tty else 0)
+        self.assertFalse(self.app()[0].escape_c1)     # a file on stdout: not a terminal
 
     def test_gathered_output_is_written_at_the_gather_limit_within_a_read(self):
         app, link, out = self.app()
