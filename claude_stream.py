@@ -449,6 +449,16 @@ def visible(text: str) -> str:
     return _CONTROL_RE.sub(_show_control, text)
 
 
+def peer_value(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A value a peer sent, for a log line: its repr, cut (a peer's 8 MB path is not
+    logged whole), a container by its type."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("\u2026 (%d characters)" % len(value) if len(value) > limit else "")
+    if isinstance(value, (dict, list)):
+        return "a JSON %s" % ("object" if isinstance(value, dict) else "array")
+    return repr(value)[:limit]
+
+
 class RateLimit:
     """A token bucket: ``burst`` at once, then ``rate`` a second."""
 
@@ -2557,9 +2567,8 @@ class Connection:
                  state: State = State.OPEN, head_limit: int = MAX_HEAD_BYTES,
                  max_headers: int = MAX_HEADERS):
         self.side = side
-        self.max_message_size = max_message_size
-        # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
-        self.message = MessageAssembler(max_message_size, max(min_fragments, max_message_size // 64))
+        self.min_fragments = min_fragments
+        self.allow_messages(max_message_size)
         self.frame_copy_max = frame_copy_max
         self.mask_source = mask_source
         self.state = state
@@ -2574,6 +2583,13 @@ class Connection:
         self._out_size = 0
         # a text frame whose payload is still arriving: validated as it comes
         self._partial_fed = 0
+
+    def allow_messages(self, max_message_size: int) -> None:
+        """Messages of up to this size, from now on (before any arrives: a hub's /push end
+        takes a box's lines, as long as any its client takes)."""
+        self.max_message_size = max_message_size
+        # Enough for any message cut into 64-byte fragments (Autobahn 9.3 and 9.4 do).
+        self.message = MessageAssembler(max_message_size, max(self.min_fragments, max_message_size // 64))
 
     # --- output -------------------------------------------------------------
 
@@ -5056,12 +5072,16 @@ class RequestPolicy:
         return path, query
 
     def route(self, request: HttpHead, path: str, query: str, clients: int,
-              status: Callable[[], Dict[str, Any]], now: float) -> Union[Upgrade, Answer]:
-        """Rules 3 and 4, for an admitted request: what it gets; HandshakeError for a refusal."""
+              status: Callable[[], Dict[str, Any]], now: float, pushes: int = 0) -> Union[Upgrade, Answer]:
+        """Rules 3 and 4, for an admitted request: what it gets; HandshakeError for a refusal.
+        Boxes pushing and clients reading have caps of their own: a push token cannot
+        take the places of the readers."""
         method = request.start[0]
         if is_upgrade_request(request):
             key = check_upgrade_request(request)
             if path == PUSH_PATH and self.push_token is not None:
+                if pushes >= self.limits.max_pushes:
+                    raise self.busy("too many boxes pushing (%d)" % self.limits.max_pushes)
                 return Upgrade(key, None, push=True)
             if path != "/":
                 raise HandshakeError(404, "the WebSocket endpoint is /")
@@ -6048,6 +6068,26 @@ def _has_input(session: "ServerSession") -> bool:
         return False
 
 
+BOX_STATUS_TEXT_MAX = 256           # a box's status field (a name, a cwd, ...) is cut to this ...
+BOX_STATUS_NEEDS_MAX = 1024         # ... what a session needs (a command to approve) to this
+BOX_STATUS_BYTES = 4 << 20          # the live statuses of all boxes, as messages, at most
+BOXES_MAX = 1024                    # boxes a hub lists: the connected ones, and those gone latest
+
+
+def box_status_fields(msg: Dict[str, Any], host: str) -> Dict[str, Any]:
+    """A box's ``status`` as the hub relays it: a status's fields (status_message's), of
+    their types, each text cut to its limit, whatever else a box sends."""
+    def text(key: str, limit: int = BOX_STATUS_TEXT_MAX) -> Optional[str]:
+        value = msg.get(key)
+        return (value if len(value) <= limit else value[:limit - 1] + "\u2026") if isinstance(value, str) else None
+    pid = msg.get("pid")
+    return {"kind": "status", "host": host, "session": msg.get("session"), "project": text("project"),
+            "path": text("path"), "state": text("state"), "waiting_for": text("waiting_for"),
+            "since": text("since"), "pid": pid if type(pid) is int and abs(pid) < 1 << 62 else None,
+            "name": text("name"), "cwd": text("cwd"), "entrypoint": text("entrypoint"), "mode": text("mode"),
+            "checked": msg.get("checked") is not False, "needs": text("needs", BOX_STATUS_NEEDS_MAX)}
+
+
 class BoxStatus:
     """A hub's view of its boxes: the live sessions each said, relayed with its host
     (the registry lives on the box; the hub never checks a pid of another machine),
@@ -6058,28 +6098,37 @@ class BoxStatus:
                  limits: Limits):
         self.subscribers, self.wall, self.limits = subscribers, wall, limits
         self.live: Dict[Tuple[str, str], Tuple[Dict[str, Any], bytes, MessageMeta]] = {}
+        self.live_bytes = 0                         # their frames' sizes, within BOX_STATUS_BYTES
         self.said: Dict[str, Set[str]] = {}         # host -> sessions said since it connected
         self.boxes: Dict[str, Dict[str, Any]] = {}  # host -> {"connected": bool, "since": ISO time}
         self.hub = False                            # this server mirrors boxes
 
     def status(self, host: str, msg: Dict[str, Any]) -> None:
         session = msg.get("session")
-        if not isinstance(session, str):
+        if not isinstance(session, str) or len(session) > BOX_STATUS_TEXT_MAX:
             return
-        msg = dict(msg, host=host)
+        msg = box_status_fields(msg, host)
         msg["path"] = host + "/" + msg["path"] if mirror_parts(msg.get("path")) else None
         where = "\n".join(v for v in (msg.get("project"), msg.get("cwd")) if isinstance(v, str))
         frame, meta = text_frame(_json(msg)), MessageMeta(where, (session,), None, host)
         self.said.setdefault(host, set()).add(session)
-        if msg.get("state") == "ended":
-            self.live.pop((host, session), None)
-        elif (host, session) in self.live or len(self.live) < self.limits.registry_max_records:
+        held = self.live.pop((host, session), None)
+        if held is not None:
+            self.live_bytes -= len(held[1])
+        if msg.get("state") != "ended" and len(self.live) < self.limits.registry_max_records \
+                and self.live_bytes + len(frame) <= BOX_STATUS_BYTES:
             self.live[(host, session)] = (msg, frame, meta)
+            self.live_bytes += len(frame)
         send_notice(self.subscribers, frame, meta)
 
     def link(self, host: str, up: bool) -> None:
-        """A box's link is live (its snapshot is in) or down."""
+        """A box's link is live (its snapshot is in) or down. Of the boxes gone, the ones
+        gone longest are forgotten beyond ``BOXES_MAX``: every hello lists them."""
+        self.boxes.pop(host, None)          # latest last
         self.boxes[host] = {"connected": up, "since": iso_now(self.wall)}
+        if len(self.boxes) > BOXES_MAX:
+            for gone in [h for h, box in self.boxes.items() if not box["connected"]][:len(self.boxes) - BOXES_MAX]:
+                del self.boxes[gone]
         send_notice(self.subscribers, text_frame(_json(dict({"kind": "box", "host": host}, **self.boxes[host]))),
                     MessageMeta("", (), None, host))
         if not up:
@@ -6232,8 +6281,8 @@ class StreamServer:
     def route(self, session: ServerSession, request: HttpHead) -> None:
         path, query = self.policy.admit(request)
         self.pending.pop(session, None)     # authenticated: no longer among those pushed out
-        decision = self.policy.route(request, path, query, len(self.subscribers) + len(self.pushes),
-                                     self.status, self.wall())
+        decision = self.policy.route(request, path, query, len(self.subscribers), self.status, self.wall(),
+                                     len(self.pushes))
         if isinstance(decision, Answer):
             session.respond(decision.response)
             return
@@ -6245,6 +6294,8 @@ class StreamServer:
             peer = session.stream.sock.getpeername() if session.stream is not None else "?"
             session.url = "a box pushing from %s" % (peer,)
             session.failures = 0
+            if session.ws is not None:      # its lines, as long as a pulled box's
+                session.ws.allow_messages(self.limits.max_server_message)
             self.pushes[session] = None
             return
         assert decision.subscription is not None
@@ -9789,6 +9840,8 @@ class ClientApp:
 # file's size says what it has, a torn last line cut back first.
 
 MIRROR_ASIDE = ".reset-"            # a copy the box reset is kept as <file>.reset-<n>
+MIRROR_BLANKS_MAX = 64 << 10        # a hole up to this is written as blanks; a longer one is a
+                                    # sparse run of zero bytes (no memory, no disk, one call)
 MIRROR_OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
                      | getattr(os, "O_CLOEXEC", 0))     # appends only, never through a link
 
@@ -9814,6 +9867,10 @@ def cut_torn_tail(path: str) -> int:
 
 class MirrorWriteFailed(Exception):
     """A copy could not be written: the box's link is dropped, to resume from the copy later."""
+
+
+class MirrorRefused(Exception):
+    """What a box sent cannot be true of a transcript: the link is closed (1008)."""
 
 
 class MirrorApp:
@@ -9879,6 +9936,11 @@ class MirrorApp:
             del self.hosts[link]            # what it sends until it is gone is not taken
             self.on_host(host, False)
             link.close(CloseCode.INTERNAL_ERROR, "the hub cannot write its copy")
+        except MirrorRefused as exc:
+            self.log.warn("mirror: %s: %s; its link is closed" % (host, exc), key="mirror")
+            del self.hosts[link]
+            self.on_host(host, False)
+            link.close(CloseCode.POLICY_VIOLATION, "not a transcript's offsets")
 
     def _take(self, link: Any, host: str, kind: Any, msg: Dict[str, Any], text: str) -> None:
         if kind == "entry":
@@ -9901,21 +9963,21 @@ class MirrorApp:
             holder.close(CloseCode.POLICY_VIOLATION, "the same box connected again")
             holder = None
         if host is None or holder is not None:
-            self.log.warn("mirror: %s says it is %r: %s; not mirrored" % (
-                link.url, msg.get("host"), "another box has that name" if host else "not a usable name"),
+            self.log.warn("mirror: %s says it is %s: %s; not mirrored" % (
+                link.url, peer_value(msg.get("host")), "another box has that name" if host else "not a usable name"),
                 key="mirror")
             link.close(CloseCode.POLICY_VIOLATION, "no usable host name")
             return
         self.hosts[link] = host
         top = os.path.join(self.folder, host) + os.sep
         cursors = {p[len(top):].replace(os.sep, "/"): size for p, size in self.sizes.items() if p.startswith(top)}
-        self.log.info("mirror: %s is %s; %d files here" % (link.url, host, len(cursors)))
+        self.log.info("mirror: %s is %s; %d files here" % (link.url, host, len(cursors)), key="mirror")
         link.send_text(_json({"kind": "subscribe", "since": "all", "cursors": cursors}))
 
     def _copy(self, host: str, msg: Dict[str, Any]) -> Optional[str]:
         parts = mirror_parts(msg.get("path"))
         if parts is None:
-            self.log.warn("mirror: %s sent a path that is not a transcript's: %r" % (host, msg.get("path")),
+            self.log.warn("mirror: %s sent a path that is not a transcript's: %s" % (host, peer_value(msg.get("path"))),
                           key="mirror")
             return None
         return os.path.join(self.folder, host, *parts)
@@ -9930,17 +9992,30 @@ class MirrorApp:
         self._write(path, offset, line.encode("utf-8"))
 
     def _hole(self, host: str, msg: Dict[str, Any]) -> None:
-        """A line the box could not send whole (malformed, over the size limit): blanks of its
+        """A line the box could not send whole (malformed, over the size limit): filler of its
         length, when known, so the offsets after it stay the box's."""
         path, offset, after = self._copy(host, msg), msg.get("offset"), msg.get("next")
         if path is not None and isinstance(offset, int) and isinstance(after, int) and after > offset:
-            self._write(path, offset, b" " * (after - offset - 1))
+            self._write(path, offset, None, after)
 
-    def _write(self, path: str, offset: int, line: bytes) -> None:
+    def _write(self, path: str, offset: int, line: Optional[bytes], end: int = 0) -> None:
+        """``line`` at ``offset`` of the copy (or, with None, a hole up to ``end``), after
+        filler for the bytes before it the box did not send (blank lines, holes).
+
+        The filler is one line: blanks, or past MIRROR_BLANKS_MAX a sparse run of zero
+        bytes (which the hub reports as a malformed line or a gap, as the box did). A
+        hole longer than two of the longest lines is no transcript's: a box that says
+        so is refused, else 150 bytes from it could have the hub write a gigabyte.
+        """
         size = self.sizes.get(path, 0)
         if offset < size:
             return                          # had already (a resume's first line, say)
-        data = (b" " * (offset - size - 1) + b"\n" if offset > size else b"") + line + b"\n"
+        filler = (offset if line is not None else end) - size
+        if filler > 2 * self.limits.max_line_bytes:
+            raise MirrorRefused("a hole of %d MiB before byte %d of %s" % (filler >> 20, size + filler, path))
+        data = b" " * (filler - 1) + b"\n" if 0 < filler <= MIRROR_BLANKS_MAX else b"\n" if filler else b""
+        if line is not None:
+            data += line + b"\n"
         try:
             folder = os.path.dirname(path)
             if folder not in self.folders:  # one mkdir per folder, not one per line
@@ -9948,6 +10023,8 @@ class MirrorApp:
                 self.folders.add(folder)
             fd = os.open(path, MIRROR_OPEN_FLAGS, 0o600)
             try:
+                if filler > MIRROR_BLANKS_MAX:
+                    os.ftruncate(fd, size + filler - 1)     # zeros up to the filler's newline
                 write_all(fd, data)
             finally:
                 os.close(fd)
@@ -9956,9 +10033,12 @@ class MirrorApp:
             # later (blanks for it would lose the line). A folder removed meanwhile is made again.
             self.log.warn("mirror: cannot write %s: %s" % (path, exc.strerror or exc), key="mirror")
             self.folders.discard(os.path.dirname(path))
-            self.sizes[path] = os.path.getsize(path) if os.path.exists(path) else 0
+            try:                            # a write cut short leaves a torn line: cut back to a line's end
+                self.sizes[path] = cut_torn_tail(path) if os.path.exists(path) else 0
+            except OSError:
+                self.sizes.pop(path, None)
             raise MirrorWriteFailed(path) from None
-        self.sizes[path] = offset + len(line) + 1
+        self.sizes[path] = offset + len(line) + 1 if line is not None else end
 
     def _reset(self, host: str, msg: Dict[str, Any]) -> None:
         """The box's file starts again: the copy so far is kept aside, the file begins anew."""
@@ -10032,6 +10112,8 @@ class PushLink(ClientLink):
         if self.open:
             assert self.ws is not None
             for frame in frames:
+                if frame is LIVE_MESSAGE:
+                    self.failures = 0   # the hub has all it asked for: a working link, not a handshake
                 self.ws.send_text(frame_payload(frame))
 
 
@@ -10049,8 +10131,7 @@ class PushApp:
             link.connect()
 
     def link_up(self, link: PushLink) -> None:
-        self.log.info("pushing to %s" % link.url)
-        link.failures = 0
+        self.log.info("pushing to %s" % link.url)     # the backoff is reset once the hub is caught up
         self.server.adopt(link, Subscription(Filters(), hold=True))     # the hub's subscribe next
 
     def begin_input(self) -> None:

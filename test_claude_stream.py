@@ -6535,10 +6535,58 @@ class MirrorTests(unittest.TestCase):
             args += ["--mirror-from", url]
         return ServerProcess(self, [os.path.join(self.tmp.name, "hub-own", "projects")], *args, port=port)
 
-    def mirror_app(self):
+    def mirror_app(self, limits=cs.DEFAULT_LIMITS, log=None):
         return cs.MirrorApp(cs.EventLoop(cs.Log(stream=io.StringIO())), os.path.join(self.tmp.name, "hub"), [],
-                            cs.Log(stream=io.StringIO()), cs.DEFAULT_LIMITS, None, None,
+                            log or cs.Log(stream=io.StringIO()), limits, None, None,
                             lambda host, msg: None, lambda host, up: None)
+
+    def test_a_box_cannot_have_the_hub_write_more_than_it_sends(self):
+        # Offsets past the copy are filled (blank lines, holes the box reported), but a
+        # long hole is a sparse run of zeros, and one no transcript can have is refused.
+        log = io.StringIO()
+        app = self.mirror_app(cs.replace_fields(cs.DEFAULT_LIMITS, max_line_bytes=4 << 20),
+                              cs.Log(stream=log))
+
+        class Link:
+            url, closed = "a test link", None
+
+            def close(self, code, reason):
+                self.closed = code
+        link = Link()
+        app.hosts[link] = "box1"
+
+        def send(**fields):
+            text = json.dumps(dict({"kind": "entry", "path": "-p/s.jsonl", "host": "x"}, **fields),
+                              separators=(",", ":"))      # "entry" last, as a server frames it
+            app.on_message(link, cs.TextMessage(text))
+        copy = os.path.join(self.tmp.name, "hub", "box1", "-p", "s.jsonl")
+        send(offset=0, next=8, entry={"a": 1})
+        send(offset=3 << 20, next=(3 << 20) + 8, entry={"b": 2})     # 3 MiB the box did not send
+        self.assertEqual(os.path.getsize(copy), (3 << 20) + 8)
+        self.assertLess(os.stat(copy).st_blocks * 512, 1 << 20)      # not written: a sparse run
+        with open(copy, "rb") as fh:
+            data = fh.read()
+        self.assertEqual(data[:8], b'{"a":1}\n')
+        self.assertEqual(data[8:(3 << 20) - 1].strip(b"\0"), b"")
+        self.assertEqual(data[(3 << 20) - 1:], b'\n{"b":2}\n')
+        send(kind="malformed", offset=(3 << 20) + 8, next=(3 << 20) + 108, reason="x")  # a short hole: blanks
+        with open(copy, "rb") as fh:
+            self.assertEqual(fh.read()[(3 << 20) + 8:], b" " * 99 + b"\n")
+        # A hole of more than twice the longest line: no transcript's. The link is closed,
+        # and the copy is as it was.
+        size = os.path.getsize(copy)
+        send(offset=1 << 40, next=(1 << 40) + 8, entry={"c": 3})
+        self.assertEqual((link.closed, link in app.hosts), (cs.CloseCode.POLICY_VIOLATION, False))
+        self.assertEqual(os.path.getsize(copy), size)
+        self.assertIn("a hole of 1048572 MiB", log.getvalue())
+        # What it says is logged cut: a path of a megabyte is not written whole.
+        app.hosts[link] = "box1"
+        before = len(log.getvalue())
+        send(path="../" * 400000 + "x.jsonl", offset=0, next=8, entry={"d": 4})
+        app._hello(link, {"kind": "hello", "host": "h" * 1000000})
+        said = log.getvalue()[before:].splitlines()
+        self.assertEqual(len(said), 2, said)
+        self.assertLess(max(map(len, said)), 400)
 
     def test_the_copy_is_the_cursor_and_what_a_box_sends_is_checked(self):
         copy = os.path.join(self.tmp.name, "hub", "box1", "-p", "s.jsonl")
@@ -6618,6 +6666,66 @@ class MirrorTests(unittest.TestCase):
         self.assertEqual(int.from_bytes(data[2:4], "big"), cs.CloseCode.POLICY_VIOLATION)
         sock.close()
         self.assertEqual(os.listdir(os.path.join(self.tmp.name, "hub")), [])
+
+    def test_what_a_box_says_of_its_sessions_and_itself_is_bounded(self):
+        status = cs.BoxStatus({}, time.time, cs.DEFAULT_LIMITS)
+        status.status("alpha", {"kind": "status", "session": "s1", "state": "waiting", "name": "n" * 10000000,
+                                "needs": "approve Bash: " + "x" * 5000, "pid": 7, "extra": "y" * 100000,
+                                "path": "-p/s1.jsonl"})
+        msg, frame, _ = status.live[("alpha", "s1")]
+        self.assertEqual((len(msg["name"]), len(msg["needs"]), msg["pid"], msg["path"], "extra" in msg),
+                         (cs.BOX_STATUS_TEXT_MAX, cs.BOX_STATUS_NEEDS_MAX, 7, "alpha/-p/s1.jsonl", False))
+        self.assertLess(len(frame), 2 * (cs.BOX_STATUS_NEEDS_MAX + 16 * cs.BOX_STATUS_TEXT_MAX))
+        for i in range(20000):              # sessions without end: held up to the byte budget
+            status.status("alpha", {"session": "s%d" % i, "state": "working", "cwd": "c" * 300})
+        self.assertLessEqual(status.live_bytes, cs.BOX_STATUS_BYTES)
+        self.assertEqual(status.live_bytes, sum(len(f) for _, f, _ in status.live.values()))
+        self.assertGreater(len(status.live), 1000)
+        status.status("alpha", {"session": "s5", "state": "ended"})
+        self.assertNotIn(("alpha", "s5"), status.live)
+        self.assertEqual(status.live_bytes, sum(len(f) for _, f, _ in status.live.values()))
+        # Box names: the connected ones, and the latest gone, up to BOXES_MAX.
+        status.link("up-1", True)
+        for i in range(cs.BOXES_MAX + 50):
+            status.link("box-%d" % i, True)
+            status.link("box-%d" % i, False)
+        self.assertEqual(len(status.boxes), cs.BOXES_MAX)
+        self.assertTrue(status.boxes["up-1"]["connected"])
+        self.assertIn("box-%d" % (cs.BOXES_MAX + 49), status.boxes)
+
+    def test_a_box_pushes_a_line_longer_than_a_clients_message_and_what_follows(self):
+        # A base64 image makes a line of megabytes: the hub's /push end takes what a
+        # pulled box's link takes (a line up to the line limit), not a client's 4 MiB.
+        hub = self.hub([])
+        root, _ = self.box("gamma", push_to="ws://127.0.0.1:%d/push" % hub.port)
+        source = os.path.join(root, "-home-u-proj", "s.jsonl")
+        image = json.dumps({"type": "user", "uuid": "img", "message": {"content": [
+            {"type": "image", "source": {"data": "A" * (5 << 20)}}]}})
+        append(source, entry_line(0, "s") + image + "\n" + entry_line(1, "s"))
+        copy = os.path.join(self.tmp.name, "hub", "gamma", "-home-u-proj", "s.jsonl")
+
+        def same():
+            try:
+                with open(copy, "rb") as a, open(source, "rb") as b:
+                    return a.read() == b.read()
+            except FileNotFoundError:
+                return False
+        wait_for(same, message="the copy byte for byte, the 5 MB line and the one after it")
+
+    def test_boxes_pushing_cannot_take_the_readers_places(self):
+        policy = cs.RequestPolicy("127.0.0.1", "read", push_token="push")
+
+        def upgrade(path, clients, pushes):
+            head = cs.build_client_request("127.0.0.1:1", path, "dGhlIHNhbXBsZSBub25jZQ==")
+            request = cs.parse_head(head.split(b"\r\n\r\n")[0], request=True)
+            return policy.route(request, path, "", clients, dict, 0.0, pushes)
+        self.assertTrue(upgrade("/push", 0, cs.MAX_PUSHES - 1).push)
+        with self.assertRaises(cs.HandshakeError) as refused:
+            upgrade("/push", 0, cs.MAX_PUSHES)
+        self.assertEqual(refused.exception.status, 503)
+        self.assertFalse(upgrade("/", cs.MAX_CONNECTIONS - 1, cs.MAX_PUSHES).push)     # a reader still gets in
+        with self.assertRaises(cs.HandshakeError):
+            upgrade("/", cs.MAX_CONNECTIONS, 0)
 
     def test_a_boxs_statuses_are_relayed_with_its_host_and_end_with_its_link(self):
         require(self, "procfs", cs.ProcessProbe().domain is not None, "pids cannot be checked here")
