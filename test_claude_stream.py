@@ -6503,6 +6503,14 @@ class JsonClientTests(ProjectTreeTestCase):
         self.assertEqual(sorted(link.cursors), ["p/a.jsonl", "p/b.jsonl", "p/c.jsonl"])
 
 
+class FakeLink:
+    """What a MirrorApp closes a box's link through, and how."""
+    url, closed = "a test link", None
+
+    def close(self, code, reason):
+        self.closed = code
+
+
 class MirrorTests(unittest.TestCase):
     """Issue 14: a hub mirrors boxes byte for byte and serves them, exactly once, through
     kill -9 of the hub and of each box and a link cut for seconds."""
@@ -6547,12 +6555,7 @@ class MirrorTests(unittest.TestCase):
         app = self.mirror_app(cs.replace_fields(cs.DEFAULT_LIMITS, max_line_bytes=4 << 20),
                               cs.Log(stream=log))
 
-        class Link:
-            url, closed = "a test link", None
-
-            def close(self, code, reason):
-                self.closed = code
-        link = Link()
+        link = FakeLink()
         app.hosts[link] = "box1"
 
         def send(**fields):
@@ -6615,12 +6618,7 @@ class MirrorTests(unittest.TestCase):
             self.assertEqual(fh.read(), b'{"new":1}\n')
         # A copy that cannot be written drops the link, to be asked again from the copy's size
         # (blanks in its place would lose the line).
-        class Link:
-            url, closed = "a test link", None
-
-            def close(self, code, reason):
-                self.closed = code
-        link = Link()
+        link = FakeLink()
         app.hosts[link] = "box1"
         with open(os.path.join(self.tmp.name, "hub", "box1", "-q"), "w"):
             pass                                        # a file where a project folder should be
