@@ -9070,15 +9070,26 @@ def absolute_since(since: Optional[str], server_time: Any) -> Optional[str]:
     return datetime.fromtimestamp(start, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+_URL_TOKEN_RE = re.compile(r"([?&]token=)[^&#]*")
+
+
+def shown_url(url: str) -> str:
+    """A server's URL as logs and the state file name it: a token in its query hidden."""
+    return _URL_TOKEN_RE.sub("\\1\u2026", url)
+
+
 def parse_ws_url(text: str) -> Tuple[str, int, str, bool]:
     """(host, port, resource, secure) of a ws:// or wss:// URL.
 
     ``HOST[:PORT]`` alone means ws://HOST:8765/; without a port, ws:// means
-    80 and wss:// 443, as RFC 6455 says.
+    80 and wss:// 443, as RFC 6455 says. The page's URL, as ``serve`` prints it
+    (http:// or https://, its token included), is its WebSocket's: the same place.
     """
     given = text
     if "://" not in text:
         text = "ws://" + text + ("" if re.search(r":[^:\]]*$", text) else ":%d" % DEFAULT_PORT)
+    elif text[:7].lower() == "http://" or text[:8].lower() == "https://":
+        text = "ws" + text[4:]
     try:
         parts = urlsplit(text)
         port = parts.port or (443 if parts.scheme == "wss" else 80)
@@ -9100,7 +9111,7 @@ class ClientLink(WebSocketEndpoint):
     def __init__(self, app: "ClientApp", url: str):
         super().__init__(app.loop, app.limits)
         self.app = app
-        self.url = url
+        self.url = shown_url(url)      # what logs say; the request carries the token
         self.host, self.port, self.resource, self.secure = parse_ws_url(url)
         self.failures = 0           # consecutive failed attempts, for the backoff
         self.cursors: Dict[str, int] = {}   # path -> offset of the next line we need
@@ -9189,8 +9200,13 @@ class ClientLink(WebSocketEndpoint):
                               "(a server on this machine stores it in %s)" % (TOKEN_ENV, where))
             self.app.link_down(self, "%s: %s" % (self.url, detail), retryable=status in (429, 503))
         elif not self.opened:
-            self.app.link_down(self, "%s: no WebSocket handshake (%s)"
-                               % (self.url, self.lost_reason or "the connection closed"),
+            hint = ""
+            if self.secure:                 # a plain server answers a TLS hello with nothing, or garbage
+                failure = getattr(self.tls_failure, "reason", None) or self.tls_failure
+                hint = "; %sa server without --certfile is ws://, not wss://" % (
+                    "TLS failed (%s): " % failure if failure else "")
+            self.app.link_down(self, "%s: no WebSocket handshake (%s)%s"
+                               % (self.url, self.lost_reason or "the connection closed", hint),
                                retryable=True)
         elif code == CloseCode.GOING_AWAY:
             self.app.link_down(self, "%s: the server is going away (%s)" % (self.url, reason or code),

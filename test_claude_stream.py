@@ -1728,6 +1728,12 @@ class NoLossTests(unittest.TestCase):
         self.assertEqual([json.loads(l)["entry"]["uuid"] for l in client.stdout.lines if '"entry"' in l],
                          ["u-38", "u-39", "u-40"])
 
+    def test_wss_to_a_plain_server_says_it_is_ws(self):
+        server = ServerProcess(self, [self.root])
+        client = ClientProcess(self, "wss://127.0.0.1:%d/" % server.port, "--no-reconnect")
+        client.stderr.wait_line(lambda l: "a server without --certfile is ws://, not wss://" in l,
+                                what="the hint")
+
     def test_client_stops_when_the_reader_of_its_output_goes_even_with_nothing_new_to_write(self):
         # `client | head -2`: head exits; the client must too, not at its next write, which
         # waits for a line written to a transcript (an idle session: hours).
@@ -6435,6 +6441,24 @@ class JsonClientTests(ProjectTreeTestCase):
         tabbed = entry_text("p/c.jsonl", 0, '{"type":"user",\t\r"t":1}')   # JSON's own whitespace: as is
         app.on_message(link, cs.TextMessage(tabbed))
         self.assertEqual(self.written(out), written + tabbed + "\n")
+
+    def test_the_pages_url_is_a_server_url_and_its_token_is_never_logged(self):
+        # What `serve` prints for the page (http://, its token in the query) works as the
+        # client's URL; the token goes in the request, never in a log line or the state file.
+        self.assertEqual(cs.parse_ws_url("http://127.0.0.1:8765/?token=s3cret"),
+                         ("127.0.0.1", 8765, "/?token=s3cret", False))
+        self.assertEqual(cs.parse_ws_url("HTTPS://box/"), ("box", 443, "/", True))
+        log = io.StringIO()
+        loop = cs.EventLoop()
+        self.addCleanup(loop.close)
+        app = cs.ClientApp(loop, ["http://127.0.0.1:1/?hold=1&token=s3cret"], True, cs.Filters(), False,
+                           cs.Log(stream=log), out=io.StringIO())
+        link = app.links[0]
+        self.assertEqual((link.url, link.resource), ("http://127.0.0.1:1/?hold=1&token=\u2026",
+                                                     "/?hold=1&token=s3cret"))
+        app.link_down(link, "cannot connect to %s: refused" % link.url, retryable=False)   # as a failure says it
+        self.assertIn("cannot connect to http://127.0.0.1:1/", log.getvalue())
+        self.assertNotIn("s3cret", log.getvalue())
 
     def test_to_a_terminal_c1_controls_and_del_go_out_escaped_to_a_pipe_as_they_came(self):
         # JSON leaves U+0080-U+009F and DEL raw in a string, and U+009B is a CSI to some
