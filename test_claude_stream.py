@@ -4421,7 +4421,7 @@ class CommandLineTests(unittest.TestCase):
 
     def test_bad_usage_is_one_line_and_exit_2(self):
         for args in (["serve", "--bogus"], [], ["serve", "--port", "99999"], ["serve", "--poll-interval", "0"],
-                     ["client", "http://example"], ["frobnicate"]):
+                     ["client", "ftp://example"], ["frobnicate"]):
             result = self.run_cli(*args)
             self.assertEqual(result.returncode, 2, args)
             self.assertOneLine(result.stderr)
