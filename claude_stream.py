@@ -434,7 +434,9 @@ def _show_control(match: "re.Match[str]") -> str:
     code = ord(match.group())
     if code < 0x20:
         return chr(0x2400 + code)       # the Control Pictures block: NUL is \u2400, ESC \u241b
-    return "\u2421" if code == 0x7F else "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+    if code == 0x7F:
+        return "\u2421"
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code   # C1; a bidi control
 
 
 def visible(text: str) -> str:
@@ -9616,6 +9618,10 @@ class ClientApp:
 
     def _reader_gone(self, mask: int) -> None:
         self.loop.unregister(self.out.fileno())
+        self._output_gone()
+
+    def _output_gone(self) -> None:
+        """The program reading our output went away (`client | head`): so do we, quietly."""
         self.stopping = True
         self.loop.stop()
 
@@ -9686,9 +9692,8 @@ class ClientApp:
                 self.exporter.add(link, msg.get("host") if isinstance(msg.get("host"), str) else None,
                                   msg, message.text)
         elif self.json_mode:
-            data = message.data if message.data.find(b"\n") < 0 else _json(msg)
-            self._write((escape_c1(data) if self.escape_c1 else data) + b"\n")  # one message, one line:
-            # a raw newline between a hostile server's JSON tokens would make two
+            # One message, one line: a raw newline between a hostile server's JSON tokens would make two.
+            self._write_json(message.data if message.data.find(b"\n") < 0 else _json(msg))
         if kind == "hello":
             resuming = link.resuming = link.epoch is not None
             if not resuming:
@@ -9752,7 +9757,7 @@ class ClientApp:
         path = head.group(1).decode("utf-8")
         if not self._advance(link, path, int(head.group(2)), int(head.group(3))):
             return True             # a line we already have: never written twice
-        self._write((escape_c1(data) if self.escape_c1 else data) + b"\n")
+        self._write_json(data)
         self._acknowledge(link, path)
         return True
 
@@ -9786,6 +9791,10 @@ class ClientApp:
         link.cursors[path] = after
         return True
 
+    def _write_json(self, data: bytes) -> None:
+        """One message as one NDJSON line (to a terminal, with C1 controls escaped)."""
+        self._write((escape_c1(data) if self.escape_c1 else data) + b"\n")
+
     def _write(self, data: bytes) -> None:
         """``data`` to stdout, after what was written before: now, or while a read's
         messages are handled, at the end of it (or once OUTPUT_GATHER_BYTES wait)."""
@@ -9816,9 +9825,8 @@ class ClientApp:
                     continue
                 except BlockingIOError:     # someone made our stdout non-blocking
                     select.select([], [fd], [])
-        except BrokenPipeError:     # `client | head`: the reader is gone, so are we
-            self.stopping = True
-            self.loop.stop()
+        except BrokenPipeError:     # the reader is gone (a pipe not watched, or before its close was seen)
+            self._output_gone()
 
     def link_down(self, link: ClientLink, description: str, retryable: bool,
                   clean: bool = False) -> None:
@@ -9949,14 +9957,16 @@ class MirrorApp:
         try:
             self._take(link, host, kind, msg, message.text)
         except MirrorWriteFailed:
-            del self.hosts[link]            # what it sends until it is gone is not taken
-            self.on_host(host, False)
-            link.close(CloseCode.INTERNAL_ERROR, "the hub cannot write its copy")
+            self._drop(link, host, CloseCode.INTERNAL_ERROR, "the hub cannot write its copy")
         except MirrorRefused as exc:
             self.log.warn("mirror: %s: %s; its link is closed" % (host, exc), key="mirror")
-            del self.hosts[link]
-            self.on_host(host, False)
-            link.close(CloseCode.POLICY_VIOLATION, "not a transcript's offsets")
+            self._drop(link, host, CloseCode.POLICY_VIOLATION, "not a transcript's offsets")
+
+    def _drop(self, link: Any, host: str, code: int, reason: str) -> None:
+        """Close a box's link; what it sends until it is gone is not taken."""
+        del self.hosts[link]
+        self.on_host(host, False)
+        link.close(code, reason)
 
     def _take(self, link: Any, host: str, kind: Any, msg: Dict[str, Any], text: str) -> None:
         if kind == "entry":
@@ -10029,7 +10039,12 @@ class MirrorApp:
         filler = (offset if line is not None else end) - size
         if filler > 2 * self.limits.max_line_bytes:
             raise MirrorRefused("a hole of %d MiB before byte %d of %s" % (filler >> 20, size + filler, path))
-        data = b" " * (filler - 1) + b"\n" if 0 < filler <= MIRROR_BLANKS_MAX else b"\n" if filler else b""
+        if not filler:
+            data = b""
+        elif filler <= MIRROR_BLANKS_MAX:
+            data = b" " * (filler - 1) + b"\n"
+        else:
+            data = b"\n"                   # after zeros up to it: the ftruncate below
         if line is not None:
             data += line + b"\n"
         try:
