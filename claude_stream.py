@@ -75,6 +75,7 @@ import argparse
 import array
 import base64
 import binascii
+import bisect
 import codecs
 import collections
 import enum
@@ -99,8 +100,9 @@ import sys
 try:                                # Unix only: how much of our output the peer has taken
     import fcntl
     import termios
+    _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
 except ImportError:                 # pragma: no cover - Windows
-    pass
+    _F_SETPIPE_SZ = None
 import time
 import unicodedata
 from dataclasses import dataclass, field, replace as replace_fields
@@ -163,6 +165,7 @@ MAX_JSON_DEPTH = 200                # deeper nesting is malformed (real entries 
 DEPTH_WALK_MAX_BYTES = 256 << 10    # lines up to this have their depth checked on the decoded
                                     # object (a list per level: 16 bytes an object at most, for
                                     # a moment); longer ones by counting their brackets
+CHECKED_LINES_MAX = 200_000         # lines remembered as checked (CheckedLines), all files: 23 bytes each
 ENVELOPE_DEPTH = 1                  # the levels a message adds around its entry (for the client)
 JSON_TEXT_CACHE_SIZE = 4096         # encoded paths and ids kept for envelopes
 JSON_TEXT_CACHE_MAX_CHARS = 256     # ... if they are no longer than this
@@ -1184,6 +1187,7 @@ class FileRecord:
     # Its lines' envelope pieces by (session, agent, type, cwd): see envelope_pieces.
     envelopes: Dict[Tuple[Any, ...], Tuple[bytes, bytes, int, "MessageMeta"]] = field(
         default_factory=dict, repr=False, compare=False)
+    checked: Optional["CheckedLines"] = field(default=None, repr=False, compare=False)   # see CheckedLines
 
     @property
     def delivered_end(self) -> int:
@@ -1911,6 +1915,7 @@ class Tailer:
         self._close(rec)
         rec.dev, rec.ino = st.st_dev, st.st_ino
         rec.read_pos = rec.line_start = 0
+        forget_checked(rec)             # another file's bytes now: what was checked is of no use
         rec.pending = bytearray()
         rec.skipping = False
         rec.boundary_known = True
@@ -3951,16 +3956,140 @@ def file_notice(kind: str, rec: FileRecord, **extra: Any) -> Tuple[bytes, Messag
     return text_frame(_json(fields)), MessageMeta(rec.project, ids, None, rec.host)
 
 
+def _line_digest_function() -> Callable[[bytes], int]:
+    """A 64-bit digest of a line's bytes that nobody without this process's secret can
+    collide: SipHash, as ``hash()`` computes for bytes (PEP 456), keyed by the random
+    secret Python draws at start (about 1 µs for 3 KB, a tenth of decoding them); with
+    PYTHONHASHSEED fixed that key is known, so then BLAKE2b keyed with a secret of ours."""
+    if os.environ.get("PYTHONHASHSEED", "random") in ("", "random"):
+        return hash
+    try:
+        from _blake2 import blake2b     # built in: hashlib would load OpenSSL (see above)
+    except ImportError:                 # pragma: no cover - a Python built without it
+        from hashlib import blake2b
+    key = os.urandom(16)
+    return lambda data: int.from_bytes(blake2b(data, digest_size=8, key=key).digest(), "little", signed=True)
+
+
+LINE_DIGEST = _line_digest_function()
+_CHECKED_HOLDERS: "collections.OrderedDict[int, FileRecord]" = collections.OrderedDict()   # by id, latest last
+_checked_total = [0]            # the lines they hold
+
+
+class CheckedLines:
+    """The lines of one file that were decoded and found valid, in file order: for
+    each, its offset, a keyed digest of its bytes (LINE_DIGEST), its envelope's key
+    and where its timestamp's text lies in it.
+
+    A history read that finds the same bytes at the same offset (their digest says
+    so) makes the line's message from these, without decoding it again: the check's
+    result for exactly these bytes, remembered. Anything else there (the file
+    rewritten in place, a line torn and finished) is decoded and checked as always.
+    Decoding was 60% of a replay's cost; a second client, the page opened again on
+    everything or a hub catching up a box now costs reading, hashing and sending.
+    At most CHECKED_LINES_MAX lines are held by all files; the files that added
+    least recently forget theirs first.
+    """
+
+    __slots__ = ("offsets", "digests", "key_of", "stamp_at", "stamp_len", "keys", "key_ids", "cursor")
+
+    def __init__(self) -> None:
+        self.offsets = array.array("Q")
+        self.digests = array.array("q")
+        self.key_of = array.array("H")      # index in ``keys``
+        self.stamp_at = array.array("I")    # the timestamp's text: line[at:at + len] (len 0: none)
+        self.stamp_len = array.array("B")
+        self.keys: List[Tuple[Any, ...]] = []       # (session, agent, type, cwd) of its lines
+        self.key_ids: Dict[Tuple[Any, ...], int] = {}
+        self.cursor = 0                     # the index after the last found: reads go forward
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def find(self, offset: int, digest: int) -> int:
+        """The index of the line checked at ``offset`` with these bytes, or -1."""
+        offsets, i = self.offsets, self.cursor
+        if i >= len(offsets) or offsets[i] != offset:
+            i = bisect.bisect_left(offsets, offset)
+            if i >= len(offsets) or offsets[i] != offset:
+                return -1
+        if self.digests[i] != digest:
+            return -1
+        self.cursor = i + 1
+        return i
+
+    def add(self, offset: int, digest: int, key: Tuple[Any, ...], stamp_at: int, stamp_len: int) -> bool:
+        """Remember a line checked at ``offset``, after every line held; False if it is not."""
+        if self.offsets and offset <= self.offsets[-1]:
+            return False
+        key_id = self.key_ids.get(key)
+        if key_id is None:
+            if len(self.keys) > 0xFFFF:
+                return False
+            key_id = self.key_ids[key] = len(self.keys)
+            self.keys.append(key)
+        self.offsets.append(offset)
+        self.digests.append(digest)
+        self.key_of.append(key_id)
+        self.stamp_at.append(stamp_at)
+        self.stamp_len.append(stamp_len)
+        return True
+
+
+def remember_checked(rec: FileRecord, offset: int, digest: int, key: Tuple[Any, ...],
+                     line: bytes, stamp: str) -> None:
+    """Add a line just decoded and found valid to its file's CheckedLines, if its
+    timestamp's text is in its bytes as it is (no escapes) and it comes after the rest."""
+    if stamp:
+        text = stamp.encode("utf-8")
+        at = line.find(b'"' + text + b'"') + 1      # the same text, wherever it is: all that is needed
+        if not at or len(text) > 0xFF or at > 0xFFFFFFFF:
+            return
+    else:
+        at, text = 0, b""
+    checked = rec.checked
+    if checked is None:
+        checked = rec.checked = CheckedLines()
+    if not checked.add(offset, digest, key, at, len(text)):
+        return
+    holders = _CHECKED_HOLDERS
+    holders[id(rec)] = rec
+    holders.move_to_end(id(rec))
+    _checked_total[0] += 1
+    while _checked_total[0] > CHECKED_LINES_MAX and holders:
+        forget_checked(next(iter(holders.values())))
+
+
+def forget_checked(rec: FileRecord) -> None:
+    if rec.checked is not None:
+        _checked_total[0] -= len(rec.checked)
+        rec.checked = None
+    _CHECKED_HOLDERS.pop(id(rec), None)
+
+
 def line_message(rec: FileRecord, offset: int, line: bytes,
-                 parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None) -> Optional[LineMessage]:
+                 parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None,
+                 remember: bool = False) -> Optional[LineMessage]:
     """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice.
 
     ``parsed``, if given, is handed the decoded entry of a line that carries a usage
-    (the server's totals), so that no line is decoded twice.
+    (the server's totals), so that no line is decoded twice. With ``remember``
+    (history reads), a line its file's CheckedLines holds with these bytes is not
+    decoded again (unless ``parsed`` needs it), and one decoded is added to them.
     """
     if not line.strip():
         return None                 # a blank line carries nothing
     after = offset + len(line) + 1
+    if remember:
+        digest = LINE_DIGEST(line)
+        checked = rec.checked
+        i = checked.find(offset, digest) if checked is not None and parsed is None else -1
+        if i >= 0:
+            assert checked is not None
+            key = checked.keys[checked.key_of[i]]
+            at = checked.stamp_at[i]
+            stamp = line[at:at + checked.stamp_len[i]].decode("utf-8")
+            return _entry_message(rec, offset, after, line, key, stamp)
     try:
         obj = decode_line(line)
     except MalformedLine as exc:
@@ -3988,13 +4117,22 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     if agent is None and obj.get("isSidechain") is True and type(obj.get("agentId")) is str:
         agent = obj["agentId"]      # 1.0.x kept sub-agents inline in the main file
     del obj                         # a long line's decoded copy, gone before its frame is made
-    # The envelope, keys in this order, around the line's own bytes, and the frame
-    # header before it, in one join: json.dumps per line was a third of the cost.
-    # What is the same for a file's lines (its path, project, session, agent, host,
-    # and what filters see) is made once per file and kind, not per line.
-    pieces = rec.envelopes.get((session, agent, kind, cwd))
+    key = (session, agent, kind, cwd)
+    if remember:
+        remember_checked(rec, offset, digest, key, line, stamp)
+    return _entry_message(rec, offset, after, line, key, stamp)
+
+
+def _entry_message(rec: FileRecord, offset: int, after: int, line: bytes, key: Tuple[Any, ...],
+                   stamp: str) -> LineMessage:
+    """A valid line's ``entry`` message: its envelope (``key`` is its session, agent,
+    type and cwd), keys in this order, around the line's own bytes, and the frame
+    header before it, in one join: json.dumps per line was a third of the cost.
+    What is the same for a file's lines (its path, project, session, agent, host,
+    and what filters see) is made once per file and kind, not per line."""
+    pieces = rec.envelopes.get(key)
     if pieces is None:
-        pieces = envelope_pieces(rec, session, agent, kind, cwd)
+        pieces = envelope_pieces(rec, *key)
     head, middle, fixed, meta = pieces
     numbers = b'%d,"next":%d' % (offset, after)
     size = fixed + len(numbers) + len(line)
@@ -5277,7 +5415,9 @@ class Backlog:
             rec, window = self.rec, self._window
             while reader.lines:
                 offset, line = reader.lines.popleft()
-                message = line_message(rec, offset, line) if line is not None \
+                # A file the start-up pass has checked (UsageRelay) is read with what it
+                # remembers, and adds to it; one it has not reached yet costs no digests.
+                message = line_message(rec, offset, line, remember=rec.checked is not None) if line is not None \
                     else gap_message(rec, offset, oversize_reason(limits.max_line_bytes))
                 if message is not None:
                     window(message)
@@ -5935,7 +6075,9 @@ class UsageRelay:
     "usage" are parsed again). Files followed from their end at start-up are
     counted from their first byte in the background, one ``catchup_block`` per
     ``catchup_interval``, after everything else: start-up and live delivery
-    never wait for it; ``complete`` is false until it is done.
+    never wait for it; ``complete`` is false until it is done. That pass checks
+    every line and remembers it (CheckedLines): a client's history after it is
+    not decoded again.
     """
 
     def __init__(self, loop: EventLoop, tailer: Tailer, subscribers: Dict["ServerSession", None],
@@ -5955,7 +6097,8 @@ class UsageRelay:
 
     def start(self) -> None:
         """Queue the history of every file found at start-up (their lines before the end)."""
-        for rec in sorted(self.tailer.files.values(), key=lambda r: r.abspath):
+        # Oldest first: past CHECKED_LINES_MAX, the files that remember are the newest.
+        for rec in sorted(self.tailer.files.values(), key=lambda r: (r.mtime, r.abspath)):
             if rec.line_start > 0:
                 self.history.append((rec, rec.line_start))
         if self.history:
@@ -5995,13 +6138,6 @@ class UsageRelay:
                     break
         return frames[::-1]
 
-    def _count_line(self, rec: FileRecord, line: bytes) -> None:
-        try:
-            entry = decode_line(line)
-        except MalformedLine:
-            return                          # reported as malformed where it is delivered
-        self.count(rec, entry)
-
     def _history_step(self) -> None:
         try:
             if not any(s.feed.phase is Phase.CATCHING_UP for s in self.subscribers):
@@ -6026,10 +6162,13 @@ class UsageRelay:
                 read = 0 if rec.gone else reader.fill(end, budget)
             except OSError:
                 read = 0
+            # Every line is checked here, once, and remembered (CheckedLines), so that
+            # a client's history later need not decode it; those with a usage counted.
             while reader.lines:
-                _, line = reader.lines.popleft()
-                if line is not None and line.find(b'"usage"') >= 0:     # not "in": see _entry_as_is
-                    self._count_line(rec, line)
+                offset, line = reader.lines.popleft()
+                if line is not None and not rec.gone:   # (malformed ones: reported where delivered)
+                    line_message(rec, offset, line, self.count if line.find(b'"usage"') >= 0 else None,
+                                 remember=True)         # find, not "in": see _entry_as_is
             budget -= max(read, 1)          # an empty read counts: a file's open costs too
             if not read:
                 self.history.popleft()
@@ -9615,6 +9754,15 @@ class ClientApp:
             self.loop.register(fd, selectors.EVENT_READ, self._reader_gone)
         except (AttributeError, ValueError, OSError):
             return                          # no descriptor, or a selector that cannot watch it
+        # A pipe holds 64 KiB: a replay into `jq` or a script then costs both processes a
+        # switch every 64 KiB; with OUTPUT_GATHER_BYTES it takes our writes whole (a replay
+        # 1.3x as fast here). Linux's limit for anyone is 1 MiB (fs.pipe-max-size); a
+        # refusal (the user's pipe quota) leaves it as it was.
+        if _F_SETPIPE_SZ is not None:
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, OUTPUT_GATHER_BYTES)
+            except OSError:
+                pass
 
     def _reader_gone(self, mask: int) -> None:
         self.loop.unregister(self.out.fileno())

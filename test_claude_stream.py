@@ -2494,6 +2494,172 @@ class EnvelopeTests(unittest.TestCase):
             self.assertEqual(json.loads(decoder.next_event().text)["entry"][""], "x" * pad)
 
 
+class CheckedLinesTests(unittest.TestCase):
+    """A line decoded and found valid is remembered by offset and keyed digest: the same
+    bytes there again make the same message without a decode; other bytes are checked."""
+
+    def setUp(self):
+        self.addCleanup(self._forget_all)
+        self.decoded = []
+        real = cs.decode_line
+
+        def counting(data, *args):
+            self.decoded.append(data)
+            return real(data, *args)
+        cs.decode_line = counting
+        self.addCleanup(setattr, cs, "decode_line", real)
+
+    @staticmethod
+    def _forget_all():
+        for rec in list(cs._CHECKED_HOLDERS.values()):
+            cs.forget_checked(rec)
+
+    @staticmethod
+    def record(name="f1le"):
+        return cs.FileRecord("/r", "-p/%s.jsonl" % name, "/r/-p/%s.jsonl" % name, "-p", name, None, 0, 0, 0, 0, 0.0)
+
+    @staticmethod
+    def lines(count, seed=5):
+        rng = random.Random(seed)
+        out = []
+        for n in range(count):
+            obj = {"uuid": "u-%d" % n, "text": "\u00e9\u2028\"\\ \U0001f600" * rng.randrange(3),
+                   "message": {"role": "user", "content": [{"type": "text", "text": "x" * rng.randrange(50)}]}}
+            for key, values in (("sessionId", ["s-one", "s-two", None, 17]), ("cwd", ["/w", "/\u00e9", None]),
+                                ("type", ["user", "assistant", None]),
+                                ("timestamp", ["2026-12-01T10:00:%02d.000Z" % (n % 60), "", None, 5, "soon \u00e9"])):
+                value = rng.choice(values)
+                if value is not None:
+                    obj[key] = value
+            if rng.random() < 0.2:
+                obj.update(isSidechain=True, agentId="agent-%d" % rng.randrange(3))
+            out.append(json.dumps(obj, ensure_ascii=rng.random() < 0.5).encode())
+        return out
+
+    @staticmethod
+    def escaped(lines):
+        """The lines whose timestamp's text is not in their bytes as it is (an escape in
+        it): those are decoded every time."""
+        out = []
+        for line in lines:
+            stamp = json.loads(line).get("timestamp")
+            if isinstance(stamp, str) and stamp and b'"%s"' % stamp.encode() not in line:
+                out.append(line)
+        return out
+
+    def same(self, message, fresh):
+        self.assertEqual((message.offset, message.next, message.frame, message.meta, message.malformed,
+                          message.sort_key),
+                         (fresh.offset, fresh.next, fresh.frame, fresh.meta, fresh.malformed, fresh.sort_key))
+
+    def test_the_same_bytes_again_make_the_same_message_without_a_decode(self):
+        rec, offset, placed = self.record(), 0, []
+        for line in self.lines(300):
+            placed.append((offset, line))
+            offset += len(line) + 1
+        first = [cs.line_message(rec, at, line, remember=True) for at, line in placed]
+        self.assertEqual(len(self.decoded), 300)
+        self.decoded.clear()
+        again = [cs.line_message(rec, at, line, remember=True) for at, line in placed]
+        escaped = self.escaped(line for _, line in placed)
+        self.assertLess(len(escaped), 60)
+        self.assertEqual(self.decoded, escaped)         # the others were not decoded the second time
+        for (at, line), message, before in zip(placed, again, first):
+            self.same(message, before)
+            self.same(message, cs.line_message(self.record(), at, line))     # as a line never seen
+        # A timestamp's text escaped in its line (none of its bytes say it as it is): decoded each time.
+        escaped = b'{"type":"user","timestamp":"2026-12-01T10:00:00\\u002e000Z"}'
+        cs.line_message(rec, offset, escaped, remember=True)
+        self.decoded.clear()
+        message = cs.line_message(rec, offset, escaped, remember=True)
+        self.assertEqual(self.decoded, [escaped])
+        self.assertEqual(message.sort_key, "2026-12-01T10:00:00.000Z")
+
+    def test_other_bytes_at_a_remembered_offset_are_decoded_and_checked(self):
+        rec = self.record()
+        good = b'{"type":"user","sessionId":"s-one","timestamp":"2026-12-01T10:00:00.000Z"}'
+        cs.line_message(rec, 0, good, remember=True)
+        torn = good[:-1] + b"x"             # the file rewritten in place, the same length
+        message = cs.line_message(rec, 0, torn, remember=True)
+        self.assertTrue(message.malformed)
+        self.assertIn(b'"kind":"malformed"', message.frame)
+        other = good.replace(b"s-one", b"s-two")
+        message = cs.line_message(rec, 0, other, remember=True)
+        self.assertIn(b'"session":"s-two"', message.frame)
+        self.assertEqual(len(self.decoded), 3)
+        # a usage pass (parsed given) decodes, to count, even a line remembered
+        seen = []
+        cs.line_message(rec, 0, good, seen.append, remember=True)
+        self.assertEqual(len(self.decoded), 4)
+
+    def test_the_lines_held_are_bounded_and_the_files_that_added_least_recently_forget(self):
+        limit = cs.CHECKED_LINES_MAX
+        self.addCleanup(setattr, cs, "CHECKED_LINES_MAX", limit)
+        cs.CHECKED_LINES_MAX = 10
+        records = [self.record("s%d" % i) for i in range(5)]
+        line = b'{"type":"user"}'
+        for rec in records:
+            for n in range(4):
+                cs.line_message(rec, n * 16, line, remember=True)
+        held = [len(rec.checked) if rec.checked is not None else 0 for rec in records]
+        self.assertEqual(held, [0, 0, 0, 4, 4])
+        self.assertEqual(cs._checked_total[0], sum(held))
+        self.assertEqual(list(cs._CHECKED_HOLDERS), [id(records[3]), id(records[4])])
+        cs.forget_checked(records[4])
+        self.assertEqual(cs._checked_total[0], 4)
+
+    def test_after_the_start_up_pass_a_replay_decodes_no_valid_line_and_a_rewritten_one_is_reported(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        os.makedirs(os.path.join(tmp.name, "-p"))
+        path = os.path.join(tmp.name, "-p", "s.jsonl")
+        lines = self.lines(200, seed=9)
+        with open(path, "wb") as fh:
+            fh.write(b"\n".join(lines[:100]) + b"\n{not json\n\n" + b"\n".join(lines[100:]) + b"\n")
+        log = cs.Log(stream=_ListStream([]))
+        tailer = cs.Tailer([tmp.name], 0.25, log, wakeups=False)
+        tailer.start()
+        self.addCleanup(tailer.close)
+
+        def replay():
+            feed = cs.Feed(cs.DEFAULT_LIMITS, log)
+            feed.subscribe(cs.Subscription.from_query("since=all", time.time()), list(tailer.files.values()), False)
+            frames = []
+            while feed.phase is cs.Phase.CATCHING_UP:
+                frames += feed.step(cs.DEFAULT_LIMITS.catchup_tick_budget, 0)[0]
+            return frames
+        # the server's start-up pass over the history checks and remembers every line
+        relay = cs.UsageRelay(cs.EventLoop(), tailer, {}, log, cs.BUILTIN_PRICES, cs.DEFAULT_LIMITS)
+        relay.start()
+        while not relay.complete:
+            relay._read_history()
+        self.assertEqual(len(self.decoded), 201)            # every line, the malformed one too
+        self.decoded.clear()
+        cold = replay()
+        escaped = self.escaped(lines)
+        self.assertEqual(sorted(self.decoded), sorted(escaped + [b"{not json"]))   # still reported: checked
+        self.assertEqual(sum(b'"kind":"entry"' in f for f in cold), 200)
+        self.assertEqual(sum(b'"kind":"malformed"' in f for f in cold), 1)
+        # one line rewritten in place (same length, same file): reported, not sent as it was
+        with open(path, "r+b") as fh:
+            fh.seek(len(lines[0]) - 1)
+            fh.write(b"x")
+        self.decoded.clear()
+        warm = replay()
+        self.assertEqual(len(self.decoded), 2 + len(escaped) - (lines[0] in escaped))   # that line, the malformed
+        self.assertIn(b'{"kind":"malformed","path":"-p/s.jsonl",', warm[0])
+        self.assertIn(b',"offset":0,', warm[0])
+        self.assertEqual(warm[1:], cold[1:])
+        # a file whose checked lines are forgotten: every line decoded, the same bytes out,
+        # and none remembered by a client's history (that is the start-up pass's to do)
+        rec = list(tailer.files.values())[0]
+        cs.forget_checked(rec)
+        self.decoded.clear()
+        self.assertEqual(replay(), warm)
+        self.assertEqual(len(self.decoded), 201)
+        self.assertIsNone(rec.checked)
+
+
 class SlowClientTests(unittest.TestCase):
     """In process, with shortened limits: a client that stops reading."""
 
