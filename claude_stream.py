@@ -1865,6 +1865,7 @@ class Tailer:
     def _forget(self, rec: FileRecord, events: List[TailEvent]) -> None:
         rec.gone = True
         self._close(rec)
+        forget_checked(rec)             # its lines will not be read again: their memory goes now
         self.files.pop(rec.abspath, None)
         events.append(RemovedEvent(rec))
 

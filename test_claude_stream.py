@@ -2658,6 +2658,16 @@ class CheckedLinesTests(unittest.TestCase):
         self.assertEqual(replay(), warm)
         self.assertEqual(len(self.decoded), 201)
         self.assertIsNone(rec.checked)
+        # a file removed takes what was remembered of it along
+        relay = cs.UsageRelay(cs.EventLoop(), tailer, {}, log, cs.BUILTIN_PRICES, cs.DEFAULT_LIMITS)
+        relay.start()
+        while not relay.complete:
+            relay._read_history()
+        self.assertIsNotNone(rec.checked)
+        os.unlink(path)
+        tailer._forget(rec, [])
+        self.assertIsNone(rec.checked)
+        self.assertNotIn(id(rec), cs._CHECKED_HOLDERS)
 
 
 class SlowClientTests(unittest.TestCase):
