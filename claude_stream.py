@@ -4068,35 +4068,26 @@ def forget_checked(rec: FileRecord) -> None:
     _CHECKED_HOLDERS.pop(id(rec), None)
 
 
-def line_message(rec: FileRecord, offset: int, line: bytes,
-                 parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None,
-                 remember: bool = False) -> Optional[LineMessage]:
-    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice.
+def check_line(rec: FileRecord, offset: int, line: bytes,
+               parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None,
+               remember: bool = False) -> Tuple[Tuple[Any, ...], str]:
+    """A valid line's envelope key (session, agent, type, cwd) and timestamp text, or
+    MalformedLine saying why it is not one.
 
     ``parsed``, if given, is handed the decoded entry of a line that carries a usage
     (the server's totals), so that no line is decoded twice. With ``remember``
     (history reads), a line its file's CheckedLines holds with these bytes is not
     decoded again (unless ``parsed`` needs it), and one decoded is added to them.
     """
-    if not line.strip():
-        return None                 # a blank line carries nothing
-    after = offset + len(line) + 1
     if remember:
         digest = LINE_DIGEST(line)
         checked = rec.checked
         i = checked.find(offset, digest) if checked is not None and parsed is None else -1
         if i >= 0:
             assert checked is not None
-            key = checked.keys[checked.key_of[i]]
             at = checked.stamp_at[i]
-            stamp = line[at:at + checked.stamp_len[i]].decode("utf-8")
-            return _entry_message(rec, offset, after, line, key, stamp)
-    try:
-        obj = decode_line(line)
-    except MalformedLine as exc:
-        frame, meta = file_notice("malformed", rec, offset=offset, next=after,
-                                  reason=str(exc), excerpt=excerpt(line))
-        return LineMessage(offset, after, frame, meta, str(exc))
+            return checked.keys[checked.key_of[i]], line[at:at + checked.stamp_len[i]].decode("utf-8")
+    obj = decode_line(line)
     if parsed is not None:
         message = obj.get("message")
         if type(message) is dict and "usage" in message:
@@ -4121,16 +4112,27 @@ def line_message(rec: FileRecord, offset: int, line: bytes,
     key = (session, agent, kind, cwd)
     if remember:
         remember_checked(rec, offset, digest, key, line, stamp)
-    return _entry_message(rec, offset, after, line, key, stamp)
+    return key, stamp
 
 
-def _entry_message(rec: FileRecord, offset: int, after: int, line: bytes, key: Tuple[Any, ...],
-                   stamp: str) -> LineMessage:
-    """A valid line's ``entry`` message: its envelope (``key`` is its session, agent,
-    type and cwd), keys in this order, around the line's own bytes, and the frame
-    header before it, in one join: json.dumps per line was a third of the cost.
-    What is the same for a file's lines (its path, project, session, agent, host,
-    and what filters see) is made once per file and kind, not per line."""
+def line_message(rec: FileRecord, offset: int, line: bytes,
+                 parsed: Optional[Callable[[FileRecord, Dict[str, Any]], None]] = None,
+                 remember: bool = False) -> Optional[LineMessage]:
+    """The ``entry`` envelope around the line's own bytes, or a ``malformed`` notice
+    (``parsed`` and ``remember``: see check_line)."""
+    if not line.strip():
+        return None                 # a blank line carries nothing
+    after = offset + len(line) + 1
+    try:
+        key, stamp = check_line(rec, offset, line, parsed, remember)
+    except MalformedLine as exc:
+        frame, meta = file_notice("malformed", rec, offset=offset, next=after,
+                                  reason=str(exc), excerpt=excerpt(line))
+        return LineMessage(offset, after, frame, meta, str(exc))
+    # The envelope, keys in this order, around the line's own bytes, and the frame
+    # header before it, in one join: json.dumps per line was a third of the cost.
+    # What is the same for a file's lines (its path, project, session, agent, host,
+    # and what filters see) is made once per file and kind, not per line.
     pieces = rec.envelopes.get(key)
     if pieces is None:
         pieces = envelope_pieces(rec, *key)
@@ -6167,14 +6169,17 @@ class UsageRelay:
             # a client's history later need not decode it; those with a usage counted.
             while reader.lines:
                 offset, line = reader.lines.popleft()
-                if line is not None and not rec.gone:   # (malformed ones: reported where delivered)
-                    line_message(rec, offset, line, self.count if line.find(b'"usage"') >= 0 else None,
-                                 remember=True)         # find, not "in": see _entry_as_is
+                if line is not None and not rec.gone and line.strip():     # (a blank line carries nothing)
+                    try:                                # find, not "in": see _entry_as_is
+                        check_line(rec, offset, line, self.count if line.find(b'"usage"') >= 0 else None, True)
+                    except MalformedLine:
+                        pass                            # reported where it is delivered
             budget -= max(read, 1)          # an empty read counts: a file's open costs too
             if not read:
                 self.history.popleft()
                 self.reader = None
         if not self.history:                # every session's totals are whole now: say so
+            release_free_memory()           # what the pass freed (its reads, decoded lines), back
             self.dirty.update(dict.fromkeys(self.book.sessions.values()))
             if self._flush_timer is None:
                 self._flush_timer = self.loop.call_later(self.limits.usage_interval, self._flush)
