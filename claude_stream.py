@@ -4082,11 +4082,11 @@ def check_line(rec: FileRecord, offset: int, line: bytes,
     if remember:
         digest = LINE_DIGEST(line)
         checked = rec.checked
-        i = checked.find(offset, digest) if checked is not None and parsed is None else -1
-        if i >= 0:
-            assert checked is not None
-            at = checked.stamp_at[i]
-            return checked.keys[checked.key_of[i]], line[at:at + checked.stamp_len[i]].decode("utf-8")
+        if checked is not None and parsed is None:
+            i = checked.find(offset, digest)
+            if i >= 0:
+                at = checked.stamp_at[i]
+                return checked.keys[checked.key_of[i]], line[at:at + checked.stamp_len[i]].decode("utf-8")
     obj = decode_line(line)
     if parsed is not None:
         message = obj.get("message")
@@ -9752,7 +9752,8 @@ class ClientApp:
         """`client | head`: when the reader of our stdout pipe goes, stop now, not at the next
         write, which may not come for hours when nothing is written to the transcripts.
         The write end of a pipe is never readable; epoll reports the reader's close on it
-        as an error, which selectors hands over as readable."""
+        as an error, which selectors hands over as readable. Such a pipe is also made
+        larger, below."""
         try:
             fd = self.out.fileno()
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):

@@ -144,9 +144,9 @@ def wait_started(proc, logs, timeout=60):
 def wait_settled(proc, quiet=0.5, timeout=120):
     """Until the server has used no CPU for ``quiet`` seconds: its background work done
     (the usage totals count every file's history after start-up), so that a figure is
-    the replay's alone. Returns the seconds waited."""
-    t0 = time.monotonic()
-    deadline, before, since = t0 + timeout, cpu_s(proc.pid), time.monotonic()
+    the replay's alone."""
+    since = time.monotonic()
+    deadline, before = since + timeout, cpu_s(proc.pid)
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
         now = cpu_s(proc.pid)
@@ -154,7 +154,6 @@ def wait_settled(proc, quiet=0.5, timeout=120):
             before, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet:
             break
-    return time.monotonic() - t0
 
 
 def wait_listening(proc, port, timeout=60):
@@ -441,7 +440,7 @@ def extras(row, runs, args):
     if row in ("replay", "replay_fresh"):
         side = "claude_stream" if row == "replay" else "fresh"
         return {"seconds": med(side, "seconds"), "first_entry_s": med(side, "first_entry_s"),
-                "server_cpu_s": med(side, "server_replay_cpu_s"), "client_cpu_s": med(side, "client_cpu_s"),
+                "server_replay_cpu_s": med(side, "server_replay_cpu_s"), "client_cpu_s": med(side, "client_cpu_s"),
                 "live_s": med(side, "live_s"), "reference_seconds": med("reference", "seconds"),
                 "complete_runs": sum(1 for r in runs if fig(r.get(side), "complete")),
                 "tree": runs[0].get("tree")}
@@ -683,7 +682,7 @@ def run_rows(args, ap, runs, live1, live10, rows, logfile):
         if t["row"] in ("replay", "replay_fresh"):
             extra = "; first entry %s s, all in %s s (CPU: server %s s, client %s s)" % (
                 fmt_spread(d["first_entry_s"], "ratio"), fmt_spread(d["seconds"], ""),
-                fmt_spread(d["server_cpu_s"], ""), fmt_spread(d["client_cpu_s"], ""))
+                fmt_spread(d["server_replay_cpu_s"], ""), fmt_spread(d["client_cpu_s"], ""))
         elif t["row"] in ("live1", "live10") and d.get("server_cpu_s"):
             # The CPU each side took for the same burst: on a machine whose speed
             # changes within minutes, this says how fast the machine was in each run.
